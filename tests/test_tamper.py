@@ -1,0 +1,231 @@
+"""The tampered loss against a float64 formula, and the reference hook's documented flaw."""
+
+from __future__ import annotations
+
+import itertools
+import math
+
+import pytest
+import torch
+import torch.nn.functional as F
+
+from powergrad import PowerGradLoss, power_grad_cross_entropy
+from powergrad.reference import official_hook_cross_entropy
+
+
+def exact_direction(z: torch.Tensor, target: torch.Tensor, alpha: float, ls: float) -> torch.Tensor:
+    """p' - q in float64, straight from the definition p' = p**alpha / sum(p**alpha)."""
+    z = z.double()
+    c = z.shape[1]
+    logp = torch.log_softmax(z, 1)
+    pa = torch.exp(alpha * logp)  # p**alpha without underflowing p first
+    p_prime = pa / pa.sum(1, keepdim=True)
+    q = target.double() if target.is_floating_point() else F.one_hot(target, c).double()
+    q = q * (1 - ls) + ls / c
+    return p_prime - q
+
+
+def make(n: int, c: int, scale: float, seed: int = 0, soft: bool = False):
+    g = torch.Generator().manual_seed(seed)
+    z = torch.randn(n, c, generator=g) * scale
+    if soft:
+        t = torch.softmax(torch.randn(n, c, generator=g) * 3, 1)
+    else:
+        t = torch.randint(0, c, (n,), generator=g)
+    return z, t
+
+
+GRID = list(itertools.product([1, 7, 256], [2, 10, 1000], [0.0, 0.05, 0.25, 0.3, 1.0], [0.0, 0.1]))
+
+
+@pytest.mark.parametrize("n,c,alpha,ls", GRID)
+@pytest.mark.parametrize("loss_scale", [1.0, 2.0**16, 2.0**17])
+def test_gradient_matches_float64_formula(n, c, alpha, ls, loss_scale):
+    z, t = make(n, c, scale=5.0, seed=n * c)
+    z.requires_grad_(True)
+    loss = power_grad_cross_entropy(z, t, alpha=alpha, label_smoothing=ls)
+    (loss * loss_scale).backward()
+    # In units of (p' - q): undo the mean's 1/N and the loss scale.
+    got = z.grad.double() * n / loss_scale
+    err = (got - exact_direction(z.detach(), t, alpha, ls)).abs().max().item()
+    assert err < 1e-5
+
+
+@pytest.mark.parametrize("alpha", [0.0, 0.05, 0.3, 1.0])
+def test_huge_logits_stay_exact(alpha):
+    z, t = make(64, 100, scale=1e4)
+    z.requires_grad_(True)
+    power_grad_cross_entropy(z, t, alpha=alpha, label_smoothing=0.1).backward()
+    got = z.grad.double() * 64
+    assert torch.isfinite(got).all()
+    assert (got - exact_direction(z.detach(), t, alpha, 0.1)).abs().max() < 1e-5
+
+
+@pytest.mark.parametrize("alpha", [0.0, 0.25, 1.0])
+@pytest.mark.parametrize("ls", [0.0, 0.1])
+def test_soft_targets(alpha, ls):
+    z, t = make(32, 10, scale=3.0, soft=True)
+    z.requires_grad_(True)
+    loss = power_grad_cross_entropy(z, t, alpha=alpha, label_smoothing=ls)
+    assert torch.equal(loss.detach(), F.cross_entropy(z.detach(), t, label_smoothing=ls))
+    loss.backward()
+    assert (z.grad.double() * 32 - exact_direction(z.detach(), t, alpha, ls)).abs().max() < 1e-5
+
+
+@pytest.mark.parametrize("alpha", [0.05, 0.3])
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16])
+def test_low_precision_logits(alpha, dtype):
+    z, t = make(128, 100, scale=4.0)
+    zl = z.to(dtype).requires_grad_(True)
+    loss = power_grad_cross_entropy(zl, t, alpha=alpha, label_smoothing=0.1)
+    assert loss.dtype == torch.float32
+    (loss * 2.0**16).backward()
+    assert zl.grad.dtype == dtype
+    got = zl.grad.double() * 128 / 2.0**16
+    assert (got - exact_direction(zl.detach(), t, alpha, 0.1)).abs().max() < 1e-2
+
+
+def test_bf16_autocast_through_a_linear_layer():
+    torch.manual_seed(0)
+    layer = torch.nn.Linear(32, 50)
+    x = torch.randn(64, 32)
+    t = torch.randint(0, 50, (64,))
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        z = layer(x)
+        z.retain_grad()
+        loss = power_grad_cross_entropy(z, t, alpha=0.25)
+    assert z.dtype == torch.bfloat16 and loss.dtype == torch.float32
+    loss.backward()
+    got = z.grad.double() * 64
+    assert (got - exact_direction(z.detach(), t, 0.25, 0.0)).abs().max() < 1e-2
+
+
+@pytest.mark.parametrize("ls", [0.0, 0.1])
+@pytest.mark.parametrize("reduction", ["mean", "sum", "none"])
+def test_forward_value_is_cross_entropy(ls, reduction):
+    z, t = make(50, 20, scale=6.0)
+    for alpha in (0.0, 0.3, 1.0):
+        got = power_grad_cross_entropy(z, t, alpha=alpha, label_smoothing=ls, reduction=reduction)
+        want = F.cross_entropy(z, t, label_smoothing=ls, reduction=reduction)
+        assert torch.equal(got, want)
+
+
+@pytest.mark.parametrize("reduction", ["sum", "none"])
+def test_reductions_scale_the_gradient(reduction):
+    z, t = make(16, 10, scale=2.0)
+    z.requires_grad_(True)
+    w = torch.rand(16)
+    loss = power_grad_cross_entropy(z, t, alpha=0.3, reduction=reduction)
+    (loss * w if reduction == "none" else loss).sum().backward()
+    factor = w.double().unsqueeze(1) if reduction == "none" else 1.0
+    assert (z.grad.double() - factor * exact_direction(z.detach(), t, 0.3, 0)).abs().max() < 1e-6
+
+
+def test_alpha_one_equals_cross_entropy_gradient():
+    z, t = make(33, 12, scale=3.0)
+    a = z.clone().requires_grad_(True)
+    b = z.clone().requires_grad_(True)
+    power_grad_cross_entropy(a, t, alpha=1.0, label_smoothing=0.1).backward()
+    F.cross_entropy(b, t, label_smoothing=0.1).backward()
+    assert torch.allclose(a.grad, b.grad, atol=1e-7)
+
+
+def test_alpha_zero_gives_uniform_minus_q():
+    z, t = make(8, 5, scale=10.0)
+    z.requires_grad_(True)
+    power_grad_cross_entropy(z, t, alpha=0.0).backward()
+    want = 1 / 5 - F.one_hot(t, 5).double()
+    assert (z.grad.double() * 8 - want).abs().max() < 1e-6
+
+
+def test_ignore_index_and_spatial_logits():
+    z = torch.randn(4, 6, 3, 3, requires_grad=True)
+    t = torch.randint(0, 6, (4, 3, 3))
+    t[0, 0, 0] = -100
+    loss = power_grad_cross_entropy(z, t, alpha=0.5)
+    assert torch.allclose(loss, F.cross_entropy(z, t))
+    loss.backward()
+    assert z.grad[0, :, 0, 0].abs().max() == 0
+    count = (t != -100).sum().item()
+    rows = z.detach().movedim(1, -1).reshape(-1, 6)
+    flat_t = t.reshape(-1)
+    keep = flat_t != -100
+    want = exact_direction(rows[keep], flat_t[keep], 0.5, 0.0) / count
+    got = z.grad.movedim(1, -1).reshape(-1, 6)[keep].double()
+    assert (got - want).abs().max() < 1e-7
+
+
+def test_gradient_accumulation_matches_one_big_batch():
+    z, t = make(64, 10, scale=3.0)
+    full = z.clone().requires_grad_(True)
+    power_grad_cross_entropy(full, t, alpha=0.25).backward()
+    parts = z.clone().requires_grad_(True)
+    for sl in (slice(0, 32), slice(32, 64)):
+        (power_grad_cross_entropy(parts[sl], t[sl], alpha=0.25) / 2).backward()
+    assert torch.allclose(full.grad, parts.grad, atol=1e-8)
+
+
+def test_module_tampers_only_in_training_mode():
+    z, t = make(16, 10, scale=3.0)
+    loss_fn = PowerGradLoss(alpha=0.1, label_smoothing=0.1)
+    a = z.clone().requires_grad_(True)
+    loss_fn(a, t).backward()
+    assert (a.grad.double() * 16 - exact_direction(z, t, 0.1, 0.1)).abs().max() < 1e-6
+    loss_fn.eval()
+    b = z.clone().requires_grad_(True)
+    loss_fn(b, t).backward()
+    c = z.clone().requires_grad_(True)
+    F.cross_entropy(c, t, label_smoothing=0.1).backward()
+    assert torch.allclose(b.grad, c.grad)
+    assert "alpha=0.1" in repr(loss_fn)
+
+
+@pytest.mark.parametrize("bad", [-0.1, float("nan"), float("inf"), "x"])
+def test_bad_alpha_raises_naming_the_value(bad):
+    z, t = make(4, 3, scale=1.0)
+    with pytest.raises(ValueError, match="alpha"):
+        power_grad_cross_entropy(z, t, alpha=bad)
+    with pytest.raises(ValueError, match=str(bad) if bad == bad else "nan"):
+        PowerGradLoss(alpha=bad)
+
+
+def test_alpha_above_one_sharpens():
+    z, t = make(16, 10, scale=2.0)
+    z.requires_grad_(True)
+    power_grad_cross_entropy(z, t, alpha=2.0).backward()
+    assert (z.grad.double() * 16 - exact_direction(z.detach(), t, 2.0, 0)).abs().max() < 1e-6
+
+
+def test_torch_compile_smoke():
+    z, t = make(32, 10, scale=2.0)
+    model = torch.nn.Linear(10, 10)
+    torch.manual_seed(0)
+    x = torch.randn(32, 10)
+
+    def step(x, t):
+        return power_grad_cross_entropy(model(x), t, alpha=0.3)
+
+    compiled = torch.compile(step, backend="eager")  # the graph capture; no C++ toolchain needed
+    loss = compiled(x, t)
+    loss.backward()
+    g_compiled = model.weight.grad.clone()
+    model.zero_grad()
+    step(x, t).backward()
+    assert torch.allclose(g_compiled, model.weight.grad, atol=1e-6)
+
+
+@pytest.mark.parametrize(
+    "loss_scale,ok", [(1.0, False), (256.0**2, True), (2 * 256.0**2, False), (2.0**17, False)]
+)
+def test_reference_hook_is_right_only_at_loss_scale_n_squared(loss_scale, ok):
+    """Pins down the official code's flaw: its recovery of p assumes a loss scale of N**2."""
+    n, c, alpha, ls = 256, 1000, 0.3, 0.1
+    z, t = make(n, c, scale=2.0)
+    z.requires_grad_(True)
+    (official_hook_cross_entropy(z, t, alpha, ls) * loss_scale).backward()
+    got = z.grad.double() / loss_scale * n
+    err = (got - exact_direction(z.detach(), t, alpha, ls)).abs().max().item()
+    if ok:
+        assert err < 1e-5
+    else:
+        assert math.isnan(err) or err > 1e-2
