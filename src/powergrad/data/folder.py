@@ -1,0 +1,330 @@
+"""Image folders: scan (torchvision ImageFolder semantics), decode into memory with a cache, or stream.
+
+Small folders (under memory.MEMORY_LIMIT_BYTES of uint8 at the chosen size) are decoded once, in a
+Pool of cfg.workers, into a uint8 array cached as .npz under POWERGRAD_CACHE (default
+~/.cache/powergrad), keyed by a hash of the file list, sizes, mtimes and image size. Larger ones
+(ImageNet) stream through a DataLoader whose batch sampler shards global batches like the
+in-memory loader does.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import math
+import multiprocessing
+import os
+from collections.abc import Iterator
+from dataclasses import dataclass
+from functools import partial
+from pathlib import Path
+
+import numpy as np
+import torch
+from PIL import Image
+from torchvision.datasets.folder import IMG_EXTENSIONS
+from torchvision.transforms import v2
+
+from ..config import Config
+from ..errors import UserError
+from . import sampling
+from .memory import Arrays, fits_in_memory
+
+IMAGENET_MEAN = (0.485, 0.456, 0.406)
+IMAGENET_STD = (0.229, 0.224, 0.225)
+_CACHE_VERSION = 1
+Sample = tuple[str, int]
+
+
+@dataclass
+class Folders:
+    """A data set too large for memory: (path, label) lists to stream from disk."""
+
+    train: list[Sample]
+    test: list[Sample]
+    class_names: list[str]
+    img_size: int
+    mean: tuple[float, ...] = IMAGENET_MEAN
+    std: tuple[float, ...] = IMAGENET_STD
+
+
+# ---------------------------------------------------------------- scanning
+
+
+def find_classes(split_dir: Path) -> list[str]:
+    """Sorted class folder names, as torchvision's ImageFolder finds them."""
+    classes = sorted(e.name for e in os.scandir(split_dir) if e.is_dir())
+    if not classes:
+        raise UserError(f"no class folders in {split_dir}: expected {split_dir}/<class>/<image>.jpg")
+    return classes
+
+
+def list_images(folder: Path) -> list[str]:
+    """Image files under a folder, recursively, in sorted order (ImageFolder's extensions)."""
+    out = []
+    for dirpath, dirnames, filenames in os.walk(folder, followlinks=True):
+        dirnames.sort()
+        out += [os.path.join(dirpath, f) for f in sorted(filenames) if f.lower().endswith(IMG_EXTENSIONS)]
+    return out
+
+
+def scan_split(split_dir: Path, classes: list[str]) -> list[Sample]:
+    samples: list[Sample] = []
+    for label, name in enumerate(classes):
+        files = list_images(split_dir / name)
+        if not files:
+            raise UserError(f"class folder {split_dir / name} has no images ({', '.join(IMG_EXTENSIONS)})")
+        samples += [(f, label) for f in files]
+    return samples
+
+
+def check_same_classes(train: list[str], test: list[str], test_dir: Path) -> None:
+    if train != test:
+        only_train = sorted(set(train) - set(test))[:5]
+        only_test = sorted(set(test) - set(train))[:5]
+        raise UserError(
+            f"class folders of {test_dir} differ from train: only in train {only_train}, "
+            f"only in {test_dir.name} {only_test}"
+        )
+
+
+# ---------------------------------------------------------------- decoding and the cache
+
+
+def _open_rgb(path: str) -> Image.Image:
+    with Image.open(path) as im:
+        return im.convert("RGB")  # convert() forces the full decode, so truncated files fail here
+
+
+def decode_image(path: str, side: int) -> np.ndarray | None:
+    """(3, side, side) uint8: shorter side resized to `side`, centre crop. None if unreadable."""
+    try:
+        im = _open_rgb(path)
+    except (OSError, ValueError, SyntaxError, Image.DecompressionBombError):
+        return None
+    w, h = im.size
+    if (w, h) != (side, side):
+        s = side / min(w, h)
+        nw, nh = max(side, round(w * s)), max(side, round(h * s))
+        im = im.resize((nw, nh), Image.BILINEAR)  # PIL's bilinear antialiases when shrinking
+        left, top = (nw - side) // 2, (nh - side) // 2
+        im = im.crop((left, top, left + side, top + side))
+    return np.asarray(im, dtype=np.uint8).transpose(2, 0, 1)
+
+
+def first_image_side(samples: list[Sample]) -> int:
+    """The shorter side of the first readable image: the default in-memory size of a folder."""
+    for path, _ in samples[:100]:
+        try:
+            with Image.open(path) as im:
+                return min(im.size)
+        except (OSError, ValueError, SyntaxError):
+            continue
+    raise UserError(f"none of the first images under {Path(samples[0][0]).parent} could be read")
+
+
+def cache_dir() -> Path:
+    return Path(os.environ.get("POWERGRAD_CACHE") or Path.home() / ".cache" / "powergrad")
+
+
+def _cache_key(samples: list[Sample], side: int) -> str:
+    h = hashlib.sha256(f"v{_CACHE_VERSION} side={side}".encode())
+    for path, label in samples:
+        st = os.stat(path)
+        h.update(json.dumps([os.path.abspath(path), label, st.st_size, st.st_mtime_ns]).encode())
+    return h.hexdigest()[:20]
+
+
+def load_images(samples: list[Sample], side: int, workers: int, skip_bad: bool,
+                tag: str) -> tuple[torch.Tensor, torch.Tensor, int]:
+    """Decode (or read from the cache) a split into uint8 (N, 3, side, side) and int64 labels.
+
+    Returns (images, labels, number of unreadable images skipped). An unreadable image is a
+    UserError naming it unless skip_bad; the cache records bad files so either setting reuses it.
+    """
+    path = cache_dir() / f"{tag}-{_cache_key(samples, side)}.npz"
+    if path.is_file():
+        with np.load(path, allow_pickle=False) as z:
+            x, keep, bad = z["x"], z["keep"], [str(b) for b in z["bad"]]
+    else:
+        x, keep, bad = _decode_all(samples, side, workers)
+        path.parent.mkdir(parents=True, exist_ok=True)
+        tmp = path.with_suffix(f".{os.getpid()}.tmp.npz")
+        np.savez(tmp, x=x, keep=keep, bad=np.array(bad, dtype=str))
+        os.replace(tmp, path)  # atomic, so ranks decoding at once do not read half a file
+    if bad and not skip_bad:
+        raise UserError(
+            f"cannot read image {bad[0]} ({len(bad)} unreadable in all); fix or delete it, "
+            f"or set skip_bad_images=true"
+        )
+    labels = torch.tensor([samples[i][1] for i in keep], dtype=torch.int64)
+    return torch.from_numpy(x), labels, len(bad)
+
+
+def _decode_all(samples: list[Sample], side: int, workers: int) -> tuple[np.ndarray, np.ndarray, list[str]]:
+    paths = [p for p, _ in samples]
+    x = np.empty((len(paths), 3, side, side), dtype=np.uint8)
+    keep, bad = [], []
+    if workers > 0:
+        with multiprocessing.get_context().Pool(workers) as pool:
+            results = pool.imap(partial(decode_image, side=side), paths, chunksize=64)
+            _collect(results, paths, x, keep, bad)
+    else:
+        _collect((decode_image(p, side) for p in paths), paths, x, keep, bad)
+    return x[: len(keep)], np.array(keep, dtype=np.int64), bad
+
+
+def _collect(results: Iterator[np.ndarray | None], paths: list[str], x: np.ndarray,
+             keep: list[int], bad: list[str]) -> None:
+    for i, arr in enumerate(results):
+        if arr is None:
+            bad.append(paths[i])
+        else:
+            x[len(keep)] = arr
+            keep.append(i)
+
+
+# ---------------------------------------------------------------- the imagefolder data set
+
+
+def build_imagefolder(cfg: Config) -> Arrays | Folders:
+    """data_dir/train/<class>/* plus data_dir/val/ (or data_dir/test/): in memory when small."""
+    root = data_dir_required(cfg)
+    train_dir = root / "train"
+    test_dir = next((root / s for s in ("val", "test") if (root / s).is_dir()), None)
+    if not train_dir.is_dir() or test_dir is None:
+        raise UserError(
+            f"imagefolder: expected {root}/train/<class>/*.jpg and {root}/val/<class>/ "
+            f"(or {root}/test/<class>/); found no {'train' if not train_dir.is_dir() else 'val or test'} folder"
+        )
+    classes = find_classes(train_dir)
+    check_same_classes(classes, find_classes(test_dir), test_dir)
+    train, test = scan_split(train_dir, classes), scan_split(test_dir, classes)
+    side = cfg.img_size or first_image_side(train)
+    if not fits_in_memory(len(train) + len(test), 3, side):
+        return Folders(train, test, classes, cfg.img_size or 224)
+    tx, ty, bad_tr = load_images(train, side, cfg.workers, cfg.skip_bad_images, "imagefolder-train")
+    vx, vy, bad_te = load_images(test, side, cfg.workers, cfg.skip_bad_images, "imagefolder-test")
+    # Photos above 64 px get ImageNet-style crops; CIFAR-sized ones the pad-and-crop recipe.
+    return Arrays(tx, ty, vx, vy, classes, IMAGENET_MEAN, IMAGENET_STD,
+                  "cifar" if side <= 64 else "imagenet", bad_tr + bad_te)
+
+
+def data_dir_required(cfg: Config) -> Path:
+    if not cfg.data_dir:
+        raise UserError(f"dataset {cfg.dataset!r} needs data_dir=PATH (the folder holding train/ and val/)")
+    root = Path(cfg.data_dir).expanduser()
+    if not root.is_dir():
+        raise UserError(f"data_dir {root} does not exist (dataset {cfg.dataset!r})")
+    return root
+
+
+# ---------------------------------------------------------------- streaming
+
+
+def stream_transform(augment: str, size: int, train: bool) -> v2.Compose:
+    """PIL image -> uint8 (3, size, size) tensor; normalisation happens later, on the device."""
+    if not train or augment == "none":
+        return v2.Compose([v2.Resize(int(size / 0.875), antialias=True), v2.CenterCrop(size),
+                           v2.PILToTensor()])
+    if augment == "imagenet":
+        return v2.Compose([v2.RandomResizedCrop(size, antialias=True), v2.RandomHorizontalFlip(),
+                           v2.PILToTensor()])
+    steps = [v2.Resize(size, antialias=True), v2.CenterCrop(size)]
+    if augment == "cifar":
+        steps.append(v2.RandomCrop(size, padding=max(1, size // 8), padding_mode="reflect"))
+    return v2.Compose([*steps, v2.RandomHorizontalFlip(), v2.PILToTensor()])
+
+
+class FileDataset(torch.utils.data.Dataset):
+    """(path, label) samples read with PIL. An index may come as (index, seed) to fix its augmentation."""
+
+    def __init__(self, samples: list[Sample], transform: v2.Compose, skip_bad: bool) -> None:
+        self.samples, self.transform, self.skip_bad = samples, transform, skip_bad
+
+    def __len__(self) -> int:
+        return len(self.samples)
+
+    def __getitem__(self, item: int | tuple[int, int]) -> tuple[torch.Tensor, int]:
+        i, seed = item if isinstance(item, tuple) else (item, None)
+        if seed is not None:
+            # v2 transforms draw from the global RNG: seeding it per (seed, epoch, step, slot of
+            # the global batch) makes the augmentation independent of workers and world size.
+            torch.manual_seed(seed)
+        # A bad image (with skip_bad_images) is replaced by the next readable one in the list.
+        for k in range(len(self.samples) if self.skip_bad else 1):
+            path, label = self.samples[(i + k) % len(self.samples)]
+            try:
+                return self.transform(_open_rgb(path)), label
+            except (OSError, ValueError, SyntaxError) as e:
+                if not self.skip_bad:
+                    raise UserError(f"cannot read image {path} ({e}); set skip_bad_images=true to skip it") from None
+        raise UserError("no readable image in the data set")
+
+
+class TrainBatchSampler:
+    """Yields this rank's (index, augmentation seed) slice of each global batch."""
+
+    def __init__(self, n: int, batch_size: int, seed: int, rank: int, world_size: int) -> None:
+        self.n, self.batch_size, self.seed, self.rank, self.world_size = n, batch_size, seed, rank, world_size
+        self.epoch = 0
+
+    def set_epoch(self, epoch: int) -> None:
+        self.epoch = epoch
+
+    def __len__(self) -> int:
+        return sampling.steps_per_epoch(self.n, self.batch_size)
+
+    def __iter__(self) -> Iterator[list[tuple[int, int]]]:
+        batches = sampling.global_batches(self.n, self.batch_size, self.seed, self.epoch, self.world_size)
+        for step, gidx in enumerate(batches):
+            sl = sampling.rank_slice(len(gidx), self.rank, self.world_size)
+            base = sampling.step_seed(self.seed, self.epoch, step) * len(gidx)
+            yield [(int(i), (base + sl.start + j) & ((1 << 63) - 1)) for j, i in enumerate(gidx[sl])]
+
+
+class EvalBatchSampler:
+    def __init__(self, n: int, batch_size: int, rank: int, world_size: int) -> None:
+        self.idx = sampling.eval_indices(n, rank, world_size).tolist()
+        self.batch_size = batch_size
+
+    def __len__(self) -> int:
+        return math.ceil(len(self.idx) / self.batch_size)
+
+    def __iter__(self) -> Iterator[list[int]]:
+        for i in range(0, len(self.idx), self.batch_size):
+            yield self.idx[i : i + self.batch_size]
+
+
+class StreamLoader:
+    """A DataLoader of uint8 batches, moved to the device and normalised there."""
+
+    def __init__(self, dataset: FileDataset, batch_sampler: TrainBatchSampler | EvalBatchSampler,
+                 cfg: Config, mean: tuple[float, ...], std: tuple[float, ...], device: torch.device) -> None:
+        self.batch_sampler = batch_sampler
+        self.loader = torch.utils.data.DataLoader(
+            dataset, batch_sampler=batch_sampler, num_workers=cfg.workers,
+            pin_memory=device.type == "cuda", persistent_workers=cfg.workers > 0,
+        )
+        self.device, self.channels_last = device, cfg.channels_last
+        self.mean = torch.tensor(mean, device=device).view(1, -1, 1, 1) * 255
+        self.std = torch.tensor(std, device=device).view(1, -1, 1, 1) * 255
+
+    def set_epoch(self, epoch: int) -> None:
+        if hasattr(self.batch_sampler, "set_epoch"):
+            self.batch_sampler.set_epoch(epoch)
+
+    def __len__(self) -> int:
+        return len(self.batch_sampler)
+
+    def __iter__(self) -> Iterator[tuple[torch.Tensor, torch.Tensor]]:
+        try:
+            for x, y in self.loader:
+                x = x.to(self.device, non_blocking=True).float().sub_(self.mean).div_(self.std)
+                if self.channels_last:
+                    x = x.contiguous(memory_format=torch.channels_last)
+                yield x, y.to(self.device, non_blocking=True)
+        except UserError as e:
+            # A worker's error comes back wrapped with its traceback: keep the one-line message.
+            line = str(e).strip().splitlines()[-1]
+            raise UserError(line.split("UserError: ", 1)[-1]) from None
