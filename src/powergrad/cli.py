@@ -1,0 +1,152 @@
+"""The command line: parses, builds a config, calls the Python API. No work of its own.
+
+    powergrad train [RECIPE] [key=value ...] [--out DIR] [--overwrite]
+    powergrad eval --checkpoint PATH [key=value ...]
+    powergrad recipes
+    powergrad demo [--out DIR]
+
+User errors print one line on stderr and exit 2; divergence exits 3.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import logging
+import os
+import sys
+from pathlib import Path
+
+from .errors import DivergenceError, UserError
+
+
+class _Parser(argparse.ArgumentParser):
+    def error(self, message: str) -> None:  # one line, exit 2, as every user error
+        raise UserError(f"{self.prog}: {message}")
+
+
+def _split_recipe(args: list[str]) -> tuple[str | None, list[str]]:
+    recipe = None
+    overrides = []
+    for a in args:
+        if "=" in a:
+            overrides.append(a)
+        elif recipe is None:
+            recipe = a
+        else:
+            raise UserError(f"unexpected argument {a!r}: give one recipe, then key=value overrides")
+    return recipe, overrides
+
+
+def cmd_train(ns: argparse.Namespace) -> int:
+    from .config import load_config
+    from .engine import train
+
+    recipe, overrides = _split_recipe(ns.args)
+    if recipe is None:
+        # Resuming without a recipe continues the run with the config it was started with.
+        resume = next((o.split("=", 1)[1] for o in overrides if o.startswith("resume=")), None)
+        if resume and resume != "auto":
+            p = Path(resume)
+            saved = (p if p.is_dir() else p.parent) / "config.yaml"
+            recipe = str(saved) if saved.is_file() else None
+        elif resume == "auto" and ns.out and (Path(ns.out) / "config.yaml").is_file():
+            recipe = str(Path(ns.out) / "config.yaml")
+    cfg = load_config(recipe, overrides)
+    if cfg.nproc > 1 and "WORLD_SIZE" not in os.environ:
+        return _relaunch_with_torchrun(cfg.nproc)
+    result = train(cfg, out=ns.out, overwrite=ns.overwrite)
+    if result.run_dir is not None:
+        print(f"run directory: {result.run_dir}")
+    return 0
+
+
+def _relaunch_with_torchrun(nproc: int) -> int:
+    """``nproc=K``: the same command under torchrun on this machine (K processes)."""
+    import subprocess
+
+    argv = [a for a in sys.argv[1:] if not a.startswith("nproc=")]
+    cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone",
+           f"--nproc_per_node={nproc}", "-m", "powergrad", *argv]
+    return subprocess.call(cmd)
+
+
+def cmd_eval(ns: argparse.Namespace) -> int:
+    from .engine import evaluate
+
+    print(json.dumps(evaluate(ns.checkpoint, ns.args)))
+    return 0
+
+
+def cmd_recipes(ns: argparse.Namespace) -> int:
+    from .config import list_recipes
+
+    recipes = list_recipes()
+    width = max(map(len, recipes), default=0)
+    for name, desc in recipes.items():
+        print(f"{name:<{width}}  {desc}")
+    return 0
+
+
+def cmd_demo(ns: argparse.Namespace) -> int:
+    from .demo import run_demo
+
+    run_demo(out=ns.out, epochs=ns.epochs)
+    return 0
+
+
+def build_parser() -> argparse.ArgumentParser:
+    p = _Parser(prog="powergrad", description="Softmax Gradient Tampering: train, evaluate, sweep, report.")
+    sub = p.add_subparsers(dest="command", required=True, parser_class=_Parser)
+
+    t = sub.add_parser("train", help="train a recipe (YAML file or built-in name) with key=value overrides")
+    t.add_argument("args", nargs="*", metavar="RECIPE|key=value")
+    t.add_argument("--out", help="run directory (default: a new folder under runs/)")
+    t.add_argument("--overwrite", action="store_true", help="replace an existing run directory")
+    t.set_defaults(fn=cmd_train)
+
+    e = sub.add_parser("eval", help="evaluate a checkpoint on its test split; prints JSON")
+    e.add_argument("--checkpoint", required=True)
+    e.add_argument("args", nargs="*", metavar="key=value")
+    e.set_defaults(fn=cmd_eval)
+
+    r = sub.add_parser("recipes", help="list the built-in recipes")
+    r.set_defaults(fn=cmd_recipes)
+
+    d = sub.add_parser("demo", help="digits: alpha 1 against alpha 0.25, tables and curves")
+    d.add_argument("--out", default="runs/demo")
+    d.add_argument("--epochs", type=int, default=None)
+    d.set_defaults(fn=cmd_demo)
+
+    for extra in _EXTRA_COMMANDS:
+        extra(sub)
+    return p
+
+
+# Further sub-commands register here (sweep, report, plot) to keep this file thin.
+_EXTRA_COMMANDS: list = []
+
+
+def main(argv: list[str] | None = None) -> int:
+    logging.basicConfig(level=logging.INFO, format="%(message)s", stream=sys.stderr)
+    logging.getLogger("powergrad").setLevel(logging.INFO)
+    try:
+        ns = build_parser().parse_args(argv)
+        return ns.fn(ns)
+    except UserError as e:
+        print(f"powergrad: error: {_one_line(e)}", file=sys.stderr)
+        return 2
+    except DivergenceError as e:
+        print(f"powergrad: {_one_line(e)}", file=sys.stderr)
+        return 3
+    except KeyboardInterrupt:
+        print("powergrad: interrupted", file=sys.stderr)
+        return 130
+
+
+def _one_line(e: Exception) -> str:
+    return " ".join(str(e).split())
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,1 @@
+"""Tables and figures, read back from run directories only."""

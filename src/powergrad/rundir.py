@@ -1,0 +1,183 @@
+"""The run directory, the unit of record: config, metrics, summary, checkpoints, events, plots.
+
+    RUN/config.yaml      the resolved config (feed it back as a recipe)
+    RUN/metrics.csv      one row per finished epoch
+    RUN/summary.json     final and best metrics, wall time, environment, diagnostics
+    RUN/last.pt best.pt  checkpoints
+    RUN/events/          TensorBoard events
+    RUN/plots/           curves.png
+"""
+
+from __future__ import annotations
+
+import csv
+import json
+import math
+import os
+import platform
+import subprocess
+import time
+from pathlib import Path
+from typing import Any
+
+from .errors import UserError
+
+__all__ = ["RunDir", "METRIC_COLUMNS", "read_metrics", "read_summary", "environment"]
+
+METRIC_COLUMNS = [
+    "epoch", "lr", "train_loss", "train_acc", "test_loss", "test_acc", "test_top5", "gap",
+    "val_loss", "val_acc", "logit_norm", "logit_mean", "logit_max", "logit_var",
+    "epoch_s", "train_img_s",
+]
+TIMING_COLUMNS = ("epoch_s", "train_img_s")
+
+
+def new_run_name(cfg_model: str, cfg_dataset: str, alpha: float) -> str:
+    stamp = time.strftime("%Y%m%d-%H%M%S")
+    return f"{stamp}-{cfg_dataset}-{cfg_model.replace('/', '_')}-a{alpha:g}"
+
+
+class RunDir:
+    """Writes one run's record. Only the main process of a distributed run makes one."""
+
+    def __init__(self, path: str | Path, *, resume: bool = False, overwrite: bool = False) -> None:
+        self.path = Path(path)
+        if self.path.exists() and not self.path.is_dir():
+            raise UserError(f"output path exists and is not a folder: {self.path}")
+        if self.path.is_dir() and any(self.path.iterdir()) and not (resume or overwrite):
+            raise UserError(
+                f"run directory {self.path} already holds a run; pass resume=auto to continue it, "
+                "--overwrite to replace it, or choose another --out"
+            )
+        try:
+            self.path.mkdir(parents=True, exist_ok=True)
+            (self.path / "plots").mkdir(exist_ok=True)
+            probe = self.path / ".write-test"
+            probe.write_text("")
+            probe.unlink()
+        except OSError as e:
+            raise UserError(f"cannot write to output folder {self.path}: {e.strerror or e}") from None
+        if overwrite and not resume:
+            for name in ("metrics.csv", "summary.json", "last.pt", "best.pt", "preempt.pt"):
+                (self.path / name).unlink(missing_ok=True)
+        self._tb = None
+
+    # --- files
+    @property
+    def metrics_csv(self) -> Path:
+        return self.path / "metrics.csv"
+
+    def write_config(self, text: str) -> None:
+        (self.path / "config.yaml").write_text(text)
+
+    def truncate_metrics(self, last_epoch: int) -> None:
+        """Keep rows up to ``last_epoch`` (resuming after a later crash rewrites the rest)."""
+        if not self.metrics_csv.exists():
+            return
+        rows = [r for r in read_metrics(self.path) if int(r["epoch"]) <= last_epoch]
+        self._write_rows(rows)
+
+    def _write_rows(self, rows: list[dict[str, Any]]) -> None:
+        tmp = self.metrics_csv.with_suffix(".csv.tmp")
+        with open(tmp, "w", newline="") as f:
+            w = csv.DictWriter(f, fieldnames=METRIC_COLUMNS)
+            w.writeheader()
+            for r in rows:
+                w.writerow({k: r.get(k, "") for k in METRIC_COLUMNS})
+        os.replace(tmp, self.metrics_csv)
+
+    def append_metrics(self, row: dict[str, Any]) -> None:
+        new = not self.metrics_csv.exists()
+        with open(self.metrics_csv, "a", newline="") as f:
+            w = csv.DictWriter(f, fieldnames=METRIC_COLUMNS)
+            if new:
+                w.writeheader()
+            w.writerow({k: _fmt(row.get(k)) for k in METRIC_COLUMNS})
+        self.tensorboard(row)
+
+    def tensorboard(self, row: dict[str, Any]) -> None:
+        if self._tb is None:
+            from torch.utils.tensorboard import SummaryWriter
+
+            self._tb = SummaryWriter(log_dir=str(self.path / "events"))
+        step = int(row["epoch"])
+        for k, v in row.items():
+            if k != "epoch" and isinstance(v, (int, float)) and v is not None and math.isfinite(v):
+                self._tb.add_scalar(k, v, step)
+        self._tb.flush()
+
+    def write_summary(self, summary: dict[str, Any]) -> None:
+        tmp = self.path / "summary.json.tmp"
+        tmp.write_text(json.dumps(summary, indent=2, default=str))
+        os.replace(tmp, self.path / "summary.json")
+
+    def close(self) -> None:
+        if self._tb is not None:
+            self._tb.close()
+            self._tb = None
+
+
+def _fmt(v: Any) -> Any:
+    if v is None:
+        return ""
+    if isinstance(v, float):
+        return f"{v:.6g}"
+    return v
+
+
+def read_metrics(run: str | Path) -> list[dict[str, Any]]:
+    """metrics.csv as a list of dicts with floats (empty cells as None)."""
+    path = Path(run) / "metrics.csv"
+    if not path.is_file():
+        return []
+    with open(path, newline="") as f:
+        rows = list(csv.DictReader(f))
+    out = []
+    for r in rows:
+        out.append({k: (float(v) if v not in ("", None) else None) for k, v in r.items()})
+        out[-1]["epoch"] = int(out[-1]["epoch"])
+    return out
+
+
+def read_summary(run: str | Path) -> dict[str, Any]:
+    path = Path(run) / "summary.json"
+    if not path.is_file():
+        raise UserError(f"no summary.json in {run}: not a finished powergrad run")
+    try:
+        return json.loads(path.read_text())
+    except json.JSONDecodeError:
+        raise UserError(f"{path}: not valid JSON") from None
+
+
+def environment(device: str) -> dict[str, Any]:
+    import torch
+
+    env = {
+        "python": platform.python_version(),
+        "torch": torch.__version__,
+        "platform": platform.platform(),
+        "device": device,
+        "cpu_threads": torch.get_num_threads(),
+    }
+    try:
+        import timm
+        import torchvision
+
+        env["torchvision"] = torchvision.__version__
+        env["timm"] = timm.__version__
+    except ImportError:
+        pass
+    if device.startswith("cuda"):
+        env["gpu"] = torch.cuda.get_device_name()
+    return env
+
+
+def git_commit() -> str | None:
+    try:
+        out = subprocess.run(
+            ["git", "rev-parse", "HEAD"], capture_output=True, text=True, timeout=5,
+            cwd=Path(__file__).parent,
+        )
+    except (OSError, subprocess.TimeoutExpired):
+        return None
+    return out.stdout.strip() or None if out.returncode == 0 else None
