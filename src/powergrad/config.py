@@ -95,6 +95,7 @@ class Config:
     workers: int = 2
     resume: str | None = None
     save_every: int = 1
+    keep_checkpoints: bool = False  # also keep epoch{N}.pt for every saved epoch
     sync_bn: bool = False
     nproc: int = 1
     monitor: MonitorConfig = field(default_factory=MonitorConfig)
@@ -138,10 +139,11 @@ def _base_type(tp: Any) -> Any:
 
 def _coerce(key: str, value: Any, tp: Any) -> Any:
     """Coerce a YAML value or a command-line string to the annotated type, or raise UserError."""
-    if value is None or (isinstance(value, str) and value.lower() in ("none", "null", "~")):
-        if _is_optional(tp):
-            return None
-        raise UserError(f"{key}: a value is required (got {value!r})")
+    is_null = value is None or (isinstance(value, str) and value.lower() in ("none", "null", "~"))
+    if is_null and _is_optional(tp):
+        return None
+    if value is None:
+        raise UserError(f"{key}: a value is required")
     base = _base_type(tp)
     origin = typing.get_origin(base)
     try:

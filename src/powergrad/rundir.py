@@ -27,6 +27,7 @@ __all__ = ["RunDir", "METRIC_COLUMNS", "read_metrics", "read_summary", "environm
 METRIC_COLUMNS = [
     "epoch", "lr", "train_loss", "train_acc", "test_loss", "test_acc", "test_top5", "gap",
     "val_loss", "val_acc", "logit_norm", "logit_mean", "logit_max", "logit_var",
+    "dead_filter_share",
     "epoch_s", "train_img_s",
 ]
 TIMING_COLUMNS = ("epoch_s", "train_img_s")
@@ -70,20 +71,14 @@ class RunDir:
     def write_config(self, text: str) -> None:
         (self.path / "config.yaml").write_text(text)
 
-    def truncate_metrics(self, last_epoch: int) -> None:
-        """Keep rows up to ``last_epoch`` (resuming after a later crash rewrites the rest)."""
-        if not self.metrics_csv.exists():
-            return
-        rows = [r for r in read_metrics(self.path) if int(r["epoch"]) <= last_epoch]
-        self._write_rows(rows)
-
-    def _write_rows(self, rows: list[dict[str, Any]]) -> None:
+    def rewrite_metrics(self, rows: list[dict[str, Any]]) -> None:
+        """Replace metrics.csv by ``rows`` (on resume: the history the checkpoint holds)."""
         tmp = self.metrics_csv.with_suffix(".csv.tmp")
         with open(tmp, "w", newline="") as f:
             w = csv.DictWriter(f, fieldnames=METRIC_COLUMNS)
             w.writeheader()
             for r in rows:
-                w.writerow({k: r.get(k, "") for k in METRIC_COLUMNS})
+                w.writerow({k: _fmt(r.get(k)) for k in METRIC_COLUMNS})
         os.replace(tmp, self.metrics_csv)
 
     def append_metrics(self, row: dict[str, Any]) -> None:

@@ -212,8 +212,8 @@ def run_training(
         history, best = list(state.get("history", [])), dict(state.get("best", {}))
         partial = state.get("epoch_stats")
         _set_rng_state(state.get("rng"))
-        if run:
-            run.truncate_metrics(start_epoch)
+        if run:  # the checkpoint's history is the record up to where it stopped
+            run.rewrite_metrics(history[:start_epoch])
         log.info("resumed from %s at epoch %d, step %d", resume_path, start_epoch + 1, skip_steps)
 
     net = nn.parallel.DistributedDataParallel(model, device_ids=[device.index] if device.type == "cuda" else None) if dist.enabled else model
@@ -305,6 +305,8 @@ def run_training(
                     save_checkpoint(state, run.path / "last.pt")
                     if is_best:
                         save_checkpoint(state, run.path / "best.pt")
+                    if cfg.keep_checkpoints:
+                        save_checkpoint(state, run.path / f"epoch{epoch + 1}.pt")
             if stopper.agreed(dist):
                 status = "preempted" if epoch + 1 < cfg.epochs else status
                 break
