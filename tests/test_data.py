@@ -142,7 +142,7 @@ def test_digits_shapes_split_and_normalisation():
     assert abs(xs.mean()) < 0.1 and abs(xs.std() - 1) < 0.1
     assert ys.min() >= 0 and ys.max() <= 9
     tx, ty = cat(batches(ld.test))
-    assert tx.shape[0] == 360 and torch.equal(torch.bincount(ty), torch.bincount(ty))
+    assert tx.shape[0] == 360 and torch.bincount(ty).min() >= 35  # stratified: ~36 per class
 
 
 def test_unknown_dataset_and_augment_and_batch():
@@ -358,7 +358,11 @@ def test_imagefolder_streaming(tmp_path, monkeypatch):
     assert isinstance(one.train, folder.StreamLoader) and one.info.img_size == 16
     a = batches(one.train, 1)
     assert len(a) == len(one.train) == 3 and a[0][0].shape == (4, 3, 16, 16) and a[0][0].dtype == torch.float32
+    torch.manual_seed(123)
     assert torch.equal(batches(one.train, 1)[0][0], a[0][0])  # deterministic
+    after = torch.rand(3)
+    torch.manual_seed(123)
+    assert torch.equal(after, torch.rand(3))  # and the caller's global RNG is left alone
     assert not torch.equal(batches(one.train, 2)[0][1], a[0][1])
     shards = [batches(create_loaders(cfg_of(**kw), CPU, r, 2).train, 1) for r in range(2)]
     for step, (x, y) in enumerate(a):

@@ -9,7 +9,7 @@ Small data sets live on the device as uint8 (powergrad.data.memory); large image
 from __future__ import annotations
 
 from collections.abc import Callable, Iterator
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from typing import Protocol
 
 import torch
@@ -75,9 +75,9 @@ class DataInfo:
     img_size: int  # side of the (square) images the model receives
     mean: tuple[float, ...]
     std: tuple[float, ...]
-    class_names: list[str] = field(default_factory=list)
-    num_train: int = 0
-    num_test: int = 0
+    class_names: list[str]
+    num_train: int
+    num_test: int
     bad_images: int = 0  # images skipped because unreadable (skip_bad_images=true)
 
 

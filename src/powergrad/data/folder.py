@@ -247,18 +247,23 @@ class FileDataset(torch.utils.data.Dataset):
 
     def __getitem__(self, item: int | tuple[int, int]) -> tuple[torch.Tensor, int]:
         i, seed = item if isinstance(item, tuple) else (item, None)
-        if seed is not None:
-            # v2 transforms draw from the global RNG: seeding it per (seed, epoch, step, slot of
-            # the global batch) makes the augmentation independent of workers and world size.
-            torch.manual_seed(seed)
         # A bad image (with skip_bad_images) is replaced by the next readable one in the list.
         for k in range(len(self.samples) if self.skip_bad else 1):
             path, label = self.samples[(i + k) % len(self.samples)]
             try:
-                return self.transform(_open_rgb(path)), label
+                img = _open_rgb(path)
             except (OSError, ValueError, SyntaxError) as e:
                 if not self.skip_bad:
                     raise UserError(f"cannot read image {path} ({e}); set skip_bad_images=true to skip it") from None
+                continue
+            if seed is None:
+                return self.transform(img), label
+            # v2 transforms draw from the global RNG: seeding it per (seed, epoch, step, slot of
+            # the global batch) makes the augmentation independent of workers and world size;
+            # fork_rng keeps the caller's RNG untouched when workers=0 runs this in-process.
+            with torch.random.fork_rng(devices=[]):
+                torch.manual_seed(seed)
+                return self.transform(img), label
         raise UserError("no readable image in the data set")
 
 
@@ -305,6 +310,8 @@ class StreamLoader:
         self.loader = torch.utils.data.DataLoader(
             dataset, batch_sampler=batch_sampler, num_workers=cfg.workers,
             pin_memory=device.type == "cuda", persistent_workers=cfg.workers > 0,
+            # Its own generator: the DataLoader draws worker seeds from it, not the global RNG.
+            generator=torch.Generator().manual_seed(cfg.seed),
         )
         self.device, self.channels_last = device, cfg.channels_last
         self.mean = torch.tensor(mean, device=device).view(1, -1, 1, 1) * 255
