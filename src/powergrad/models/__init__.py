@@ -291,7 +291,8 @@ def param_groups(model: nn.Module, cfg: Config) -> list[dict]:
         part = "head" if (cfg.head_lr is not None and id(p) in head_ids) else "backbone"
         groups.setdefault((part, p.ndim > 1), []).append(p)
     out = []
-    for (part, decay), params in sorted(groups.items()):
+    # Stable order for logs: backbone before head, decay before no-decay.
+    for (part, decay), params in sorted(groups.items(), key=lambda kv: (kv[0][0] == "head", not kv[0][1])):
         group: dict = {
             "name": f"{part if cfg.head_lr is not None else 'all'}/{'decay' if decay else 'no_decay'}",
             "params": params,
