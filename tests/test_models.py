@@ -354,6 +354,22 @@ def test_param_groups_decay_and_head_lr():
     torch.optim.SGD(list(groups.values()), lr=0.1)  # the groups are valid optimiser input
 
 
+@pytest.mark.parametrize("layer,features", [("layer4", 512), ("layer2", 128), ("input", 3 * 32 * 32)])
+def test_probe_layer(layer, features):
+    model = create_model(cfg(model="resnet18", probe_layer=layer), 10, 3, 32)
+    name, head = get_head(model)
+    assert name == "fc" and head.in_features == features and head.out_features == 10
+    assert {n for n, p in model.named_parameters() if p.requires_grad} == {"fc.weight", "fc.bias"}
+    set_train_mode(model, cfg(probe_layer=layer))
+    assert not model.backbone.training
+    one_step(model, 10, 3, 32, cfg(probe_layer=layer))
+
+
+def test_probe_layer_unknown():
+    with pytest.raises(UserError, match="did you mean 'layer2'"):
+        create_model(cfg(model="resnet18", probe_layer="layer_2"), 10, 3, 32)
+
+
 def test_filter_norms():
     model = create_model(cfg(model="resnet20"), 10, 3, 32)
     norms = filter_norms(model)
