@@ -164,6 +164,8 @@ def _create_timm(name: str, pretrained: bool, num_classes: int, in_chans: int, i
             raise _offline(name) from e
         raise
     except TypeError as e:
+        if not kwargs:  # without user kwargs a TypeError is a bug, not a recipe mistake
+            raise
         raise UserError(f"model_kwargs for {name}: {e}") from None
     if pretrained:
         head_name, _ = get_head(model)
@@ -193,6 +195,8 @@ def _create_tv(name: str, pretrained: bool, num_classes: int, in_chans: int, kwa
             raise _offline(name) from e
         raise
     except TypeError as e:
+        if not kwargs:  # without user kwargs a TypeError is a bug, not a recipe mistake
+            raise
         raise UserError(f"model_kwargs for {name}: {e}") from None
     # GoogLeNet / Inception return a tuple with auxiliary logits in train mode; the loop wants
     # one tensor, and pretrained aux heads would keep 1000 classes.
@@ -223,6 +227,8 @@ def _create_local(name: str, pretrained: bool, num_classes: int, in_chans: int, 
     try:
         return MODELS[name](num_classes, in_chans, img_size, **kwargs)
     except (TypeError, ValueError) as e:
+        if not kwargs:  # without user kwargs this is a bug, not a recipe mistake
+            raise
         raise UserError(f"model_kwargs for {name}: {e}") from None
 
 
