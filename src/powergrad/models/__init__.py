@@ -264,7 +264,8 @@ def create_model(cfg: Config, num_classes: int, in_chans: int, img_size: int) ->
     if cfg.probe_layer:
         if not (cfg.weights or cfg.pretrained):
             log.warning("probe_layer with neither pretrained nor weights: probing a random network")
-        model = Probe(model, cfg.probe_layer, num_classes, in_chans, img_size, cfg.probe_pool)
+        # getattr: HEAD may hold a Config from before the probe_pool key.
+        model = Probe(model, cfg.probe_layer, num_classes, in_chans, img_size, getattr(cfg, "probe_pool", "auto"))
         head_name, head = get_head(model)
         log.info("linear probe on %s at layer %s: %d features -> %d classes (backbone frozen)",
                  name, cfg.probe_layer, head.in_features, num_classes)
