@@ -54,6 +54,11 @@ class Config:
     freeze: str = "none"
     head_lr: float | None = None
     probe_layer: str | None = None
+    # probe features: auto = average 4-D maps over space (3-D token maps over tokens), flatten the
+    # raw input; avg; flatten (layer3 of ResNet-18 at 224 px flattened is 50,176 numbers an image)
+    probe_pool: str = "auto"
+    probe_standardize: bool = True  # features minus train mean, over train std (see docs/workflows.md)
+    probe_cache: str | None = None  # a .pt file for probe features: read if it matches, else written
     dataset: str = "digits"
     data_dir: str | None = None
     download: bool = False
@@ -117,6 +122,7 @@ CHOICES: dict[str, tuple[str, ...]] = {
     "device": ("auto", "cpu", "cuda"),
     "amp": ("none", "bf16", "fp16"),
     "freeze": ("none", "backbone"),
+    "probe_pool": ("auto", "avg", "flatten"),
 }
 
 # Keys that must be > 0, and keys that must be >= 0.
@@ -366,6 +372,6 @@ def _parse_overrides(args: list[str]) -> list[tuple[str, Any]]:
 def config_hash(cfg: Config) -> str:
     """A short, stable hash of the settings that change the result (not where or how to resume)."""
     d = cfg.to_dict()
-    for k in ("resume", "workers", "description", "nproc", "data_dir"):
+    for k in ("resume", "workers", "description", "nproc", "data_dir", "probe_cache"):
         d.pop(k, None)
     return hashlib.sha256(json.dumps(d, sort_keys=True).encode()).hexdigest()[:12]

@@ -68,6 +68,10 @@ def train(
 ) -> RunResult:
     """Train the recipe ``config`` (a Config, a dict of keys, a recipe name or YAML path)."""
     cfg = _as_config(config, overrides)
+    if cfg.probe_layer:  # features computed once, then this loop on the head (powergrad.probe)
+        from ..probe import train_probe
+
+        return train_probe(cfg, out, overwrite=overwrite)
     from ..data import create_loaders
     from ..models import create_model
 
@@ -146,6 +150,10 @@ def evaluate(checkpoint: str | Path, overrides: list[str] | dict | None = None) 
     raw = dict(state.get("config") or {})
     raw.pop("resume", None)
     cfg = load_config(None, {**raw, **_overrides_dict(overrides)})
+    if cfg.probe_layer:  # the checkpoint holds the head; the backbone comes from the recipe
+        from ..probe import evaluate_probe
+
+        return evaluate_probe(cfg, state, checkpoint)
     cfg.weights, cfg.pretrained = None, False
     dist = DistInfo(device=init_distributed(cfg.device).device)
     loaders = create_loaders(cfg, dist.device)
