@@ -38,6 +38,7 @@ class MonitorConfig:
     dead_filter_share: float = 0.05  # warn when more than this share of filters is dead
     overfit_patience: int = 2  # test loss rising this many epochs while train loss falls
     filter_norms: bool = False  # record per-filter L2 norms of every conv layer each epoch
+    filter_norms_every: int = 100  # steps between filter-norm records (0: at epoch ends only)
     logit_stats: bool = True  # record logit norm, mean, max and variance each epoch
 
 

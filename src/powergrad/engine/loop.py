@@ -18,6 +18,7 @@ import random
 import signal
 import sys
 import time
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from itertools import islice
 from pathlib import Path
@@ -64,9 +65,14 @@ def train(
     out: str | Path | None = None,
     *,
     overwrite: bool = False,
+    on_epoch: Callable[[dict[str, Any]], bool] | None = None,
     **overrides: Any,
 ) -> RunResult:
-    """Train the recipe ``config`` (a Config, a dict of keys, a recipe name or YAML path)."""
+    """Train the recipe ``config`` (a Config, a dict of keys, a recipe name or YAML path).
+
+    ``on_epoch(row)`` is called after each epoch's record (every process, same row); returning
+    True stops the run there with status ``stopped`` (a sweep's pruner uses it).
+    """
     cfg = _as_config(config, overrides)
     if cfg.probe_layer:  # features computed once, then this loop on the head (powergrad.probe)
         from ..probe import train_probe
@@ -85,6 +91,7 @@ def train(
         return run_training(
             model, loaders.train, loaders.test, cfg, dist, out=out, overwrite=overwrite,
             val_loader=loaders.val, extra_summary={"bad_images": info.bad_images},
+            on_epoch=on_epoch,
         )
     finally:
         cleanup(dist)
@@ -146,7 +153,7 @@ def evaluate(checkpoint: str | Path, overrides: list[str] | dict | None = None) 
     from ..data import create_loaders
     from ..models import create_model
 
-    state = load_checkpoint(checkpoint)
+    state = _read_checkpoint(checkpoint)
     raw = dict(state.get("config") or {})
     raw.pop("resume", None)
     cfg = load_config(None, {**raw, **_overrides_dict(overrides)})
@@ -178,6 +185,7 @@ def run_training(
     overwrite: bool = False,
     val_loader: Any = None,
     extra_summary: dict[str, Any] | None = None,
+    on_epoch: Callable[[dict[str, Any]], bool] | None = None,
 ) -> RunResult:
     """The loop shared by :func:`train` and :func:`fit`."""
     wall0 = time.time()
@@ -210,9 +218,16 @@ def run_training(
     best: dict[str, Any] = {}
     partial: dict[str, Any] | None = None
     if resume_path is not None:
-        state = load_checkpoint(resume_path)
+        state = _read_checkpoint(resume_path)
         _load_model_state(model, state["model"], resume_path)
-        optimizer.load_state_dict(state["optimizer"])
+        if state.get("official"):  # timm-style file (engine/official.py): no steps, no history
+            from .official import load_optimizer_where_it_fits
+
+            load_optimizer_where_it_fits(optimizer, state["optimizer"])
+            state["global_step"] = int(state["epoch"]) * steps_per_epoch
+            scheduler.step_update(state["global_step"])
+        else:
+            optimizer.load_state_dict(state["optimizer"])
         if state.get("scaler"):
             scaler.load_state_dict(state["scaler"])
         start_epoch, skip_steps = int(state["epoch"]), int(state.get("step_in_epoch", 0))
@@ -227,6 +242,7 @@ def run_training(
     net = nn.parallel.DistributedDataParallel(model, device_ids=[device.index] if device.type == "cuda" else None) if dist.enabled else model
     forward = torch.compile(net) if cfg.compile else net
     monitor = Monitor(cfg.monitor, num_classes=_num_classes(model))
+    filters = _filter_recorder(model, cfg, run, global_step)
     stopper = _PreemptionFlag()
     sync_every = 1 if device.type == "cpu" else SYNC_EVERY
     bad_step = torch.full((), -1, dtype=torch.long, device=device)
@@ -268,6 +284,8 @@ def run_training(
                 )
                 global_step += 1
                 scheduler.step_update(global_step)
+                if filters is not None:
+                    filters.after_step(global_step)
                 if cfg.amp == "fp16":
                     skipped_updates += int(scaler._scale is not None and _scale_dropped(scaler))
                 if (step + 1) % sync_every == 0 or step + 1 == steps_per_epoch:
@@ -301,6 +319,8 @@ def run_training(
                 row["val_loss"], row["val_acc"] = val["loss"], val["top1"]
             history.append(row)
             monitor.after_epoch(history, model)
+            if filters is not None:
+                filters.end_epoch(global_step, run.path if run else None)
             key = "val_acc" if val_loader is not None else "test_acc"
             is_best = not best or row[key] > best.get(key, -1)
             if is_best:
@@ -318,6 +338,9 @@ def run_training(
             if stopper.agreed(dist):
                 status = "preempted" if epoch + 1 < cfg.epochs else status
                 break
+            if on_epoch is not None and on_epoch(row) and epoch + 1 < cfg.epochs:
+                status = "stopped"  # the caller asked (a sweep's pruner)
+                break
     except DivergenceError as e:
         if run:
             monitor.diagnostics.append(_diag("non_finite", len(history) + 1, str(e)))
@@ -326,6 +349,8 @@ def run_training(
         raise
     finally:
         stopper.restore()
+        if filters is not None:
+            filters.close()
 
     result = RunResult(
         run_dir=run.path if run else None, status=status, final=history[-1] if history else {},
@@ -522,8 +547,39 @@ def _resume_path(cfg: Config, out: str | Path | None) -> Path | None:
         if found is None:
             raise UserError(f"no loadable checkpoint in {path}")
         return found
-    load_checkpoint(path)  # fail early, one line, if it is not a checkpoint
+    _read_checkpoint(path)  # fail early, one line, if it is not a checkpoint
     return path
+
+
+def _read_checkpoint(path: str | Path) -> dict[str, Any]:
+    """A powergrad checkpoint, or an official timm-style one (engine/official.py)."""
+    try:
+        return load_checkpoint(path)
+    except UserError:
+        from .official import read_official
+
+        state = read_official(path)  # refuses code as load_checkpoint does
+        if state is None:
+            raise
+        return state
+
+
+def _filter_recorder(model: nn.Module, cfg: Config, run: RunDir | None, global_step: int):
+    """monitor.filter_norms: per-filter and pooled-feature norms every K steps (monitor/filters.py)."""
+    if not cfg.monitor.filter_norms:
+        return None
+    from ..monitor.filters import FilterNormRecorder
+
+    try:
+        from ..models import get_head
+
+        head = get_head(model)[1]
+    except (ImportError, UserError):
+        head = None
+    recorder = FilterNormRecorder(model, head, cfg.monitor.filter_norms_every)
+    if run is not None and global_step:
+        recorder.load(run.path, global_step)
+    return recorder
 
 
 def _default_out(cfg: Config) -> Path:
