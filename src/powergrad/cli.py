@@ -127,9 +127,35 @@ def build_parser() -> argparse.ArgumentParser:
 _EXTRA_COMMANDS: list = []
 
 
+class _StdStreamHandler(logging.StreamHandler):
+    """Writes to whatever sys.stdout / sys.stderr is at the time (tests swap them)."""
+
+    def __init__(self, name: str) -> None:
+        super().__init__(getattr(sys, name))
+        self.name = name
+
+    def emit(self, record: logging.LogRecord) -> None:
+        self.stream = getattr(sys, self.name)
+        super().emit(record)
+
+
+def _configure_logging() -> None:
+    """Progress (INFO) goes to stdout with the epoch lines; warnings and errors to stderr, so a
+    run that fails on the user's input prints exactly one line there."""
+    logger = logging.getLogger("powergrad")
+    if any(isinstance(h, _StdStreamHandler) for h in logger.handlers):
+        return
+    info, warn = _StdStreamHandler("stdout"), _StdStreamHandler("stderr")
+    info.addFilter(lambda r: r.levelno < logging.WARNING)
+    warn.setLevel(logging.WARNING)
+    for h in (info, warn):
+        h.setFormatter(logging.Formatter("%(message)s"))
+        logger.addHandler(h)
+    logger.setLevel(logging.INFO)
+
+
 def main(argv: list[str] | None = None) -> int:
-    logging.basicConfig(level=logging.INFO, format="%(message)s", stream=sys.stderr)
-    logging.getLogger("powergrad").setLevel(logging.INFO)
+    _configure_logging()
     try:
         ns = build_parser().parse_args(argv)
         return ns.fn(ns)
@@ -139,6 +165,10 @@ def main(argv: list[str] | None = None) -> int:
     except DivergenceError as e:
         print(f"powergrad: {_one_line(e)}", file=sys.stderr)
         return 3
+    except OSError as e:  # a disk or path the user can fix, raised outside the checked places
+        where = f"{e.filename}: " if e.filename else ""
+        print(f"powergrad: error: {where}{e.strerror or e}", file=sys.stderr)
+        return 2
     except KeyboardInterrupt:
         print("powergrad: interrupted", file=sys.stderr)
         return 130

@@ -17,6 +17,8 @@ import os
 import platform
 import subprocess
 import time
+from collections.abc import Iterator
+from contextlib import contextmanager
 from pathlib import Path
 from typing import Any
 
@@ -61,6 +63,11 @@ class RunDir:
         if overwrite and not resume:
             for name in ("metrics.csv", "summary.json", "last.pt", "best.pt", "preempt.pt"):
                 (self.path / name).unlink(missing_ok=True)
+        # A process killed while saving leaves its temporary file; the save itself never landed.
+        for name in ("config.yaml.tmp", "metrics.csv.tmp", "summary.json.tmp"):
+            (self.path / name).unlink(missing_ok=True)
+        for p in self.path.glob(".*.pt.*.tmp"):
+            p.unlink(missing_ok=True)
         self._tb = None
 
     # --- files
@@ -69,21 +76,26 @@ class RunDir:
         return self.path / "metrics.csv"
 
     def write_config(self, text: str) -> None:
-        (self.path / "config.yaml").write_text(text)
+        path = self.path / "config.yaml"
+        with _writing(path):
+            tmp = path.with_suffix(".yaml.tmp")
+            tmp.write_text(text)
+            os.replace(tmp, path)
 
     def rewrite_metrics(self, rows: list[dict[str, Any]]) -> None:
         """Replace metrics.csv by ``rows`` (on resume: the history the checkpoint holds)."""
         tmp = self.metrics_csv.with_suffix(".csv.tmp")
-        with open(tmp, "w", newline="") as f:
-            w = csv.DictWriter(f, fieldnames=METRIC_COLUMNS)
-            w.writeheader()
-            for r in rows:
-                w.writerow({k: _fmt(r.get(k)) for k in METRIC_COLUMNS})
-        os.replace(tmp, self.metrics_csv)
+        with _writing(self.metrics_csv):
+            with open(tmp, "w", newline="") as f:
+                w = csv.DictWriter(f, fieldnames=METRIC_COLUMNS)
+                w.writeheader()
+                for r in rows:
+                    w.writerow({k: _fmt(r.get(k)) for k in METRIC_COLUMNS})
+            os.replace(tmp, self.metrics_csv)
 
     def append_metrics(self, row: dict[str, Any]) -> None:
         new = not self.metrics_csv.exists()
-        with open(self.metrics_csv, "a", newline="") as f:
+        with _writing(self.metrics_csv), open(self.metrics_csv, "a", newline="") as f:
             w = csv.DictWriter(f, fieldnames=METRIC_COLUMNS)
             if new:
                 w.writeheader()
@@ -103,13 +115,23 @@ class RunDir:
 
     def write_summary(self, summary: dict[str, Any]) -> None:
         tmp = self.path / "summary.json.tmp"
-        tmp.write_text(json.dumps(summary, indent=2, default=str))
-        os.replace(tmp, self.path / "summary.json")
+        with _writing(self.path / "summary.json"):
+            tmp.write_text(json.dumps(summary, indent=2, default=str))
+            os.replace(tmp, self.path / "summary.json")
 
     def close(self) -> None:
         if self._tb is not None:
             self._tb.close()
             self._tb = None
+
+
+@contextmanager
+def _writing(path: Path) -> Iterator[None]:
+    """A failed write (disk full, permissions) is the user's to fix: one line naming the file."""
+    try:
+        yield
+    except OSError as e:
+        raise UserError(f"cannot write {path}: {e.strerror or e}") from None
 
 
 def _fmt(v: Any) -> Any:

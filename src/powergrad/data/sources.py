@@ -5,7 +5,9 @@ Each builder takes the Config and returns uint8 (N, C, H, W) images and int64 la
 
 from __future__ import annotations
 
+import codecs
 import gzip
+import io
 import os
 import pickle
 import shutil
@@ -58,11 +60,48 @@ def build_digits(cfg: Config) -> Arrays:
 # ---------------------------------------------------------------- CIFAR
 
 
+def _safe_globals() -> dict[tuple[str, str], object]:
+    core = getattr(np, "_core", None) or np.core  # numpy 2 moved numpy.core to numpy._core
+    rebuild = core.multiarray._reconstruct
+    return {
+        ("numpy.core.multiarray", "_reconstruct"): rebuild,
+        ("numpy._core.multiarray", "_reconstruct"): rebuild,
+        ("numpy.core.numeric", "_frombuffer"): core.numeric._frombuffer,  # protocol 5
+        ("numpy._core.numeric", "_frombuffer"): core.numeric._frombuffer,
+        ("numpy", "ndarray"): np.ndarray,
+        ("numpy", "dtype"): np.dtype,
+        ("_codecs", "encode"): codecs.encode,  # how protocol-2 pickles spell bytes
+    }
+
+
+class _DataUnpickler(pickle.Unpickler):
+    """CIFAR's batches are pickles: unpickle dicts, lists, strings and numpy arrays, nothing else.
+
+    A plain pickle.load would call any function the file names (os.system included); this
+    allow-list holds the globals a pickled numpy array needs and refuses the rest.
+    """
+
+    allowed = _safe_globals()
+
+    def find_class(self, module: str, name: str) -> object:
+        fn = self.allowed.get((module, name))
+        if fn is None:
+            raise pickle.UnpicklingError(f"refused: it names {module}.{name}, which a data batch never needs")
+        return fn
+
+
+def load_data_pickle(path: Path) -> object:
+    """A data pickle read through the allow-list of _DataUnpickler; UserError naming the file if refused."""
+    try:
+        return _DataUnpickler(io.BytesIO(path.read_bytes()), encoding="latin1").load()
+    except pickle.UnpicklingError as e:
+        raise UserError(f"{path}: {e}") from None
+
+
 def _read_cifar_batches(folder: Path, files: list[str]) -> tuple[torch.Tensor, torch.Tensor]:
     xs, ys = [], []
     for f in files:
-        with open(folder / f, "rb") as fh:
-            entry = pickle.load(fh, encoding="latin1")
+        entry = load_data_pickle(folder / f)
         xs.append(np.asarray(entry["data"], dtype=np.uint8).reshape(-1, 3, 32, 32))
         ys += entry["labels"] if "labels" in entry else entry["fine_labels"]
     return torch.from_numpy(np.concatenate(xs)), torch.tensor(ys, dtype=torch.int64)
@@ -90,8 +129,7 @@ def _cifar(cfg: Config, cls: type, mean: tuple[float, ...], std: tuple[float, ..
     try:
         tx, ty = _read_cifar_batches(folder, [f for f, _ in cls.train_list])
         vx, vy = _read_cifar_batches(folder, [f for f, _ in cls.test_list])
-        with open(folder / cls.meta["filename"], "rb") as fh:
-            classes = list(pickle.load(fh, encoding="latin1")[cls.meta["key"]])
+        classes = list(load_data_pickle(folder / cls.meta["filename"])[cls.meta["key"]])
     except (OSError, EOFError, KeyError, ValueError, pickle.UnpicklingError) as e:
         raise UserError(f"{name}: cannot read the batches in {folder} ({type(e).__name__}: {e})") from None
     return Arrays(tx, ty, vx, vy, classes, mean, std, "cifar")

@@ -4,11 +4,12 @@ Writes go to a temporary file in the same folder, are flushed and fsync'ed, then
 the old file (an atomic replace on POSIX), so a kill or a full disk at any moment leaves either
 the previous checkpoint or the new one, never half of one. Loads use ``weights_only=True``: a
 checkpoint holds tensors, numbers, strings, lists and dicts only, so a pickle that would run code
-is refused.
+is refused. docs/reliability.md states these promises and the tests that hold them.
 """
 
 from __future__ import annotations
 
+import logging
 import os
 import pickle
 import tempfile
@@ -20,15 +21,22 @@ import torch
 
 from ..errors import UserError
 
-__all__ = ["save_checkpoint", "load_checkpoint", "find_resume_checkpoint"]
+__all__ = ["save_checkpoint", "load_checkpoint", "find_resume_checkpoint", "remove_stale_temporaries"]
+
+log = logging.getLogger("powergrad")
 
 FORMAT_VERSION = 1
+# The names resume=auto looks at, besides epoch{N}.pt (keep_checkpoints=true).
+RESUME_NAMES = ("last.pt", "preempt.pt", "best.pt")
 
 
 def save_checkpoint(state: dict[str, Any], path: str | Path) -> None:
     """Atomically write ``state`` to ``path`` (tmp file + fsync + rename)."""
     path = Path(path)
-    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
+    try:
+        fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
+    except OSError as e:
+        raise UserError(f"cannot write checkpoint {path}: {e.strerror or e}") from None
     try:
         with os.fdopen(fd, "wb") as f:
             torch.save({**state, "format_version": FORMAT_VERSION}, f)
@@ -40,10 +48,23 @@ def save_checkpoint(state: dict[str, Any], path: str | Path) -> None:
             os.unlink(tmp)
         except FileNotFoundError:
             pass
-        if isinstance(e, OSError):
-            raise UserError(f"cannot write checkpoint {path}: {e.strerror or e}") from None
+        if isinstance(e, OSError) or _is_write_failure(e):
+            raise UserError(
+                f"cannot write checkpoint {path}: {_strerror(e)}; the previous checkpoint is intact"
+            ) from None
         raise
     _fsync_dir(path.parent)
+
+
+def _is_write_failure(e: BaseException) -> bool:
+    # torch.save's zip writer reports a failed write() as RuntimeError("... file write failed").
+    return isinstance(e, RuntimeError) and "write" in str(e).lower()
+
+
+def _strerror(e: BaseException) -> str:
+    if isinstance(e, OSError) and e.strerror:
+        return e.strerror
+    return str(e).splitlines()[0] if str(e) else type(e).__name__
 
 
 def _fsync_dir(folder: Path) -> None:
@@ -57,6 +78,18 @@ def _fsync_dir(folder: Path) -> None:
         pass
     finally:
         os.close(fd)
+
+
+def remove_stale_temporaries(folder: str | Path) -> list[Path]:
+    """Delete the ``.NAME.pt.*.tmp`` files a killed save left behind; return what was removed."""
+    removed = []
+    for p in Path(folder).glob(".*.pt.*.tmp"):
+        try:
+            p.unlink()
+            removed.append(p)
+        except OSError:
+            pass
+    return removed
 
 
 def load_checkpoint(path: str | Path) -> dict[str, Any]:
@@ -78,18 +111,37 @@ def load_checkpoint(path: str | Path) -> dict[str, Any]:
         raise UserError(f"{path}: cannot read checkpoint ({first})") from None
     if not isinstance(state, dict) or "model" not in state:
         raise UserError(f"{path}: not a powergrad checkpoint (no 'model' entry)")
+    version = state.get("format_version", FORMAT_VERSION)
+    if not isinstance(version, int) or version > FORMAT_VERSION:
+        raise UserError(
+            f"{path}: checkpoint format {version!r} is newer than this powergrad reads "
+            f"({FORMAT_VERSION}); upgrade powergrad"
+        )
     return state
 
 
 def find_resume_checkpoint(run_dir: str | Path) -> Path | None:
-    """The newest checkpoint in ``run_dir`` that loads (for ``resume=auto``), or None."""
+    """The newest checkpoint in ``run_dir`` that loads (for ``resume=auto``), or None if it has none.
+
+    Newest by modification time among last.pt, preempt.pt, best.pt and epoch{N}.pt: a corrupt
+    last.pt falls back to the next newest good one, with a warning. A folder whose checkpoints
+    all fail to load is a UserError (starting over there would throw the run away).
+    """
     run_dir = Path(run_dir)
-    candidates = [p for p in (run_dir / "last.pt", run_dir / "preempt.pt") if p.is_file()]
-    candidates.sort(key=lambda p: p.stat().st_mtime, reverse=True)
+    candidates = [run_dir / n for n in RESUME_NAMES] + sorted(run_dir.glob("epoch*.pt"))
+    candidates = [p for p in candidates if p.is_file()]
+    candidates.sort(key=lambda p: p.stat().st_mtime_ns, reverse=True)
+    problems = []
     for p in candidates:
         try:
             load_checkpoint(p)
-        except UserError:
+        except UserError as e:
+            problems.append(str(e))
+            log.warning("skipping %s", e)
             continue
+        if problems:
+            log.warning("resuming from %s, the newest checkpoint that loads", p)
         return p
+    if problems:
+        raise UserError(f"no loadable checkpoint in {run_dir}: {problems[0]}")
     return None

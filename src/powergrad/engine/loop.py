@@ -194,9 +194,8 @@ def run_training(
     # --- where the record goes, and what we resume from
     resume_path = _resume_path(cfg, out)
     run_path = Path(out) if out else (resume_path.parent if resume_path else _default_out(cfg))
-    run = RunDir(run_path, resume=resume_path is not None, overwrite=overwrite) if dist.is_main else None
-    if run:
-        run.write_config(cfg.to_yaml())
+    continuing = resume_path is not None or cfg.resume == "auto"  # auto with no checkpoint: start there
+    run = RunDir(run_path, resume=continuing, overwrite=overwrite) if dist.is_main else None
 
     # --- model, loss, optimiser, schedule, scaler
     model.to(device)
@@ -213,7 +212,8 @@ def run_training(
     scaler = torch.amp.GradScaler(device.type, enabled=cfg.amp == "fp16")
 
     # --- resume: weights into the raw model, before DDP or compile wrap it
-    start_epoch, skip_steps, global_step = 0, 0, 0
+    start_epoch, skip_steps, global_step, epoch_lr = 0, 0, 0, None
+    skipped_updates = torch.zeros((), dtype=torch.long, device=device)  # fp16 steps the scaler skipped
     history: list[dict[str, Any]] = []
     best: dict[str, Any] = {}
     partial: dict[str, Any] | None = None
@@ -233,11 +233,14 @@ def run_training(
         start_epoch, skip_steps = int(state["epoch"]), int(state.get("step_in_epoch", 0))
         global_step = int(state["global_step"])
         history, best = list(state.get("history", [])), dict(state.get("best", {}))
-        partial = state.get("epoch_stats")
+        partial, epoch_lr = state.get("epoch_stats"), state.get("epoch_lr")
+        skipped_updates += int(state.get("fp16_skipped_updates", 0))
         _set_rng_state(state.get("rng"))
-        if run:  # the checkpoint's history is the record up to where it stopped
-            run.rewrite_metrics(history[:start_epoch])
         log.info("resumed from %s at epoch %d, step %d", resume_path, start_epoch + 1, skip_steps)
+    if run:  # written only now, so a resume that fails leaves the run's record as it was
+        run.write_config(cfg.to_yaml())
+        if continuing:  # the checkpoint's history is the record up to where it stopped
+            run.rewrite_metrics(history[:start_epoch])
 
     net = nn.parallel.DistributedDataParallel(model, device_ids=[device.index] if device.type == "cuda" else None) if dist.enabled else model
     forward = torch.compile(net) if cfg.compile else net
@@ -246,7 +249,6 @@ def run_training(
     stopper = _PreemptionFlag()
     sync_every = 1 if device.type == "cpu" else SYNC_EVERY
     bad_step = torch.full((), -1, dtype=torch.long, device=device)
-    skipped_updates = 0
     status = "finished"
 
     def checkpoint_state(epoch: int, step_in_epoch: int, stats: EpochStats | None) -> dict[str, Any]:
@@ -257,6 +259,7 @@ def run_training(
             "epoch_stats": stats.state_dict() if stats is not None else None,
             "history": history, "best": best, "rng": _rng_state(),
             "config": cfg.to_dict(), "world_size": dist.world_size,
+            "epoch_lr": lr_at_start, "fp16_skipped_updates": int(skipped_updates),
         }
 
     try:
@@ -270,12 +273,16 @@ def run_training(
             if partial is not None and skip_steps:
                 stats.load_state_dict(partial)
             partial = None
-            lr_at_start = optimizer.param_groups[0]["lr"]
+            # Resumed mid-epoch, the optimiser's lr has moved on: the row reports the epoch's first.
+            lr_at_start = epoch_lr if skip_steps and epoch_lr is not None else optimizer.param_groups[0]["lr"]
             tic = time.perf_counter()
             batches = islice(train_loader, skip_steps, None) if skip_steps else train_loader
             for step, (x, y) in enumerate(batches, start=skip_steps):
                 x, y = _to_device(x, y, device, cfg.channels_last)
+                scale = _scale(scaler, device) if cfg.amp == "fp16" else None
                 loss, logits = _train_step(forward, criterion, optimizer, scaler, x, y, cfg, net)
+                if scale is not None:  # the scaler lowers its scale exactly when it skips a step
+                    skipped_updates += _scale(scaler, device) < scale
                 if global_step == 0 and step == 0:
                     monitor.check_outputs(logits, epoch + 1)
                 stats.update(loss, logits, y)
@@ -286,9 +293,8 @@ def run_training(
                 scheduler.step_update(global_step)
                 if filters is not None:
                     filters.after_step(global_step)
-                if cfg.amp == "fp16":
-                    skipped_updates += int(scaler._scale is not None and _scale_dropped(scaler))
-                if (step + 1) % sync_every == 0 or step + 1 == steps_per_epoch:
+                mid_save = cfg.checkpoint_every_steps and global_step % cfg.checkpoint_every_steps == 0
+                if mid_save or (step + 1) % sync_every == 0 or step + 1 == steps_per_epoch:
                     if int(bad_step) >= 0:
                         raise DivergenceError(_divergence_message(int(bad_step), epoch, cfg))
                     if stopper.agreed(dist):
@@ -296,6 +302,8 @@ def run_training(
                             save_checkpoint(checkpoint_state(epoch, step + 1, stats), run.path / "last.pt")
                         status = "preempted"
                         break
+                    if mid_save and step + 1 < steps_per_epoch and dist.is_main:
+                        save_checkpoint(checkpoint_state(epoch, step + 1, stats), run.path / "last.pt")
             if status == "preempted":
                 break
             skip_steps = 0
@@ -360,7 +368,7 @@ def run_training(
     if run:
         extra = dict(extra_summary or {})
         if cfg.amp == "fp16":
-            extra["fp16_skipped_updates"] = skipped_updates
+            extra["fp16_skipped_updates"] = int(skipped_updates)
         run.write_summary(_summary(cfg, dist, history, best, monitor, wall0, status, extra))
         run.close()
         if history:
@@ -424,12 +432,11 @@ def _to_device(x, y, device: torch.device, channels_last: bool):
     return x, y.to(device, non_blocking=True)
 
 
-def _scale_dropped(scaler: torch.amp.GradScaler) -> bool:
-    # GradScaler halves its scale exactly when it skipped the step for inf/NaN gradients.
-    scale = scaler.get_scale()
-    dropped = getattr(scaler, "_pg_last_scale", scale) > scale
-    scaler._pg_last_scale = scale
-    return dropped
+def _scale(scaler: torch.amp.GradScaler, device: torch.device) -> torch.Tensor:
+    """The scaler's current scale as a device tensor (no host sync, unlike get_scale())."""
+    if scaler._scale is None:  # created lazily by the first scale() call
+        return torch.full((), scaler._init_scale, device=device)
+    return scaler._scale.clone()
 
 
 class _PreemptionFlag:
