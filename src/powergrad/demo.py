@@ -18,7 +18,7 @@ def run_demo(out: str | Path = "runs/demo", epochs: int | None = None) -> dict[f
         print(f"\n== digits, alpha = {alpha:g} " + "=" * 50, flush=True)
         overrides = {"alpha": alpha, **({"epochs": epochs} if epochs else {})}
         results[alpha] = train("digits", out=out / f"alpha{alpha:g}", overwrite=True, **overrides)
-    print("\n== comparison (final epoch; best test accuracy in brackets)")
+    print("\n== comparison: final epoch; 'best' is the best test accuracy of any epoch")
     print(f"{'alpha':>6} {'train loss':>11} {'train acc':>10} {'test loss':>10} {'test acc':>9} "
           f"{'gap':>7} {'best':>7} {'logit norm':>11}")
     for alpha, r in results.items():
