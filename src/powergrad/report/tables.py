@@ -1,0 +1,202 @@
+"""The paper's results table, from run directories only (summary.json and its config).
+
+Runs are grouped by setting (every key of the resolved config but the seed and the machinery:
+where data lives, worker counts, resume); each group gives the mean and the standard deviation
+over its seeds of the final train and test accuracy, and its difference from the alpha = 1 group
+of the same setting. Only runs with status ``finished`` count; the others are listed apart.
+"""
+
+from __future__ import annotations
+
+import csv
+import io
+import json
+import logging
+import statistics
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+from ..errors import UserError
+from ..rundir import read_summary
+
+__all__ = ["find_runs", "load_runs", "results_table", "format_table", "Run"]
+
+log = logging.getLogger("powergrad")
+
+# Keys that do not change what is learned: left out of the setting.
+MACHINERY = {
+    "seed", "resume", "workers", "description", "nproc", "data_dir", "device", "save_every",
+    "keep_checkpoints", "checkpoint_every_steps", "monitor", "download", "probe_cache", "compile",
+}
+SHOWN = ("model", "dataset", "sched", "alpha", "label_smoothing", "epochs")
+
+
+@dataclass
+class Run:
+    path: Path
+    summary: dict[str, Any]
+
+    @property
+    def config(self) -> dict[str, Any]:
+        return self.summary.get("config", {})
+
+    @property
+    def setting(self) -> tuple:
+        return tuple(sorted((k, json.dumps(v, sort_keys=True)) for k, v in self.config.items() if k not in MACHINERY))
+
+    @property
+    def final(self) -> dict[str, Any]:
+        return self.summary.get("final", {})
+
+
+@dataclass
+class Row:
+    setting: dict[str, Any]
+    runs: list[Run] = field(default_factory=list)
+    values: dict[str, Any] = field(default_factory=dict)
+
+
+def find_runs(paths: list[str | Path]) -> list[Path]:
+    """Run directories at or under ``paths`` (a folder holding summary.json is a run)."""
+    found: list[Path] = []
+    for p in map(Path, paths):
+        if not p.exists():
+            raise UserError(f"no such run or sweep folder: {p}")
+        if (p / "summary.json").is_file():
+            found.append(p)
+        else:
+            found += sorted(s.parent for s in p.rglob("summary.json"))
+    if not found:
+        raise UserError(f"no runs (folders with summary.json) under {', '.join(map(str, paths))}")
+    return list(dict.fromkeys(found))
+
+
+def load_runs(paths: list[str | Path]) -> tuple[list[Run], list[Run]]:
+    """(finished runs, the others: pre-empted, pruned, diverged)."""
+    runs = [Run(p, read_summary(p)) for p in find_runs(paths)]
+    done = [r for r in runs if r.summary.get("status") == "finished" and r.final]
+    return done, [r for r in runs if r not in done]
+
+
+def _mean_std(values: list[float]) -> tuple[float, float | None]:
+    mean = statistics.fmean(values)
+    return mean, (statistics.stdev(values) if len(values) > 1 else None)
+
+
+def results_table(runs: list[Run]) -> list[dict[str, Any]]:
+    """One row per setting, accuracies in percent; sorted by setting, alpha falling."""
+    groups: dict[tuple, Row] = {}
+    for r in runs:
+        row = groups.setdefault(r.setting, Row(setting={k: r.config.get(k) for k, _ in r.setting}))
+        row.runs.append(r)
+    varying = _varying_keys([g.setting for g in groups.values()])
+    out = []
+    for g in groups.values():
+        train = [100 * r.final["train_acc"] for r in g.runs]
+        test = [100 * r.final["test_acc"] for r in g.runs]
+        (tr, tr_sd), (te, te_sd) = _mean_std(train), _mean_std(test)
+        row = {k: g.setting.get(k) for k in SHOWN}
+        row.update({
+            "other": " ".join(f"{k}={g.setting.get(k)}" for k in varying),
+            "seeds": len(g.runs),
+            "train_acc": tr, "train_acc_std": tr_sd, "test_acc": te, "test_acc_std": te_sd,
+            "gap": tr - te,
+            "train_loss": statistics.fmean(r.final["train_loss"] for r in g.runs),
+            "runs": [str(r.path) for r in g.runs],
+            "_baseline": tuple(sorted({**dict(g.runs[0].setting), "alpha": json.dumps(1.0)}.items())),
+            "_setting": g.runs[0].setting,
+        })
+        out.append(row)
+    by_setting = {row["_setting"]: row for row in out}
+    for row in out:
+        base = by_setting.get(row["_baseline"])
+        row["d_train"] = row["train_acc"] - base["train_acc"] if base else None
+        row["d_test"] = row["test_acc"] - base["test_acc"] if base else None
+    for row in out:
+        del row["_baseline"], row["_setting"]
+    out.sort(key=lambda r: (r["model"], r["dataset"], r["sched"], r["other"], r["label_smoothing"] or 0, -r["alpha"]))
+    return out
+
+
+def _varying_keys(settings: list[dict[str, Any]]) -> list[str]:
+    keys = sorted({k for s in settings for k in s} - set(SHOWN))
+    return [k for k in keys if len({json.dumps(s.get(k), sort_keys=True) for s in settings}) > 1]
+
+
+COLUMNS = [
+    ("model", "model"), ("dataset", "data set"), ("sched", "sched"), ("alpha", "alpha"),
+    ("label_smoothing", "LS"), ("epochs", "epochs"), ("seeds", "seeds"),
+    ("train_acc", "train %"), ("test_acc", "test %"), ("d_train", "Δ train"),
+    ("d_test", "Δ test"), ("gap", "gap"), ("other", "other settings"),
+]
+
+
+def _pm(mean: float, sd: float | None) -> str:
+    return f"{mean:.2f} ± {sd:.2f}" if sd is not None else f"{mean:.2f}"
+
+
+def _signed(v: float | None) -> str:
+    return f"{v:+.2f}" if v is not None else "-"
+
+
+def format_table(rows: list[dict[str, Any]], fmt: str = "md") -> str:
+    """``md``: a Markdown table (mean ± std); ``csv``: one column per number; ``json``."""
+    if fmt == "json":
+        return json.dumps(rows, indent=2)
+    if fmt == "csv":
+        keys = [k for k in rows[0] if k != "runs"] if rows else []
+        buf = io.StringIO()
+        w = csv.DictWriter(buf, fieldnames=keys, extrasaction="ignore", lineterminator="\n")
+        w.writeheader()
+        for r in rows:
+            w.writerow({k: ("" if r[k] is None else r[k]) for k in keys})
+        return buf.getvalue()
+    if fmt != "md":
+        raise UserError(f"--format must be md, csv or json, got {fmt!r}")
+    cols = [c for c in COLUMNS if c[0] != "other" or any(r["other"] for r in rows)]
+    lines = ["| " + " | ".join(h for _, h in cols) + " |", "|" + "|".join(" --- " for _ in cols) + "|"]
+    for r in rows:
+        cells = []
+        for k, _ in cols:
+            if k in ("train_acc", "test_acc"):
+                cells.append(_pm(r[k], r[f"{k}_std"]))
+            elif k in ("d_train", "d_test"):
+                cells.append(_signed(r[k]))
+            elif k == "gap":
+                cells.append(f"{r[k]:.2f}")
+            else:
+                cells.append("" if r[k] is None else f"{r[k]:g}" if isinstance(r[k], float) else str(r[k]))
+        lines.append("| " + " | ".join(cells) + " |")
+    return "\n".join(lines)
+
+
+def identical_run_warnings(runs: list[Run]) -> list[str]:
+    """Runs whose per-epoch metrics are identical (seed 002's copied table), from the monitor's
+    ``identical_runs`` check (powergrad.monitor.checks); nothing if that check is absent."""
+    from .. import engine  # noqa: F401  (monitor and engine import each other: engine first)
+    from ..monitor import checks
+
+    check = getattr(checks, "identical_runs", None)
+    if check is None or len(runs) < 2:
+        return []
+    found = check([r.path for r in runs])
+    warnings = []
+    for item in found or []:
+        group = item if isinstance(item, (list, tuple)) else [item]
+        warnings.append("identical per-epoch metrics: " + ", ".join(map(str, group)))
+    return warnings
+
+
+def report(paths: list[str | Path], fmt: str = "md") -> str:
+    """The table for the runs at or under ``paths``, plus warnings (left-out runs, copies)."""
+    done, others = load_runs(paths)
+    if not done:
+        raise UserError(f"no finished runs under {', '.join(map(str, paths))} ({len(others)} unfinished)")
+    text = format_table(results_table(done), fmt)
+    for w in identical_run_warnings(done):
+        log.warning("report: %s", w)
+    if others:
+        log.warning("report: %d unfinished run(s) left out (%s)", len(others),
+                    ", ".join(f"{r.path.name}: {r.summary.get('status')}" for r in others[:5]))
+    return text

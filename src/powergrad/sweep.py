@@ -1,0 +1,381 @@
+"""Sweeps: a grid over recipe keys (x seeds) as an Optuna study; each trial an ordinary run dir.
+
+    run_sweep("digits", {"alpha": ["1", "0.5", "0.25"]}, "sweeps/digits", seeds=2)
+
+- The grid is an Optuna ``GridSampler`` search space (plus ``seed``). Every grid point still to
+  do is enqueued as a trial with fixed parameters, and workers claim queued trials one at a
+  time (the storage's WAITING -> RUNNING switch is a single locked update), so two workers never
+  run one point: GridSampler alone may hand one point to two concurrent workers (its
+  documented caveat).
+- The study lives in ``sqlite:///OUT/study.db`` unless ``storage`` names a database URL (e.g.
+  ``postgresql://...``), which lets workers on several machines share one sweep.
+- Re-running the same command continues: points with a COMPLETE or PRUNED trial are done; a
+  trial left RUNNING by a worker that died (its pid gone on this host, or no Optuna heartbeat
+  for ``GRACE_S`` from another host) is failed and its point enqueued again; the new trial
+  resumes its run directory from the last checkpoint (``resume=auto``).
+- A trial that raises (a UserError, a DivergenceError, anything) is recorded FAIL with the
+  error in its ``error`` user attribute; the other trials go on.
+- ``prune=True``: Optuna's PercentilePruner stops a trial whose per-epoch accuracy (val when
+  ``val_fraction > 0``, else test) is in the bottom quarter of earlier trials at that epoch.
+"""
+
+from __future__ import annotations
+
+import itertools
+import json
+import logging
+import multiprocessing as mp
+import os
+import socket
+import threading
+import time
+import traceback
+import typing
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+from typing import Any
+
+import optuna
+from optuna.trial import TrialState
+
+from .config import Config, load_config
+from .errors import UserError
+
+__all__ = ["run_sweep", "parse_grid", "SweepResult", "run_name"]
+
+log = logging.getLogger("powergrad")
+
+STUDY_NAME = "powergrad-sweep"
+HEARTBEAT_S = 30  # a worker records that its trial is alive this often
+GRACE_S = 300  # a RUNNING trial with no heartbeat for this long is taken as dead (other hosts)
+DONE = (TrialState.COMPLETE, TrialState.PRUNED)
+
+
+@dataclass
+class SweepResult:
+    """What a sweep did: one row per grid point (its latest trial), and the epoch budget."""
+
+    out: Path
+    storage: str
+    trials: list[dict[str, Any]] = field(default_factory=list)
+    epochs_run: int = 0  # epochs trained by the points' latest trials (pruned ones stop early)
+    epochs_full: int = 0  # points x epochs: what the grid costs without pruning
+
+    def to_dict(self) -> dict[str, Any]:
+        d = asdict(self)
+        d["out"] = str(self.out)
+        return d
+
+
+# ----------------------------------------------------------------------------- the grid
+
+
+def parse_grid(args: list[str]) -> tuple[str | None, dict[str, list[str]], dict[str, str]]:
+    """``[RECIPE] key=v1,v2 key=v`` -> (recipe, axes with several values, fixed overrides).
+
+    List- and dict-valued keys (``decay_milestones=30,60,90``, ``model_kwargs={...}``) are never
+    split: they are fixed.
+    """
+    list_keys = {k for k, tp in typing.get_type_hints(Config).items() if "list" in str(tp) or "dict" in str(tp)}
+    recipe, axes, fixed = None, {}, {}
+    for a in args:
+        if "=" not in a:
+            if recipe is not None:
+                raise UserError(f"unexpected argument {a!r}: give one recipe, then key=v1,v2 axes")
+            recipe = a
+            continue
+        key, value = (s.strip() for s in a.split("=", 1))
+        whole = key in list_keys or key.split(".")[0] in list_keys or value[:1] in "[{"
+        values = [value] if whole else [v.strip() for v in value.split(",")]
+        if len(values) > 1:
+            if len(set(values)) != len(values) or "" in values:
+                raise UserError(f"{key}: repeated or empty values in {value!r}")
+            axes[key] = values
+        else:
+            fixed[key] = value
+    return recipe, axes, fixed
+
+
+def _seed_values(axes: dict[str, list[str]], fixed: dict[str, str], base: Config, seeds: int) -> list[int]:
+    if "seed" in axes:
+        if seeds > 1:
+            raise UserError("give either --seeds N or seed=a,b,..., not both")
+        return [int(s) for s in axes.pop("seed")]
+    start = int(fixed.pop("seed", base.seed))
+    return list(range(start, start + seeds))
+
+
+def run_name(params: dict[str, Any]) -> str:
+    """The run directory's name: the point's settings, seed last (``alpha=0.5,seed=1``)."""
+    keys = sorted(k for k in params if k != "seed") + (["seed"] if "seed" in params else [])
+    return ",".join(f"{k}={params[k]}" for k in keys).replace("/", "_")
+
+
+def _key(params: dict[str, Any]) -> str:
+    return json.dumps({k: str(v) for k, v in params.items()}, sort_keys=True)
+
+
+# ----------------------------------------------------------------------------- storage and study
+
+
+def _storage(url: str) -> optuna.storages.RDBStorage:
+    engine_kwargs = {"connect_args": {"timeout": 120}} if url.startswith("sqlite") else {}
+    try:
+        return optuna.storages.RDBStorage(
+            url, heartbeat_interval=HEARTBEAT_S, grace_period=GRACE_S, engine_kwargs=engine_kwargs,
+        )
+    except Exception as e:  # bad URL, missing driver, unreachable server
+        raise UserError(f"cannot open sweep storage {url}: {str(e).splitlines()[0][:200]}") from None
+
+
+def _open_study(url: str, space: dict[str, list], pruner: optuna.pruners.BasePruner | None) -> optuna.Study:
+    optuna.logging.set_verbosity(optuna.logging.WARNING)
+    return optuna.create_study(
+        study_name=STUDY_NAME, storage=_storage(url), load_if_exists=True, direction="maximize",
+        sampler=optuna.samplers.GridSampler(space, seed=0),
+        pruner=pruner or optuna.pruners.NopPruner(),
+    )
+
+
+def _pruner(prune: bool, epochs: int) -> optuna.pruners.BasePruner | None:
+    if not prune:
+        return None
+    # Bottom quarter at an epoch = clearly worse; judge after a quarter of the budget and 3 trials.
+    return optuna.pruners.PercentilePruner(25.0, n_startup_trials=3, n_warmup_steps=max(1, epochs // 4))
+
+
+def _pid_alive(pid: int) -> bool:
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:
+        return True
+    return True
+
+
+def _fail_dead_trials(study: optuna.Study) -> None:
+    """RUNNING trials whose worker is gone: FAIL them, so their points are enqueued again."""
+    host = socket.gethostname()
+    for t in study.get_trials(deepcopy=False, states=(TrialState.RUNNING,)):
+        if t.user_attrs.get("host") == host and not _pid_alive(int(t.user_attrs.get("pid", -1))):
+            study._storage.set_trial_user_attr(
+                t._trial_id, "error", f"interrupted: worker pid {t.user_attrs.get('pid')} ended"
+            )
+            study._storage.set_trial_state_values(t._trial_id, TrialState.FAIL)
+    optuna.storages.fail_stale_trials(study)  # other hosts: no heartbeat for GRACE_S
+
+
+def _enqueue_missing(study: optuna.Study, points: list[dict[str, Any]]) -> int:
+    live = (*DONE, TrialState.RUNNING, TrialState.WAITING)
+    have = {_key(t.params or t.system_attrs.get("fixed_params", {})) for t in study.get_trials(deepcopy=False, states=live)}
+    n = 0
+    for p in points:
+        if _key(p) not in have:
+            study.enqueue_trial(p, user_attrs={"point": run_name(p)})
+            n += 1
+    return n
+
+
+def _claim(study: optuna.Study) -> optuna.Trial | None:
+    """Take one WAITING trial for this worker (WAITING -> RUNNING is one locked update)."""
+    for _ in range(20):
+        waiting = study.get_trials(deepcopy=False, states=(TrialState.WAITING,))
+        if not waiting:
+            return None
+        for t in waiting:
+            try:
+                if study._storage.set_trial_state_values(t._trial_id, TrialState.RUNNING):
+                    return optuna.Trial(study, t._trial_id)
+            except (optuna.exceptions.StorageInternalError, RuntimeError):
+                time.sleep(0.2)  # SQLite busy: another worker is writing; look again
+    return None
+
+
+class _Heartbeat:
+    """Records the trial as alive every HEARTBEAT_S seconds, in a thread, while it runs."""
+
+    def __init__(self, study: optuna.Study, trial_id: int) -> None:
+        self._stop = threading.Event()
+        self._study, self._id = study, trial_id
+        study._storage.record_heartbeat(trial_id)
+        self._thread = threading.Thread(target=self._beat, daemon=True)
+        self._thread.start()
+
+    def _beat(self) -> None:
+        while not self._stop.wait(HEARTBEAT_S):
+            try:
+                self._study._storage.record_heartbeat(self._id)
+            except Exception:  # a missed beat is harmless; GRACE_S is 10 beats
+                pass
+
+    def stop(self) -> None:
+        self._stop.set()
+
+
+# ----------------------------------------------------------------------------- one trial
+
+
+def _run_trial(study: optuna.Study, trial: optuna.Trial, spec: dict[str, Any]) -> str:
+    from .engine import train
+    from .errors import DivergenceError
+
+    params = {k: trial.suggest_categorical(k, v) for k, v in spec["space"].items()}
+    run_dir = Path(spec["out"]) / run_name(params)
+    for k, v in (("run_dir", str(run_dir)), ("host", socket.gethostname()), ("pid", os.getpid())):
+        trial.set_user_attr(k, v)
+    beat = _Heartbeat(study, trial._trial_id)
+
+    def on_epoch(row: dict[str, Any]) -> bool:
+        value = row["val_acc"] if row.get("val_acc") is not None else row["test_acc"]
+        trial.report(float(value), int(row["epoch"]))
+        return spec["prune"] and trial.should_prune()
+
+    try:
+        cfg = load_config(spec["recipe"], {**spec["fixed"], **params, "resume": "auto"})
+        result = train(cfg, out=run_dir, on_epoch=on_epoch)
+    except Exception as e:  # UserError, DivergenceError or a bug: the others go on
+        lines = [ln for ln in str(e).splitlines() if ln.strip()] or [""]
+        trial.set_user_attr("error", f"{type(e).__name__}: {lines[0][:300]}")
+        if not isinstance(e, (UserError, DivergenceError)):
+            log.debug("trial %d:\n%s", trial.number, traceback.format_exc())
+        study.tell(trial, state=TrialState.FAIL)
+        log.warning("sweep: %s failed: %s", run_name(params), trial.user_attrs.get("error", e))
+        return "fail"
+    finally:
+        beat.stop()
+    trial.set_user_attr("epochs_done", len(result.history))
+    if result.status == "stopped":
+        study.tell(trial, state=TrialState.PRUNED)
+        return "pruned"
+    if result.status != "finished":  # pre-empted (SIGTERM): the next run of the sweep resumes it
+        trial.set_user_attr("error", f"{result.status}: resume by re-running the sweep")
+        study.tell(trial, state=TrialState.FAIL)
+        return "preempted"
+    final = result.final
+    value = final["val_acc"] if final.get("val_acc") is not None else final["test_acc"]
+    study.tell(trial, float(value))
+    return "complete"
+
+
+def _worker(spec: dict[str, Any], threads: int | None = None) -> None:
+    """One worker: claim queued trials and run them until the queue is empty."""
+    if threads:
+        import torch
+
+        torch.set_num_threads(threads)
+    study = _open_study(spec["storage"], spec["grid_space"], _pruner(spec["prune"], spec["epochs"]))
+    while (trial := _claim(study)) is not None:
+        if _run_trial(study, trial, spec) == "preempted":
+            break
+
+
+# ----------------------------------------------------------------------------- the sweep
+
+
+def run_sweep(
+    recipe: str | None,
+    grid: dict[str, list[Any]],
+    out: str | Path,
+    *,
+    seeds: int = 1,
+    fixed: dict[str, Any] | None = None,
+    workers: int = 1,
+    storage: str | None = None,
+    prune: bool = False,
+) -> SweepResult:
+    """Run (or continue) the grid ``grid`` x ``seeds`` of ``recipe`` under ``out``.
+
+    ``grid`` maps recipe keys to their values, ``fixed`` holds overrides for every trial.
+    ``workers`` local processes share the study (1: run in this process).
+    """
+    out = Path(out)
+    if not grid and seeds < 1:
+        raise UserError("a sweep needs at least one key=v1,v2 axis or --seeds N")
+    if workers < 1 or seeds < 1:
+        raise UserError("--workers and --seeds must be >= 1")
+    axes = {k: [str(v) for v in vs] for k, vs in grid.items()}
+    fixed = {k: str(v) for k, v in (fixed or {}).items()}
+    base = load_config(recipe, fixed)
+    seed_values = _seed_values(axes, fixed, base, seeds)
+    space: dict[str, list[Any]] = {**{k: axes[k] for k in sorted(axes)}, "seed": seed_values}
+    points = [dict(zip(space, combo)) for combo in itertools.product(*space.values())]
+    for p in points:  # every point must be a valid recipe before anything runs
+        load_config(recipe, {**fixed, **p})
+    try:
+        out.mkdir(parents=True, exist_ok=True)
+    except OSError as e:
+        raise UserError(f"cannot create sweep folder {out}: {e.strerror or e}") from None
+    url = storage or f"sqlite:///{out.resolve() / 'study.db'}"
+    spec = {
+        "recipe": recipe, "fixed": fixed, "space": space, "grid_space": space, "out": str(out),
+        "storage": url, "prune": prune, "epochs": base.epochs,
+    }
+    study = _open_study(url, space, _pruner(prune, base.epochs))
+    _check_same_sweep(study, recipe, space, fixed)
+    _fail_dead_trials(study)
+    queued = _enqueue_missing(study, points)
+    log.info("sweep %s: %d points, %d to run, %d worker(s), storage %s", out, len(points), queued, workers, url)
+    if workers == 1:
+        _worker(spec)
+    else:
+        threads = max(1, (os.cpu_count() or 1) // workers)
+        ctx = mp.get_context("spawn")
+        procs = [ctx.Process(target=_worker, args=(spec, threads)) for _ in range(workers)]
+        for p in procs:
+            p.start()
+        for p in procs:
+            p.join()
+    result = summarize(study, points, base.epochs, out, url)
+    (out / "sweep.json").write_text(json.dumps(result.to_dict(), indent=2, default=str))
+    return result
+
+
+def _check_same_sweep(study: optuna.Study, recipe: str | None, space: dict, fixed: dict) -> None:
+    what = {"recipe": recipe, "space": space, "fixed": fixed}
+    saved = study.user_attrs.get("sweep")
+    if saved is None:
+        study.set_user_attr("sweep", what)
+    elif json.loads(json.dumps(saved)) != json.loads(json.dumps(what)):
+        raise UserError(
+            f"this sweep's storage holds another sweep ({saved['recipe']}, "
+            f"{', '.join(f'{k}={v}' for k, v in saved['space'].items())}); choose another --out or --storage"
+        )
+
+
+def summarize(study: optuna.Study, points: list[dict[str, Any]], epochs: int, out: Path, url: str) -> SweepResult:
+    """One row per point from its latest trial: state, value, epochs done, run dir, error."""
+    latest: dict[str, optuna.trial.FrozenTrial] = {}
+    for t in study.get_trials(deepcopy=False):
+        k = _key(t.params or t.system_attrs.get("fixed_params", {}))
+        if k not in latest or _rank(t) >= _rank(latest[k]):
+            latest[k] = t
+    result = SweepResult(out=out, storage=url, epochs_full=len(points) * epochs)
+    for p in points:
+        t = latest.get(_key(p))
+        row = {"point": run_name(p), "state": t.state.name if t else "MISSING",
+               "value": t.value if t else None, "trial": t.number if t else None,
+               "epochs_done": t.user_attrs.get("epochs_done") if t else None,
+               "run_dir": t.user_attrs.get("run_dir") if t else None,
+               "error": t.user_attrs.get("error") if t else None}
+        result.trials.append(row)
+        result.epochs_run += int(row["epochs_done"] or 0) if row["state"] in ("COMPLETE", "PRUNED") else 0
+    return result
+
+
+def _rank(t: optuna.trial.FrozenTrial) -> tuple[int, int]:
+    return (t.state in DONE, t.number)
+
+
+def format_result(result: SweepResult) -> str:
+    """A short text table of the points and the epoch saving."""
+    lines = [f"{'point':<40} {'state':<9} {'value':>8} {'epochs':>6}  error"]
+    for r in result.trials:
+        value = f"{r['value']:.4f}" if r["value"] is not None else "-"
+        lines.append(f"{r['point']:<40} {r['state']:<9} {value:>8} {r['epochs_done'] or '-':>6}  {r['error'] or ''}")
+    saved = result.epochs_full - result.epochs_run
+    lines.append(
+        f"epochs trained {result.epochs_run} of the full grid's {result.epochs_full} "
+        f"({saved} saved by pruning / not run); storage {result.storage}"
+    )
+    return "\n".join(lines)
