@@ -84,6 +84,8 @@ def main() -> None:
     results = []
     for alpha in [float(a) for a in args.alphas.split(",")]:
         r = powergrad.train(recipe, out / f"alpha{alpha:g}", overwrite=True, alpha=alpha)
+        if r.status != "finished":  # SIGTERM pre-empts the run cleanly: stop, do not time the rest
+            raise SystemExit(f"run {r.run_dir} {r.status}")
         epoch, seconds = first_reaching(r.history, args.target)
         res = {
             "benchmark": "time_to_accuracy", "alpha": alpha, "target_test_acc": args.target,

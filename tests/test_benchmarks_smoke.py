@@ -1,0 +1,75 @@
+"""Every benchmark runs end to end at tiny sizes and prints its JSON lines (so they cannot rot).
+
+Not timed tests: nothing here checks a speed.
+"""
+
+from __future__ import annotations
+
+import json
+import runpy
+import sys
+from pathlib import Path
+
+import numpy as np
+import pytest
+from PIL import Image
+
+ROOT = Path(__file__).resolve().parents[1]
+
+
+@pytest.fixture
+def run_bench(monkeypatch, capsys, tmp_path):
+    """Run benchmarks/SCRIPT in this process (no second torch import) and parse its JSON lines."""
+    monkeypatch.setenv("POWERGRAD_CACHE", str(tmp_path / "cache"))  # restored after, whatever the script sets
+    monkeypatch.chdir(tmp_path)  # run directories of the trainer land here
+
+    def run(script: str, *args: str) -> list[dict]:
+        path = ROOT / "benchmarks" / script
+        monkeypatch.setattr(sys, "argv", [str(path), *args])
+        capsys.readouterr()
+        runpy.run_path(str(path), run_name="__main__")
+        return [json.loads(line) for line in capsys.readouterr().out.splitlines() if line.startswith("{")]
+
+    return run
+
+
+@pytest.fixture
+def jpeg_folder(tmp_path: Path) -> Path:
+    """train/ and test/ with 2 classes of 32x32 JPEGs, 16 and 4 per class."""
+    rng = np.random.default_rng(0)
+    for split, n in (("train", 16), ("test", 4)):
+        for cls in ("cat", "dog"):
+            (tmp_path / split / cls).mkdir(parents=True)
+            for i in range(n):
+                arr = rng.integers(0, 256, (32, 32, 3), dtype=np.uint8)
+                Image.fromarray(arr).save(tmp_path / split / cls / f"{i:04d}.jpg", quality=75)
+    return tmp_path
+
+
+def test_loss_benchmark(run_bench):
+    rows = run_bench("loss.py", "--n", "64", "--c", "10", "--rounds", "2")
+    assert {r["impl"] for r in rows} == {"power_grad", "reference_hook"}
+
+
+def test_trainer_overhead_benchmark(run_bench):
+    rows = run_bench("trainer_overhead.py", "--model", "mlp", "--batch-size", "8", "--steps", "2",
+                     "--epochs", "2", "--rounds", "1", "--alphas", "1,0.25")
+    assert [r["impl"] for r in rows] == ["trainer_alpha1", "trainer_alpha0.25"]
+    assert all(r["ratio"] > 0 and r["bare_steps_per_s"] > 0 for r in rows)
+
+
+def test_data_pipeline_benchmark(run_bench, jpeg_folder):
+    rows = run_bench("data_pipeline.py", "--data", str(jpeg_folder), "--workers", "0", "--batch-size", "8",
+                     "--rounds", "1")
+    by = {r["impl"]: r for r in rows}
+    assert by["powergrad_cached"]["ratio"] > 0
+    assert by["powergrad_first_epoch"]["images"] == 32  # 2 classes x 16, batch 8: 4 full batches
+
+
+def test_time_to_accuracy_benchmark(run_bench, jpeg_folder, tmp_path):
+    rows = run_bench("time_to_accuracy.py", "--data", str(jpeg_folder), "--model", "softmax_regression",
+                     "--epochs", "1", "--subset", "16", "--batch-size", "8", "--alphas", "1,0.5",
+                     "--target", "0", "--workers", "0", "--test-per-class", "2", "--out", str(tmp_path / "runs"))
+    assert [r["alpha"] for r in rows[:2]] == [1.0, 0.5]
+    assert rows[0]["epochs_to_target"] == 1
+    assert rows[-1]["benchmark"] == "time_to_accuracy_best"
