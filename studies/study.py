@@ -1,0 +1,139 @@
+"""The measured study behind docs/results.md (issue 9): every run it made, in the order it made them.
+
+    .venv/bin/python studies/study.py                 # run (or continue) the whole queue
+    .venv/bin/python studies/study.py --only digits   # one setting
+    .venv/bin/python studies/study.py --list          # print the queue as `powergrad train` commands
+
+Each run is exactly ``powergrad train RECIPE key=value ... --out results/<setting>/a<alpha>-s<seed>``
+(``--list`` prints that command); it is called through the Python API in one process, because
+starting ``powergrad`` costs 10-15 s on these loaded 2-core machines, 50 digits runs x 12 s = 10 min.
+A run whose summary.json says ``finished`` is skipped, so the script continues after a kill.
+Checkpoints (*.pt), TensorBoard events and per-run plots are deleted after each run: the record
+kept in the repository is config.yaml, metrics.csv and summary.json.
+
+The queue is ordered so an early stop still leaves complete settings: digits (cheap) first, then
+CIFAR-10 (JPEG) ResNet-20 with BN, without BN, with label smoothing; inside a setting seed-major
+(every alpha of seed 0, then seed 1, ...), so a stopped setting still has paired seeds.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import shutil
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import torch
+
+ROOT = Path(__file__).resolve().parents[1]
+RESULTS = ROOT / "results"
+ALPHAS = [1.0, 0.5, 0.25, 0.1, 0.05]
+
+# CIFAR-10 (JPEG) as shipped in ../shared/data, unpacked under /tmp; the study trains on a fixed
+# seeded 2,000-image subset of the train split and tests on a fixed 2,000-image subset of the test
+# split (the first 200 files of each class by name). Why so small: under the load of this machine
+# (2 cores shared by six engineers, load average 7-8) ResNet-20 trains at 98 img/s with one thread
+# (23 img/s with two), so a full-data epoch costs ~8.5 minutes; 45 runs had to fit in ~90 minutes.
+CIFAR_TAR = ROOT.parent / "shared" / "data" / "cifar10-jpeg.tar"
+CIFAR_DIR = Path("/tmp/cifar10")
+CIFAR_STUDY_DIR = Path("/tmp/cifar10s")  # train/ = all of CIFAR_DIR/train, test/ = 200 per class
+TEST_PER_CLASS = 200
+
+CIFAR = {
+    "dataset": "imagefolder", "data_dir": str(CIFAR_STUDY_DIR), "model": "resnet20",
+    "augment": "cifar", "train_subset": 2000, "val_fraction": 0.02,  # val: 1,000 images
+    "epochs": 4, "batch_size": 64, "lr": 0.05,  # lr 0.1 for batch 128, scaled linearly
+    "optimizer": "sgd", "momentum": 0.9, "nesterov": True, "weight_decay": 5e-4,
+    "sched": "cosine", "workers": 0,
+}
+
+# setting name -> (recipe, overrides, alphas in run order, seeds)
+SETTINGS: dict[str, tuple[str, dict, list[float], list[int]]] = {
+    "digits": ("digits", {"val_fraction": 0.1}, ALPHAS, list(range(10))),
+    "cifar10-resnet20": ("digits", CIFAR, ALPHAS, [0, 1, 2]),
+    "cifar10-resnet20-nobn": ("digits", {**CIFAR, "model": "resnet20_nobn"}, ALPHAS, [0, 1, 2]),
+    "cifar10-resnet20-ls0.1": ("digits", {**CIFAR, "label_smoothing": 0.1}, ALPHAS, [0, 1, 2]),
+}
+
+
+def prepare_cifar() -> None:
+    """Unpack the JPEG copy once and build the study folder (symlinks, no copies)."""
+    if not (CIFAR_DIR / "train").is_dir():
+        CIFAR_DIR.mkdir(parents=True, exist_ok=True)
+        subprocess.run(["tar", "-xf", str(CIFAR_TAR), "-C", str(CIFAR_DIR)], check=True)
+    CIFAR_STUDY_DIR.mkdir(parents=True, exist_ok=True)
+    train = CIFAR_STUDY_DIR / "train"
+    if not train.exists():
+        train.symlink_to(CIFAR_DIR / "train")
+    for cls in sorted(p.name for p in (CIFAR_DIR / "test").iterdir()):
+        out = CIFAR_STUDY_DIR / "test" / cls
+        out.mkdir(parents=True, exist_ok=True)
+        for f in sorted((CIFAR_DIR / "test" / cls).iterdir())[:TEST_PER_CLASS]:
+            if not (out / f.name).exists():
+                (out / f.name).symlink_to(f)
+
+
+def queue(only: list[str] | None) -> list[tuple[str, str, dict]]:
+    """(recipe, run directory, overrides) for every run, in run order."""
+    runs = []
+    for name, (recipe, base, alphas, seeds) in SETTINGS.items():
+        if only and name not in only:
+            continue
+        for seed in seeds:
+            for alpha in alphas:
+                out = RESULTS / name / f"a{alpha:g}-s{seed}"
+                runs.append((recipe, str(out), {**base, "alpha": alpha, "seed": seed}))
+    return runs
+
+
+def command(recipe: str, out: str, overrides: dict) -> str:
+    keys = " ".join(f"{k}={str(v).lower() if isinstance(v, bool) else v}" for k, v in overrides.items())
+    return f"powergrad train {recipe} {keys} --out {Path(out).relative_to(ROOT)}"
+
+
+def finished(out: str) -> bool:
+    summary = Path(out) / "summary.json"
+    return summary.is_file() and json.loads(summary.read_text()).get("status") in ("finished", "diverged")
+
+
+def strip(out: str) -> None:
+    """Keep config.yaml, metrics.csv, summary.json; drop checkpoints, events and plots."""
+    run = Path(out)
+    for p in run.glob("*.pt"):
+        p.unlink()
+    for d in ("events", "plots"):
+        shutil.rmtree(run / d, ignore_errors=True)
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    ap.add_argument("--only", nargs="*", help="settings to run (default: all)")
+    ap.add_argument("--list", action="store_true", help="print the commands and exit")
+    args = ap.parse_args()
+    runs = queue(args.only)
+    if args.list:
+        print("\n".join(command(*r) for r in runs))
+        return
+    # One thread: 98 img/s against 23 img/s with two on this loaded machine (ResNet-20, measured).
+    torch.set_num_threads(1)
+    from powergrad.engine import train
+    from powergrad.errors import DivergenceError
+
+    if any(r[2].get("dataset") == "imagefolder" for r in runs):
+        prepare_cifar()
+    for recipe, out, overrides in runs:
+        if finished(out):
+            continue
+        print(f"[{time.strftime('%H:%M:%S')}] {command(recipe, out, overrides)}", flush=True)
+        try:
+            train(recipe, out, overwrite=True, **overrides)
+        except DivergenceError as e:  # recorded in summary.json as status "diverged"
+            print(f"diverged: {e}", file=sys.stderr, flush=True)
+        strip(out)
+
+
+if __name__ == "__main__":
+    main()
