@@ -4,6 +4,9 @@
     powergrad eval --checkpoint PATH [key=value ...]
     powergrad recipes
     powergrad demo [--out DIR]
+    powergrad sweep RECIPE key=v1,v2 ... --out DIR [--seeds N] [--workers N] [--storage URL] [--prune]
+    powergrad report PATH ... [--format md|csv|json]
+    powergrad plot PATH ... [--out DIR]
 
 User errors print one line on stderr and exit 2; divergence exits 3.
 """
@@ -95,6 +98,31 @@ def cmd_demo(ns: argparse.Namespace) -> int:
     return 0
 
 
+def cmd_sweep(ns: argparse.Namespace) -> int:
+    from .sweep import format_result, parse_grid, run_sweep
+
+    recipe, axes, fixed = parse_grid(ns.args)
+    result = run_sweep(recipe, axes, ns.out, seeds=ns.seeds, fixed=fixed, workers=ns.workers,
+                       storage=ns.storage, prune=ns.prune)
+    print(format_result(result))
+    return 0
+
+
+def cmd_report(ns: argparse.Namespace) -> int:
+    from .report.tables import report
+
+    print(report(ns.paths, ns.format))
+    return 0
+
+
+def cmd_plot(ns: argparse.Namespace) -> int:
+    from .report.figures import make_figures
+
+    for path in make_figures(ns.paths, ns.out):
+        print(path)
+    return 0
+
+
 def build_parser() -> argparse.ArgumentParser:
     p = _Parser(prog="powergrad", description="Softmax Gradient Tampering: train, evaluate, sweep, report.")
     sub = p.add_subparsers(dest="command", required=True, parser_class=_Parser)
@@ -117,6 +145,25 @@ def build_parser() -> argparse.ArgumentParser:
     d.add_argument("--out", default="runs/demo")
     d.add_argument("--epochs", type=int, default=None)
     d.set_defaults(fn=cmd_demo)
+
+    s = sub.add_parser("sweep", help="grid over recipe keys (key=v1,v2) x seeds as an Optuna study; one run dir per trial")
+    s.add_argument("args", nargs="+", metavar="RECIPE|key=v1,v2")
+    s.add_argument("--out", required=True, help="sweep folder (run dirs, study.db, sweep.json)")
+    s.add_argument("--seeds", type=int, default=1, help="seeds per grid point (recipe seed, +1, ...)")
+    s.add_argument("--workers", type=int, default=1, help="local worker processes sharing the sweep")
+    s.add_argument("--storage", help="Optuna storage URL shared by several machines (default sqlite in --out)")
+    s.add_argument("--prune", action="store_true", help="stop trials in the bottom quarter at an epoch early")
+    s.set_defaults(fn=cmd_sweep)
+
+    rp = sub.add_parser("report", help="the paper's table (mean ± std over seeds, Δ from alpha=1) from run dirs")
+    rp.add_argument("paths", nargs="+", metavar="PATH", help="run directories or folders holding them")
+    rp.add_argument("--format", choices=("md", "csv", "json"), default="md")
+    rp.set_defaults(fn=cmd_report)
+
+    pl = sub.add_parser("plot", help="the paper's figures (PNG) from run dirs")
+    pl.add_argument("paths", nargs="+", metavar="PATH", help="run directories or folders holding them")
+    pl.add_argument("--out", help="folder for the PNGs (default: PATH/figures)")
+    pl.set_defaults(fn=cmd_plot)
 
     for extra in _EXTRA_COMMANDS:
         extra(sub)
