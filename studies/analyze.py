@@ -1,0 +1,175 @@
+"""Paired statistics for the issue-9 study, from run directories only (summary.json, metrics.csv).
+
+    .venv/bin/python studies/analyze.py results/cifar10-resnet20 [--ls results/cifar10-resnet20-ls0.1]
+
+What `powergrad report` does not (yet) give, for one setting (a folder of runs a<alpha>-s<seed>):
+- per alpha: mean and std over seeds of final val / test / train accuracy, the gap, the final
+  train loss and logit norm (and the dead-filter share when recorded);
+- the paired difference of each alpha from alpha = 1 over the same seeds (same data subset, val
+  split and initial weights), with a 95% t-interval over the seed pairs;
+- the alpha picked on the validation split (highest mean final val accuracy), never on test;
+- epochs (and seconds of training) each alpha needs to reach the alpha = 1 run's final test
+  accuracy, per seed;
+- Pearson correlations: final train loss against logit norm, and logit norm against alpha;
+- with ``--ls``: the change of the train-test gap that label smoothing brings, paired per alpha
+  and seed.
+Numbers in percent unless named otherwise. Replaceable by `powergrad report` once it computes these.
+"""
+
+from __future__ import annotations
+
+import argparse
+import math
+import statistics
+from collections import defaultdict
+
+from scipy import stats
+
+from powergrad.report.tables import Run, load_runs
+from powergrad.rundir import read_metrics
+
+
+def by_alpha_seed(path: str) -> dict[float, dict[int, Run]]:
+    done, others = load_runs([path])
+    if others:
+        print(f"(left out, not finished: {', '.join(r.path.name for r in others)})\n")
+    out: dict[float, dict[int, Run]] = defaultdict(dict)
+    for r in done:
+        out[float(r.config["alpha"])][int(r.config["seed"])] = r
+    return dict(sorted(out.items(), reverse=True))
+
+
+def mean_sd(xs: list[float], digits: int = 2) -> str:
+    if len(xs) < 2:
+        return f"{xs[0]:.{digits}f}" if xs else "-"
+    return f"{statistics.fmean(xs):.{digits}f} ± {statistics.stdev(xs):.{digits}f}"
+
+
+def paired(diffs: list[float]) -> tuple[float, float, float]:
+    """Mean and 95% t-interval of paired differences."""
+    m = statistics.fmean(diffs)
+    if len(diffs) < 2:
+        return m, math.nan, math.nan
+    half = stats.t.ppf(0.975, len(diffs) - 1) * statistics.stdev(diffs) / math.sqrt(len(diffs))
+    return m, m - half, m + half
+
+
+def fmt_ci(m: float, lo: float, hi: float, digits: int = 2) -> str:
+    if math.isnan(lo):
+        return f"{m:+.{digits}f}"
+    zero = " (includes 0)" if lo <= 0 <= hi else ""
+    return f"{m:+.{digits}f} [{lo:+.{digits}f}, {hi:+.{digits}f}]{zero}"
+
+
+def final(r: Run, key: str, scale: float = 100.0) -> float:
+    v = r.final.get(key)
+    return math.nan if v is None else scale * float(v)
+
+
+def accuracy_table(runs: dict[float, dict[int, Run]]) -> tuple[str, float]:
+    """The per-alpha table and the alpha picked on val."""
+    base = runs.get(1.0, {})
+    dead = any(r.final.get("dead_filter_share") is not None for a in runs.values() for r in a.values())
+    head = ["alpha", "seeds", "val %", "test %", "Δ test vs α=1, 95% CI", "train %", "Δ train vs α=1",
+            "gap (train-test)", "train loss", "logit norm"] + (["dead filters %"] if dead else [])
+    lines = ["| " + " | ".join(head) + " |", "|" + "---|" * len(head)]
+    val_means = {}
+    for alpha, seeds in runs.items():
+        rs = list(seeds.values())
+        common = sorted(set(seeds) & set(base))
+        d_test = [final(seeds[s], "test_acc") - final(base[s], "test_acc") for s in common]
+        d_train = [final(seeds[s], "train_acc") - final(base[s], "train_acc") for s in common]
+        val = [final(r, "val_acc") for r in rs]
+        val_means[alpha] = statistics.fmean(val)
+        cells = [
+            f"{alpha:g}", str(len(rs)), mean_sd(val), mean_sd([final(r, "test_acc") for r in rs]),
+            "baseline" if alpha == 1.0 else (fmt_ci(*paired(d_test)) if d_test else "-"),
+            mean_sd([final(r, "train_acc") for r in rs]),
+            "baseline" if alpha == 1.0 else (fmt_ci(*paired(d_train)) if d_train else "-"),
+            mean_sd([final(r, "gap") for r in rs]),
+            mean_sd([final(r, "train_loss", 1.0) for r in rs], 4),
+            mean_sd([final(r, "logit_norm", 1.0) for r in rs]),
+        ]
+        if dead:
+            cells.append(mean_sd([final(r, "dead_filter_share") for r in rs]))
+        lines.append("| " + " | ".join(cells) + " |")
+    picked = max(val_means, key=val_means.get)
+    return "\n".join(lines), picked
+
+
+def epochs_to_target(runs: dict[float, dict[int, Run]]) -> str:
+    """Per seed: first epoch at which each alpha's test accuracy reaches the alpha = 1 run's final."""
+    base = runs.get(1.0, {})
+    head = ["alpha", "epochs to α=1's final test acc, per seed", "mean epochs", "mean train seconds"]
+    lines = ["| " + " | ".join(head) + " |", "|" + "---|" * len(head)]
+    for alpha, seeds in runs.items():
+        per_seed, secs = [], []
+        for s in sorted(set(seeds) & set(base)):
+            target = base[s].final["test_acc"]
+            rows = read_metrics(seeds[s].path)
+            hit = next((i for i, row in enumerate(rows) if float(row["test_acc"]) >= target), None)
+            if hit is None:
+                per_seed.append("never")
+                continue
+            per_seed.append(str(int(rows[hit]["epoch"])))
+            secs.append(sum(float(row["epoch_s"]) for row in rows[: hit + 1]))
+        reached = [int(e) for e in per_seed if e != "never"]
+        mean_e = f"{statistics.fmean(reached):.2f} ({len(reached)}/{len(per_seed)} reached)" if reached else "never"
+        mean_s = f"{statistics.fmean(secs):.0f}" if secs else "-"
+        lines.append(f"| {alpha:g} | {', '.join(per_seed)} | {mean_e} | {mean_s} |")
+    return "\n".join(lines)
+
+
+def correlations(runs: dict[float, dict[int, Run]]) -> str:
+    rs = [r for seeds in runs.values() for r in seeds.values()]
+    loss = [final(r, "train_loss", 1.0) for r in rs]
+    norm = [final(r, "logit_norm", 1.0) for r in rs]
+    alpha = [float(r.config["alpha"]) for r in rs]
+    test_loss = [final(r, "test_loss", 1.0) for r in rs]
+    out = []
+    for name, x, y in (("final train loss vs logit norm", norm, loss),
+                       ("final test loss vs logit norm", norm, test_loss),
+                       ("logit norm vs alpha", alpha, norm),
+                       ("final train loss vs alpha", alpha, loss)):
+        r, p = stats.pearsonr(x, y)
+        out.append(f"- {name}: Pearson r = {r:+.3f} (p = {p:.2g}, n = {len(rs)} runs)")
+    return "\n".join(out)
+
+
+def ls_gap(runs: dict[float, dict[int, Run]], ls_runs: dict[float, dict[int, Run]]) -> str:
+    head = ["alpha", "seed pairs", "gap without LS", "gap with LS 0.1", "Δ gap (LS − none), 95% CI",
+            "Δ test (LS − none), 95% CI"]
+    lines = ["| " + " | ".join(head) + " |", "|" + "---|" * len(head)]
+    for alpha, seeds in runs.items():
+        other = ls_runs.get(alpha, {})
+        common = sorted(set(seeds) & set(other))
+        if not common:
+            continue
+        dg = [final(other[s], "gap") - final(seeds[s], "gap") for s in common]
+        dt = [final(other[s], "test_acc") - final(seeds[s], "test_acc") for s in common]
+        lines.append(
+            f"| {alpha:g} | {len(common)} | {mean_sd([final(seeds[s], 'gap') for s in common])} | "
+            f"{mean_sd([final(other[s], 'gap') for s in common])} | {fmt_ci(*paired(dg))} | {fmt_ci(*paired(dt))} |"
+        )
+    return "\n".join(lines)
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    ap.add_argument("setting", help="a folder of runs (one setting, several alphas and seeds)")
+    ap.add_argument("--ls", help="the same setting with label smoothing, for the gap comparison")
+    args = ap.parse_args()
+    runs = by_alpha_seed(args.setting)
+    table, picked = accuracy_table(runs)
+    print(f"### {args.setting}\n\nFinal epoch; mean ± std over seeds; Δ = paired difference from "
+          f"alpha = 1 over the same seeds, 95% t-interval.\n\n{table}\n")
+    print(f"alpha picked on val (highest mean final val accuracy): {picked:g}\n")
+    print(f"Epochs to reach the alpha = 1 run's final test accuracy (same seed):\n\n{epochs_to_target(runs)}\n")
+    print(f"Correlations over runs:\n\n{correlations(runs)}\n")
+    if args.ls:
+        print(f"Label smoothing 0.1 and the gap ({args.ls} against {args.setting}, same seeds):\n\n"
+              f"{ls_gap(runs, by_alpha_seed(args.ls))}\n")
+
+
+if __name__ == "__main__":
+    main()
