@@ -37,9 +37,11 @@ def save_checkpoint(state: dict[str, Any], path: str | Path) -> None:
         fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
     except OSError as e:
         raise UserError(f"cannot write checkpoint {path}: {e.strerror or e}") from None
+    writer = None
     try:
         with os.fdopen(fd, "wb") as f:
-            torch.save({**state, "format_version": FORMAT_VERSION}, f)
+            writer = _Writer(f)
+            torch.save({**state, "format_version": FORMAT_VERSION}, writer)
             f.flush()
             os.fsync(f.fileno())
         os.replace(tmp, path)
@@ -48,23 +50,33 @@ def save_checkpoint(state: dict[str, Any], path: str | Path) -> None:
             os.unlink(tmp)
         except FileNotFoundError:
             pass
-        if isinstance(e, OSError) or _is_write_failure(e):
+        # torch.save turns a failed write() into RuntimeError("[enforce fail ...] unexpected pos"):
+        # the writer kept the OSError (disk full, file too large) that says what went wrong.
+        cause = e if isinstance(e, OSError) else (writer.error if writer else None)
+        if cause is not None:
             raise UserError(
-                f"cannot write checkpoint {path}: {_strerror(e)}; the previous checkpoint is intact"
+                f"cannot write checkpoint {path}: {cause.strerror or cause}; the previous checkpoint "
+                "is intact"
             ) from None
         raise
     _fsync_dir(path.parent)
 
 
-def _is_write_failure(e: BaseException) -> bool:
-    # torch.save's zip writer reports a failed write() as RuntimeError("... file write failed").
-    return isinstance(e, RuntimeError) and "write" in str(e).lower()
+class _Writer:
+    """A file for torch.save that remembers the OSError of a failed write."""
 
+    def __init__(self, f) -> None:
+        self.f, self.error = f, None
 
-def _strerror(e: BaseException) -> str:
-    if isinstance(e, OSError) and e.strerror:
-        return e.strerror
-    return str(e).splitlines()[0] if str(e) else type(e).__name__
+    def write(self, data) -> int:
+        try:
+            return self.f.write(data)
+        except OSError as e:
+            self.error = e
+            raise
+
+    def flush(self) -> None:
+        self.f.flush()
 
 
 def _fsync_dir(folder: Path) -> None:
@@ -104,9 +116,9 @@ def load_checkpoint(path: str | Path) -> dict[str, Any]:
         if "weights_only" in str(e) or "Unsupported global" in str(e):
             msg = "refused: it holds objects other than tensors and plain values (possible code)"
         raise UserError(f"{path}: not a loadable checkpoint ({msg})") from None
-    except (RuntimeError, EOFError, zipfile.BadZipFile, ValueError, OSError) as e:
+    except Exception as e:  # noqa: BLE001 - on garbage the unpickler raises IndexError, KeyError, ...
         first = str(e).splitlines()[0] if str(e) else type(e).__name__
-        if "zip" in first.lower() or "central directory" in first or isinstance(e, EOFError):
+        if isinstance(e, (EOFError, zipfile.BadZipFile, IndexError, KeyError)) or "zip" in first.lower():
             first = "truncated or not a checkpoint file"
         raise UserError(f"{path}: cannot read checkpoint ({first})") from None
     if not isinstance(state, dict) or "model" not in state:

@@ -245,6 +245,8 @@ def run_training(
     net = nn.parallel.DistributedDataParallel(model, device_ids=[device.index] if device.type == "cuda" else None) if dist.enabled else model
     forward = torch.compile(net) if cfg.compile else net
     monitor = Monitor(cfg.monitor, num_classes=_num_classes(model))
+    if not (cfg.compile or cfg.probe_layer):  # hook the head's input: features zero for every image
+        monitor.watch_features(model)
     filters = _filter_recorder(model, cfg, run, global_step)
     stopper = _PreemptionFlag()
     sync_every = 1 if device.type == "cpu" else SYNC_EVERY
@@ -357,6 +359,7 @@ def run_training(
         raise
     finally:
         stopper.restore()
+        monitor.close()
         if filters is not None:
             filters.close()
 
@@ -562,10 +565,15 @@ def _read_checkpoint(path: str | Path) -> dict[str, Any]:
     """A powergrad checkpoint, or an official timm-style one (engine/official.py)."""
     try:
         return load_checkpoint(path)
-    except UserError:
+    except UserError as not_ours:
         from .official import read_official
 
-        state = read_official(path)  # refuses code as load_checkpoint does
+        try:
+            state = read_official(path)  # refuses code as load_checkpoint does
+        except UserError:
+            raise
+        except Exception:  # noqa: BLE001 - garbage: the first message already says what is wrong
+            raise not_ours from None
         if state is None:
             raise
         return state
