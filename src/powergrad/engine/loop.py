@@ -245,6 +245,8 @@ def run_training(
     net = nn.parallel.DistributedDataParallel(model, device_ids=[device.index] if device.type == "cuda" else None) if dist.enabled else model
     forward = torch.compile(net) if cfg.compile else net
     monitor = Monitor(cfg.monitor, num_classes=_num_classes(model))
+    if not (cfg.compile or cfg.probe_layer):  # hook the head's input: features zero for every image
+        monitor.watch_features(model)
     filters = _filter_recorder(model, cfg, run, global_step)
     stopper = _PreemptionFlag()
     sync_every = 1 if device.type == "cpu" else SYNC_EVERY
@@ -357,6 +359,7 @@ def run_training(
         raise
     finally:
         stopper.restore()
+        monitor.close()
         if filters is not None:
             filters.close()
 

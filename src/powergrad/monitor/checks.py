@@ -1,23 +1,36 @@
 """Training-pathology checks: the silent failures of the student reports, noticed for the user.
 
-Each check is cheap (no extra pass over the data) and fires at most once per run. Thresholds
-live in ``Config.monitor`` (powergrad.config.MonitorConfig).
+Each check is cheap (no extra pass over the data: it reads the per-epoch metrics, the weights,
+and one device-side mask updated by a hook on the classifier's input) and fires at most once per
+run, as a warning line and an entry in summary.json ``diagnostics`` (code, epoch, message).
+Thresholds live in ``Config.monitor`` (powergrad.config.MonitorConfig); defaults in brackets.
 
-- ``stalled``: train loss moved less than ``stall_loss_change`` (relative) over the first
-  ``stall_epochs`` epochs and train accuracy stayed within ``stall_acc_margin`` of chance.
-  Seed 002's intermediate-layer probe (loss frozen at 2.361, accuracy 0.100) is this.
-- ``probabilities_as_logits``: the model's outputs are non-negative rows summing to 1, i.e.
+- ``stalled``: over any ``stall_epochs`` [3] consecutive epochs the train loss moved less than
+  ``stall_loss_change`` [1%] (max - min, relative to the first) and train accuracy stayed within
+  ``stall_acc_margin`` [2 points] of chance. Seed 002's intermediate-layer probe (loss frozen at
+  2.361, accuracy 0.100) is this; a loss at log(e + C - 1) - accuracy is named as the signature
+  of softmax applied before the loss and saturated.
+- ``probabilities_as_logits``: the first batch's outputs are non-negative rows summing to 1, i.e.
   softmax was applied before the loss (seed 003's 5% plateau).
-- ``dead_filters``: more than ``dead_filter_share`` of conv filters have a weight norm below
-  ``dead_filter_norm`` (the paper's "zeroing out", expected without batch norm).
-- ``overfitting``: test loss rose ``overfit_patience`` epochs in a row while train loss fell.
+- ``dead_filters``: more than ``dead_filter_share`` [5%] of conv filters have a weight L2 norm
+  below ``dead_filter_norm`` [1e-3] (the paper's "zeroing out", expected without batch norm), or
+  more than ``dead_filter_share`` of the classifier's input features (pooled channels) were
+  exactly zero for every training image of the epoch.
+- ``overfitting``: test loss rose ``overfit_patience`` [2] epochs in a row while train loss fell;
+  the message names the epoch it started from.
 - ``non_finite`` is raised by the loop itself, which stops the run (exit code 3).
+
+:func:`identical_runs` compares finished runs: pairs whose per-epoch metrics are identical (seed
+002's tables 3.1 and 3.3 are one table pasted twice).
 """
 
 from __future__ import annotations
 
+import itertools
 import logging
+import math
 from dataclasses import asdict, dataclass
+from pathlib import Path
 from typing import Any
 
 import torch
@@ -64,8 +77,40 @@ class Monitor:
     def __init__(self, cfg: MonitorConfig, num_classes: int) -> None:
         self.cfg = cfg
         self.chance = 1.0 / max(num_classes, 1)
+        self.num_classes = num_classes
         self.diagnostics: list[Diagnostic] = []
         self._seen: set[str] = set()
+        self._alive: Tensor | None = None  # per input feature of the head: nonzero for some image
+        self._hook = None
+
+    def watch_features(self, model: nn.Module) -> None:
+        """Hook the classifier's input to find features that are zero for every training image.
+
+        One comparison and one reduction per step, kept on the device; read once per epoch.
+        """
+        try:
+            from ..models import get_head
+
+            _, head = get_head(model)
+        except Exception:  # noqa: BLE001 - a model without a findable head is not checked
+            return
+        self._hook = head.register_forward_pre_hook(self._record_features)
+
+    def _record_features(self, module: nn.Module, args: tuple) -> None:
+        if not (module.training and torch.is_grad_enabled() and args and isinstance(args[0], Tensor)):
+            return
+        x = args[0].detach()
+        nonzero = (x != 0).flatten(2).any(2) if x.dim() > 2 else (x != 0)  # conv heads: per channel
+        nonzero = nonzero.reshape(x.shape[0], -1).any(0)
+        if self._alive is None or self._alive.shape != nonzero.shape:
+            self._alive = nonzero
+        else:
+            self._alive |= nonzero
+
+    def close(self) -> None:
+        if self._hook is not None:
+            self._hook.remove()
+            self._hook = None
 
     def _add(self, code: str, epoch: int, message: str) -> Diagnostic | None:
         if code in self._seen:
@@ -100,24 +145,46 @@ class Monitor:
                 "and will not recover (zeroing out). Try batch norm, a lower learning rate or weight "
                 "decay, adaptive gradient clipping (clip=agc), or alpha < 1.",
             )
+        if self._alive is not None:
+            alive, self._alive = self._alive, None  # a fresh mask for the next epoch
+            dead = 1.0 - float(alive.float().mean())
+            history[-1]["dead_feature_share"] = dead
+            if dead > self.cfg.dead_filter_share:
+                self._add(
+                    "dead_filters", epoch,
+                    f"{dead:.1%} of the {alive.numel()} features entering the classifier were zero "
+                    "for every training image this epoch (dead channels: zeroing out). Try batch "
+                    "norm, a lower learning rate, clip=agc, or alpha < 1.",
+                )
 
     def _check_stalled(self, history: list[dict[str, Any]], epoch: int) -> None:
         k = self.cfg.stall_epochs
         if len(history) < k:
             return
-        first = history[:k]
-        losses = [r["train_loss"] for r in first]
-        ref = max(abs(losses[0]), 1e-12)
-        moved = (max(losses) - min(losses)) / ref
-        at_chance = all(abs(r["train_acc"] - self.chance) <= self.cfg.stall_acc_margin for r in first)
-        if moved < self.cfg.stall_loss_change and at_chance:
-            self._add(
-                "stalled", epoch,
-                f"train loss moved {moved:.2%} over the first {k} epochs and accuracy stays at "
-                f"chance ({self.chance:.3f}). Usual causes: a learning rate far too high for the "
-                "input scale (saturated softmax), unnormalised features, softmax applied twice. "
-                "Try a 10x lower lr, standardised inputs, or a model that returns logits.",
-            )
+        window = history[-k:]  # any k consecutive epochs: the first may still hold the fall
+        losses = [r["train_loss"] for r in window]
+        if not all(math.isfinite(v) for v in losses):
+            return
+        moved = (max(losses) - min(losses)) / max(abs(losses[0]), 1e-12)
+        at_chance = all(abs(r["train_acc"] - self.chance) <= self.cfg.stall_acc_margin for r in window)
+        if moved >= self.cfg.stall_loss_change or not at_chance:
+            return
+        acc, loss = window[-1]["train_acc"], losses[-1]
+        saturated = math.log(math.e + self.num_classes - 1) - acc
+        if abs(loss - saturated) < 0.02:
+            cause = (f"The loss sits at log(e + {self.num_classes - 1}) - accuracy = {saturated:.3f}: the "
+                     "cross-entropy of one-hot probabilities taken as logits. The model applies softmax "
+                     "before the loss and that softmax has saturated, so no gradient flows. Return "
+                     "logits; standardise the inputs (probe_standardize=true) or lower the lr.")
+        else:
+            cause = ("Usual causes: a learning rate far too high for the input scale (saturated "
+                     "softmax), unnormalised features, softmax applied twice. Try a 10x lower lr, "
+                     "standardised inputs, or a model that returns logits.")
+        self._add(
+            "stalled", epoch,
+            f"train loss moved {moved:.2%} over epochs {window[0]['epoch']}-{window[-1]['epoch']} and "
+            f"accuracy stays at chance ({self.chance:.3f}). {cause}",
+        )
 
     def _check_overfitting(self, history: list[dict[str, Any]], epoch: int) -> None:
         p = self.cfg.overfit_patience
@@ -137,3 +204,33 @@ class Monitor:
                 f"test loss has risen since epoch {start} while train loss keeps falling. Consider "
                 "stronger augmentation, weight decay, label smoothing, or stopping at best.pt.",
             )
+
+
+# Columns of metrics.csv that measure time or follow the schedule, not the model: two runs with
+# the same numbers but different lr (seed 002's 3.1 at 0.05, 3.3 at 0.1) are still one table.
+_NOT_COMPARED = {"epoch", "lr"}
+
+
+def identical_runs(run_dirs: list[str | Path]) -> list[tuple[Path, Path]]:
+    """Pairs of runs whose per-epoch metrics are identical, timing and lr columns aside.
+
+    Compares the columns both runs recorded, every epoch, to the 6 significant digits of
+    metrics.csv. A deterministic rerun of the same recipe and seed also matches: the report says
+    whether the configs differ. Runs without metrics are skipped.
+    """
+    from ..rundir import TIMING_COLUMNS, read_metrics
+
+    tables = []
+    for run in run_dirs:
+        rows = read_metrics(run)
+        if rows:
+            tables.append((Path(run), rows))
+    pairs = []
+    for (a, ra), (b, rb) in itertools.combinations(tables, 2):
+        if len(ra) != len(rb):
+            continue
+        cols = (set(ra[0]) & set(rb[0])) - _NOT_COMPARED - set(TIMING_COLUMNS)
+        cols = {c for c in cols if not c.endswith("_s")}  # any later timing column
+        if cols and all(x.get(c) == y.get(c) for x, y in zip(ra, rb) for c in cols):
+            pairs.append((a, b))
+    return pairs
