@@ -71,7 +71,7 @@ def accuracy_table(runs: dict[float, dict[int, Run]]) -> tuple[str, float]:
     base = runs.get(1.0, {})
     dead = any(r.final.get("dead_filter_share") is not None for a in runs.values() for r in a.values())
     head = ["alpha", "seeds", "val %", "test %", "Δ test vs α=1, 95% CI", "train %", "Δ train vs α=1",
-            "gap (train-test)", "train loss", "logit norm"] + (["dead filters %"] if dead else [])
+            "gap (train-test)", "train loss", "test loss", "logit norm"] + (["dead filters %"] if dead else [])
     lines = ["| " + " | ".join(head) + " |", "|" + "---|" * len(head)]
     val_means = {}
     for alpha, seeds in runs.items():
@@ -88,6 +88,7 @@ def accuracy_table(runs: dict[float, dict[int, Run]]) -> tuple[str, float]:
             "baseline" if alpha == 1.0 else (fmt_ci(*paired(d_train)) if d_train else "-"),
             mean_sd([final(r, "gap") for r in rs]),
             mean_sd([final(r, "train_loss", 1.0) for r in rs], 4),
+            mean_sd([final(r, "test_loss", 1.0) for r in rs], 3),
             mean_sd([final(r, "logit_norm", 1.0) for r in rs]),
         ]
         if dead:
