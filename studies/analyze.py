@@ -155,11 +155,35 @@ def ls_gap(runs: dict[float, dict[int, Run]], ls_runs: dict[float, dict[int, Run
     return "\n".join(lines)
 
 
+def compute(paths: list[str]) -> str:
+    """Wall-clock time of every run (summary.json wall_s) and the CPU threads it used."""
+    lines = ["| setting | runs | wall-clock hours | threads | CPU-hours (wall x threads) |", "|---|---|---|---|---|"]
+    total = 0.0
+    for path in paths:
+        done, others = load_runs([path])
+        runs = done + others
+        hours = sum(float(r.summary.get("wall_s", 0.0)) for r in runs) / 3600
+        threads = sorted({r.summary.get("env", {}).get("cpu_threads") for r in runs} - {None})
+        cpu = sum(float(r.summary.get("wall_s", 0.0)) * (r.summary.get("env", {}).get("cpu_threads") or 1)
+                  for r in runs) / 3600
+        total += cpu
+        lines.append(f"| {path} | {len(runs)} | {hours:.2f} | {', '.join(map(str, threads))} | {cpu:.2f} |")
+    lines.append(f"| total | | | | {total:.2f} |")
+    return "\n".join(lines)
+
+
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    ap.add_argument("setting", help="a folder of runs (one setting, several alphas and seeds)")
+    ap.add_argument("setting", nargs="+", help="a folder of runs (one setting, several alphas and seeds)")
     ap.add_argument("--ls", help="the same setting with label smoothing, for the gap comparison")
+    ap.add_argument("--compute", action="store_true", help="only the compute spent by the settings given")
     args = ap.parse_args()
+    if args.compute:
+        print(compute(args.setting))
+        return
+    if len(args.setting) > 1:
+        ap.error("one setting at a time (several only with --compute)")
+    args.setting = args.setting[0]
     runs = by_alpha_seed(args.setting)
     table, picked = accuracy_table(runs)
     print(f"### {args.setting}\n\nFinal epoch; mean ± std over seeds; Δ = paired difference from "
