@@ -73,3 +73,10 @@ def test_time_to_accuracy_benchmark(run_bench, jpeg_folder, tmp_path):
     assert [r["alpha"] for r in rows[:2]] == [1.0, 0.5]
     assert rows[0]["epochs_to_target"] == 1
     assert rows[-1]["benchmark"] == "time_to_accuracy_best"
+
+
+def test_gpu_resnet50_benchmark_runs_on_cpu(run_bench):
+    rows = run_bench("gpu_resnet50.py", "--model", "resnet20", "--img-size", "16", "--batch-size", "4",
+                     "--steps", "1", "--rounds", "1", "--amp", "none", "--modes", "eager,channels_last",
+                     "--device", "cpu")
+    assert [r["impl"] for r in rows] == ["eager", "channels_last"] and rows[0]["ratio"] == 1.0
