@@ -79,7 +79,8 @@ def main() -> None:
         ap.error("--data PATH or POWERGRAD_DATA is required (a folder with train/ and test/)")
     max_batches = args.images // args.batch_size if args.images else None
 
-    os.environ["POWERGRAD_CACHE"] = tempfile.mkdtemp(prefix="pg-cache-")  # a fresh cache: decode once
+    cache = tempfile.TemporaryDirectory(prefix="pg-cache-")
+    os.environ["POWERGRAD_CACHE"] = cache.name  # a fresh cache: the first epoch decodes
     cfg = load_config(None, {"dataset": "imagefolder", "data_dir": args.data, "workers": args.workers,
                              "batch_size": args.batch_size, "augment": "cifar", "device": "cpu"})
     tic = time.perf_counter()
@@ -101,6 +102,7 @@ def main() -> None:
         n_pg, s_pg = time_epoch(pg.train, max_batches)
         rates["torchvision"].append(n_tv / s_tv)
         rates["powergrad"].append(n_pg / s_pg)
+    cache.cleanup()
     med = {k: statistics.median(v) for k, v in rates.items()}
     common = {"workers": args.workers, "batch_size": args.batch_size, "train_images": len(pg.train) * args.batch_size,
               "timed_images_per_epoch": args.images or "all", "rounds": args.rounds,
