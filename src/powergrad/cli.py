@@ -57,21 +57,21 @@ def cmd_train(ns: argparse.Namespace) -> int:
             recipe = str(Path(ns.out) / "config.yaml")
     cfg = load_config(recipe, overrides)
     if cfg.nproc > 1 and "WORLD_SIZE" not in os.environ:
-        return _relaunch_with_torchrun(cfg.nproc)
+        return _relaunch_with_torchrun(cfg.nproc, ns)
     result = train(cfg, out=ns.out, overwrite=ns.overwrite)
     if result.run_dir is not None:
         print(f"run directory: {result.run_dir}")
     return 0
 
 
-def _relaunch_with_torchrun(nproc: int) -> int:
+def _relaunch_with_torchrun(nproc: int, ns: argparse.Namespace) -> int:
     """``nproc=K``: the same command under torchrun on this machine (K processes)."""
-    import subprocess
+    from .engine.distributed import launch_local
 
-    argv = [a for a in sys.argv[1:] if not a.startswith("nproc=")]
-    cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone",
-           f"--nproc_per_node={nproc}", "-m", "powergrad", *argv]
-    return subprocess.call(cmd)
+    argv = ["train", *(a for a in ns.args if not a.startswith("nproc="))]
+    argv += ["--out", ns.out] if ns.out else []
+    argv += ["--overwrite"] if ns.overwrite else []
+    return launch_local(nproc, argv)
 
 
 def cmd_eval(ns: argparse.Namespace) -> int:

@@ -1,19 +1,34 @@
 """Data-parallel set-up through torchrun's environment (RANK, WORLD_SIZE, LOCAL_RANK).
 
 One process per device; NCCL on GPUs, gloo on CPUs. Without torchrun's variables everything
-here is a no-op and training runs in one process.
+here is a no-op and training runs in one process. ``launch_local`` is ``nproc=K``: torchrun's
+own agent, run in this process, with pre-emption signals passed on to the workers.
+See docs/distributed.md.
 """
 
 from __future__ import annotations
 
 import datetime
+import logging
 import os
+import signal
+import sys
 from dataclasses import dataclass
+from pathlib import Path
 
 import torch
 import torch.distributed as dist
 
-__all__ = ["DistInfo", "init_distributed", "all_reduce_sum", "cleanup"]
+__all__ = [
+    "DistInfo", "init_distributed", "all_reduce_sum", "all_reduce_max", "cleanup",
+    "raise_if_peer_failed", "launch_local", "PREEMPTION_SIGNALS",
+]
+
+# How clusters warn a job: SIGTERM (pre-emption, time limit) and SIGUSR1 (SLURM --signal=USR1@T).
+PREEMPTION_SIGNALS = tuple(s for s in (getattr(signal, "SIGTERM", None), getattr(signal, "SIGUSR1", None)) if s)
+
+# Words with which gloo reports that another process went away mid-collective.
+_PEER_GONE = ("Connection closed by peer", "Connection reset by peer", "Broken pipe")
 
 
 @dataclass
@@ -52,9 +67,13 @@ def init_distributed(device: str = "auto") -> DistInfo:
     dev = pick_device(device, local)
     if world > 1 and not dist.is_initialized():
         backend = "nccl" if dev.type == "cuda" else "gloo"
-        # A short timeout so a rank that died is noticed in minutes, not the default 30.
+        # A collective waits at most this long for a missing rank (PyTorch's default is 10-30
+        # minutes). torchrun usually ends the group sooner: it stops every worker as soon as one
+        # exits non-zero. A whole ImageNet eval pass sits between two collectives, so not seconds.
         timeout = datetime.timedelta(seconds=int(os.environ.get("POWERGRAD_DIST_TIMEOUT", "300")))
         dist.init_process_group(backend, timeout=timeout, device_id=dev if dev.type == "cuda" else None)
+    if world > 1 and rank != 0:  # one copy of the progress lines: rank 0's; warnings from all
+        logging.getLogger("powergrad").setLevel(logging.WARNING)
     return DistInfo(rank=rank, world_size=world, local_rank=local, device=dev)
 
 
@@ -65,6 +84,96 @@ def all_reduce_sum(t: torch.Tensor, info: DistInfo) -> torch.Tensor:
     return t
 
 
+def all_reduce_max(t: torch.Tensor, info: DistInfo) -> torch.Tensor:
+    """Maximum of a tensor over all processes (in place); a no-op in one process."""
+    if info.enabled:
+        dist.all_reduce(t, op=dist.ReduceOp.MAX)
+    return t
+
+
 def cleanup(info: DistInfo) -> None:
     if info.enabled and dist.is_initialized():
         dist.destroy_process_group()
+
+
+def raise_if_peer_failed(error: BaseException, info: DistInfo) -> None:
+    """Turn "another process died under this collective" into one line (a UserError).
+
+    The process that failed prints its own message; the others would otherwise each add a
+    traceback from inside gloo that hides it.
+    """
+    if not info.enabled:
+        return
+    text = str(error)
+    if isinstance(error, dist.DistError) or any(w in text for w in _PEER_GONE):
+        from ..errors import UserError
+
+        first = text.strip().splitlines()[0][:160] if text.strip() else type(error).__name__
+        raise UserError(
+            f"rank {info.rank}: another process stopped during a collective; its own message says "
+            f"why ({first})"
+        ) from None
+
+
+# ----------------------------------------------------------------------------- nproc=K
+
+
+def launch_local(nproc: int, argv: list[str]) -> int:
+    """Run ``python -m powergrad ARGV`` as ``nproc`` processes on this machine; the exit code.
+
+    This process is torchrun's agent (``torch.distributed.run``, ``--standalone``). SIGTERM and
+    SIGUSR1 are handed to the workers, which stop at the next step, save and exit 0, so the run
+    exits 0 too (torchrun's own handling would exit 1 after any signal). A failed worker makes
+    torchrun stop the others; its exit code is returned, with one line naming it.
+    """
+    from torch.distributed.elastic.multiprocessing.api import SignalException
+    from torch.distributed.elastic.multiprocessing.errors import ChildFailedError
+    from torch.distributed.run import parse_args, run
+
+    # torchrun keeps SIGINT (Ctrl-C), SIGHUP and SIGQUIT: it passes them on and stops the workers.
+    args = parse_args([
+        "--standalone", f"--nproc_per_node={nproc}", "--signals_to_handle=SIGINT,SIGHUP,SIGQUIT",
+        "-m", "powergrad", *argv,
+    ])
+    previous = {s: signal.signal(s, _pass_to_children) for s in PREEMPTION_SIGNALS}
+    try:
+        run(args)
+    except ChildFailedError as e:
+        rank, failure = e.get_first_failure()
+        if failure.exitcode < 0:
+            how = f"was killed by {failure.signal_name()}"
+            code = 128 - failure.exitcode
+        else:
+            how, code = f"failed with exit code {failure.exitcode}", failure.exitcode
+        print(f"powergrad: error: rank {rank} of {nproc} {how}; torchrun stopped the others "
+              "(the failing rank's own message is above)", file=sys.stderr)
+        return code
+    except SignalException as e:
+        print(f"powergrad: stopped by {e.sigval.name}", file=sys.stderr)
+        return 128 + int(e.sigval)
+    finally:
+        for s, handler in previous.items():
+            signal.signal(s, handler)
+    return 0
+
+
+def _pass_to_children(signum: int, frame) -> None:
+    for pid in _child_pids():
+        try:
+            os.kill(pid, signum)
+        except ProcessLookupError:
+            pass
+
+
+def _child_pids() -> list[int]:
+    """This process's children, from /proc (torchrun's workers; Linux, where clusters run)."""
+    me, kids = os.getpid(), []
+    for stat in Path("/proc").glob("[0-9]*/stat"):
+        try:
+            # "pid (command) state ppid ...": the command may hold spaces and parentheses.
+            ppid = int(stat.read_text().rsplit(")", 1)[1].split()[1])
+        except (OSError, IndexError, ValueError):
+            continue
+        if ppid == me:
+            kids.append(int(stat.parent.name))
+    return kids

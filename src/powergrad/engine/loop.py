@@ -36,7 +36,14 @@ from ..monitor import EpochStats, Monitor
 from ..rundir import RunDir, environment, git_commit, new_run_name
 from ..tamper import PowerGradLoss
 from .checkpoint import find_resume_checkpoint, load_checkpoint, save_checkpoint
-from .distributed import DistInfo, all_reduce_sum, cleanup, init_distributed
+from .distributed import (
+    DistInfo,
+    all_reduce_max,
+    all_reduce_sum,
+    cleanup,
+    init_distributed,
+    raise_if_peer_failed,
+)
 from .optim import create_optimizer, create_scheduler
 
 log = logging.getLogger("powergrad")
@@ -93,6 +100,9 @@ def train(
             val_loader=loaders.val, extra_summary={"bad_images": info.bad_images},
             on_epoch=on_epoch,
         )
+    except RuntimeError as e:
+        raise_if_peer_failed(e, dist)
+        raise
     finally:
         cleanup(dist)
 
@@ -116,6 +126,9 @@ def fit(
     try:
         _seed_everything(cfg.seed)
         return run_training(model, train_loader, test_loader, cfg, dist, out=out, overwrite=overwrite)
+    except RuntimeError as e:
+        raise_if_peer_failed(e, dist)
+        raise
     finally:
         cleanup(dist)
 
@@ -253,12 +266,12 @@ def run_training(
     bad_step = torch.full((), -1, dtype=torch.long, device=device)
     status = "finished"
 
-    def checkpoint_state(epoch: int, step_in_epoch: int, stats: EpochStats | None) -> dict[str, Any]:
+    def checkpoint_state(epoch: int, step_in_epoch: int, stats: dict | None) -> dict[str, Any]:
         return {
             "model": model.state_dict(), "optimizer": optimizer.state_dict(),
             "scheduler": scheduler.state_dict(), "scaler": scaler.state_dict(),
             "epoch": epoch, "step_in_epoch": step_in_epoch, "global_step": global_step,
-            "epoch_stats": stats.state_dict() if stats is not None else None,
+            "epoch_stats": stats,
             "history": history, "best": best, "rng": _rng_state(),
             "config": cfg.to_dict(), "world_size": dist.world_size,
             "epoch_lr": lr_at_start, "fp16_skipped_updates": int(skipped_updates),
@@ -274,6 +287,8 @@ def run_training(
             stats = EpochStats(device, cfg.monitor.logit_stats)
             if partial is not None and skip_steps:
                 stats.load_state_dict(partial)
+                if not dist.is_main:  # the saved sums are over all processes: count them once
+                    stats.sums.zero_()
             partial = None
             # Resumed mid-epoch, the optimiser's lr has moved on: the row reports the epoch's first.
             lr_at_start = epoch_lr if skip_steps and epoch_lr is not None else optimizer.param_groups[0]["lr"]
@@ -300,12 +315,15 @@ def run_training(
                     if int(bad_step) >= 0:
                         raise DivergenceError(_divergence_message(int(bad_step), epoch, cfg))
                     if stopper.agreed(dist):
+                        sums = _global_epoch_stats(stats, dist)  # every rank: a collective
                         if dist.is_main:
-                            save_checkpoint(checkpoint_state(epoch, step + 1, stats), run.path / "last.pt")
+                            save_checkpoint(checkpoint_state(epoch, step + 1, sums), run.path / "last.pt")
                         status = "preempted"
                         break
-                    if mid_save and step + 1 < steps_per_epoch and dist.is_main:
-                        save_checkpoint(checkpoint_state(epoch, step + 1, stats), run.path / "last.pt")
+                    if mid_save and step + 1 < steps_per_epoch:
+                        sums = _global_epoch_stats(stats, dist)
+                        if dist.is_main:
+                            save_checkpoint(checkpoint_state(epoch, step + 1, sums), run.path / "last.pt")
             if status == "preempted":
                 break
             skip_steps = 0
@@ -471,6 +489,15 @@ class _PreemptionFlag:
             signal.signal(s, h)
 
 
+def _global_epoch_stats(stats: EpochStats, dist: DistInfo) -> dict[str, torch.Tensor]:
+    """The epoch's running sums over all processes, for a mid-epoch checkpoint that any number
+    of processes can resume (rank 0 loads them, the others start from zero)."""
+    state = stats.state_dict()
+    state["sums"] = all_reduce_sum(state["sums"].to(dist.device), dist).cpu()
+    state["logit_max"] = all_reduce_max(state["logit_max"].to(dist.device), dist).cpu()
+    return state
+
+
 def _divergence_message(step: int, epoch: int, cfg: Config) -> str:
     cause = (
         "fp16 overflow (try amp=bf16) or a learning rate too high"
@@ -566,6 +593,8 @@ def _read_checkpoint(path: str | Path) -> dict[str, Any]:
     try:
         return load_checkpoint(path)
     except UserError as not_ours:
+        if "refused" not in str(not_ours) and "not a powergrad checkpoint" not in str(not_ours):
+            raise  # truncated or garbage: the official reader would fail the same way
         from .official import read_official
 
         try:
@@ -603,12 +632,18 @@ def _default_out(cfg: Config) -> Path:
 
 def _load_model_state(model: nn.Module, state: dict[str, Any], path) -> None:
     state = {k.removeprefix("module.").removeprefix("_orig_mod."): v for k, v in state.items()}
-    try:
-        model.load_state_dict(state)
-    except RuntimeError as e:
-        lines = [ln.strip() for ln in str(e).splitlines() if ln.strip()]
-        detail = lines[1] if len(lines) > 1 else lines[0]
-        raise UserError(f"{path}: checkpoint does not fit the model ({detail[:200]})") from None
+    own = model.state_dict()
+    wrong = {
+        "shape mismatch": [f"{k} (file {list(v.shape)} vs model {list(own[k].shape)})"
+                           for k, v in state.items() if k in own and hasattr(v, "shape") and v.shape != own[k].shape],
+        "missing": [k for k in own if k not in state],
+        "unexpected": [k for k in state if k not in own],
+    }
+    problems = [f"{len(keys)} {what}: {', '.join(keys[:2])}{' ...' if len(keys) > 2 else ''}"
+                for what, keys in wrong.items() if keys]
+    if problems:  # one line that says which model the file was for, not torch's page of keys
+        raise UserError(f"{path}: checkpoint does not fit the model ({'; '.join(problems)})")
+    model.load_state_dict(state)
 
 
 def _param_groups(model: nn.Module, cfg: Config) -> list[dict]:
