@@ -21,7 +21,7 @@ import torch.distributed as dist
 
 __all__ = [
     "DistInfo", "init_distributed", "all_reduce_sum", "all_reduce_max", "cleanup",
-    "raise_if_peer_failed", "launch_local", "PREEMPTION_SIGNALS",
+    "check_same_everywhere", "raise_if_peer_failed", "launch_local", "PREEMPTION_SIGNALS",
 ]
 
 # How clusters warn a job: SIGTERM (pre-emption, time limit) and SIGUSR1 (SLURM --signal=USR1@T).
@@ -94,6 +94,29 @@ def all_reduce_max(t: torch.Tensor, info: DistInfo) -> torch.Tensor:
 def cleanup(info: DistInfo) -> None:
     if info.enabled and dist.is_initialized():
         dist.destroy_process_group()
+
+
+def check_same_everywhere(values: dict[str, int], info: DistInfo) -> None:
+    """Raise a UserError on every rank unless all ranks hold the same ``values``.
+
+    Where to resume and how many steps an epoch has must agree, or the processes fall out of
+    step (one waits in a collective the others never reach). They differ when the run directory
+    or the data is not the same on every node.
+    """
+    if not info.enabled:
+        return
+    t = torch.tensor(list(values.values()), dtype=torch.float64, device=info.device)
+    low, high = t.clone(), t.clone()
+    dist.all_reduce(low, op=dist.ReduceOp.MIN)
+    dist.all_reduce(high, op=dist.ReduceOp.MAX)
+    differ = [f"{k} from {lo:g} to {hi:g}" for k, lo, hi in zip(values, low.tolist(), high.tolist()) if lo != hi]
+    if differ:
+        from ..errors import UserError
+
+        raise UserError(
+            f"the {info.world_size} processes disagree ({'; '.join(differ)}): every node must see the "
+            "same data and the same run directory (a shared file system) to start or resume together"
+        )
 
 
 def raise_if_peer_failed(error: BaseException, info: DistInfo) -> None:

@@ -40,6 +40,7 @@ from .distributed import (
     DistInfo,
     all_reduce_max,
     all_reduce_sum,
+    check_same_everywhere,
     cleanup,
     init_distributed,
     raise_if_peer_failed,
@@ -250,6 +251,8 @@ def run_training(
         skipped_updates += int(state.get("fp16_skipped_updates", 0))
         _set_rng_state(state.get("rng"))
         log.info("resumed from %s at epoch %d, step %d", resume_path, start_epoch + 1, skip_steps)
+    where = {"epoch": start_epoch, "step": skip_steps, "steps_per_epoch": steps_per_epoch}
+    check_same_everywhere(where, dist)  # else the processes fall out of step and wait forever
     if run:  # written only now, so a resume that fails leaves the run's record as it was
         run.write_config(cfg.to_yaml())
         if continuing:  # the checkpoint's history is the record up to where it stopped
