@@ -150,7 +150,7 @@ def test_sigkill_at_random_moments_then_resume_is_exact(tmp_path, forkserver):
 def test_preempted_mid_epoch_resumes_exactly(tmp_path, capsys):
     """SIGTERM mid-epoch (how a cluster warns) saves the step and partial sums; resume is exact."""
     full, part = tmp_path / "full", tmp_path / "part"
-    args = ["train", "digits", "epochs=2", "batch_size=64", "alpha=0.5"]
+    args = ["train", "digits", "epochs=2", "batch_size=128", "alpha=0.5"]
     assert run_cli([*args, "--out", full], capsys)[0] == 0
 
     calls = {"n": 0}
@@ -160,7 +160,7 @@ def test_preempted_mid_epoch_resumes_exactly(tmp_path, capsys):
 
     def step_then_signal(*a, **k):
         calls["n"] += 1
-        if calls["n"] == 30:  # step 8 of epoch 2
+        if calls["n"] == 16:  # step 5 (0-based 4) of epoch 2's 11
             os.kill(os.getpid(), signal.SIGTERM)
         return real_step(*a, **k)
 
@@ -171,7 +171,7 @@ def test_preempted_mid_epoch_resumes_exactly(tmp_path, capsys):
         loop._train_step = real_step
     assert code == 0 and "pre-empted" in err
     state = load_checkpoint(part / "last.pt")
-    assert (state["epoch"], state["step_in_epoch"]) == (1, 8)
+    assert (state["epoch"], state["step_in_epoch"]) == (1, 5)
     assert run_cli([*args, "resume=auto", "--out", part], capsys)[0] == 0
     assert metrics(part) == metrics(full)
 
@@ -316,9 +316,9 @@ def test_every_load_in_the_package_is_safe():
             assert isinstance(kw.get("weights_only"), ast.Constant) and kw["weights_only"].value is True, \
                 f"{path}:{call.lineno}: torch.load without weights_only=True"
         for call in _calls(tree, "np.load"):
-            kw = {k.arg: k.value for k in call.keywords}
-            assert isinstance(kw.get("allow_pickle"), ast.Constant) and kw["allow_pickle"].value is False, \
-                f"{path}:{call.lineno}"
+            allow = {k.arg: k.value for k in call.keywords}.get("allow_pickle")  # default False
+            assert allow is None or (isinstance(allow, ast.Constant) and allow.value is False), \
+                f"{path}:{call.lineno}: np.load with allow_pickle"
         for bad in ("pickle.load", "pickle.loads", "yaml.load", "yaml.unsafe_load", "yaml.full_load"):
             assert not list(_calls(tree, bad)), f"{path}: {bad}"
     assert torch_loads >= 2  # engine/checkpoint.py and models/weights.py at least
@@ -399,7 +399,7 @@ def test_full_disk_while_saving_keeps_the_previous_checkpoint(finished_run, tmp_
     assert proc.returncode == 2, proc.stderr
     assert proc.stderr.splitlines() == [
         f"powergrad: error: cannot write checkpoint {run / 'last.pt'}: File too large; "
-        "the previous checkpoint is intact"
+        "the previous last.pt, if any, is intact"
     ]
     assert (run / "last.pt").read_bytes() == before
     assert load_checkpoint(run / "last.pt")["epoch"] == 2
@@ -416,7 +416,7 @@ def test_save_failure_midway_keeps_the_previous_file(tmp_path, monkeypatch):
         raise OSError(28, "No space left on device")
 
     monkeypatch.setattr(os, "fsync", full)
-    with pytest.raises(powergrad.UserError, match="No space left on device; the previous checkpoint is intact"):
+    with pytest.raises(powergrad.UserError, match="No space left on device; the previous last.pt, if any, is intact"):
         save_checkpoint({"model": {"w": torch.zeros(3)}}, path)
     assert path.read_bytes() == before and os.listdir(tmp_path) == ["last.pt"]
 
@@ -445,7 +445,7 @@ def _rss_kb() -> int:
 class _RssLoader:
     """Synthetic batches that also record resident memory every step they hand out."""
 
-    def __init__(self, samples: list[int], steps=40, batch=32):
+    def __init__(self, samples: list[int], steps=100, batch=32):
         g = torch.Generator().manual_seed(0)
         self.x = torch.randn(steps * batch, 64, generator=g)
         self.y = torch.randint(0, 10, (steps * batch,), generator=g)
@@ -466,8 +466,8 @@ def test_memory_stays_flat_over_hundreds_of_steps(tmp_path):
     torch.manual_seed(0)
     model = torch.nn.Sequential(torch.nn.Linear(64, 256), torch.nn.ReLU(), torch.nn.Linear(256, 10))
     test = _RssLoader([], steps=4)
-    powergrad.fit(model, _RssLoader(samples), test, out=tmp_path / "run", epochs=10, lr=0.05,
-                  device="cpu", checkpoint_every_steps=10)
+    powergrad.fit(model, _RssLoader(samples), test, out=tmp_path / "run", epochs=4, lr=0.05,
+                  device="cpu", checkpoint_every_steps=50)
     assert len(samples) == 400
     warm = samples[100:]  # after the first epochs have allocated what they keep
     growth_mb = (max(warm[-50:]) - min(warm[:50])) / 1024

@@ -13,7 +13,6 @@ import logging
 import os
 import pickle
 import tempfile
-import zipfile
 from pathlib import Path
 from typing import Any
 
@@ -55,8 +54,8 @@ def save_checkpoint(state: dict[str, Any], path: str | Path) -> None:
         cause = e if isinstance(e, OSError) else (writer.error if writer else None)
         if cause is not None:
             raise UserError(
-                f"cannot write checkpoint {path}: {cause.strerror or cause}; the previous checkpoint "
-                "is intact"
+                f"cannot write checkpoint {path}: {cause.strerror or cause}; the previous "
+                f"{path.name}, if any, is intact"
             ) from None
         raise
     _fsync_dir(path.parent)
@@ -112,15 +111,16 @@ def load_checkpoint(path: str | Path) -> dict[str, Any]:
     try:
         state = torch.load(path, map_location="cpu", weights_only=True)
     except pickle.UnpicklingError as e:
-        msg = str(e).splitlines()[0] if str(e) else "unpickling failed"
-        if "weights_only" in str(e) or "Unsupported global" in str(e):
-            msg = "refused: it holds objects other than tensors and plain values (possible code)"
+        if "Unsupported global" in str(e) or "GLOBAL" in str(e):
+            msg = "refused: it asks to build objects other than tensors and plain values (possible code); nothing was run"
+        else:  # "Unsupported operand": bytes that are not a pickle at all
+            msg = "truncated or not a checkpoint file"
         raise UserError(f"{path}: not a loadable checkpoint ({msg})") from None
     except Exception as e:  # noqa: BLE001 - on garbage the unpickler raises IndexError, KeyError, ...
-        first = str(e).splitlines()[0] if str(e) else type(e).__name__
-        if isinstance(e, (EOFError, zipfile.BadZipFile, IndexError, KeyError)) or "zip" in first.lower():
-            first = "truncated or not a checkpoint file"
-        raise UserError(f"{path}: cannot read checkpoint ({first})") from None
+        if isinstance(e, (PermissionError, IsADirectoryError)):
+            raise UserError(f"{path}: cannot read checkpoint ({e.strerror})") from None
+        # A cut-off zip gives OSError(EINVAL), RuntimeError or BadZipFile, garbage IndexError...
+        raise UserError(f"{path}: cannot read checkpoint (truncated or not a checkpoint file)") from None
     if not isinstance(state, dict) or "model" not in state:
         raise UserError(f"{path}: not a powergrad checkpoint (no 'model' entry)")
     version = state.get("format_version", FORMAT_VERSION)
@@ -149,8 +149,9 @@ def find_resume_checkpoint(run_dir: str | Path) -> Path | None:
             load_checkpoint(p)
         except UserError as e:
             problems.append(str(e))
-            log.warning("skipping %s", e)
             continue
+        for problem in problems:
+            log.warning("skipping %s", problem)
         if problems:
             log.warning("resuming from %s, the newest checkpoint that loads", p)
         return p

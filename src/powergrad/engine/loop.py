@@ -596,6 +596,8 @@ def _read_checkpoint(path: str | Path) -> dict[str, Any]:
     try:
         return load_checkpoint(path)
     except UserError as not_ours:
+        if "refused" not in str(not_ours) and "not a powergrad checkpoint" not in str(not_ours):
+            raise  # truncated or garbage: the official reader would fail the same way
         from .official import read_official
 
         try:
@@ -633,12 +635,18 @@ def _default_out(cfg: Config) -> Path:
 
 def _load_model_state(model: nn.Module, state: dict[str, Any], path) -> None:
     state = {k.removeprefix("module.").removeprefix("_orig_mod."): v for k, v in state.items()}
-    try:
-        model.load_state_dict(state)
-    except RuntimeError as e:
-        lines = [ln.strip() for ln in str(e).splitlines() if ln.strip()]
-        detail = lines[1] if len(lines) > 1 else lines[0]
-        raise UserError(f"{path}: checkpoint does not fit the model ({detail[:200]})") from None
+    own = model.state_dict()
+    wrong = {
+        "shape mismatch": [f"{k} (file {list(v.shape)} vs model {list(own[k].shape)})"
+                           for k, v in state.items() if k in own and hasattr(v, "shape") and v.shape != own[k].shape],
+        "missing": [k for k in own if k not in state],
+        "unexpected": [k for k in state if k not in own],
+    }
+    problems = [f"{len(keys)} {what}: {', '.join(keys[:2])}{' ...' if len(keys) > 2 else ''}"
+                for what, keys in wrong.items() if keys]
+    if problems:  # one line that says which model the file was for, not torch's page of keys
+        raise UserError(f"{path}: checkpoint does not fit the model ({'; '.join(problems)})")
+    model.load_state_dict(state)
 
 
 def _param_groups(model: nn.Module, cfg: Config) -> list[dict]:
