@@ -93,6 +93,29 @@ def trainer(recipe: dict, alpha: float, out: Path) -> tuple[list[float], float]:
     return [row["epoch_s"] for row in result.history], time.perf_counter() - wall0
 
 
+def bookkeeping_s(batch_size: int, num_classes: int = 10, reps: int = 200) -> float:
+    """Seconds per step of the loop's own per-step work, timed alone on the CPU with the loop's
+    real objects: EpochStats.update (device-side metric sums), the non-finite flag, the per-update
+    scheduler step. A noise-proof bound on the overhead, next to the end-to-end ratio."""
+    from powergrad.engine.optim import create_optimizer, create_scheduler
+    from powergrad.monitor import EpochStats
+
+    cfg = load_config(None, {"dataset": "synthetic"})
+    stats = EpochStats(torch.device("cpu"), logit_stats=True)
+    opt = create_optimizer([torch.nn.Parameter(torch.zeros(1))], cfg)
+    sched = create_scheduler(opt, cfg, reps)
+    logits, y = torch.randn(batch_size, num_classes), torch.randint(0, num_classes, (batch_size,))
+    loss = torch.tensor(1.0)
+    bad = torch.full((), -1, dtype=torch.long)
+    tic = time.perf_counter()
+    for step in range(reps):
+        stats.update(loss, logits, y)
+        bad = torch.where((bad < 0) & ~torch.isfinite(loss), step, bad)
+        sched.step_update(step + 1)
+        int(bad)
+    return (time.perf_counter() - tic) / reps
+
+
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--model", default="resnet20")
@@ -103,9 +126,14 @@ def main() -> None:
     ap.add_argument("--alphas", default="1,0.25")
     ap.add_argument("--device", default="cpu")
     ap.add_argument("--threads", type=int, default=0, help="torch CPU threads (0: torch's default)")
+    ap.add_argument("--only-bookkeeping", action="store_true", help="time only the loop's per-step work")
     args = ap.parse_args()
     if args.threads:
         torch.set_num_threads(args.threads)
+    if args.only_bookkeeping:
+        print(json.dumps({"benchmark": "trainer_bookkeeping", "seconds_per_step": round(bookkeeping_s(args.batch_size), 6),
+                          "batch_size": args.batch_size, "threads": torch.get_num_threads()}))
+        return
     if args.epochs < 2:
         ap.error("--epochs must be at least 2 (the first is warm-up)")
 
@@ -132,6 +160,12 @@ def main() -> None:
             wall[name].append(w)
     tmp.cleanup()
     med = {k: statistics.median(v) for k, v in rate.items()}
+    book = bookkeeping_s(args.batch_size)
+    print(json.dumps({
+        "benchmark": "trainer_bookkeeping", "seconds_per_step": round(book, 6),
+        "share_of_bare_step": round(book * med["bare"], 5), "batch_size": args.batch_size,
+        "threads": torch.get_num_threads(),
+    }))
     for name in names[1:]:
         paired = [t / b for t, b in zip(rate[name], rate["bare"])]
         print(json.dumps({
