@@ -167,6 +167,7 @@ def _fail_dead_trials(study: optuna.Study) -> None:
 
 
 def _enqueue_missing(study: optuna.Study, points: list[dict[str, Any]]) -> int:
+    """Enqueue the points with no trial done, running or waiting; return how many."""
     live = (*DONE, TrialState.RUNNING, TrialState.WAITING)
     have = {_key(t.params or t.system_attrs.get("fixed_params", {})) for t in study.get_trials(deepcopy=False, states=live)}
     n = 0
@@ -314,8 +315,9 @@ def run_sweep(
     study = _open_study(url, space, _pruner(prune, base.epochs))
     _check_same_sweep(study, recipe, space, fixed)
     _fail_dead_trials(study)
-    queued = _enqueue_missing(study, points)
-    log.info("sweep %s: %d points, %d to run, %d worker(s), storage %s", out, len(points), queued, workers, url)
+    _enqueue_missing(study, points)
+    todo = len(study.get_trials(deepcopy=False, states=(TrialState.WAITING,)))
+    log.info("sweep %s: %d points, %d to run, %d worker(s), storage %s", out, len(points), todo, workers, url)
     if workers == 1:
         _worker(spec)
     else:

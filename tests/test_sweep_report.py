@@ -1,0 +1,112 @@
+"""Sweeps (grid x seeds on digits: interrupted and continued, two workers, failures, pruning),
+and the table and figures read back from their run directories."""
+
+from __future__ import annotations
+
+import os
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import optuna
+import pytest
+
+from powergrad.cli import main
+from powergrad.sweep import parse_grid, run_sweep
+
+# A small conv net on digits (so the filter-norm figures have convs), 2 epochs on 300 images.
+TINY = ["model=convnet", "model_kwargs={widths: [4, 8], hidden: 16}", "epochs=2", "train_subset=300",
+        "monitor.filter_norms=true", "monitor.filter_norms_every=5"]
+FIGURES = ["transformed_distribution.png", "accuracy_loglog.png", "loss_curves.png", "accuracy_vs_alpha.png",
+           "logit_stats.png", "logit_stats_vs_alpha.png", "loss_vs_logit_norm.png"]
+
+
+def _study(out: Path) -> optuna.Study:
+    return optuna.load_study(study_name="powergrad-sweep", storage=f"sqlite:///{out.resolve() / 'study.db'}")
+
+
+def _finished(out: Path) -> list[Path]:
+    return [p for p in out.glob("*/summary.json") if '"finished"' in p.read_text()]
+
+
+def _mid_trial(out: Path) -> bool:
+    return any((d / "metrics.csv").is_file() and not (d / "summary.json").is_file() for d in out.glob("*=*"))
+
+
+def test_parse_grid_splits_axes_from_fixed_keys():
+    recipe, axes, fixed = parse_grid(["digits", "alpha=1,0.5", "decay_milestones=3,6", "model_kwargs={a: [1, 2]}", "lr=0.1"])
+    assert recipe == "digits" and axes == {"alpha": ["1", "0.5"]}
+    assert fixed == {"decay_milestones": "3,6", "model_kwargs": "{a: [1, 2]}", "lr": "0.1"}
+
+
+def test_digits_sweep_interrupted_continued_then_report_and_plot(tmp_path, capsys):
+    out = tmp_path / "sweep"
+    args = ["sweep", "digits", "alpha=1,0.5,0.25", *TINY, "--seeds", "2", "--out", str(out)]
+    proc = subprocess.Popen([sys.executable, "-m", "powergrad", *args], stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    deadline = time.time() + 240
+    while time.time() < deadline and proc.poll() is None and not (len(_finished(out)) >= 2 and _mid_trial(out)):
+        time.sleep(0.1)
+    proc.kill()  # SIGKILL: no clean-up, a trial left RUNNING in the study
+    proc.wait()
+    done_before = {p: p.stat().st_mtime_ns for p in _finished(out)}
+    assert 2 <= len(done_before) < 6
+
+    assert main(args) == 0  # the same command continues the sweep
+    printed = capsys.readouterr().out
+    assert "epochs trained 12 of the full grid's 12" in printed
+    study = _study(out)
+    complete = [t for t in study.trials if t.state == optuna.trial.TrialState.COMPLETE]
+    points = {(t.params["alpha"], t.params["seed"]) for t in complete}
+    assert len(complete) == len(points) == 6  # every point once
+    assert all(p.stat().st_mtime_ns == m for p, m in done_before.items())  # not re-run
+    interrupted = [t for t in study.trials if t.state == optuna.trial.TrialState.FAIL]
+    assert all("interrupted" in t.user_attrs["error"] for t in interrupted)
+
+    assert main(["report", str(out)]) == 0
+    table = capsys.readouterr().out
+    rows = [ln for ln in table.splitlines() if ln.startswith("| convnet")]
+    assert len(rows) == 3 and all(" ± " in r and "| 2 |" in r for r in rows)
+    assert "+0.00 | +0.00" in rows[0]  # alpha = 1 is its own baseline
+    assert main(["report", str(out), "--format", "csv"]) == 0
+    assert len(capsys.readouterr().out.strip().splitlines()) == 4  # header + 3 settings
+
+    figs = tmp_path / "figs"
+    assert main(["plot", str(out), "--out", str(figs)]) == 0
+    names = {p.name for p in figs.iterdir()}
+    assert set(FIGURES) <= names
+    assert sum(n.startswith("filter_norms-") for n in names) == 6
+    assert sum(n.startswith("pooled_features-") for n in names) == 6
+
+
+def test_two_workers_share_a_sweep_and_failed_trials_are_recorded(tmp_path):
+    out = tmp_path / "sweep"
+    result = run_sweep("digits", {"alpha": ["1", "0.5"], "model": ["mlp", "no_such_model"]}, out,
+                       fixed={"epochs": 1, "train_subset": 200}, workers=2)
+    study = _study(out)
+    assert len(study.trials) == 4  # no point ran twice
+    states = {(t.params["alpha"], t.params["model"]): t.state.name for t in study.trials}
+    assert states[("1", "mlp")] == states[("0.5", "mlp")] == "COMPLETE"
+    failed = [t for t in study.trials if t.state == optuna.trial.TrialState.FAIL]
+    assert len(failed) == 2 and all("UserError: unknown model" in t.user_attrs["error"] for t in failed)
+    assert sorted(r["state"] for r in result.trials) == ["COMPLETE", "COMPLETE", "FAIL", "FAIL"]
+    assert len({t.user_attrs["run_dir"] for t in study.trials}) == 4
+
+
+def test_prune_stops_a_clearly_worse_trial(tmp_path):
+    result = run_sweep("digits", {"lr": ["0.05", "0.04", "0.03", "1e-5"]}, tmp_path / "sweep",
+                       fixed={"epochs": 4, "train_subset": 200}, prune=True)
+    by_point = {r["point"]: r for r in result.trials}
+    worst = by_point["lr=1e-5,seed=0"]
+    assert worst["state"] == "PRUNED" and worst["epochs_done"] < 4
+    assert result.epochs_run < result.epochs_full == 16
+
+
+def test_sweep_refuses_bad_values_and_another_grid_before_running(tmp_path, capsys):
+    out = tmp_path / "sweep"
+    assert main(["sweep", "digits", "alpha=1,-1", "--out", str(out)]) == 2
+    assert "alpha" in capsys.readouterr().err and not out.exists()
+    run_sweep("digits", {"alpha": ["1"]}, out, fixed={"epochs": 1, "train_subset": 100})
+    with pytest.raises(Exception, match="another sweep"):
+        run_sweep("digits", {"alpha": ["0.5"]}, out, fixed={"epochs": 1, "train_subset": 100})
+    assert os.path.isdir(out / "alpha=1,seed=0")
