@@ -31,6 +31,7 @@ import threading
 import time
 import traceback
 import typing
+import warnings
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any
@@ -44,6 +45,9 @@ from .errors import UserError
 __all__ = ["run_sweep", "parse_grid", "SweepResult", "run_name"]
 
 log = logging.getLogger("powergrad")
+# The heartbeat (RDBStorage(heartbeat_interval=...), fail_stale_trials) is marked experimental.
+warnings.filterwarnings("ignore", category=optuna.exceptions.ExperimentalWarning, module="optuna")
+warnings.filterwarnings("ignore", category=optuna.exceptions.ExperimentalWarning, module=__name__)
 
 STUDY_NAME = "powergrad-sweep"
 HEARTBEAT_S = 30  # a worker records that its trial is alive this often
@@ -128,11 +132,20 @@ def _storage(url: str) -> optuna.storages.RDBStorage:
         raise UserError(f"cannot open sweep storage {url}: {str(e).splitlines()[0][:200]}") from None
 
 
+class _GridQueueSampler(optuna.samplers.GridSampler):
+    """GridSampler for trials enqueued with fixed grid parameters: the workers stop when the
+    queue is empty, so ``after_trial`` (which calls ``study.stop()`` by counting the grid ids of
+    sampled trials, and fails on enqueued ones) is not needed."""
+
+    def after_trial(self, study, trial, state, values) -> None:
+        return None
+
+
 def _open_study(url: str, space: dict[str, list], pruner: optuna.pruners.BasePruner | None) -> optuna.Study:
     optuna.logging.set_verbosity(optuna.logging.WARNING)
     return optuna.create_study(
         study_name=STUDY_NAME, storage=_storage(url), load_if_exists=True, direction="maximize",
-        sampler=optuna.samplers.GridSampler(space, seed=0),
+        sampler=_GridQueueSampler(space, seed=0),
         pruner=pruner or optuna.pruners.NopPruner(),
     )
 
