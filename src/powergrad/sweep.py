@@ -280,8 +280,24 @@ def _worker(spec: dict[str, Any], threads: int | None = None) -> None:
         torch.set_num_threads(threads)
     study = _open_study(spec["storage"], spec["grid_space"], _pruner(spec["prune"], spec["epochs"]))
     while (trial := _claim(study)) is not None:
+        if _is_duplicate(study, trial):
+            continue
         if _run_trial(study, trial, spec) == "preempted":
             break
+
+
+def _is_duplicate(study: optuna.Study, trial: optuna.Trial) -> bool:
+    """Workers started at the same moment on two machines may both enqueue a point: the later
+    trial of a point that is done or running gives way (FAIL, 'duplicate of trial N')."""
+    mine = study._storage.get_trial(trial._trial_id)
+    key = _key(mine.system_attrs.get("fixed_params", {}))
+    for t in study.get_trials(deepcopy=False, states=(*DONE, TrialState.RUNNING)):
+        same = _key(t.params or t.system_attrs.get("fixed_params", {})) == key
+        if same and t.number != mine.number and (t.state in DONE or t.number < mine.number):
+            trial.set_user_attr("error", f"duplicate of trial {t.number}")
+            study.tell(trial, state=TrialState.FAIL)
+            return True
+    return False
 
 
 # ----------------------------------------------------------------------------- the sweep

@@ -37,7 +37,6 @@ import matplotlib.pyplot as plt  # noqa: E402
 import numpy as np  # noqa: E402
 
 from ..errors import UserError  # noqa: E402
-from ..monitor.filters import read_filter_norms  # noqa: E402
 from ..rundir import read_metrics  # noqa: E402
 from .tables import MACHINERY, Run, load_runs  # noqa: E402
 
@@ -255,6 +254,9 @@ def make_figures(paths: list[str | Path], out: str | Path | None = None) -> list
     written.append(plot_accuracy_vs_alpha(families, out / "accuracy_vs_alpha.png"))
     written.append(plot_logit_stats_vs_alpha(families, out / "logit_stats_vs_alpha.png"))
     written.append(plot_loss_vs_logit_norm(runs, out / "loss_vs_logit_norm.png"))
+    from .. import engine  # noqa: F401  (monitor and engine import each other: engine first)
+    from ..monitor.filters import read_filter_norms
+
     unique = len({r.path.name for r in runs}) == len(runs)
     for r in runs:
         data = read_filter_norms(r.path)
