@@ -9,7 +9,8 @@ What is timed: the training steps of each epoch after the first (warm-up), on bo
 trainer's own ``epoch_s`` covers exactly its step loop (data, step, device-side metrics, flags).
 Evaluation, checkpoints and the run directory are outside it; ``wall_ratio`` compares whole calls
 (trainer: set-up, eval each epoch, checkpoints, plots; bare: set-up and the same eval each epoch)
-as context. Variants run interleaved, one of each per round; medians over rounds.
+as context. Variants run interleaved, one of each per round, in an order rotated each round;
+medians over rounds.
 
     python benchmarks/trainer_overhead.py [--steps 10] [--epochs 3] [--rounds 5] [--batch-size 128]
         [--model resnet20] [--alphas 1,0.25] [--device cpu]
@@ -149,8 +150,8 @@ def main() -> None:
     names = ["bare", *(f"trainer_alpha{a:g}" for a in alphas)]
     rate: dict[str, list[float]] = {k: [] for k in names}  # steps/s per round
     wall: dict[str, list[float]] = {k: [] for k in names}
-    for _ in range(args.rounds):
-        for name in names:
+    for r in range(args.rounds):
+        for name in names[r % len(names):] + names[:r % len(names)]:  # rotate: no variant always last
             if name == "bare":
                 epoch_s, w = bare_loop(recipe, device)
             else:
