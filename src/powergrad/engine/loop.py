@@ -85,7 +85,7 @@ def train(
     if cfg.probe_layer:  # features computed once, then this loop on the head (powergrad.probe)
         from ..probe import train_probe
 
-        return train_probe(cfg, out, overwrite=overwrite)
+        return train_probe(cfg, out, overwrite=overwrite, on_epoch=on_epoch)
     from ..data import create_loaders
     from ..models import create_model
 
