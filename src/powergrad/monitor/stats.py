@@ -2,10 +2,14 @@
 
 from __future__ import annotations
 
+from typing import TYPE_CHECKING
+
 import torch
+import torch.distributed
 from torch import Tensor
 
-from ..engine.distributed import DistInfo, all_reduce_sum
+if TYPE_CHECKING:  # the engine imports the monitor; no import back at run time
+    from ..engine.distributed import DistInfo
 
 # Order of the entries in the one sum vector (one all-reduce per epoch in distributed runs).
 _FIELDS = ("loss_sum", "correct", "count", "norm_sum", "logit_sum", "logit_sq_sum", "logit_n")
@@ -43,7 +47,9 @@ class EpochStats:
         self.logit_max = state["logit_max"].to(self.device)
 
     def compute(self, dist: DistInfo) -> dict[str, float]:
-        sums = all_reduce_sum(self.sums.clone(), dist)
+        sums = self.sums.clone()
+        if dist.enabled:
+            torch.distributed.all_reduce(sums, op=torch.distributed.ReduceOp.SUM)
         lmax = self.logit_max.clone()
         if dist.enabled:
             torch.distributed.all_reduce(lmax, op=torch.distributed.ReduceOp.MAX)
