@@ -29,7 +29,7 @@ __all__ = ["RunDir", "METRIC_COLUMNS", "read_metrics", "read_summary", "environm
 METRIC_COLUMNS = [
     "epoch", "lr", "train_loss", "train_acc", "test_loss", "test_acc", "test_top5", "gap",
     "val_loss", "val_acc", "logit_norm", "logit_mean", "logit_max", "logit_var",
-    "dead_filter_share",
+    "dead_filter_share", "dead_feature_share",
     "epoch_s", "train_img_s",
 ]
 TIMING_COLUMNS = ("epoch_s", "train_img_s")
