@@ -488,6 +488,10 @@ class _PreemptionFlag:
         return bool(all_reduce_sum(flag, dist) > 0)
 
     def restore(self) -> None:
+        if self.requested:
+            # Stopping: keep catching. SLURM signals every process of a job and torchrun passes the
+            # signal on as well, so a second one can arrive while rank 0 writes its records.
+            return
         for s, h in self._old.items():
             signal.signal(s, h)
 
