@@ -181,8 +181,10 @@ def test_failing_rank_with_nproc_is_one_line_and_its_exit_code(tmp_path):
     assert r.returncode == 2, r.stderr
     assert "Traceback" not in r.stderr, r.stderr
     lines = [ln for ln in r.stderr.splitlines() if ln.startswith("powergrad: error:")]
-    assert any("--overwrite" in ln for ln in lines), r.stderr
-    assert any(ln.startswith("powergrad: error: rank 0 of 2 failed with exit code 2") for ln in lines), r.stderr
+    assert sum("--overwrite" in ln for ln in lines) == 1, r.stderr  # rank 0's message, once
+    # the launcher's summary names the failed ranks (rank 1 loses rank 0 mid-collective: a race)
+    assert any(ln.startswith("powergrad: error: ") and "of 2 processes failed (rank " in ln
+               for ln in lines), r.stderr
 
 
 def test_ranks_that_disagree_on_where_to_resume_stop_in_one_line(one_process, tmp_path):

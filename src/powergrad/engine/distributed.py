@@ -147,7 +147,8 @@ def launch_local(nproc: int, argv: list[str]) -> int:
     This process is torchrun's agent (``torch.distributed.run``, ``--standalone``). SIGTERM and
     SIGUSR1 are handed to the workers, which stop at the next step, save and exit 0, so the run
     exits 0 too (torchrun's own handling would exit 1 after any signal). A failed worker makes
-    torchrun stop the others; its exit code is returned, with one line naming it.
+    torchrun stop the others; the first failure's exit code is returned, after one line naming
+    every failed rank.
     """
     from torch.distributed.elastic.multiprocessing.api import SignalException
     from torch.distributed.elastic.multiprocessing.errors import ChildFailedError
@@ -162,15 +163,14 @@ def launch_local(nproc: int, argv: list[str]) -> int:
     try:
         run(args)
     except ChildFailedError as e:
-        rank, failure = e.get_first_failure()
-        if failure.exitcode < 0:
-            how = f"was killed by {failure.signal_name()}"
-            code = 128 - failure.exitcode
-        else:
-            how, code = f"failed with exit code {failure.exitcode}", failure.exitcode
-        print(f"powergrad: error: rank {rank} of {nproc} {how}; torchrun stopped the others "
-              "(the failing rank's own message is above)", file=sys.stderr)
-        return code
+        # Which rank torchrun saw first is a race (the one that failed, or a peer that lost it),
+        # so name them all; each one's own message is above.
+        how = [f"rank {r} " + (f"killed by {f.signal_name()}" if f.exitcode < 0 else f"exit code {f.exitcode}")
+               for r, f in sorted(e.failures.items())]
+        print(f"powergrad: error: {len(how)} of {nproc} processes failed ({', '.join(how)}); torchrun "
+              "stopped the run (each process's own message is above)", file=sys.stderr)
+        code = e.get_first_failure()[1].exitcode
+        return code if code > 0 else 128 - code
     except SignalException as e:
         print(f"powergrad: stopped by {e.sigval.name}", file=sys.stderr)
         return 128 + int(e.sigval)
