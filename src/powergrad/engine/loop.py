@@ -226,7 +226,7 @@ def run_training(
     scaler = torch.amp.GradScaler(device.type, enabled=cfg.amp == "fp16")
 
     # --- resume: weights into the raw model, before DDP or compile wrap it
-    start_epoch, skip_steps, global_step, epoch_lr = 0, 0, 0, None
+    start_epoch, skip_steps, global_step, epoch_lr, partial_alive = 0, 0, 0, None, None
     skipped_updates = torch.zeros((), dtype=torch.long, device=device)  # fp16 steps the scaler skipped
     history: list[dict[str, Any]] = []
     best: dict[str, Any] = {}
@@ -248,6 +248,7 @@ def run_training(
         global_step = int(state["global_step"])
         history, best = list(state.get("history", [])), dict(state.get("best", {}))
         partial, epoch_lr = state.get("epoch_stats"), state.get("epoch_lr")
+        partial_alive = state.get("feature_alive") if skip_steps else None
         skipped_updates += int(state.get("fp16_skipped_updates", 0))
         _set_rng_state(state.get("rng"))
         log.info("resumed from %s at epoch %d, step %d", resume_path, start_epoch + 1, skip_steps)
@@ -263,6 +264,8 @@ def run_training(
     monitor = Monitor(cfg.monitor, num_classes=_num_classes(model))
     if not (cfg.compile or cfg.probe_layer):  # hook the head's input: features zero for every image
         monitor.watch_features(model)
+        if partial_alive is not None:  # the epoch's feature mask so far: exact mid-epoch resume
+            monitor._alive = partial_alive.to(device)
     filters = _filter_recorder(model, cfg, run, global_step)
     stopper = _PreemptionFlag()
     sync_every = 1 if device.type == "cpu" else SYNC_EVERY
@@ -278,6 +281,7 @@ def run_training(
             "history": history, "best": best, "rng": _rng_state(),
             "config": cfg.to_dict(), "world_size": dist.world_size,
             "epoch_lr": lr_at_start, "fp16_skipped_updates": int(skipped_updates),
+            "feature_alive": monitor._alive.cpu() if stats is not None and monitor._alive is not None else None,
         }
 
     try:
