@@ -295,7 +295,7 @@ def run_training(
             if partial is not None and skip_steps:
                 stats.load_state_dict(partial)
                 if not dist.is_main:  # the saved sums are over all processes: count them once
-                    stats.sums.zero_()
+                    stats.zero_()
             partial = None
             # Resumed mid-epoch, the optimiser's lr has moved on: the row reports the epoch's first.
             lr_at_start = epoch_lr if skip_steps and epoch_lr is not None else optimizer.param_groups[0]["lr"]
