@@ -9,6 +9,7 @@ on the ``powergrad`` logger.
 
 from __future__ import annotations
 
+import contextlib
 import difflib
 import logging
 from collections.abc import Callable
@@ -157,16 +158,8 @@ def _create_timm(name: str, pretrained: bool, num_classes: int, in_chans: int, i
         kwargs = {**kwargs, "img_size": img_size}
     if pretrained and pcfg is not None and not (pcfg.hf_hub_id or pcfg.url or pcfg.file):
         raise UserError(f"timm publishes no pretrained weights for {name}; set pretrained=false")
-    try:
+    with _build_errors(name, pretrained, kwargs):
         model = timm.create_model(name, pretrained=pretrained, num_classes=num_classes, in_chans=in_chans, **kwargs)
-    except OSError as e:  # URLError, ConnectionError and huggingface_hub's errors are all OSErrors
-        if pretrained:
-            raise _offline(name) from e
-        raise
-    except TypeError as e:
-        if not kwargs:  # without user kwargs a TypeError is a bug, not a recipe mistake
-            raise
-        raise UserError(f"model_kwargs for {name}: {e}") from None
     if pretrained:
         head_name, _ = get_head(model)
         pre_classes = pcfg.num_classes if pcfg is not None else None
@@ -178,19 +171,13 @@ def _create_timm(name: str, pretrained: bool, num_classes: int, in_chans: int, i
     return model
 
 
-def _create_tv(name: str, pretrained: bool, num_classes: int, in_chans: int, kwargs: dict) -> nn.Module:
-    arch = name[3:]
-    if arch not in _tv_names():
-        raise _unknown(name)
+
+@contextlib.contextmanager
+def _build_errors(name: str, pretrained: bool, kwargs: dict):
+    """Turn a failed download or bad model_kwargs into one-line user errors."""
     try:
-        if pretrained:
-            # Published weights fix 1000 classes: build as published, then swap the head.
-            model = torchvision.models.get_model(arch, weights="DEFAULT", **kwargs)
-            log.info("loaded torchvision pretrained weights for %s", name)
-            _replace_head(model, num_classes)
-        else:
-            model = torchvision.models.get_model(arch, weights=None, num_classes=num_classes, **kwargs)
-    except OSError as e:
+        yield
+    except OSError as e:  # URLError, ConnectionError and huggingface_hub's errors are all OSErrors
         if pretrained:
             raise _offline(name) from e
         raise
@@ -198,6 +185,19 @@ def _create_tv(name: str, pretrained: bool, num_classes: int, in_chans: int, kwa
         if not kwargs:  # without user kwargs a TypeError is a bug, not a recipe mistake
             raise
         raise UserError(f"model_kwargs for {name}: {e}") from None
+
+def _create_tv(name: str, pretrained: bool, num_classes: int, in_chans: int, kwargs: dict) -> nn.Module:
+    arch = name[3:]
+    if arch not in _tv_names():
+        raise _unknown(name)
+    with _build_errors(name, pretrained, kwargs):
+        if pretrained:
+            # Published weights fix 1000 classes: build as published, then swap the head.
+            model = torchvision.models.get_model(arch, weights="DEFAULT", **kwargs)
+            log.info("loaded torchvision pretrained weights for %s", name)
+            _replace_head(model, num_classes)
+        else:
+            model = torchvision.models.get_model(arch, weights=None, num_classes=num_classes, **kwargs)
     # GoogLeNet / Inception return a tuple with auxiliary logits in train mode; the loop wants
     # one tensor, and pretrained aux heads would keep 1000 classes.
     if getattr(model, "aux_logits", False):
