@@ -12,7 +12,6 @@ at 2 N**2 it recovers 2p - q, which goes negative and gives NaN under a fraction
 
 from __future__ import annotations
 
-import torch
 import torch.nn.functional as F
 from torch import Tensor
 
