@@ -265,7 +265,7 @@ def run_training(
     if not (cfg.compile or cfg.probe_layer):  # hook the head's input: features zero for every image
         monitor.watch_features(model)
         if partial_alive is not None:  # the epoch's feature mask so far: exact mid-epoch resume
-            monitor._alive = partial_alive.to(device)
+            monitor.feature_alive = partial_alive.to(device)
     filters = _filter_recorder(model, cfg, run, global_step)
     stopper = _PreemptionFlag()
     sync_every = 1 if device.type == "cpu" else SYNC_EVERY
@@ -281,7 +281,7 @@ def run_training(
             "history": history, "best": best, "rng": _rng_state(),
             "config": cfg.to_dict(), "world_size": dist.world_size,
             "epoch_lr": lr_at_start, "fp16_skipped_updates": int(skipped_updates),
-            "feature_alive": monitor._alive.cpu() if stats is not None and monitor._alive is not None else None,
+            "feature_alive": monitor.feature_alive.cpu() if stats is not None and monitor.feature_alive is not None else None,
         }
 
     try:

@@ -80,7 +80,7 @@ class Monitor:
         self.num_classes = num_classes
         self.diagnostics: list[Diagnostic] = []
         self._seen: set[str] = set()
-        self._alive: Tensor | None = None  # per input feature of the head: nonzero for some image
+        self.feature_alive: Tensor | None = None  # per input feature of the head: nonzero for some image
         self._hook = None
 
     def watch_features(self, model: nn.Module) -> None:
@@ -102,10 +102,10 @@ class Monitor:
         x = args[0].detach()
         nonzero = (x != 0).flatten(2).any(2) if x.dim() > 2 else (x != 0)  # conv heads: per channel
         nonzero = nonzero.reshape(x.shape[0], -1).any(0)
-        if self._alive is None or self._alive.shape != nonzero.shape:
-            self._alive = nonzero
+        if self.feature_alive is None or self.feature_alive.shape != nonzero.shape:
+            self.feature_alive = nonzero
         else:
-            self._alive |= nonzero
+            self.feature_alive |= nonzero
 
     def close(self) -> None:
         if self._hook is not None:
@@ -145,8 +145,8 @@ class Monitor:
                 "and will not recover (zeroing out). Try batch norm, a lower learning rate or weight "
                 "decay, adaptive gradient clipping (clip=agc), or alpha < 1.",
             )
-        if self._alive is not None:
-            alive, self._alive = self._alive, None  # a fresh mask for the next epoch
+        if self.feature_alive is not None:
+            alive, self.feature_alive = self.feature_alive, None  # a fresh mask for the next epoch
             dead = 1.0 - float(alive.float().mean())
             history[-1]["dead_feature_share"] = dead
             if dead > self.cfg.dead_filter_share:
