@@ -13,6 +13,7 @@ Speed notes (see docs/performance.md for the measured effect):
 
 from __future__ import annotations
 
+import contextlib
 import logging
 import random
 import signal
@@ -418,7 +419,7 @@ def _train_step(forward, criterion, optimizer, scaler, x, y, cfg: Config, net: n
     logits_all = []
     for i, (xi, yi) in enumerate(zip(xs, ys)):
         sync = i == len(xs) - 1 or not isinstance(net, nn.parallel.DistributedDataParallel)
-        ctx = net.no_sync() if not sync else _nullcontext()
+        ctx = net.no_sync() if not sync else contextlib.nullcontext()
         with ctx:
             with _autocast(cfg.amp, x.device):
                 logits = forward(xi)
@@ -438,14 +439,6 @@ def _train_step(forward, criterion, optimizer, scaler, x, y, cfg: Config, net: n
 
 
 # ----------------------------------------------------------------------------- helpers
-
-
-class _nullcontext:
-    def __enter__(self):
-        return None
-
-    def __exit__(self, *exc):
-        return False
 
 
 def _autocast(amp: str, device: torch.device):
