@@ -6,7 +6,6 @@ from __future__ import annotations
 import os
 import subprocess
 import sys
-import time
 from pathlib import Path
 
 import optuna
@@ -40,17 +39,35 @@ def test_parse_grid_splits_axes_from_fixed_keys():
     assert fixed == {"decay_milestones": "3,6", "model_kwargs": "{a: [1, 2]}", "lr": "0.1"}
 
 
+# Runs the sweep CLI in a child that SIGKILLs itself at the end of the first epoch of its third trial:
+# a deterministic point mid-sweep (polling from outside raced a fast machine that finished first).
+KILL_IN_THIRD_TRIAL = """
+import os, signal, sys
+import powergrad.engine as engine
+from powergrad.cli import main
+
+real_train, trials = engine.train, []
+
+def train(cfg, *args, on_epoch=None, **kwargs):
+    trials.append(cfg)
+    def hook(row):
+        if len(trials) == 3:
+            os.kill(os.getpid(), signal.SIGKILL)  # no clean-up: the trial stays RUNNING in the study
+        return on_epoch(row)
+    return real_train(cfg, *args, on_epoch=hook, **kwargs)
+
+engine.train = train
+sys.exit(main(sys.argv[1:]))
+"""
+
+
 def test_digits_sweep_interrupted_continued_then_report_and_plot(tmp_path, capsys):
     out = tmp_path / "sweep"
     args = ["sweep", "digits", "alpha=1,0.5,0.25", *TINY, "--seeds", "2", "--out", str(out)]
-    proc = subprocess.Popen([sys.executable, "-m", "powergrad", *args], stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
-    deadline = time.time() + 240
-    while time.time() < deadline and proc.poll() is None and not (len(_finished(out)) >= 2 and _mid_trial(out)):
-        time.sleep(0.1)
-    proc.kill()  # SIGKILL: no clean-up, a trial left RUNNING in the study
-    proc.wait()
+    proc = subprocess.run([sys.executable, "-c", KILL_IN_THIRD_TRIAL, *args], capture_output=True, text=True, timeout=300)
+    assert proc.returncode == -9, proc.stderr[-2000:]
     done_before = {p: p.stat().st_mtime_ns for p in _finished(out)}
-    assert 2 <= len(done_before) < 6
+    assert len(done_before) == 2 and _mid_trial(out)
 
     assert main(args) == 0  # the same command continues the sweep
     printed = capsys.readouterr().out
