@@ -37,6 +37,15 @@ def checkpoint(path: Path) -> dict:
     return torch.load(path, map_location="cpu", weights_only=True)
 
 
+def checkpoint_position(path: Path) -> tuple[int, int]:
+    """(epoch, step_in_epoch) of a checkpoint; saves are atomic renames, so a read never sees half a file."""
+    try:
+        state = checkpoint(path)
+    except FileNotFoundError:
+        return (0, 0)
+    return state["epoch"], state["step_in_epoch"]
+
+
 def assert_same_weights(a: Path, b: Path, tol: float = 1e-5) -> None:
     wa, wb = checkpoint(a)["model"], checkpoint(b)["model"]
     assert wa.keys() == wb.keys()
@@ -116,10 +125,14 @@ def wait_for_line(proc: subprocess.Popen, prefix: str, timeout: float = 90) -> l
 @pytest.mark.skipif(not Path("/proc/self/stat").exists(), reason="finds the workers through /proc")
 def test_sigterm_mid_epoch_saves_and_one_process_finishes(one_process, tmp_path):
     out = tmp_path / "preempted"
-    proc = subprocess.Popen([*POWERGRAD, "train", *ARGS, "nproc=2", "--out", str(out)], env=ENV,
-                            stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    # A mid-epoch save every 20 steps tells the test, without a race, that epoch 2 has begun and
+    # has most of its steps still to run (a sleep raced a fast machine).
+    proc = subprocess.Popen([*POWERGRAD, "train", *ARGS, "nproc=2", "checkpoint_every_steps=20", "--out", str(out)],
+                            env=ENV, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
     wait_for_line(proc, "epoch   1/3")
-    time.sleep(0.5)  # into epoch 2 (an epoch is over a second here)
+    deadline = time.time() + 60
+    while checkpoint_position(out / "last.pt") < (1, 1) and time.time() < deadline and proc.poll() is None:
+        time.sleep(0.005)
     # As SLURM does at a time limit or pre-emption: every process of the job gets the signal.
     for pid in [proc.pid, *descendants(proc.pid)]:
         os.kill(pid, signal.SIGTERM)
