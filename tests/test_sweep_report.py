@@ -3,6 +3,7 @@ and the table and figures read back from their run directories."""
 
 from __future__ import annotations
 
+import json
 import os
 import subprocess
 import sys
@@ -12,6 +13,7 @@ import optuna
 import pytest
 
 from powergrad.cli import main
+from powergrad.report.tables import load_runs, results_table
 from powergrad.sweep import parse_grid, run_sweep
 
 # A small conv net on digits (so the filter-norm figures have convs), 2 epochs on 300 images.
@@ -127,3 +129,32 @@ def test_sweep_refuses_bad_values_and_another_grid_before_running(tmp_path, caps
     with pytest.raises(Exception, match="another sweep"):
         run_sweep("digits", {"alpha": ["0.5"]}, out, fixed={"epochs": 1, "train_subset": 100})
     assert os.path.isdir(out / "alpha=1,seed=0")
+
+
+def _write_run(folder: Path, alpha: float, seed: int, test_acc: float, val_acc: float | None = None) -> None:
+    folder.mkdir(parents=True)
+    final = {"epoch": 4, "train_acc": 0.5, "train_loss": 1.0, "test_acc": test_acc, "val_acc": val_acc}
+    summary = {"status": "finished", "final": final,
+               "config": {"model": "resnet20", "dataset": "cifar10", "sched": "cosine", "epochs": 4,
+                          "label_smoothing": 0.0, "alpha": alpha, "seed": seed}}
+    (folder / "summary.json").write_text(json.dumps(summary))
+
+
+def test_report_pairs_seeds_with_a_t_interval(tmp_path, capsys):
+    # alpha 0.5 beats alpha 1 by 1, 2 and 3 points on seeds 0, 1, 2: mean +2, and the 95%
+    # t-interval is 2 ± t(0.975, 2) * 1 / sqrt(3) = 2 ± 2.484 (t = 4.303).
+    base = [0.40, 0.30, 0.50]
+    for seed, acc in enumerate(base):
+        _write_run(tmp_path / f"a1-s{seed}", 1.0, seed, acc, val_acc=acc)
+        _write_run(tmp_path / f"a0.5-s{seed}", 0.5, seed, acc + (seed + 1) / 100, val_acc=acc)
+    _write_run(tmp_path / "a0.5-s7", 0.5, 7, 0.9)  # no alpha = 1 partner: in the mean, not in the pairs
+    rows = {r["alpha"]: r for r in results_table(load_runs([tmp_path])[0])}
+    assert rows[1.0]["d_test_paired"] is None and rows[1.0]["pairs"] == 0
+    row = rows[0.5]
+    assert row["pairs"] == 3 and row["seeds"] == 4 and row["val_acc"] is None  # seed 7 has no val
+    assert row["d_test_paired"] == pytest.approx(2.0)
+    assert (row["d_test_lo"], row["d_test_hi"]) == pytest.approx((2 - 2.4841, 2 + 2.4841), abs=1e-3)
+
+    assert main(["report", str(tmp_path)]) == 0
+    table = capsys.readouterr().out
+    assert "Δ test paired [95% CI]" in table and "+2.00 [-0.48, +4.48]" in table

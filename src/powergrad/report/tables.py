@@ -2,8 +2,12 @@
 
 Runs are grouped by setting (every key of the resolved config but the seed and the machinery:
 where data lives, worker counts, resume); each group gives the mean and the standard deviation
-over its seeds of the final train and test accuracy, and its difference from the alpha = 1 group
-of the same setting. Only runs with status ``finished`` count; the others are listed apart.
+over its seeds of the final train, validation (when recorded) and test accuracy, and its
+difference from the alpha = 1 group of the same setting. Where both groups hold the same seeds
+(same data order, split and initial weights), the test difference is also paired seed by seed,
+with a 95% t-interval over the pairs: seeds vary far more than alphas do, so pairing is what
+makes a small difference visible. Only runs with status ``finished`` count; the others are
+listed apart.
 """
 
 from __future__ import annotations
@@ -12,10 +16,13 @@ import csv
 import io
 import json
 import logging
+import math
 import statistics
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
+
+from scipy import stats
 
 from ..errors import UserError
 from ..rundir import read_summary
@@ -84,6 +91,19 @@ def _mean_std(values: list[float]) -> tuple[float, float | None]:
     return mean, (statistics.stdev(values) if len(values) > 1 else None)
 
 
+def paired_difference(runs: list[Run], base: list[Run], key: str = "test_acc") -> tuple[float, float, float, int] | None:
+    """Mean and 95% t-interval (percentage points) of ``key`` in ``runs`` minus ``base`` over the
+    seeds both hold, and the number of pairs; None with fewer than two pairs."""
+    by_seed = {r.config.get("seed"): r for r in base}
+    diffs = [100 * (r.final[key] - by_seed[r.config.get("seed")].final[key])
+             for r in runs if r.config.get("seed") in by_seed]
+    if len(diffs) < 2:
+        return None
+    mean = statistics.fmean(diffs)
+    half = stats.t.ppf(0.975, len(diffs) - 1) * statistics.stdev(diffs) / math.sqrt(len(diffs))
+    return mean, mean - half, mean + half, len(diffs)
+
+
 def results_table(runs: list[Run]) -> list[dict[str, Any]]:
     """One row per setting, accuracies in percent; sorted by setting, alpha falling."""
     groups: dict[tuple, Row] = {}
@@ -96,16 +116,19 @@ def results_table(runs: list[Run]) -> list[dict[str, Any]]:
         train = [100 * r.final["train_acc"] for r in g.runs]
         test = [100 * r.final["test_acc"] for r in g.runs]
         (tr, tr_sd), (te, te_sd) = _mean_std(train), _mean_std(test)
+        vals = [100 * r.final["val_acc"] for r in g.runs if r.final.get("val_acc") is not None]
+        va, va_sd = _mean_std(vals) if len(vals) == len(g.runs) else (None, None)
         row = {k: g.setting.get(k) for k in SHOWN}
         row.update({
             "other": " ".join(f"{k}={g.setting.get(k)}" for k in varying),
             "seeds": len(g.runs),
-            "train_acc": tr, "train_acc_std": tr_sd, "test_acc": te, "test_acc_std": te_sd,
+            "train_acc": tr, "train_acc_std": tr_sd, "val_acc": va, "val_acc_std": va_sd,
+            "test_acc": te, "test_acc_std": te_sd,
             "gap": tr - te,
             "train_loss": statistics.fmean(r.final["train_loss"] for r in g.runs),
             "runs": [str(r.path) for r in g.runs],
             "_baseline": tuple(sorted({**dict(g.runs[0].setting), "alpha": json.dumps(1.0)}.items())),
-            "_setting": g.runs[0].setting,
+            "_setting": g.runs[0].setting, "_runs": g.runs,
         })
         out.append(row)
     by_setting = {row["_setting"]: row for row in out}
@@ -113,8 +136,10 @@ def results_table(runs: list[Run]) -> list[dict[str, Any]]:
         base = by_setting.get(row["_baseline"])
         row["d_train"] = row["train_acc"] - base["train_acc"] if base else None
         row["d_test"] = row["test_acc"] - base["test_acc"] if base else None
+        pair = paired_difference(row["_runs"], base["_runs"]) if base and base is not row else None
+        row["d_test_paired"], row["d_test_lo"], row["d_test_hi"], row["pairs"] = pair or (None, None, None, 0)
     for row in out:
-        del row["_baseline"], row["_setting"]
+        del row["_baseline"], row["_setting"], row["_runs"]
     out.sort(key=lambda r: (r["model"], r["dataset"], r["sched"], r["other"], r["label_smoothing"] or 0, -r["alpha"]))
     return out
 
@@ -127,8 +152,9 @@ def _varying_keys(settings: list[dict[str, Any]]) -> list[str]:
 COLUMNS = [
     ("model", "model"), ("dataset", "data set"), ("sched", "sched"), ("alpha", "alpha"),
     ("label_smoothing", "LS"), ("epochs", "epochs"), ("seeds", "seeds"),
-    ("train_acc", "train %"), ("test_acc", "test %"), ("d_train", "Δ train"),
-    ("d_test", "Δ test"), ("gap", "gap"), ("other", "other settings"),
+    ("train_acc", "train %"), ("val_acc", "val %"), ("test_acc", "test %"), ("d_train", "Δ train"),
+    ("d_test", "Δ test"), ("d_test_paired", "Δ test paired [95% CI]"), ("gap", "gap"),
+    ("other", "other settings"),
 ]
 
 
@@ -154,13 +180,16 @@ def format_table(rows: list[dict[str, Any]], fmt: str = "md") -> str:
         return buf.getvalue()
     if fmt != "md":
         raise UserError(f"--format must be md, csv or json, got {fmt!r}")
-    cols = [c for c in COLUMNS if c[0] != "other" or any(r["other"] for r in rows)]
+    # Columns with nothing in any row (no other settings, no validation split, no pairs) are left out.
+    cols = [c for c in COLUMNS if c[0] not in ("other", "val_acc", "d_test_paired") or any(r[c[0]] for r in rows)]
     lines = ["| " + " | ".join(h for _, h in cols) + " |", "|" + "|".join(" --- " for _ in cols) + "|"]
     for r in rows:
         cells = []
         for k, _ in cols:
-            if k in ("train_acc", "test_acc"):
-                cells.append(_pm(r[k], r[f"{k}_std"]))
+            if k in ("train_acc", "val_acc", "test_acc"):
+                cells.append(_pm(r[k], r[f"{k}_std"]) if r[k] is not None else "-")
+            elif k == "d_test_paired":
+                cells.append(f"{r[k]:+.2f} [{r['d_test_lo']:+.2f}, {r['d_test_hi']:+.2f}]" if r[k] is not None else "-")
             elif k in ("d_train", "d_test"):
                 cells.append(_signed(r[k]))
             elif k == "gap":
