@@ -140,6 +140,12 @@ def test_a_model_ending_in_softmax_on_large_positive_features_is_reported(tmp_pa
     summary = json.loads((run.run_dir / "summary.json").read_text())
     assert {d["code"] for d in summary["diagnostics"]} == set(codes)
 
+    # The diagnostics travel in the checkpoint: a resumed run still reports them, once each.
+    again = powergrad.fit(model, train, test, out=tmp_path / "stuck", lr=0.05, momentum=0.0, sched="const",
+                          epochs=4, batch_size=256, device="cpu", resume="auto")
+    assert [d["code"] for d in again.diagnostics][:len(codes)] == list(codes)
+    assert len({d["code"] for d in again.diagnostics}) == len(again.diagnostics)
+
 
 def test_a_healthy_digits_run_raises_none(tmp_path):
     run = powergrad.train("digits", out=tmp_path / "ok", **{**QUIET, "epochs": 4})

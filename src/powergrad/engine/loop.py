@@ -228,6 +228,7 @@ def run_training(
 
     # --- resume: weights into the raw model, before DDP or compile wrap it
     start_epoch, skip_steps, global_step, epoch_lr, partial_alive = 0, 0, 0, None, None
+    diagnostics_so_far: list[dict[str, Any]] = []
     skipped_updates = torch.zeros((), dtype=torch.long, device=device)  # fp16 steps the scaler skipped
     history: list[dict[str, Any]] = []
     best: dict[str, Any] = {}
@@ -250,6 +251,7 @@ def run_training(
         history, best = list(state.get("history", [])), dict(state.get("best", {}))
         partial, epoch_lr = state.get("epoch_stats"), state.get("epoch_lr")
         partial_alive = state.get("feature_alive") if skip_steps else None
+        diagnostics_so_far = list(state.get("diagnostics", []))
         skipped_updates += int(state.get("fp16_skipped_updates", 0))
         _set_rng_state(state.get("rng"))
         log.info("resumed from %s at epoch %d, step %d", resume_path, start_epoch + 1, skip_steps)
@@ -263,6 +265,7 @@ def run_training(
     net = nn.parallel.DistributedDataParallel(model, device_ids=[device.index] if device.type == "cuda" else None) if dist.enabled else model
     forward = torch.compile(net) if cfg.compile else net
     monitor = Monitor(cfg.monitor, num_classes=_num_classes(model))
+    monitor.load_diagnostics(diagnostics_so_far)  # a resumed run reports what it found before
     if not (cfg.compile or cfg.probe_layer):  # hook the head's input: features zero for every image
         monitor.watch_features(model)
         if partial_alive is not None:  # the epoch's feature mask so far: exact mid-epoch resume
@@ -283,6 +286,7 @@ def run_training(
             "config": cfg.to_dict(), "world_size": dist.world_size,
             "epoch_lr": lr_at_start, "fp16_skipped_updates": int(skipped_updates),
             "feature_alive": monitor.feature_alive.cpu() if stats is not None and monitor.feature_alive is not None else None,
+            "diagnostics": [d.to_dict() for d in monitor.diagnostics],
         }
 
     try:
@@ -323,13 +327,13 @@ def run_training(
                     if int(bad_step) >= 0:
                         raise DivergenceError(_divergence_message(int(bad_step), epoch, cfg))
                     if stopper.agreed(dist):
-                        sums = _global_epoch_stats(stats, dist)  # every rank: a collective
+                        sums = _global_epoch_stats(stats, monitor, dist)  # every rank: a collective
                         if dist.is_main:
                             save_checkpoint(checkpoint_state(epoch, step + 1, sums), run.path / "last.pt")
                         status = "preempted"
                         break
                     if mid_save and step + 1 < steps_per_epoch:
-                        sums = _global_epoch_stats(stats, dist)
+                        sums = _global_epoch_stats(stats, monitor, dist)
                         if dist.is_main:
                             save_checkpoint(checkpoint_state(epoch, step + 1, sums), run.path / "last.pt")
             if status == "preempted":
@@ -354,6 +358,7 @@ def run_training(
                 val = evaluate_loader(net, val_loader, cfg, dist)
                 row["val_loss"], row["val_acc"] = val["loss"], val["top1"]
             history.append(row)
+            _share_feature_mask(monitor, dist)  # every rank: a collective
             monitor.after_epoch(history, model)
             if filters is not None:
                 filters.end_epoch(global_step, run.path if run else None)
@@ -493,13 +498,23 @@ class _PreemptionFlag:
             signal.signal(s, h)
 
 
-def _global_epoch_stats(stats: EpochStats, dist: DistInfo) -> dict[str, torch.Tensor]:
+def _global_epoch_stats(stats: EpochStats, monitor: Monitor, dist: DistInfo) -> dict[str, torch.Tensor]:
     """The epoch's running sums over all processes, for a mid-epoch checkpoint that any number
     of processes can resume (rank 0 loads them, the others start from zero)."""
     state = stats.state_dict()
     state["sums"] = all_reduce_sum(state["sums"].to(dist.device), dist).cpu()
     state["logit_max"] = all_reduce_max(state["logit_max"].to(dist.device), dist).cpu()
+    _share_feature_mask(monitor, dist)
     return state
+
+
+def _share_feature_mask(monitor: Monitor, dist: DistInfo) -> None:
+    """Every process's mask of head-input features seen nonzero becomes their union, so that
+    dead_feature_share counts a feature alive if any image on any process lit it (a union is
+    idempotent: sharing mid-epoch and again at the epoch's end gives the same answer)."""
+    if dist.enabled and monitor.feature_alive is not None:
+        union = all_reduce_max(monitor.feature_alive.to(dist.device, torch.uint8), dist)
+        monitor.feature_alive = union.bool().to(monitor.feature_alive.device)
 
 
 def _divergence_message(step: int, epoch: int, cfg: Config) -> str:

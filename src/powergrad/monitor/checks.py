@@ -107,6 +107,12 @@ class Monitor:
         else:
             self.feature_alive |= nonzero
 
+    def load_diagnostics(self, saved: list[dict[str, Any]]) -> None:
+        """Diagnostics from a checkpoint: kept in the summary, and not raised a second time."""
+        for d in saved:
+            self.diagnostics.append(Diagnostic(str(d["code"]), int(d["epoch"]), str(d["message"])))
+            self._seen.add(str(d["code"]))
+
     def close(self) -> None:
         if self._hook is not None:
             self._hook.remove()
