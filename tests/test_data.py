@@ -337,6 +337,30 @@ def test_imagefolder_errors(tmp_path):
         create_loaders(cfg_of(dataset="imagefolder", data_dir=str(mism)), CPU)
 
 
+def test_jpeg_fast_decoder_gives_pils_pixels(tmp_path, monkeypatch):
+    """JPEGs go through torchvision's decoder when it is there; the pixels (and the resize of
+    images of another size) are PIL's (both are libjpeg-turbo; builds may round a pixel apart, so
+    1 grey level is allowed). Grey, truncated and PNG files take PIL's path."""
+    rng = np.random.default_rng(0)
+    files = {}
+    for name, size, mode in (("a.jpg", (32, 32), "RGB"), ("b.jpg", (40, 48), "RGB"), ("c.jpg", (32, 32), "L"),
+                             ("d.png", (32, 32), "RGB")):
+        arr = rng.integers(0, 256, (size[1], size[0], 3), dtype=np.uint8)
+        Image.fromarray(arr).convert(mode).save(tmp_path / name, quality=90)
+        files[name] = str(tmp_path / name)
+    full = (tmp_path / "a.jpg").read_bytes()
+    (tmp_path / "cut.jpg").write_bytes(full[: len(full) // 2])
+    fast = {name: folder.decode_image(path, 32) for name, path in files.items()}
+    assert folder._decode_jpeg_fast(files["a.jpg"]) is not None  # the fast path is taken here
+    assert folder._decode_jpeg_fast(files["d.png"]) is None
+    monkeypatch.setattr(folder, "_decode_jpeg_fast", lambda path: None)  # PIL alone
+    for name, path in files.items():
+        slow = folder.decode_image(path, 32)
+        assert fast[name].shape == slow.shape == (3, 32, 32), name
+        assert np.abs(fast[name].astype(int) - slow).max() <= 1, name
+    assert folder.decode_image(str(tmp_path / "cut.jpg"), 32) is None
+
+
 def test_corrupt_image_with_and_without_skip(tmp_path):
     root = write_folder(tmp_path / "imgs", n_train=2, n_test=1)
     bad = root / "train" / "dog" / "broken.jpg"

@@ -32,7 +32,12 @@ from .memory import Arrays, fits_in_memory
 
 IMAGENET_MEAN = (0.485, 0.456, 0.406)
 IMAGENET_STD = (0.229, 0.224, 0.225)
-_CACHE_VERSION = 1
+try:  # deprecated since torchvision 0.29 in favour of TorchCodec; PIL does the job without it
+    from torchvision.io import ImageReadMode, decode_jpeg
+except ImportError:  # pragma: no cover - a torchvision that has dropped it
+    decode_jpeg = None
+
+_CACHE_VERSION = 2  # 2: JPEGs decoded by torchvision (same pixels; a fresh cache to be sure)
 Sample = tuple[str, int]
 
 
@@ -96,10 +101,34 @@ def _open_rgb(path: str) -> Image.Image:
         return im.convert("RGB")  # convert() forces the full decode, so truncated files fail here
 
 
+def _decode_jpeg_fast(path: str) -> np.ndarray | None:
+    """(3, H, W) uint8 through torchvision's libjpeg-turbo decoder, or None when the file is not
+    a JPEG or that decoder refuses it (truncated, odd), for PIL to decide.
+
+    For small images the Python around PIL costs more than the decode: on CIFAR-10's 32x32 JPEGs
+    this is about 3x PIL's rate, with the same pixels (the same library underneath).
+    """
+    try:
+        with open(path, "rb") as f:
+            data = f.read()
+    except OSError:
+        return None
+    if decode_jpeg is None or data[:2] != b"\xff\xd8":
+        return None
+    try:
+        img = decode_jpeg(torch.frombuffer(bytearray(data), dtype=torch.uint8), mode=ImageReadMode.RGB)
+    except RuntimeError:
+        return None
+    return img.numpy()
+
+
 def decode_image(path: str, side: int) -> np.ndarray | None:
     """(3, side, side) uint8: shorter side resized to `side`, centre crop. None if unreadable."""
+    fast = _decode_jpeg_fast(path)
+    if fast is not None and fast.shape[1:] == (side, side):
+        return fast
     try:
-        im = _open_rgb(path)
+        im = Image.fromarray(fast.transpose(1, 2, 0)) if fast is not None else _open_rgb(path)
     except (OSError, ValueError, SyntaxError, Image.DecompressionBombError):
         return None
     w, h = im.size
@@ -161,27 +190,43 @@ def load_images(samples: list[Sample], side: int, workers: int, skip_bad: bool,
     return torch.from_numpy(x), labels, len(bad)
 
 
+DECODE_CHUNK = 256  # images per task: one pickled array back per chunk, not one per image
+
+
 def _decode_all(samples: list[Sample], side: int, workers: int) -> tuple[np.ndarray, np.ndarray, list[str]]:
     paths = [p for p, _ in samples]
+    chunks = [paths[i:i + DECODE_CHUNK] for i in range(0, len(paths), DECODE_CHUNK)]
     x = np.empty((len(paths), 3, side, side), dtype=np.uint8)
     keep, bad = [], []
     if workers > 0:
         with multiprocessing.get_context().Pool(workers) as pool:
-            results = pool.imap(partial(decode_image, side=side), paths, chunksize=64)
-            _collect(results, paths, x, keep, bad)
+            results = pool.imap(partial(_decode_chunk, side=side), chunks)
+            _collect(results, chunks, x, keep, bad)
     else:
-        _collect((decode_image(p, side) for p in paths), paths, x, keep, bad)
+        _collect((_decode_chunk(c, side) for c in chunks), chunks, x, keep, bad)
     return x[: len(keep)], np.array(keep, dtype=np.int64), bad
 
 
-def _collect(results: Iterator[np.ndarray | None], paths: list[str], x: np.ndarray,
+def _decode_chunk(paths: list[str], side: int) -> tuple[np.ndarray, np.ndarray]:
+    """Decoded images of ``paths`` stacked, and which of them could be read."""
+    out = np.zeros((len(paths), 3, side, side), dtype=np.uint8)
+    ok = np.zeros(len(paths), dtype=bool)
+    for i, path in enumerate(paths):
+        arr = decode_image(path, side)
+        if arr is not None:
+            out[i], ok[i] = arr, True
+    return out, ok
+
+
+def _collect(results: Iterator[tuple[np.ndarray, np.ndarray]], chunks: list[list[str]], x: np.ndarray,
              keep: list[int], bad: list[str]) -> None:
-    for i, arr in enumerate(results):
-        if arr is None:
-            bad.append(paths[i])
-        else:
-            x[len(keep)] = arr
-            keep.append(i)
+    start = 0
+    for chunk, (imgs, ok) in zip(chunks, results):
+        n = len(keep)
+        x[n:n + int(ok.sum())] = imgs[ok]
+        keep += [start + i for i in np.flatnonzero(ok).tolist()]
+        bad += [chunk[i] for i in np.flatnonzero(~ok).tolist()]
+        start += len(chunk)
 
 
 # ---------------------------------------------------------------- the imagefolder data set
