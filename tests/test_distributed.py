@@ -186,18 +186,19 @@ def test_failing_rank_ends_the_run_in_one_line(tmp_path):
 
 
 def test_failing_rank_with_nproc_is_one_line_and_its_exit_code(tmp_path):
-    """Rank 0 alone writes the run directory, so only it sees that --out is taken."""
+    """A user error under nproc=K is one line and exit code 2, as in one process: whether one
+    rank hits it (only rank 0 writes the run directory, so only it sees that --out is taken; rank
+    1 loses it mid-collective and stays quiet) or every rank does (no such data folder)."""
     out = tmp_path / "taken"
     out.mkdir()
     (out / "something").write_text("x")
-    r = run([*POWERGRAD, "train", "digits", "epochs=1", "device=cpu", "nproc=2", "--out", str(out)])
-    assert r.returncode == 2, r.stderr
-    assert "Traceback" not in r.stderr, r.stderr
-    lines = [ln for ln in r.stderr.splitlines() if ln.startswith("powergrad: error:")]
-    assert sum("--overwrite" in ln for ln in lines) == 1, r.stderr  # rank 0's message, once
-    # the launcher's summary names the failed ranks (rank 1 loses rank 0 mid-collective: a race)
-    assert any(ln.startswith("powergrad: error: ") and "of 2 processes failed (rank " in ln
-               for ln in lines), r.stderr
+    one_rank = run([*POWERGRAD, "train", "digits", "epochs=1", "device=cpu", "nproc=2", "--out", str(out)])
+    every_rank = run([*POWERGRAD, "train", "digits", "dataset=imagefolder", f"data_dir={tmp_path / 'nowhere'}",
+                      "device=cpu", "nproc=2", "--out", str(tmp_path / "run")])
+    for r, words in ((one_rank, "--overwrite"), (every_rank, "does not exist")):
+        assert r.returncode == 2, r.stderr
+        lines = [ln for ln in r.stderr.splitlines() if ln.strip()]
+        assert len(lines) == 1 and lines[0].startswith("powergrad: error: ") and words in lines[0], r.stderr
 
 
 def test_ranks_that_disagree_on_where_to_resume_stop_in_one_line(one_process, tmp_path):

@@ -20,7 +20,7 @@ import os
 import sys
 from pathlib import Path
 
-from .errors import DivergenceError, UserError
+from .errors import DivergenceError, PeerFailedError, UserError
 
 
 class _Parser(argparse.ArgumentParser):
@@ -207,10 +207,11 @@ def main(argv: list[str] | None = None) -> int:
         ns = build_parser().parse_args(argv)
         return ns.fn(ns)
     except UserError as e:
-        print(f"powergrad: error: {_one_line(e)}", file=sys.stderr)
+        if not (isinstance(e, PeerFailedError) and os.environ.get("POWERGRAD_ONCE_DIR")):
+            _print_once(f"powergrad: error: {_one_line(e)}")
         return 2
     except DivergenceError as e:
-        print(f"powergrad: {_one_line(e)}", file=sys.stderr)
+        _print_once(f"powergrad: {_one_line(e)}")
         return 3
     except OSError as e:  # a disk or path the user can fix, raised outside the checked places
         where = f"{e.filename}: " if e.filename else ""
@@ -219,6 +220,16 @@ def main(argv: list[str] | None = None) -> int:
     except KeyboardInterrupt:
         print("powergrad: interrupted", file=sys.stderr)
         return 130
+
+
+def _print_once(line: str) -> None:
+    """To stderr; under ``nproc=K``, once for all the workers that hit the same error."""
+    if os.environ.get("POWERGRAD_ONCE_DIR"):
+        from .engine.distributed import print_once
+
+        print_once(line)
+    else:
+        print(line, file=sys.stderr)
 
 
 def _one_line(e: Exception) -> str:

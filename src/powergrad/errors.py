@@ -16,3 +16,10 @@ class DivergenceError(Exception):
     """Training produced a non-finite loss. The CLI exits with code 3."""
 
     exit_code = 3
+
+
+class PeerFailedError(UserError):
+    """Another process of a distributed run stopped under a collective; its own message says why.
+
+    Under ``nproc=K`` the launcher knows every worker's exit, so this echo is not printed.
+    """

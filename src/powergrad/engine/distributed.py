@@ -9,6 +9,7 @@ See docs/distributed.md.
 from __future__ import annotations
 
 import datetime
+import hashlib
 import logging
 import os
 import signal
@@ -21,7 +22,7 @@ import torch.distributed as dist
 
 __all__ = [
     "DistInfo", "init_distributed", "all_reduce_sum", "all_reduce_max", "cleanup",
-    "check_same_everywhere", "raise_if_peer_failed", "launch_local", "PREEMPTION_SIGNALS",
+    "check_same_everywhere", "raise_if_peer_failed", "launch_local", "print_once", "PREEMPTION_SIGNALS",
 ]
 
 # How clusters warn a job: SIGTERM (pre-emption, time limit) and SIGUSR1 (SLURM --signal=USR1@T).
@@ -129,10 +130,10 @@ def raise_if_peer_failed(error: BaseException, info: DistInfo) -> None:
         return
     text = str(error)
     if isinstance(error, dist.DistError) or any(w in text for w in _PEER_GONE):
-        from ..errors import UserError
+        from ..errors import PeerFailedError
 
         first = text.strip().splitlines()[0][:160] if text.strip() else type(error).__name__
-        raise UserError(
+        raise PeerFailedError(
             f"rank {info.rank}: another process stopped during a collective; its own message says "
             f"why ({first})"
         ) from None
@@ -141,15 +142,40 @@ def raise_if_peer_failed(error: BaseException, info: DistInfo) -> None:
 # ----------------------------------------------------------------------------- nproc=K
 
 
+ONCE_DIR_ENV = "POWERGRAD_ONCE_DIR"  # set by launch_local: where workers mark the lines they printed
+
+
+def print_once(line: str, file=None) -> None:
+    """Print ``line`` to stderr, once per ``nproc=K`` run however many workers fail with it.
+
+    Workers started by ``launch_local`` share a folder; the first to create a file named after
+    the line prints it (O_EXCL makes that atomic). Different lines all print. Elsewhere (one
+    process, plain torchrun) every process prints its own.
+    """
+    folder = os.environ.get(ONCE_DIR_ENV)
+    if folder:
+        name = hashlib.sha1(line.encode()).hexdigest()[:16]
+        try:
+            os.close(os.open(os.path.join(folder, name), os.O_CREAT | os.O_EXCL | os.O_WRONLY))
+        except FileExistsError:
+            return
+        except OSError:
+            pass  # the folder is gone: print rather than lose the line
+    print(line, file=file or sys.stderr)
+
+
 def launch_local(nproc: int, argv: list[str]) -> int:
     """Run ``python -m powergrad ARGV`` as ``nproc`` processes on this machine; the exit code.
 
     This process is torchrun's agent (``torch.distributed.run``, ``--standalone``). SIGTERM and
     SIGUSR1 are handed to the workers, which stop at the next step, save and exit 0, so the run
     exits 0 too (torchrun's own handling would exit 1 after any signal). A failed worker makes
-    torchrun stop the others; the first failure's exit code is returned, after one line naming
-    every failed rank.
+    torchrun stop the others. A user error (exit 2) or a divergence (exit 3) is the failing
+    worker's one line, printed once however many workers hit it, and its exit code; any other
+    failure adds one line naming every failed rank.
     """
+    import tempfile
+
     from torch.distributed.elastic.multiprocessing.api import SignalException
     from torch.distributed.elastic.multiprocessing.errors import ChildFailedError
     from torch.distributed.run import parse_args, run
@@ -159,10 +185,22 @@ def launch_local(nproc: int, argv: list[str]) -> int:
         "--standalone", f"--nproc_per_node={nproc}", "--signals_to_handle=SIGINT,SIGHUP,SIGQUIT",
         "-m", "powergrad", *argv,
     ])
+    # The workers share the cores (torchrun would set 1 thread and warn about it).
+    os.environ.setdefault("OMP_NUM_THREADS", str(max(1, (os.cpu_count() or 1) // nproc)))
+    # torchrun's agent logs each stop and failure; the summary below says it in one line.
+    elastic_log = logging.getLogger("torch.distributed.elastic")
+    elastic_level = elastic_log.level
+    elastic_log.setLevel(logging.CRITICAL)
     previous = {s: signal.signal(s, _pass_to_children) for s in PREEMPTION_SIGNALS}
+    once = tempfile.TemporaryDirectory(prefix="powergrad-once-")
+    os.environ[ONCE_DIR_ENV] = once.name
     try:
         run(args)
     except ChildFailedError as e:
+        codes = {r: f.exitcode for r, f in sorted(e.failures.items())}
+        stopped_by_peer = -int(signal.SIGTERM)  # torchrun stops the others after a failure
+        if any(c in (2, 3) for c in codes.values()) and all(c in (2, 3, stopped_by_peer) for c in codes.values()):
+            return max(codes.values())  # the worker's own line is above, once
         # Which rank torchrun saw first is a race (the one that failed, or a peer that lost it),
         # so name them all; each one's own message is above.
         how = [f"rank {r} " + (f"killed by {f.signal_name()}" if f.exitcode < 0 else f"exit code {f.exitcode}")
@@ -175,6 +213,9 @@ def launch_local(nproc: int, argv: list[str]) -> int:
         print(f"powergrad: stopped by {e.sigval.name}", file=sys.stderr)
         return 128 + int(e.sigval)
     finally:
+        os.environ.pop(ONCE_DIR_ENV, None)
+        once.cleanup()
+        elastic_log.setLevel(elastic_level)
         for s, handler in previous.items():
             signal.signal(s, handler)
     return 0
