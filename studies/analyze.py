@@ -1,6 +1,7 @@
 """Paired statistics for the issue-9 study, from run directories only (summary.json, metrics.csv).
 
     .venv/bin/python studies/analyze.py results/cifar10-resnet20 [--ls results/cifar10-resnet20-ls0.1]
+    .venv/bin/python studies/analyze.py results/cifar10-resnet20-10k --baseline results/cifar10-resnet20-10k-warmup
 
 For one setting (a folder of runs a<alpha>-s<seed>):
 - per alpha: mean and std over seeds of final val / test / train accuracy, the gap, the final
@@ -12,7 +13,9 @@ For one setting (a folder of runs a<alpha>-s<seed>):
   accuracy, per seed;
 - Pearson correlations: final train loss against logit norm, and logit norm against alpha;
 - with ``--ls``: the change of the train-test gap that label smoothing brings, paired per alpha
-  and seed.
+  and seed;
+- with ``--baseline``: a control setting's alpha = 1 runs as the baseline (for example with a
+  warm-up), and the control's own difference from this setting's alpha = 1.
 Numbers in percent unless named otherwise. `powergrad report` now gives the per-alpha means, the
 validation accuracy and the paired test interval too (the same numbers); the rest is only here.
 """
@@ -178,6 +181,8 @@ def main() -> None:
     ap.add_argument("setting", nargs="+", help="a folder of runs (one setting, several alphas and seeds)")
     ap.add_argument("--ls", help="the same setting with label smoothing, for the gap comparison")
     ap.add_argument("--compute", action="store_true", help="only the compute spent by the settings given")
+    ap.add_argument("--baseline", help="a control setting whose alpha = 1 runs replace this setting's as the "
+                                       "baseline of every paired column (same seeds)")
     args = ap.parse_args()
     if args.compute:
         print(compute(args.setting))
@@ -186,9 +191,18 @@ def main() -> None:
         ap.error("one setting at a time (several only with --compute)")
     args.setting = args.setting[0]
     runs = by_alpha_seed(args.setting)
+    against = "alpha = 1"
+    if args.baseline:
+        own, control = runs.get(1.0, {}), by_alpha_seed(args.baseline).get(1.0, {})
+        common = sorted(set(own) & set(control))
+        d = [final(control[s], "test_acc") - final(own[s], "test_acc") for s in common]
+        print(f"Control {args.baseline} (alpha = 1) against this setting's alpha = 1, test accuracy, "
+              f"{len(common)} seed pairs: {fmt_ci(*paired(d)) if d else '-'}\n")
+        runs = {**runs, 1.0: control}
+        against = f"the control's alpha = 1 ({args.baseline})"
     table, picked = accuracy_table(runs)
     print(f"### {args.setting}\n\nFinal epoch; mean ± std over seeds; Δ = paired difference from "
-          f"alpha = 1 over the same seeds, 95% t-interval.\n\n{table}\n")
+          f"{against} over the same seeds, 95% t-interval.\n\n{table}\n")
     print(f"alpha picked on val (highest mean final val accuracy): {picked:g}\n")
     print(f"Epochs to reach the alpha = 1 run's final test accuracy (same seed):\n\n{epochs_to_target(runs)}\n")
     print(f"Correlations over runs:\n\n{correlations(runs)}\n")
