@@ -20,7 +20,7 @@ import os
 import sys
 from pathlib import Path
 
-from .errors import DivergenceError, PeerFailedError, UserError
+from .errors import ONCE_DIR_ENV, DivergenceError, PeerFailedError, UserError, print_once
 
 
 class _Parser(argparse.ArgumentParser):
@@ -207,11 +207,11 @@ def main(argv: list[str] | None = None) -> int:
         ns = build_parser().parse_args(argv)
         return ns.fn(ns)
     except UserError as e:
-        if not (isinstance(e, PeerFailedError) and os.environ.get("POWERGRAD_ONCE_DIR")):
-            _print_once(f"powergrad: error: {_one_line(e)}")
+        if not (isinstance(e, PeerFailedError) and os.environ.get(ONCE_DIR_ENV)):  # nproc=K: the launcher sees every exit
+            print_once(f"powergrad: error: {_one_line(e)}")
         return 2
     except DivergenceError as e:
-        _print_once(f"powergrad: {_one_line(e)}")
+        print_once(f"powergrad: {_one_line(e)}")
         return 3
     except OSError as e:  # a disk or path the user can fix, raised outside the checked places
         where = f"{e.filename}: " if e.filename else ""
@@ -220,16 +220,6 @@ def main(argv: list[str] | None = None) -> int:
     except KeyboardInterrupt:
         print("powergrad: interrupted", file=sys.stderr)
         return 130
-
-
-def _print_once(line: str) -> None:
-    """To stderr; under ``nproc=K``, once for all the workers that hit the same error."""
-    if os.environ.get("POWERGRAD_ONCE_DIR"):
-        from .engine.distributed import print_once
-
-        print_once(line)
-    else:
-        print(line, file=sys.stderr)
 
 
 def _one_line(e: Exception) -> str:

@@ -1,6 +1,13 @@
-"""The two ways a run ends badly that are not bugs: the user's input, or divergence."""
+"""The two ways a run ends badly that are not bugs: the user's input, or divergence; and how
+their one line reaches stderr."""
 
 from __future__ import annotations
+
+import hashlib
+import os
+import sys
+
+ONCE_DIR_ENV = "POWERGRAD_ONCE_DIR"  # set by nproc=K (engine.distributed.launch_local)
 
 
 class UserError(Exception):
@@ -23,3 +30,22 @@ class PeerFailedError(UserError):
 
     Under ``nproc=K`` the launcher knows every worker's exit, so this echo is not printed.
     """
+
+
+def print_once(line: str) -> None:
+    """Print ``line`` to stderr, once per ``nproc=K`` run however many workers fail with it.
+
+    Workers started by ``launch_local`` share a folder; the first to create a file named after
+    the line prints it (O_EXCL makes that atomic). Different lines all print. Elsewhere (one
+    process, plain torchrun) every process prints its own.
+    """
+    folder = os.environ.get(ONCE_DIR_ENV)
+    if folder:
+        name = hashlib.sha1(line.encode()).hexdigest()[:16]
+        try:
+            os.close(os.open(os.path.join(folder, name), os.O_CREAT | os.O_EXCL | os.O_WRONLY))
+        except FileExistsError:
+            return
+        except OSError:
+            pass  # the folder is gone: print rather than lose the line
+    print(line, file=sys.stderr)

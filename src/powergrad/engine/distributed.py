@@ -9,7 +9,6 @@ See docs/distributed.md.
 from __future__ import annotations
 
 import datetime
-import hashlib
 import logging
 import os
 import signal
@@ -22,7 +21,7 @@ import torch.distributed as dist
 
 __all__ = [
     "DistInfo", "init_distributed", "all_reduce_sum", "all_reduce_max", "cleanup",
-    "check_same_everywhere", "raise_if_peer_failed", "launch_local", "print_once", "PREEMPTION_SIGNALS",
+    "check_same_everywhere", "raise_if_peer_failed", "launch_local", "PREEMPTION_SIGNALS",
 ]
 
 # How clusters warn a job: SIGTERM (pre-emption, time limit) and SIGUSR1 (SLURM --signal=USR1@T).
@@ -142,28 +141,6 @@ def raise_if_peer_failed(error: BaseException, info: DistInfo) -> None:
 # ----------------------------------------------------------------------------- nproc=K
 
 
-ONCE_DIR_ENV = "POWERGRAD_ONCE_DIR"  # set by launch_local: where workers mark the lines they printed
-
-
-def print_once(line: str, file=None) -> None:
-    """Print ``line`` to stderr, once per ``nproc=K`` run however many workers fail with it.
-
-    Workers started by ``launch_local`` share a folder; the first to create a file named after
-    the line prints it (O_EXCL makes that atomic). Different lines all print. Elsewhere (one
-    process, plain torchrun) every process prints its own.
-    """
-    folder = os.environ.get(ONCE_DIR_ENV)
-    if folder:
-        name = hashlib.sha1(line.encode()).hexdigest()[:16]
-        try:
-            os.close(os.open(os.path.join(folder, name), os.O_CREAT | os.O_EXCL | os.O_WRONLY))
-        except FileExistsError:
-            return
-        except OSError:
-            pass  # the folder is gone: print rather than lose the line
-    print(line, file=file or sys.stderr)
-
-
 def launch_local(nproc: int, argv: list[str]) -> int:
     """Run ``python -m powergrad ARGV`` as ``nproc`` processes on this machine; the exit code.
 
@@ -179,6 +156,8 @@ def launch_local(nproc: int, argv: list[str]) -> int:
     from torch.distributed.elastic.multiprocessing.api import SignalException
     from torch.distributed.elastic.multiprocessing.errors import ChildFailedError
     from torch.distributed.run import parse_args, run
+
+    from ..errors import ONCE_DIR_ENV
 
     # torchrun keeps SIGINT (Ctrl-C), SIGHUP and SIGQUIT: it passes them on and stops the workers.
     args = parse_args([
