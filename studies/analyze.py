@@ -29,7 +29,7 @@ from collections import defaultdict
 
 from scipy import stats
 
-from powergrad.report.tables import Run, load_runs
+from powergrad.report.tables import Run, load_runs, t_interval
 from powergrad.rundir import read_metrics
 
 
@@ -47,15 +47,6 @@ def mean_sd(xs: list[float], digits: int = 2) -> str:
     if len(xs) < 2:
         return f"{xs[0]:.{digits}f}" if xs else "-"
     return f"{statistics.fmean(xs):.{digits}f} ± {statistics.stdev(xs):.{digits}f}"
-
-
-def paired(diffs: list[float]) -> tuple[float, float, float]:
-    """Mean and 95% t-interval of paired differences."""
-    m = statistics.fmean(diffs)
-    if len(diffs) < 2:
-        return m, math.nan, math.nan
-    half = stats.t.ppf(0.975, len(diffs) - 1) * statistics.stdev(diffs) / math.sqrt(len(diffs))
-    return m, m - half, m + half
 
 
 def fmt_ci(m: float, lo: float, hi: float, digits: int = 2) -> str:
@@ -87,9 +78,9 @@ def accuracy_table(runs: dict[float, dict[int, Run]]) -> tuple[str, float]:
         val_means[alpha] = statistics.fmean(val)
         cells = [
             f"{alpha:g}", str(len(rs)), mean_sd(val), mean_sd([final(r, "test_acc") for r in rs]),
-            "baseline" if alpha == 1.0 else (fmt_ci(*paired(d_test)) if d_test else "-"),
+            "baseline" if alpha == 1.0 else (fmt_ci(*t_interval(d_test)) if d_test else "-"),
             mean_sd([final(r, "train_acc") for r in rs]),
-            "baseline" if alpha == 1.0 else (fmt_ci(*paired(d_train)) if d_train else "-"),
+            "baseline" if alpha == 1.0 else (fmt_ci(*t_interval(d_train)) if d_train else "-"),
             mean_sd([final(r, "gap") for r in rs]),
             mean_sd([final(r, "train_loss", 1.0) for r in rs], 4),
             mean_sd([final(r, "test_loss", 1.0) for r in rs], 3),
@@ -154,7 +145,7 @@ def ls_gap(runs: dict[float, dict[int, Run]], ls_runs: dict[float, dict[int, Run
         dt = [final(other[s], "test_acc") - final(seeds[s], "test_acc") for s in common]
         lines.append(
             f"| {alpha:g} | {len(common)} | {mean_sd([final(seeds[s], 'gap') for s in common])} | "
-            f"{mean_sd([final(other[s], 'gap') for s in common])} | {fmt_ci(*paired(dg))} | {fmt_ci(*paired(dt))} |"
+            f"{mean_sd([final(other[s], 'gap') for s in common])} | {fmt_ci(*t_interval(dg))} | {fmt_ci(*t_interval(dt))} |"
         )
     return "\n".join(lines)
 
@@ -197,7 +188,7 @@ def main() -> None:
         common = sorted(set(own) & set(control))
         d = [final(control[s], "test_acc") - final(own[s], "test_acc") for s in common]
         print(f"Control {args.baseline} (alpha = 1) against this setting's alpha = 1, test accuracy, "
-              f"{len(common)} seed pairs: {fmt_ci(*paired(d)) if d else '-'}\n")
+              f"{len(common)} seed pairs: {fmt_ci(*t_interval(d)) if d else '-'}\n")
         runs = {**runs, 1.0: control}
         against = f"the control's alpha = 1 ({args.baseline})"
     table, picked = accuracy_table(runs)

@@ -27,7 +27,7 @@ from scipy import stats
 from ..errors import UserError
 from ..rundir import read_summary
 
-__all__ = ["find_runs", "load_runs", "results_table", "format_table", "Run"]
+__all__ = ["find_runs", "load_runs", "results_table", "format_table", "paired_difference", "t_interval", "Run"]
 
 log = logging.getLogger("powergrad")
 
@@ -99,9 +99,16 @@ def paired_difference(runs: list[Run], base: list[Run], key: str = "test_acc") -
              for r in runs if r.config.get("seed") in by_seed]
     if len(diffs) < 2:
         return None
+    return (*t_interval(diffs), len(diffs))
+
+
+def t_interval(diffs: list[float]) -> tuple[float, float, float]:
+    """Mean and 95% t-interval of paired differences (NaN bounds with fewer than two)."""
     mean = statistics.fmean(diffs)
+    if len(diffs) < 2:
+        return mean, math.nan, math.nan
     half = stats.t.ppf(0.975, len(diffs) - 1) * statistics.stdev(diffs) / math.sqrt(len(diffs))
-    return mean, mean - half, mean + half, len(diffs)
+    return mean, mean - half, mean + half
 
 
 def results_table(runs: list[Run]) -> list[dict[str, Any]]:
