@@ -88,7 +88,7 @@ def main() -> None:
     firsts = {}
     real_fast = folder._decode_jpeg_fast
     for decoder in ("pil", "torchvision"):
-        folder._decode_jpeg_fast = real_fast if decoder == "torchvision" else (lambda path: None)
+        folder._decode_jpeg_fast = real_fast if decoder == "torchvision" else (lambda data: None)
         cache = tempfile.TemporaryDirectory(prefix="pg-cache-")
         os.environ["POWERGRAD_CACHE"] = cache.name  # a fresh cache: the first epoch decodes
         tic = time.perf_counter()

@@ -351,9 +351,9 @@ def test_jpeg_fast_decoder_gives_pils_pixels(tmp_path, monkeypatch):
     full = (tmp_path / "a.jpg").read_bytes()
     (tmp_path / "cut.jpg").write_bytes(full[: len(full) // 2])
     fast = {name: folder.decode_image(path, 32) for name, path in files.items()}
-    assert folder._decode_jpeg_fast(files["a.jpg"]) is not None  # the fast path is taken here
-    assert folder._decode_jpeg_fast(files["d.png"]) is None
-    monkeypatch.setattr(folder, "_decode_jpeg_fast", lambda path: None)  # PIL alone
+    assert folder._decode_jpeg_fast((tmp_path / "a.jpg").read_bytes()) is not None  # the fast path is taken here
+    assert folder._decode_jpeg_fast((tmp_path / "d.png").read_bytes()) is None
+    monkeypatch.setattr(folder, "_decode_jpeg_fast", lambda data: None)  # PIL alone
     for name, path in files.items():
         slow = folder.decode_image(path, 32)
         assert fast[name].shape == slow.shape == (3, 32, 32), name

@@ -10,6 +10,7 @@ in-memory loader does.
 from __future__ import annotations
 
 import hashlib
+import io
 import json
 import math
 import multiprocessing
@@ -96,23 +97,18 @@ def check_same_classes(train: list[str], test: list[str], test_dir: Path) -> Non
 # ---------------------------------------------------------------- decoding and the cache
 
 
-def _open_rgb(path: str) -> Image.Image:
-    with Image.open(path) as im:
+def _open_rgb(source: str | io.BytesIO) -> Image.Image:
+    with Image.open(source) as im:
         return im.convert("RGB")  # convert() forces the full decode, so truncated files fail here
 
 
-def _decode_jpeg_fast(path: str) -> np.ndarray | None:
-    """(3, H, W) uint8 through torchvision's libjpeg-turbo decoder, or None when the file is not
-    a JPEG or that decoder refuses it (truncated, odd), for PIL to decide.
+def _decode_jpeg_fast(data: bytes) -> np.ndarray | None:
+    """(3, H, W) uint8 through torchvision's libjpeg-turbo decoder, or None when the bytes are
+    not a JPEG or that decoder refuses them (truncated, odd), for PIL to decide.
 
     For small images the Python around PIL costs more than the decode: on CIFAR-10's 32x32 JPEGs
     this is about 3x PIL's rate, with the same pixels (the same library underneath).
     """
-    try:
-        with open(path, "rb") as f:
-            data = f.read()
-    except OSError:
-        return None
     if decode_jpeg is None or data[:2] != b"\xff\xd8":
         return None
     try:
@@ -124,11 +120,16 @@ def _decode_jpeg_fast(path: str) -> np.ndarray | None:
 
 def decode_image(path: str, side: int) -> np.ndarray | None:
     """(3, side, side) uint8: shorter side resized to `side`, centre crop. None if unreadable."""
-    fast = _decode_jpeg_fast(path)
+    try:
+        with open(path, "rb") as f:
+            data = f.read()  # read once: torchvision's decoder first, PIL from the same bytes
+    except OSError:
+        return None
+    fast = _decode_jpeg_fast(data)
     if fast is not None and fast.shape[1:] == (side, side):
         return fast
     try:
-        im = Image.fromarray(fast.transpose(1, 2, 0)) if fast is not None else _open_rgb(path)
+        im = Image.fromarray(fast.transpose(1, 2, 0)) if fast is not None else _open_rgb(io.BytesIO(data))
     except (OSError, ValueError, SyntaxError, Image.DecompressionBombError):
         return None
     w, h = im.size
