@@ -14,8 +14,12 @@ __all__ = [
 def __getattr__(name: str):
     # The trainer pulls in timm and torchvision; import it only when asked, so that
     # `from powergrad import PowerGradLoss` stays light.
-    if name in ("train", "fit", "evaluate", "RunResult"):
-        from . import engine as _engine
+    if name in ("train", "fit", "evaluate"):
+        from . import workflows
 
-        return getattr(_engine, name)
+        return getattr(workflows, name)
+    if name == "RunResult":
+        from .engine import RunResult
+
+        return RunResult
     raise AttributeError(f"module 'powergrad' has no attribute {name!r}")

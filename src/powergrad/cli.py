@@ -18,7 +18,6 @@ import json
 import logging
 import os
 import sys
-from pathlib import Path
 
 from .errors import ONCE_DIR_ENV, DivergenceError, PeerFailedError, UserError, print_once
 
@@ -42,20 +41,13 @@ def _split_recipe(args: list[str]) -> tuple[str | None, list[str]]:
 
 
 def cmd_train(ns: argparse.Namespace) -> int:
-    from .config import load_config
-    from .engine import train
+    from .engine.resume import resolve_config
+    from .workflows import train
 
     recipe, overrides = _split_recipe(ns.args)
-    if recipe is None:
-        # Resuming without a recipe continues the run with the config it was started with.
-        resume = next((o.split("=", 1)[1] for o in overrides if o.startswith("resume=")), None)
-        if resume and resume != "auto":
-            p = Path(resume)
-            saved = (p if p.is_dir() else p.parent) / "config.yaml"
-            recipe = str(saved) if saved.is_file() else None
-        elif resume == "auto" and ns.out and (Path(ns.out) / "config.yaml").is_file():
-            recipe = str(Path(ns.out) / "config.yaml")
-    cfg = load_config(recipe, overrides)
+    # Without a recipe, resume= continues with the checkpoint's config; a timm checkpoint gives
+    # its model and args unless key=value overrides say otherwise.
+    cfg = resolve_config(recipe, {k.strip(): v for k, v in (o.split("=", 1) for o in overrides)}, ns.out)
     if cfg.nproc > 1 and "WORLD_SIZE" not in os.environ:
         return _relaunch_with_torchrun(cfg.nproc, ns)
     result = train(cfg, out=ns.out, overwrite=ns.overwrite)
@@ -75,7 +67,7 @@ def _relaunch_with_torchrun(nproc: int, ns: argparse.Namespace) -> int:
 
 
 def cmd_eval(ns: argparse.Namespace) -> int:
-    from .engine import evaluate
+    from .workflows import evaluate
 
     print(json.dumps(evaluate(ns.checkpoint, ns.args)))
     return 0

@@ -24,7 +24,9 @@ from typing import Any
 
 from .errors import UserError
 
-__all__ = ["RunDir", "METRIC_COLUMNS", "read_metrics", "read_summary", "environment"]
+__all__ = [
+    "RunDir", "METRIC_COLUMNS", "read_metrics", "read_summary", "environment", "holds_run", "refuse_run_dir",
+]
 
 METRIC_COLUMNS = [
     "epoch", "lr", "train_loss", "train_acc", "test_loss", "test_acc", "test_top5", "gap",
@@ -38,6 +40,23 @@ TIMING_COLUMNS = ("epoch_s", "train_img_s")
 def new_run_name(cfg_model: str, cfg_dataset: str, alpha: float) -> str:
     stamp = time.strftime("%Y%m%d-%H%M%S")
     return f"{stamp}-{cfg_dataset}-{cfg_model.replace('/', '_')}-a{alpha:g}"
+
+
+# Files whose presence makes a folder a run's record (a run killed before its first save has
+# config.yaml; a finished one all of them).
+RUN_FILES = ("config.yaml", "metrics.csv", "summary.json", "last.pt", "best.pt", "preempt.pt")
+
+
+def holds_run(path: str | Path) -> bool:
+    """True if ``path`` is a folder holding a powergrad run's record."""
+    path = Path(path)
+    return path.is_dir() and (any((path / n).exists() for n in RUN_FILES) or any(path.glob("epoch*.pt")))
+
+
+def refuse_run_dir(path: str | Path, what: str) -> None:
+    """No command writes into a run's folder unless it is resuming that run."""
+    if holds_run(path):
+        raise UserError(f"{path} holds a training run; {what} writes elsewhere: choose another --out")
 
 
 class RunDir:
@@ -54,7 +73,6 @@ class RunDir:
             )
         try:
             self.path.mkdir(parents=True, exist_ok=True)
-            (self.path / "plots").mkdir(exist_ok=True)
             probe = self.path / ".write-test"
             probe.write_text("")
             probe.unlink()
@@ -66,8 +84,6 @@ class RunDir:
         # A process killed while saving leaves its temporary file; the save itself never landed.
         for name in ("config.yaml.tmp", "metrics.csv.tmp", "summary.json.tmp"):
             (self.path / name).unlink(missing_ok=True)
-        for p in self.path.glob(".*.pt.*.tmp"):
-            p.unlink(missing_ok=True)
         self._tb = None
 
     # --- files
