@@ -1,5 +1,8 @@
 """Training: the loop, optimisers and schedules, checkpoints, distributed set-up."""
 
-from .loop import RunResult, evaluate, evaluate_loader, fit, train
+from ..errors import extra
+
+with extra("train"):
+    from .loop import RunResult, evaluate, evaluate_loader, fit, train
 
 __all__ = ["RunResult", "evaluate", "evaluate_loader", "fit", "train"]

@@ -33,6 +33,7 @@ from torch import nn
 
 from ..config import Config, config_hash, load_config
 from ..errors import DivergenceError, UserError
+from ..models import param_groups, set_train_mode
 from ..monitor import EpochStats, Monitor
 from ..rundir import RunDir, environment, git_commit, new_run_name
 from ..tamper import PowerGradLoss
@@ -294,7 +295,7 @@ def run_training(
             # ---------------------------------------------------------------- train one epoch
             if hasattr(train_loader, "set_epoch"):
                 train_loader.set_epoch(epoch)
-            _set_train_mode(model, cfg)
+            set_train_mode(model, cfg)
             criterion.train()
             stats = EpochStats(device, cfg.monitor.logit_stats)
             if partial is not None and skip_steps:
@@ -667,20 +668,9 @@ def _load_model_state(model: nn.Module, state: dict[str, Any], path) -> None:
 
 def _param_groups(model: nn.Module, cfg: Config) -> list[dict]:
     try:
-        from ..models import param_groups
-
         return param_groups(model, cfg)
-    except (ImportError, UserError, ValueError):
+    except (UserError, ValueError):
         return [{"params": [p for p in model.parameters() if p.requires_grad]}]
-
-
-def _set_train_mode(model: nn.Module, cfg: Config) -> None:
-    try:
-        from ..models import set_train_mode
-    except ImportError:
-        model.train()
-        return
-    set_train_mode(model, cfg)
 
 
 def _num_classes(model: nn.Module) -> int:
