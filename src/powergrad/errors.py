@@ -43,17 +43,17 @@ class MissingExtraError(UserError, ImportError):
 
     def __init__(self, module: str, extra: str) -> None:
         super().__init__(
-            f"no module named {module!r} ({EXTRAS[extra]} need it): pip install 'powergrad[{extra}]'"
+            f"no module named {module!r} ({EXTRAS[extra]}): pip install 'powergrad[{extra}]'"
         )
         self.module, self.extra = module, extra
 
 
 # The extras of pyproject.toml, each a superset of the ones below it: postgres > sweep > train > plot.
 EXTRAS = {
-    "plot": "reports and figures",
-    "train": "the trainer",
-    "sweep": "sweeps",
-    "postgres": "sweeps on PostgreSQL",
+    "plot": "reports and figures need it",
+    "train": "the trainer needs it",
+    "sweep": "sweeps need it",
+    "postgres": "sweeps on PostgreSQL need it",
 }
 
 
