@@ -21,6 +21,7 @@ from pathlib import Path
 
 import pytest
 import torch
+from conftest import run_cli
 
 import powergrad
 from powergrad.cli import main
@@ -37,12 +38,6 @@ SLOW_FSYNC_S = 0.06  # widens each save so that random kills land inside saves t
 
 
 # ----------------------------------------------------------------------------- helpers
-
-
-def run_cli(args, capsys):
-    code = main([str(a) for a in args])
-    out = capsys.readouterr()
-    return code, out.out, out.err
 
 
 def metrics(run: Path) -> list[dict[str, str]]:

@@ -1,25 +1,44 @@
-"""powergrad: Softmax Gradient Tampering (the PowerGrad Transform) for image classifiers."""
+"""powergrad: Softmax Gradient Tampering (the PowerGrad Transform) for image classifiers.
 
-from .config import Config, load_config
-from .errors import DivergenceError, UserError
+``pip install powergrad`` brings the loss alone (torch is its one dependency); the rest comes
+with extras, loaded here only when asked for (see the README's "Install"):
+
+- ``power_grad_cross_entropy``, ``PowerGradLoss``: the loss; ``powergrad.reference``: the
+  official hook, for comparison.
+- ``Config``, ``load_config``, ``train``, ``fit``, ``evaluate``, ``RunResult``: the trainer,
+  ``pip install 'powergrad[train]'``.
+"""
+
+from typing import TYPE_CHECKING, Any
+
+from .errors import DivergenceError, MissingExtraError, UserError
 from .tamper import PowerGradLoss, power_grad_cross_entropy
 
+if TYPE_CHECKING:
+    # Re-exported through __getattr__ below; named here for type checkers and editors.
+    from .config import Config as Config
+    from .config import load_config as load_config
+    from .engine import RunResult as RunResult
+    from .workflows import evaluate as evaluate
+    from .workflows import fit as fit
+    from .workflows import train as train
+
 __version__ = "0.1.0"
+# Only what imports with torch alone, so that `from powergrad import *` works on any install.
 __all__ = [
-    "Config", "DivergenceError", "PowerGradLoss", "UserError", "evaluate", "fit", "load_config",
-    "power_grad_cross_entropy", "train", "__version__",
+    "DivergenceError", "MissingExtraError", "PowerGradLoss", "UserError", "power_grad_cross_entropy",
+    "__version__",
 ]
 
+_LAZY = {"Config": "config", "load_config": "config",
+         "train": "workflows", "fit": "workflows", "evaluate": "workflows", "RunResult": "engine"}
 
-def __getattr__(name: str):
-    # The trainer pulls in timm and torchvision; import it only when asked, so that
-    # `from powergrad import PowerGradLoss` stays light.
-    if name in ("train", "fit", "evaluate"):
-        from . import workflows
 
-        return getattr(workflows, name)
-    if name == "RunResult":
-        from .engine import RunResult
+def __getattr__(name: str) -> Any:
+    # The trainer pulls in timm, torchvision and PyYAML: import it only when asked, so that
+    # `from powergrad import PowerGradLoss` needs torch alone.
+    if name in _LAZY:
+        import importlib
 
-        return RunResult
+        return getattr(importlib.import_module(f".{_LAZY[name]}", __name__), name)
     raise AttributeError(f"module 'powergrad' has no attribute {name!r}")

@@ -19,9 +19,10 @@ from importlib import resources
 from pathlib import Path
 from typing import Any, Union
 
-import yaml
+from .errors import UserError, extra
 
-from .errors import UserError
+with extra("train"):
+    import yaml
 from .tamper import check_alpha
 
 __all__ = [

@@ -22,7 +22,7 @@ from contextlib import contextmanager
 from pathlib import Path
 from typing import Any
 
-from .errors import UserError
+from .errors import UserError, extra
 
 __all__ = [
     "RunDir", "METRIC_COLUMNS", "read_metrics", "read_summary", "environment", "holds_run", "refuse_run_dir",
@@ -120,7 +120,8 @@ class RunDir:
 
     def tensorboard(self, row: dict[str, Any]) -> None:
         if self._tb is None:
-            from torch.utils.tensorboard import SummaryWriter
+            with extra("train"):
+                from torch.utils.tensorboard import SummaryWriter
 
             self._tb = SummaryWriter(log_dir=str(self.path / "events"))
         step = int(row["epoch"])

@@ -5,7 +5,10 @@ The public ``train`` / ``fit`` / ``evaluate`` live above the engine, in powergra
 for code that imports them from powergrad.engine, resolved on first use.
 """
 
-from .loop import RunResult, evaluate_loader, run_training
+from ..errors import extra
+
+with extra("train"):
+    from .loop import RunResult, evaluate_loader, run_training
 
 __all__ = ["RunResult", "evaluate", "evaluate_loader", "fit", "run_training", "train"]
 

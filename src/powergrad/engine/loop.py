@@ -32,6 +32,7 @@ from torch import nn
 
 from ..config import Config, config_hash
 from ..errors import DivergenceError, UserError
+from ..models import get_head, param_groups, set_train_mode
 from ..monitor import Diagnostic, EpochStats, Monitor
 from ..rundir import RunDir, environment, git_commit
 from ..tamper import PowerGradLoss
@@ -386,7 +387,7 @@ def begin_epoch(t: Trainer, epoch: int) -> EpochStats:
     """Data order, train mode, and the epoch's sums (a mid-epoch resume's so far)."""
     if hasattr(t.train_loader, "set_epoch"):
         t.train_loader.set_epoch(epoch)
-    _set_train_mode(t.state.model, t.cfg)
+    set_train_mode(t.state.model, t.cfg)
     t.criterion.train()
     stats = EpochStats(t.dist.device, t.cfg.monitor.logit_stats)
     if t.state.epoch_stats is not None and t.state.step_in_epoch:
@@ -563,10 +564,8 @@ def _filter_recorder(model: nn.Module, cfg: Config, run: RunDir | None, global_s
     from ..monitor.filters import FilterNormRecorder
 
     try:
-        from ..models import get_head
-
         head = get_head(model)[1]
-    except (ImportError, UserError):
+    except UserError:
         head = None
     recorder = FilterNormRecorder(model, head, cfg.monitor.filter_norms_every)
     if run is not None and global_step:
@@ -576,20 +575,9 @@ def _filter_recorder(model: nn.Module, cfg: Config, run: RunDir | None, global_s
 
 def _param_groups(model: nn.Module, cfg: Config) -> list[dict]:
     try:
-        from ..models import param_groups
-
         return param_groups(model, cfg)
-    except (ImportError, UserError, ValueError):
+    except (UserError, ValueError):
         return [{"params": [p for p in model.parameters() if p.requires_grad]}]
-
-
-def _set_train_mode(model: nn.Module, cfg: Config) -> None:
-    try:
-        from ..models import set_train_mode
-    except ImportError:
-        model.train()
-        return
-    set_train_mode(model, cfg)
 
 
 def _num_classes(model: nn.Module) -> int:

@@ -14,13 +14,16 @@ import difflib
 import logging
 from collections.abc import Callable
 
-import timm
 import torch
-import torchvision
 from torch import nn
 
+from ..errors import UserError, extra
+
+with extra("train"):
+    import timm
+    import torchvision
+
 from ..config import Config
-from ..errors import UserError
 from .convnet import convnet
 from .inspect import filter_norms
 from .linear import mlp, softmax_regression
