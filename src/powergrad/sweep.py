@@ -41,6 +41,7 @@ from optuna.trial import TrialState
 
 from .config import Config, load_config
 from .errors import UserError
+from .rundir import refuse_run_dir
 
 __all__ = ["run_sweep", "parse_grid", "SweepResult", "run_name"]
 
@@ -267,8 +268,9 @@ def _run_trial(study: optuna.Study, trial: optuna.Trial, spec: dict[str, Any]) -
         study.tell(trial, state=TrialState.FAIL)
         return "preempted"
     final = result.final
-    value = final["val_acc"] if final.get("val_acc") is not None else final["test_acc"]
-    study.tell(trial, float(value))
+    metric = "val_acc" if final.get("val_acc") is not None else "test_acc"
+    trial.set_user_attr("metric", metric)  # what the value measures: format_result's column
+    study.tell(trial, float(final[metric]))
     return "complete"
 
 
@@ -332,6 +334,7 @@ def run_sweep(
     points = [dict(zip(space, combo)) for combo in itertools.product(*space.values())]
     for p in points:  # every point must be a valid recipe before anything runs
         load_config(recipe, {**fixed, **p})
+    refuse_run_dir(out, "a sweep")
     try:
         out.mkdir(parents=True, exist_ok=True)
     except OSError as e:
@@ -388,6 +391,7 @@ def summarize(study: optuna.Study, points: list[dict[str, Any]], epochs: int, ou
                "value": t.value if t else None, "trial": t.number if t else None,
                "epochs_done": t.user_attrs.get("epochs_done") if t else None,
                "run_dir": t.user_attrs.get("run_dir") if t else None,
+               "metric": t.user_attrs.get("metric") if t else None,
                "error": t.user_attrs.get("error") if t else None}
         result.trials.append(row)
         result.epochs_run += int(row["epochs_done"] or 0) if row["state"] in ("COMPLETE", "PRUNED") else 0
@@ -400,10 +404,15 @@ def _rank(t: optuna.trial.FrozenTrial) -> tuple[int, int]:
 
 def format_result(result: SweepResult) -> str:
     """A short text table of the points and the epoch saving."""
-    lines = [f"{'point':<40} {'state':<9} {'value':>8} {'epochs':>6}  error"]
+    # The value is final validation accuracy where the recipe holds a validation split, else
+    # test accuracy: the column says which (a mixed grid names each row's).
+    metrics = {r.get("metric") for r in result.trials if r.get("metric")}
+    label = metrics.pop() if len(metrics) == 1 else "value"
+    lines = [f"{'point':<40} {'state':<9} {label:>8} {'epochs':>6}  error"]
     for r in result.trials:
         value = f"{r['value']:.4f}" if r["value"] is not None else "-"
-        lines.append(f"{r['point']:<40} {r['state']:<9} {value:>8} {r['epochs_done'] or '-':>6}  {r['error'] or ''}")
+        which = f"  ({r['metric']})" if label == "value" and r.get("metric") else ""
+        lines.append(f"{r['point']:<40} {r['state']:<9} {value:>8} {r['epochs_done'] or '-':>6}  {r['error'] or ''}{which}")
     saved = result.epochs_full - result.epochs_run
     lines.append(
         f"epochs trained {result.epochs_run} of the full grid's {result.epochs_full} "
