@@ -39,8 +39,8 @@ def train(
     """
     cfg = as_config(config, overrides, out)
     plan = plan_start(cfg, out)  # a resume that cannot go on stops here, before any data is read
-    if check_progress(plan, cfg) == "complete":
-        return already_complete(plan, cfg)
+    if plan.own_folder and check_progress(plan, cfg) == "complete":  # (another run's file must
+        return already_complete(plan, cfg)  # still fit the model: run_training checks, then says so)
     if cfg.probe_layer:  # features computed once, then the loop on the head
         from .probe import train_probe
 

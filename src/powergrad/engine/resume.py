@@ -46,6 +46,12 @@ class StartPlan:
     note: str = ""  # why this checkpoint: logged when the run goes on
 
     @property
+    def own_folder(self) -> bool:
+        """Resuming a checkpoint inside the folder the record goes to (not another run's file)."""
+        path = self.checkpoint_path
+        return path is not None and self.run_path.resolve() == path.parent.resolve()
+
+    @property
     def official(self) -> bool:
         return bool(self.checkpoint and self.checkpoint.get("official"))
 
@@ -171,7 +177,7 @@ def check_progress(plan: StartPlan, cfg: Config) -> str | None:
         summary = {}
     if summary.get("status") == "finished" and summary.get("epochs_done") == epoch:
         return "complete"
-    if plan.checkpoint_path is not None and plan.run_path.resolve() != plan.checkpoint_path.parent.resolve():
+    if not plan.own_folder:
         return "complete"  # another run's finished checkpoint: nothing of it to copy here
     return "record"
 
