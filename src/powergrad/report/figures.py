@@ -37,7 +37,7 @@ import matplotlib.pyplot as plt  # noqa: E402
 import numpy as np  # noqa: E402
 
 from ..errors import UserError  # noqa: E402
-from ..rundir import read_metrics  # noqa: E402
+from ..rundir import read_metrics, refuse_run_dir  # noqa: E402
 from .tables import MACHINERY, Run, load_runs  # noqa: E402
 
 __all__ = ["make_figures", "plot_transformed_distribution"]
@@ -239,6 +239,8 @@ def make_figures(paths: list[str | Path], out: str | Path | None = None) -> list
     runs, _ = load_runs(paths)
     if not runs:
         raise UserError(f"no finished runs under {', '.join(map(str, paths))}")
+    if out:
+        refuse_run_dir(out, "plot")
     out = Path(out) if out else Path(paths[0]) / "figures"
     try:
         out.mkdir(parents=True, exist_ok=True)
