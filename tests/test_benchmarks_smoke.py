@@ -47,8 +47,13 @@ def jpeg_folder(tmp_path: Path) -> Path:
 
 
 def test_loss_benchmark(run_bench):
-    rows = run_bench("loss.py", "--n", "64", "--c", "10", "--rounds", "2")
+    rows = run_bench("loss.py", "--sizes", "64x10,8x3", "--rounds", "2", "--threads", "1,2")
     assert {r["impl"] for r in rows} == {"power_grad", "reference_hook"}
+    cases = {(r["n"], r["c"], r["label_smoothing"], r["target"], r["threads"]) for r in rows}
+    assert len(cases) == 2 * 2 * 2 * 2 == len(rows) / 2  # sizes x smoothing x targets x threads
+    first = rows[0]  # the default case first: no label smoothing, index targets
+    assert (first["n"], first["label_smoothing"], first["target"], first["threads"]) == (64, 0.0, "index", 1)
+    assert all(r["ratio"] > 0 and len(r["load_average"]) == 3 for r in rows)
 
 
 def test_trainer_overhead_benchmark(run_bench):
