@@ -23,7 +23,7 @@ from collections.abc import Callable
 from dataclasses import dataclass, field
 from itertools import islice
 from pathlib import Path
-from typing import Any
+from typing import Any, cast
 
 import numpy as np
 import torch
@@ -329,13 +329,13 @@ def run_training(
                         raise DivergenceError(_divergence_message(int(bad_step), epoch, cfg))
                     if stopper.agreed(dist):
                         sums = _global_epoch_stats(stats, monitor, dist)  # every rank: a collective
-                        if dist.is_main:
+                        if run is not None:  # the main process
                             save_checkpoint(checkpoint_state(epoch, step + 1, sums), run.path / "last.pt")
                         status = "preempted"
                         break
                     if mid_save and step + 1 < steps_per_epoch:
                         sums = _global_epoch_stats(stats, monitor, dist)
-                        if dist.is_main:
+                        if run is not None:  # the main process
                             save_checkpoint(checkpoint_state(epoch, step + 1, sums), run.path / "last.pt")
             if status == "preempted":
                 break
@@ -367,7 +367,7 @@ def run_training(
             is_best = not best or row[key] > best.get(key, -1)
             if is_best:
                 best = dict(row)
-            if dist.is_main:
+            if run is not None:  # the main process
                 _print_epoch(row, cfg.epochs)
                 run.append_metrics(row)
                 if (epoch + 1) % cfg.save_every == 0 or epoch + 1 == cfg.epochs:
@@ -424,8 +424,9 @@ def _train_step(forward, criterion, optimizer, scaler, x, y, cfg: Config, net: n
     total_loss = torch.zeros((), device=x.device)
     logits_all = []
     for i, (xi, yi) in enumerate(zip(xs, ys)):
-        sync = i == len(xs) - 1 or not isinstance(net, nn.parallel.DistributedDataParallel)
-        ctx = net.no_sync() if not sync else contextlib.nullcontext()
+        last = i == len(xs) - 1  # DDP all-reduces the gradients on the last micro-batch only
+        ddp = net if isinstance(net, nn.parallel.DistributedDataParallel) else None
+        ctx = ddp.no_sync() if ddp is not None and not last else contextlib.nullcontext()
         with ctx:
             with _autocast(cfg.amp, x.device):
                 logits = forward(xi)
@@ -693,10 +694,11 @@ def _seed_everything(seed: int) -> None:
 
 
 def _rng_state() -> dict[str, Any]:
+    _, numpy_keys, numpy_pos, *_ = cast(tuple, np.random.get_state())  # legacy form: a tuple
     state = {
         "torch": torch.get_rng_state(),
-        "numpy": list(np.random.get_state()[1].tolist()),
-        "numpy_pos": int(np.random.get_state()[2]),
+        "numpy": list(numpy_keys.tolist()),
+        "numpy_pos": int(numpy_pos),
         "python": list(random.getstate()[1]),
     }
     if torch.cuda.is_available():
