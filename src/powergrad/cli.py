@@ -18,12 +18,13 @@ import json
 import logging
 import os
 import sys
+from typing import NoReturn
 
 from .errors import ONCE_DIR_ENV, DivergenceError, PeerFailedError, UserError, print_once
 
 
 class _Parser(argparse.ArgumentParser):
-    def error(self, message: str) -> None:  # one line, exit 2, as every user error
+    def error(self, message: str) -> NoReturn:  # one line, exit 2, as every user error
         raise UserError(f"{self.prog}: {message}")
 
 
@@ -171,10 +172,10 @@ class _StdStreamHandler(logging.StreamHandler):
 
     def __init__(self, name: str) -> None:
         super().__init__(getattr(sys, name))
-        self.name = name
+        self.stream_name = name
 
     def emit(self, record: logging.LogRecord) -> None:
-        self.stream = getattr(sys, self.name)
+        self.stream = getattr(sys, self.stream_name)
         super().emit(record)
 
 

@@ -20,9 +20,12 @@ import time
 from collections.abc import Iterator
 from contextlib import contextmanager
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 from .errors import UserError, extra
+
+if TYPE_CHECKING:
+    from torch.utils.tensorboard import SummaryWriter
 
 __all__ = [
     "RunDir", "METRIC_COLUMNS", "read_metrics", "read_summary", "environment", "holds_run", "refuse_run_dir",
@@ -84,7 +87,7 @@ class RunDir:
         # A process killed while saving leaves its temporary file; the save itself never landed.
         for name in ("config.yaml.tmp", "metrics.csv.tmp", "summary.json.tmp"):
             (self.path / name).unlink(missing_ok=True)
-        self._tb = None
+        self._tb: SummaryWriter | None = None
 
     # --- files
     @property
@@ -169,7 +172,7 @@ def read_metrics(run: str | Path) -> list[dict[str, Any]]:
     out = []
     for r in rows:
         out.append({k: (float(v) if v not in ("", None) else None) for k, v in r.items()})
-        out[-1]["epoch"] = int(out[-1]["epoch"])
+        out[-1]["epoch"] = int(float(r["epoch"]))
     return out
 
 

@@ -413,18 +413,18 @@ def run_sweep(
     log.info("sweep %s: %d points, %d to run, %d worker(s), storage %s",
              out, len(points), todo, workers, shown_url(url))
     host = socket.gethostname()
+    mine: set[tuple[str, int | None]] = {(host, os.getpid())}
     if workers == 1:
-        mine = {(host, os.getpid())}
         _worker(spec)
     else:
         threads = max(1, (os.cpu_count() or 1) // workers)
         ctx = mp.get_context("spawn")
         procs = [ctx.Process(target=_worker, args=(spec, threads)) for _ in range(workers)]
-        for p in procs:
-            p.start()
-        mine = {(host, p.pid) for p in procs}
-        for p in procs:
-            p.join()
+        for proc in procs:
+            proc.start()
+        mine = {(host, proc.pid) for proc in procs}
+        for proc in procs:
+            proc.join()
     result = summarize(q.study, points, base.epochs, out, url, mine)
     (out / "sweep.json").write_text(json.dumps(result.to_dict(), indent=2, default=str))
     return result

@@ -136,7 +136,7 @@ def decode_image(path: str, side: int) -> np.ndarray | None:
     if (w, h) != (side, side):
         s = side / min(w, h)
         nw, nh = max(side, round(w * s)), max(side, round(h * s))
-        im = im.resize((nw, nh), Image.BILINEAR)  # PIL's bilinear antialiases when shrinking
+        im = im.resize((nw, nh), Image.Resampling.BILINEAR)  # PIL's bilinear antialiases when shrinking
         left, top = (nw - side) // 2, (nh - side) // 2
         im = im.crop((left, top, left + side, top + side))
     return np.asarray(im, dtype=np.uint8).transpose(2, 0, 1)
@@ -198,7 +198,8 @@ def _decode_all(samples: list[Sample], side: int, workers: int) -> tuple[np.ndar
     paths = [p for p, _ in samples]
     chunks = [paths[i:i + DECODE_CHUNK] for i in range(0, len(paths), DECODE_CHUNK)]
     x = np.empty((len(paths), 3, side, side), dtype=np.uint8)
-    keep, bad = [], []
+    keep: list[int] = []
+    bad: list[str] = []
     if workers > 0:
         with multiprocessing.get_context().Pool(workers) as pool:
             results = pool.imap(partial(_decode_chunk, side=side), chunks)

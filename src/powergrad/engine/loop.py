@@ -200,8 +200,9 @@ def _train_step(forward, criterion, optimizer, scaler, x, y, cfg: Config, net: n
     total_loss = torch.zeros((), device=x.device)
     logits_all = []
     for i, (xi, yi) in enumerate(zip(xs, ys)):
-        sync = i == len(xs) - 1 or not isinstance(net, nn.parallel.DistributedDataParallel)
-        ctx = net.no_sync() if not sync else contextlib.nullcontext()
+        last = i == len(xs) - 1  # DDP all-reduces the gradients on the last micro-batch only
+        ddp = net if isinstance(net, nn.parallel.DistributedDataParallel) else None
+        ctx = ddp.no_sync() if ddp is not None and not last else contextlib.nullcontext()
         with ctx:
             with _autocast(cfg.amp, x.device):
                 logits = forward(xi)

@@ -35,6 +35,7 @@ from typing import Any
 
 import torch
 from torch import Tensor, nn
+from torch.utils.hooks import RemovableHandle
 
 from ..config import MonitorConfig
 
@@ -81,7 +82,7 @@ class Monitor:
         self.diagnostics: list[Diagnostic] = []
         self._seen: set[str] = set()
         self.feature_alive: Tensor | None = None  # per input feature of the head: nonzero for some image
-        self._hook = None
+        self._hook: RemovableHandle | None = None
 
     def watch_features(self, model: nn.Module) -> None:
         """Hook the classifier's input to find features that are zero for every training image.
@@ -197,10 +198,10 @@ class Monitor:
         if len(history) < p + 1:
             return
         window = history[-(p + 1):]
-        test = [r.get("test_loss") for r in window]
-        train = [r["train_loss"] for r in window]
-        if None in test:
+        if any(r.get("test_loss") is None for r in window):
             return
+        test = [r["test_loss"] for r in window]
+        train = [r["train_loss"] for r in window]
         rising = all(b > a for a, b in zip(test, test[1:]))
         falling = all(b < a for a, b in zip(train, train[1:]))
         if rising and falling:

@@ -112,7 +112,7 @@ def plot_loss_curves(label: str, by_alpha: dict[float, list[Run]], path: Path) -
 
 
 def _final(runs: list[Run], key: str) -> tuple[float, float]:
-    vals = [r.final.get(key) for r in runs if r.final.get(key) is not None]
+    vals = [float(r.final[key]) for r in runs if r.final.get(key) is not None]
     if not vals:
         return math.nan, math.nan
     return float(np.mean(vals)), float(np.std(vals, ddof=1)) if len(vals) > 1 else 0.0
