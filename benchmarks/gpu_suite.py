@@ -183,11 +183,12 @@ class Ctx:
 
 
 def subprocess_env(cuda: bool) -> dict[str, str]:
-    """A subprocess imports this same powergrad; on the CPU, 1 thread a process (they share cores)."""
+    """A subprocess imports this same powergrad; on the CPU it uses as many threads as this
+    process, so that its float sums are ordered the same (a resumed run can then be bitwise)."""
     env = {**os.environ, "PYTHONUNBUFFERED": "1",
            "PYTHONPATH": os.pathsep.join([str(SRC), *filter(None, [os.environ.get("PYTHONPATH")])])}
     if not cuda:
-        env["OMP_NUM_THREADS"] = "1"
+        env["OMP_NUM_THREADS"] = str(torch.get_num_threads())
     return env
 
 
@@ -690,8 +691,8 @@ def _history_diff(a: list[dict], b: list[dict]) -> float:
 
 def sec_resume(ctx: Ctx) -> None:
     if ctx.tiny:
-        args = {"model": "mlp", "img_size": 8, "synthetic_size": 160, "batch_size": 4, "epochs": 4,
-                "checkpoint_every_steps": 4}
+        args = {"model": "mlp", "img_size": 8, "synthetic_size": 96, "batch_size": 4, "epochs": 3,
+                "checkpoint_every_steps": 3}
     else:
         args = {"model": "resnet20", "img_size": 32, "synthetic_size": 12800, "batch_size": 128, "epochs": 6,
                 "amp": "bf16", "checkpoint_every_steps": 10}
@@ -1162,9 +1163,19 @@ def parse(argv: list[str] | None = None) -> argparse.Namespace:
 
 def main(argv: list[str] | None = None) -> int:
     args = parse(argv)
-    if args.child:
-        child_main(args)
-        return 0
+    threads = torch.get_num_threads()
+    if args.dry_run:  # tiny ops: one thread is faster, and much faster on a shared, loaded machine
+        torch.set_num_threads(1)
+    try:
+        if args.child:
+            child_main(args)
+            return 0
+        return run_suite(args, argv)
+    finally:
+        torch.set_num_threads(threads)
+
+
+def run_suite(args: argparse.Namespace, argv: list[str] | None) -> int:
     isolate = (not args.dry_run) if args.isolate is None else args.isolate
     started = datetime.datetime.now(datetime.timezone.utc)
     end = time.monotonic() + args.time_limit
