@@ -5,6 +5,7 @@ Not timed tests: nothing here checks a speed.
 
 from __future__ import annotations
 
+import importlib.util
 import json
 import runpy
 import sys
@@ -84,3 +85,88 @@ def test_gpu_resnet50_benchmark_runs_on_cpu(run_bench):
                      "--steps", "1", "--rounds", "1", "--amp", "none", "--modes", "eager,channels_last",
                      "--device", "cpu")
     assert [r["impl"] for r in rows] == ["eager", "channels_last"] and rows[0]["ratio"] == 1.0
+
+
+# ----------------------------------------------------------------------------- the GPU suite's CPU mode
+
+
+def load_suite():
+    spec = importlib.util.spec_from_file_location("gpu_suite", ROOT / "benchmarks" / "gpu_suite.py")
+    suite = importlib.util.module_from_spec(spec)
+    sys.modules[spec.name] = suite  # its dataclasses look their module up there
+    spec.loader.exec_module(suite)
+    return suite
+
+
+@pytest.fixture
+def suite_env(monkeypatch, tmp_path):
+    monkeypatch.setenv("POWERGRAD_CACHE", str(tmp_path / "cache"))
+    monkeypatch.delenv("POWERGRAD_DATA", raising=False)  # generated data only: tests never read ../shared
+    monkeypatch.chdir(tmp_path)
+    return tmp_path
+
+
+def read_report(out: Path) -> tuple[dict, dict[str, dict]]:
+    report = json.loads((out / "gpu_suite.json").read_text())
+    return report, {s["id"]: s for s in report["sections"]}
+
+
+def checks(section: dict) -> dict[str, bool | None]:
+    return {c["name"]: c["ok"] for c in section["checks"]}
+
+
+def test_gpu_suite_dry_run_runs_every_section(suite_env):
+    suite = load_suite()
+    out = suite_env / "out"
+    assert suite.main(["--out", str(out), "--dry-run"]) == 0
+    report, by = read_report(out)
+    assert report["exit_code"] == 0 and report["dry_run"] and list(by) == list(suite.SECTIONS)
+    assert {k: s["status"] for k, s in by.items()} == dict.fromkeys(suite.SECTIONS, "ok"), \
+        {k: s["error"] for k, s in by.items() if s["error"]}
+    # every correctness check was judged and passed, except those that need hardware this is not
+    not_judged = [n for s in by.values() for c in s["checks"] if c["ok"] is None and c["kind"] == "correctness"
+                  for n in [c["name"]]]
+    assert all("learns" in n or "2 processes" in n for n in not_judged), not_judged
+
+    loss = by["loss"]["rows"]
+    assert {(r["dtype"], r["label_smoothing"]) for r in loss if r["part"] == "exactness"} == {
+        (d, ls) for d in ("float32", "bfloat16", "float16") for ls in (0.0, 0.1)}
+    assert {r["mode"] for r in loss if r["part"] == "cost"} == {"eager", "compile"}
+    # the sync attribution found the loop's flag read (the CPU stand-in reads it every step)
+    assert all("engine/loop.py" in r["sites"] for r in by["sync"]["rows"])
+    assert [r["mode"] for r in by["train"]["rows"]] == list(suite.TRAIN_MODES)
+    assert all(r["img_per_s"] > 0 and 0 <= r["data_share"] for r in by["train"]["rows"])
+    assert [r["bitwise"] for r in by["resume"]["rows"]] == [True, True]  # the CPU is deterministic
+    assert checks(by["resume"])["killed mid-epoch"] and checks(by["nccl"])["a gloo process group initialises and all-reduces"]
+    assert [r["mode"] for r in by["resnet50"]["rows"]][:3] == ["eager", "channels_last", "compile"]
+    assert by["resnet50"]["rows"][3]["mode"].startswith("trainer")
+    assert {r["impl"] for r in by["cifar94"]["rows"]} >= {"airbench94", "speed/cifar10-94"}
+    assert by["stream"]["rows"][-1]["bottleneck"] in ("loader", "model")
+    md = (out / "gpu_suite.md").read_text()
+    assert "dry run" in md and all(f"| {s} | ok |" in md for s in suite.SECTIONS)
+
+
+def test_gpu_suite_records_a_failing_section_and_goes_on(suite_env):
+    suite = load_suite()
+
+    def broken(ctx):
+        ctx.rec.row(before="the failure")
+        raise RuntimeError("planted failure")
+
+    suite.RUNNERS["loss"] = broken
+    out = suite_env / "out"
+    assert suite.main(["--out", str(out), "--dry-run", "--sections", "loss,stream"]) == 1
+    report, by = read_report(out)
+    assert report["exit_code"] == 1
+    assert by["loss"]["status"] == "error" and "planted failure" in by["loss"]["error"]
+    assert by["loss"]["rows"] == [{"before": "the failure"}]  # what it measured before failing is kept
+    assert by["stream"]["status"] == "ok"
+    assert "| loss | error |" in (out / "gpu_suite.md").read_text()
+
+
+def test_gpu_suite_runs_a_section_in_its_own_process(suite_env):
+    """The GPU default: each section in a child process that writes its record as it goes."""
+    out = suite_env / "out"
+    assert load_suite().main(["--out", str(out), "--dry-run", "--isolate", "--sections", "stream"]) == 0
+    report, by = read_report(out)
+    assert report["isolated"] and by["stream"]["status"] == "ok" and by["stream"]["rows"]
