@@ -170,3 +170,4 @@ def test_gpu_suite_runs_a_section_in_its_own_process(suite_env):
     assert load_suite().main(["--out", str(out), "--dry-run", "--isolate", "--sections", "stream"]) == 0
     report, by = read_report(out)
     assert report["isolated"] and by["stream"]["status"] == "ok" and by["stream"]["rows"]
+    assert "===== stream (exit 0)" in (out / "gpu_suite.log").read_text()
