@@ -9,10 +9,13 @@ import importlib.util
 import json
 import runpy
 import sys
+import warnings
+from collections import Counter
 from pathlib import Path
 
 import numpy as np
 import pytest
+import torch
 from PIL import Image
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -171,3 +174,44 @@ def test_gpu_suite_runs_a_section_in_its_own_process(suite_env):
     report, by = read_report(out)
     assert report["isolated"] and by["stream"]["status"] == "ok" and by["stream"]["rows"]
     assert "===== stream (exit 0)" in (out / "gpu_suite.log").read_text()
+
+
+def test_gpu_suite_sync_rule():
+    """At most ceil(S / every) + 1 steps of an epoch may sync, at most per_read times each;
+    the first epoch (lazy set-up, the first-step output check) is not judged."""
+    judge = load_suite().judge_syncs
+    steps = Counter({0: 60, 1: 60})
+
+    def at(*where):
+        return [(("step", e, k), f"site{k % 2}") for e, k in where]
+
+    flag_reads = at((1, 24), (1, 49), (1, 59), (1, 59))
+    assert judge(flag_reads, steps, every=25, per_read=2)[0]
+    assert judge(flag_reads + at(*((0, k) for k in range(60))), steps, 25, 2)[0]  # epoch 1: not judged
+    every_step = at(*((1, k) for k in range(60)))
+    ok, detail, sites = judge(every_step, steps, 25, 2)
+    assert not ok and "60 of 60 steps synced (allowed 4)" in detail and sites == {"site0": 30, "site1": 30}
+    assert not judge(at((1, 24), (1, 24), (1, 24)), steps, 25, 2)[0]  # three syncs in one step
+    outside = [(("epoch_end", 1, -1), "eval")] * 100
+    assert judge(outside, steps, 25, 2)[0]
+
+
+def test_gpu_suite_catches_sync_warnings_where_raised(monkeypatch):
+    """The CUDA branch of record_syncs, without a GPU: torch's sync warning is caught with the
+    step it fell in and its call site; other warnings pass through."""
+    suite = load_suite()
+    modes = []
+    monkeypatch.setattr(torch.cuda, "set_sync_debug_mode", modes.append)
+    tap, events = suite.StepTap(), []
+
+    def step_that_syncs():
+        warnings.warn("called a synchronizing CUDA operation", UserWarning, stacklevel=1)
+
+    with pytest.warns(UserWarning, match="unrelated"):
+        with suite.record_syncs(tap, events, cuda=True):
+            for _ in tap.wrap([1, 2]):
+                step_that_syncs()
+            warnings.warn("unrelated", UserWarning, stacklevel=1)
+    assert modes == ["warn", "default"]
+    assert [ph for ph, _ in events] == [("step", 0, 0), ("step", 0, 1)]
+    assert all("step_that_syncs" in site and "test_benchmarks_smoke.py" in site for _, site in events)
