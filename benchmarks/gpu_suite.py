@@ -773,8 +773,8 @@ def nccl_smoke(ctx: Ctx) -> float:
         sock.bind(("127.0.0.1", 0))
         port = sock.getsockname()[1]
     backend = "nccl" if ctx.cuda else "gloo"
-    dist.init_process_group(backend, init_method=f"tcp://127.0.0.1:{port}", rank=0, world_size=1,
-                            device_id=ctx.device if ctx.cuda else None)
+    device = torch.device("cuda", torch.cuda.current_device()) if ctx.cuda else None  # bound: an indexed device
+    dist.init_process_group(backend, init_method=f"tcp://127.0.0.1:{port}", rank=0, world_size=1, device_id=device)
     try:
         t = torch.full((4,), 2.0, device=ctx.device)
         dist.all_reduce(t)
