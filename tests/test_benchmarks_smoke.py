@@ -136,7 +136,7 @@ def test_gpu_suite_dry_run_runs_every_section(suite_env):
         (d, ls) for d in ("float32", "bfloat16", "float16") for ls in (0.0, 0.1)}
     assert {r["mode"] for r in loss if r["part"] == "cost"} == {"eager", "compile"}
     # the sync attribution found the loop's flag read (the CPU stand-in reads it every step)
-    assert all("engine/loop.py" in r["sites"] for r in by["sync"]["rows"])
+    assert all("engine/" in r["sites"] for r in by["sync"]["rows"])
     assert [r["mode"] for r in by["train"]["rows"]] == list(suite.TRAIN_MODES)
     assert all(r["img_per_s"] > 0 and 0 <= r["data_share"] for r in by["train"]["rows"])
     assert [r["bitwise"] for r in by["resume"]["rows"]] == [True, True]  # the CPU is deterministic
