@@ -28,6 +28,7 @@ from .convnet import convnet
 from .inspect import filter_norms
 from .linear import mlp, softmax_regression
 from .probe import Probe
+from .resnet9 import resnet9
 from .resnet_cifar import resnet20, resnet20_nobn
 from .weights import adapt_conv_weight, load_weights, read_state_dict
 
@@ -62,6 +63,7 @@ MODELS: dict[str, Callable[..., nn.Module]] = {
     "resnet20": resnet20,
     "resnet20_nobn": resnet20_nobn,
     "resnet18_nobn": resnet18_nobn,
+    "resnet9": resnet9,
     "convnet": convnet,
     "softmax_regression": softmax_regression,
     "mlp": mlp,
