@@ -88,7 +88,9 @@ def check_alpha(alpha: float) -> float:
 def _tampered_softmax(z: Tensor, alpha: float) -> Tensor:
     """p' = softmax(alpha * z) over dim 1 of (M, C) rows, in a fresh buffer."""
     if z.shape[1] <= _TRANSPOSED_MAX_C:
-        return torch.softmax(torch.mul(z, alpha).T, 0).T
+        # Row-major again: a transposed gradient is cloned by autograd's AccumulateGrad anyway,
+        # and in-place ops on it are slower (256 x 10, whole step: 93 against 99 us).
+        return torch.softmax(torch.mul(z, alpha).T, 0).T.contiguous()
     p = torch.mul(z, alpha)
     # In place: one (M, C) buffer instead of two (~10% of the backward at 4096 x 1000).
     return torch.softmax(p, 1, out=p)
@@ -136,8 +138,10 @@ def _prob_target_grad(p: Tensor, q: Tensor, weight: Tensor | None, ls: float,
         u = u * weight
     s = (grad_out.reshape(-1, 1) if reduction == "none"
          else grad_out / rows if reduction == "mean" else grad_out)
-    # m = sum(u) is 1 for normalised, unweighted targets; mixup and cutmix targets are.
-    return p.mul_(u.sum(1, keepdim=True)).sub_(u).mul_(s)
+    # m = sum(u) is 1 for normalised, unweighted targets (mixup's and cutmix's are); computing it
+    # costs one read of u. Two passes over p instead of three (mul_, sub_, mul_): 2.1 against
+    # 3.9 ms at 4096 x 1000 (CPU time, 1 thread, minimum of 30, under load).
+    return p.mul_(u.sum(1, keepdim=True) * s).addcmul_(u, s, value=-1.0)
 
 
 def _as_rows(x: Tensor, classes: bool) -> Tensor:
