@@ -36,7 +36,8 @@ class MonitorConfig:
     stall_acc_margin: float = 0.02  # accuracy within this of chance counts as "at chance"
     dead_filter_norm: float = 1e-3  # a conv filter whose weight norm falls below this is dead
     dead_filter_share: float = 0.05  # warn when more than this share of filters is dead
-    overfit_patience: int = 2  # test loss rising this many epochs while train loss falls
+    overfit_patience: int = 3  # epochs the held-out loss must stay risen before "overfitting"
+    overfit_rise: float = 0.2  # ... by more than this share above its lowest value
     filter_norms: bool = False  # record per-filter L2 norms of every conv layer each epoch
     filter_norms_every: int = 100  # steps between filter-norm records (0: at epoch ends only)
     logit_stats: bool = True  # record logit norm, mean, max and variance each epoch
