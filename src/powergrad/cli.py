@@ -7,6 +7,7 @@
     powergrad sweep RECIPE key=v1,v2 ... --out DIR [--seeds N] [--workers N] [--storage URL] [--prune]
     powergrad report PATH ... [--format md|csv|json]
     powergrad plot PATH ... [--out DIR]
+    powergrad cache [list|clear]
 
 User errors print one line on stderr and exit 2; divergence exits 3.
 """
@@ -123,6 +124,23 @@ def cmd_plot(ns: argparse.Namespace) -> int:
     return 0
 
 
+def cmd_cache(ns: argparse.Namespace) -> int:
+    from .cache import CACHE_ENV, cache_dir, clear_cache, list_cache
+
+    folder = cache_dir()
+    if ns.action == "clear":
+        n, freed = clear_cache(folder)
+        print(f"removed {n} cached splits ({freed / 1024**2:.1f} MB) from {folder}")
+        return 0
+    entries = list_cache(folder)
+    for e in entries:
+        print(e.line())
+    total = sum(e.bytes for e in entries) / 1024**2
+    print(f"{folder}: {len(entries)} cached splits, {total:.1f} MB (move it with {CACHE_ENV}=DIR; "
+          "empty it with `powergrad cache clear`)")
+    return 0
+
+
 def build_parser() -> argparse.ArgumentParser:
     p = _Parser(prog="powergrad", description="Softmax Gradient Tampering: train, evaluate, sweep, report.")
     sub = p.add_subparsers(dest="command", required=True, parser_class=_Parser)
@@ -164,6 +182,10 @@ def build_parser() -> argparse.ArgumentParser:
     pl.add_argument("paths", nargs="+", metavar="PATH", help="run directories or folders holding them")
     pl.add_argument("--out", help="folder for the PNGs (default: PATH/figures)")
     pl.set_defaults(fn=cmd_plot)
+
+    c = sub.add_parser("cache", help="list or clear the decoded-image cache ($POWERGRAD_CACHE, else ~/.cache/powergrad)")
+    c.add_argument("action", choices=("list", "clear"), nargs="?", default="list")
+    c.set_defaults(fn=cmd_cache)
 
     for extra in _EXTRA_COMMANDS:
         extra(sub)

@@ -67,6 +67,7 @@ class Config:
     img_size: int | None = None
     augment: str = "auto"
     train_subset: int | None = None
+    test_subset: int | None = None  # evaluate on this many test images (class-balanced, seeded)
     val_fraction: float = 0.0
     skip_bad_images: bool = False
     num_classes: int | None = None

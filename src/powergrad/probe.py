@@ -37,7 +37,7 @@ FEATURE_LIMIT_BYTES = 4 * 1024**3
 # Recipe keys that decide the features; a probe_cache file made with other values is recomputed.
 _FEATURE_KEYS = (
     "model", "model_kwargs", "pretrained", "weights", "probe_layer", "probe_pool", "dataset",
-    "data_dir", "img_size", "train_subset", "val_fraction", "seed", "synthetic_size", "num_classes",
+    "data_dir", "img_size", "train_subset", "test_subset", "val_fraction", "seed", "synthetic_size", "num_classes",
 )
 
 

@@ -105,10 +105,15 @@ def create_loaders(cfg: Config, device: torch.device, rank: int = 0, world_size:
 
 def _memory_loaders(src: Arrays, cfg: Config, device: torch.device, rank: int, world_size: int) -> Loaders:
     b = sampling.per_rank_batch(cfg.batch_size, world_size)
-    train_idx, val_idx = sampling.split_train(src.train_y, cfg)
-    n, chans, native = len(src.train_y) + len(src.test_y), src.train_x.shape[1], src.train_x.shape[-1]
+    if src.used is not None:  # the builder decoded only these (and the test subset)
+        (train_idx, val_idx), test_x, test_y = src.used, src.test_x, src.test_y
+    else:
+        train_idx, val_idx = sampling.split_train(src.train_y, cfg)
+        test_idx = sampling.subset_test(src.test_y, cfg)
+        test_x, test_y = (src.test_x, src.test_y) if test_idx is None else (src.test_x[test_idx], src.test_y[test_idx])
+    n, chans, native = len(src.train_y) + len(test_y), src.train_x.shape[1], src.train_x.shape[-1]
     out = cfg.img_size or native
-    tx, vx = src.train_x, src.test_x
+    tx, vx = src.train_x, test_x
     if out != native and fits_in_memory(n, chans, out):
         # Resize once at load time; above the limit BatchTransform resizes each batch on the device.
         tx, vx = resize_uint8(tx, out), resize_uint8(vx, out)
@@ -120,10 +125,10 @@ def _memory_loaders(src: Arrays, cfg: Config, device: torch.device, rank: int, w
         return tx[idx].to(device), src.train_y[idx].to(device)
 
     train = MemoryTrainLoader(*on_device(train_idx), train_tf, cfg.batch_size, cfg.seed, rank, world_size)
-    test = MemoryEvalLoader(vx.to(device), src.test_y.to(device), eval_tf, b, rank, world_size)
+    test = MemoryEvalLoader(vx.to(device), test_y.to(device), eval_tf, b, rank, world_size)
     val = None if val_idx is None else MemoryEvalLoader(*on_device(val_idx), eval_tf, b, rank, world_size)
     info = DataInfo(len(src.class_names), chans, out, tuple(src.mean), tuple(src.std), list(src.class_names),
-                    len(train_idx), len(src.test_y), src.bad_images)
+                    len(train_idx), len(test_y), src.bad_images)
     return Loaders(train, test, val, info)
 
 
@@ -132,6 +137,8 @@ def _stream_loaders(src: Folders, cfg: Config, device: torch.device, rank: int, 
     labels = torch.tensor([lab for _, lab in src.train], dtype=torch.int64)
     train_idx, val_idx = sampling.split_train(labels, cfg)
     train_set = [src.train[i] for i in train_idx.tolist()]
+    test_idx = sampling.subset_test(torch.tensor([lab for _, lab in src.test], dtype=torch.int64), cfg)
+    test_set = src.test if test_idx is None else [src.test[i] for i in test_idx.tolist()]
     augment = "imagenet" if cfg.augment == "auto" else cfg.augment
 
     def eval_loader(samples: list[tuple[str, int]]) -> StreamLoader:
@@ -144,5 +151,5 @@ def _stream_loaders(src: Folders, cfg: Config, device: torch.device, rank: int, 
     val = None if val_idx is None else eval_loader([src.train[i] for i in val_idx.tolist()])
     # Unreadable files are found only when read (and replaced then), so bad_images stays 0 here.
     info = DataInfo(len(src.class_names), 3, src.img_size, tuple(src.mean), tuple(src.std),
-                    list(src.class_names), len(train_set), len(src.test), 0)
-    return Loaders(train, eval_loader(src.test), val, info)
+                    list(src.class_names), len(train_set), len(test_set), 0)
+    return Loaders(train, eval_loader(test_set), val, info)

@@ -20,7 +20,7 @@ import torchvision
 
 from ..config import Config
 from ..errors import UserError
-from .folder import IMAGENET_MEAN, IMAGENET_STD, data_dir_required, list_images, load_images
+from .folder import IMAGENET_MEAN, IMAGENET_STD, data_dir_required, decode_used, list_images
 from .memory import Arrays
 
 # Mean and std of the digits train split below, scaled to 0..1 (computed once with
@@ -216,9 +216,10 @@ def build_tiny_imagenet(cfg: Config) -> Arrays:
         raise UserError(f"tiny_imagenet: {missing[0]} is listed in {ann} but missing ({len(missing)} in all)")
     gone = set(missing)
     test = [s for s in test if s[0] not in gone]
-    tx, ty, bad_tr = load_images(train, 64, cfg.workers, cfg.skip_bad_images, "tiny_imagenet-train")
-    vx, vy, bad_te = load_images(test, 64, cfg.workers, cfg.skip_bad_images, "tiny_imagenet-val")
-    return Arrays(tx, ty, vx, vy, wnids, IMAGENET_MEAN, IMAGENET_STD, "cifar", bad_tr + bad_te + len(missing))
+    arrays = decode_used(train, test, 64, cfg, "tiny_imagenet", class_names=wnids, mean=IMAGENET_MEAN,
+                         std=IMAGENET_STD, augment="cifar")
+    arrays.bad_images += len(missing)
+    return arrays
 
 
 # ---------------------------------------------------------------- synthetic
