@@ -24,92 +24,165 @@ import yaml
 from .errors import UserError
 from .tamper import check_alpha
 
-__all__ = ["Config", "MonitorConfig", "load_config", "list_recipes", "config_hash"]
+__all__ = [
+    "Config", "MonitorConfig", "FieldInfo", "GROUPS", "load_config", "list_recipes", "config_hash",
+    "field_info", "field_groups", "result_keys", "machinery_keys", "probe_feature_keys",
+]
+
+
+GROUPS = ("model", "data", "optimisation", "tampering", "checkpoints", "machinery")
+
+
+def _key(default: Any = dataclasses.MISSING, *, help: str, group: str, affects_result: bool = True,
+        choices: tuple[str, ...] | None = None, bound: str | None = None, probe_feature: bool = False,
+        factory: Any = dataclasses.MISSING) -> Any:
+    """A Config field that describes itself: the one home of a key's facts.
+
+    ``help`` is the one-line description (``powergrad train --help``), ``group`` one of
+    :data:`GROUPS`, ``affects_result`` whether a different value can change what is learned (it
+    decides ``config_hash``, the report's setting and what a resume must keep equal), ``choices``
+    the allowed values, ``bound`` ``">0"`` or ``">=0"``, ``probe_feature`` whether the key decides
+    a linear probe's cached features.
+    """
+    if group not in GROUPS:
+        raise ValueError(f"group {group!r} is not one of {GROUPS}")
+    meta = {"help": help, "group": group, "affects_result": affects_result, "choices": choices,
+            "bound": bound, "probe_feature": probe_feature}
+    if factory is not dataclasses.MISSING:
+        return field(default_factory=factory, metadata=meta)
+    return field(default=default, metadata=meta)
 
 
 @dataclass
 class MonitorConfig:
-    """Thresholds of the training-pathology checks (see powergrad.monitor)."""
+    """Thresholds of the training-pathology checks (see powergrad.monitor). They change what is
+    reported, never what is learned."""
 
-    stall_epochs: int = 3  # judge "stalled" after this many epochs
-    stall_loss_change: float = 0.01  # relative train-loss change below which loss is "frozen"
-    stall_acc_margin: float = 0.02  # accuracy within this of chance counts as "at chance"
-    dead_filter_norm: float = 1e-3  # a conv filter whose weight norm falls below this is dead
-    dead_filter_share: float = 0.05  # warn when more than this share of filters is dead
-    overfit_patience: int = 3  # epochs the held-out loss must stay risen before "overfitting"
-    overfit_rise: float = 0.2  # ... by more than this share above its lowest value
-    filter_norms: bool = False  # record per-filter L2 norms of every conv layer each epoch
-    filter_norms_every: int = 100  # steps between filter-norm records (0: at epoch ends only)
-    logit_stats: bool = True  # record logit norm, mean, max and variance each epoch
+    stall_epochs: int = _key(3, help="judge 'stalled' after this many epochs", group="machinery", affects_result=False)
+    stall_loss_change: float = _key(0.01, help="relative train-loss change below which loss is 'frozen'",
+                                   group="machinery", affects_result=False)
+    stall_acc_margin: float = _key(0.02, help="accuracy within this of chance counts as 'at chance'",
+                                  group="machinery", affects_result=False)
+    dead_filter_norm: float = _key(1e-3, help="a conv filter whose weight norm falls below this is dead",
+                                  group="machinery", affects_result=False)
+    dead_filter_share: float = _key(0.05, help="warn when more than this share of filters is dead",
+                                   group="machinery", affects_result=False)
+    overfit_patience: int = _key(3, help="epochs the held-out loss must stay risen before 'overfitting'",
+                                 group="machinery", affects_result=False)
+    overfit_rise: float = _key(0.2, help="... risen by more than this share above its lowest value",
+                               group="machinery", affects_result=False)
+    filter_norms: bool = _key(False, help="record per-filter L2 norms of every conv layer",
+                             group="machinery", affects_result=False)
+    filter_norms_every: int = _key(100, help="steps between filter-norm records (0: at epoch ends only)",
+                                  group="machinery", affects_result=False)
+    logit_stats: bool = _key(True, help="record logit norm, mean, max and variance each epoch",
+                            group="machinery", affects_result=False)
 
 
 @dataclass
 class Config:
     """Every key of a recipe. ``batch_size`` is the global batch over all processes."""
 
+    description: str = _key("", help="one line saying what the recipe is for", group="machinery", affects_result=False)
     # what and on what
-    description: str = ""
-    model: str = "mlp"
-    model_kwargs: dict = field(default_factory=dict)
-    pretrained: bool = False
-    weights: str | None = None
-    freeze: str = "none"
-    head_lr: float | None = None
-    probe_layer: str | None = None
-    # probe features: auto = average 4-D maps over space (3-D token maps over tokens), flatten the
-    # raw input; avg; flatten (layer3 of ResNet-18 at 224 px flattened is 50,176 numbers an image)
-    probe_pool: str = "auto"
-    probe_standardize: bool = True  # features minus train mean, over train std (see docs/workflows.md)
-    probe_cache: str | None = None  # a .pt file for probe features: read if it matches, else written
-    dataset: str = "digits"
-    data_dir: str | None = None
-    download: bool = False
-    img_size: int | None = None
-    augment: str = "auto"
-    train_subset: int | None = None
-    test_subset: int | None = None  # evaluate on this many test images (class-balanced, seeded)
-    val_fraction: float = 0.0
-    skip_bad_images: bool = False
-    num_classes: int | None = None
-    synthetic_size: int = 1024
+    model: str = _key("mlp", help="model name: a local one (mlp, convnet, resnet20, ...), tv/NAME or a timm name",
+                     group="model", probe_feature=True)
+    model_kwargs: dict = _key(factory=dict, help="extra keyword arguments for the model's constructor",
+                             group="model", probe_feature=True)
+    pretrained: bool = _key(False, help="start from the model's published pretrained weights", group="model",
+                           probe_feature=True)
+    weights: str | None = _key(None, help="start from the weights in this file (a state dict or checkpoint)",
+                              group="model", probe_feature=True)
+    freeze: str = _key("none", help="what does not train: none, or backbone (only the head trains)", group="model",
+                      choices=("none", "backbone"))
+    head_lr: float | None = _key(None, help="learning rate of the head (default: lr)", group="optimisation")
+    probe_layer: str | None = _key(None, help="train a linear probe on the frozen features of this layer (or input)",
+                                  group="model", probe_feature=True)
+    # auto = average 4-D maps over space (3-D token maps over tokens), flatten the raw input;
+    # flatten keeps every number (layer3 of ResNet-18 at 224 px is 50,176 numbers an image)
+    probe_pool: str = _key("auto", help="probe features: auto, avg (over space), or flatten", group="model",
+                          choices=("auto", "avg", "flatten"), probe_feature=True)
+    probe_standardize: bool = _key(True, help="probe features minus train mean, over train std", group="model")
+    probe_cache: str | None = _key(None, help="a .pt file for probe features: read if it matches, else written",
+                                  group="machinery", affects_result=False)
+    dataset: str = _key("digits", help="data set: digits, synthetic, cifar10, cifar100, mnist, imagefolder, ...",
+                       group="data", probe_feature=True)
+    # The features depend on where the images are read from, the result (by the report's
+    # grouping) does not: a run moved to another disk is the same run.
+    data_dir: str | None = _key(None, help="where the data set lives", group="data", affects_result=False,
+                               probe_feature=True)
+    download: bool = _key(False, help="download the data set if it is missing", group="data", affects_result=False)
+    img_size: int | None = _key(None, help="image side in pixels (default: the data set's)", group="data",
+                               probe_feature=True)
+    augment: str = _key("auto", help="training augmentation (auto: the data set's usual one; none)", group="data")
+    train_subset: int | None = _key(None, help="train on N images (class-balanced, seeded)", group="data",
+                                   probe_feature=True)
+    test_subset: int | None = _key(None, help="evaluate on N test images (class-balanced, seeded)", group="data",
+                                  probe_feature=True)
+    val_fraction: float = _key(0.0, help="share of the training set held out for validation (and best.pt)",
+                              group="data", probe_feature=True)
+    skip_bad_images: bool = _key(False, help="skip images that fail to decode (counted in summary.json)",
+                                group="data")
+    num_classes: int | None = _key(None, help="number of classes (default: the data set's)", group="data",
+                                  probe_feature=True)
+    synthetic_size: int = _key(1024, help="images in dataset=synthetic", group="data", bound=">0", probe_feature=True)
     # optimisation
-    epochs: int = 10
-    batch_size: int = 128
-    lr: float = 0.1
-    optimizer: str = "sgd"
-    momentum: float = 0.9
-    nesterov: bool = True
-    weight_decay: float = 5e-4
-    sched: str = "cosine"
-    warmup_epochs: int = 0
-    warmup_lr: float = 1e-4
-    decay_epochs: float = 30.0
-    decay_milestones: list[int] | None = None
-    decay_rate: float = 0.1
-    min_lr: float = 0.0
-    cooldown_epochs: int = 0
+    epochs: int = _key(10, help="epochs to train (raise it on resume to extend a run)", group="optimisation",
+                      bound=">0")
+    batch_size: int = _key(128, help="global batch size over all processes", group="optimisation", bound=">0")
+    lr: float = _key(0.1, help="peak learning rate", group="optimisation", bound=">0")
+    optimizer: str = _key("sgd", help="optimiser", group="optimisation", choices=("sgd", "adamw"))
+    momentum: float = _key(0.9, help="SGD momentum (AdamW: beta1)", group="optimisation", bound=">=0")
+    nesterov: bool = _key(True, help="Nesterov momentum (SGD)", group="optimisation")
+    weight_decay: float = _key(5e-4, help="weight decay (not on biases and norm weights)", group="optimisation",
+                              bound=">=0")
+    sched: str = _key("cosine", help="learning-rate schedule", group="optimisation",
+                     choices=("cosine", "step", "exp", "const"))
+    warmup_epochs: int = _key(0, help="linear warm-up epochs from warmup_lr", group="optimisation", bound=">=0")
+    warmup_lr: float = _key(1e-4, help="learning rate at the start of the warm-up", group="optimisation",
+                           bound=">=0")
+    decay_epochs: float = _key(30.0, help="step/exp schedules: epochs between decays", group="optimisation")
+    decay_milestones: list[int] | None = _key(None, help="step schedule: epochs at which lr is multiplied by "
+                                             "decay_rate", group="optimisation")
+    decay_rate: float = _key(0.1, help="step/exp schedules: the factor of each decay", group="optimisation",
+                            bound=">=0")
+    min_lr: float = _key(0.0, help="lowest learning rate of the schedule", group="optimisation", bound=">=0")
+    cooldown_epochs: int = _key(0, help="epochs at min_lr after the schedule", group="optimisation", bound=">=0")
+    accum_steps: int = _key(1, help="micro-batches per optimiser step (same global batch)", group="optimisation",
+                           bound=">0")
     # the tampering
-    alpha: float = 1.0
-    label_smoothing: float = 0.0
-    clip: str = "none"
-    clip_value: float = 1.0
+    alpha: float = _key(1.0, help="PowerGrad exponent on the softmax in the gradient (1 = cross-entropy)",
+                       group="tampering")
+    label_smoothing: float = _key(0.0, help="label smoothing in [0, 1)", group="tampering")
+    clip: str = _key("none", help="gradient clipping", group="optimisation", choices=("none", "norm", "value", "agc"))
+    clip_value: float = _key(1.0, help="threshold of the gradient clipping", group="optimisation", bound=">=0")
+    # checkpoints
+    resume: str | None = _key(None, help="continue a run: auto (the run in --out), a run folder or a checkpoint",
+                             group="checkpoints", affects_result=False)
+    save_every: int = _key(1, help="save last.pt (and best.pt) every N epochs", group="checkpoints",
+                          affects_result=False, bound=">0")
+    # Bounds what a kill loses on long epochs (ImageNet: 5,005 steps an epoch at batch 256).
+    checkpoint_every_steps: int = _key(0, help="also save last.pt every N optimiser steps inside an epoch "
+                                      "(0: only at epoch ends)", group="checkpoints", affects_result=False,
+                                      bound=">=0")
+    keep_checkpoints: bool = _key(False, help="also keep epoch{N}.pt for every saved epoch", group="checkpoints",
+                                 affects_result=False)
     # machinery
-    seed: int = 0
-    device: str = "auto"
-    amp: str = "none"
-    channels_last: bool = False
-    compile: bool = False
-    accum_steps: int = 1
-    workers: int = 2
-    resume: str | None = None
-    save_every: int = 1
-    # also save last.pt every N optimiser steps inside an epoch (0 = only at epoch ends): bounds
-    # what a kill loses on long epochs (ImageNet: 5,005 steps an epoch at batch 256)
-    checkpoint_every_steps: int = 0
-    keep_checkpoints: bool = False  # also keep epoch{N}.pt for every saved epoch
-    sync_bn: bool = False
-    nproc: int = 1
-    monitor: MonitorConfig = field(default_factory=MonitorConfig)
+    seed: int = _key(0, help="seed of the data order, split and initial weights", group="machinery", bound=">=0",
+                    probe_feature=True)
+    device: str = _key("auto", help="where to train", group="machinery", affects_result=False,
+                      choices=("auto", "cpu", "cuda"))
+    amp: str = _key("none", help="mixed precision", group="machinery", choices=("none", "bf16", "fp16"))
+    channels_last: bool = _key(False, help="channels-last memory format (faster convolutions on GPUs)",
+                              group="machinery", affects_result=False)
+    compile: bool = _key(False, help="torch.compile the model", group="machinery", affects_result=False)
+    workers: int = _key(2, help="data-loading worker processes", group="machinery", affects_result=False,
+                       bound=">=0")
+    sync_bn: bool = _key(False, help="synchronise BatchNorm statistics across processes", group="machinery")
+    nproc: int = _key(1, help="processes on this machine (torchrun); the batch stays global", group="machinery",
+                     affects_result=False, bound=">0")
+    monitor: MonitorConfig = _key(factory=MonitorConfig, help="thresholds of the training-pathology checks "
+                                 "(monitor.KEY)", group="machinery", affects_result=False)
 
     def to_dict(self) -> dict[str, Any]:
         return dataclasses.asdict(self)
@@ -121,22 +194,65 @@ class Config:
         Path(path).write_text(self.to_yaml())
 
 
-CHOICES: dict[str, tuple[str, ...]] = {
-    "optimizer": ("sgd", "adamw"),
-    "sched": ("cosine", "step", "exp", "const"),
-    "clip": ("none", "norm", "value", "agc"),
-    "device": ("auto", "cpu", "cuda"),
-    "amp": ("none", "bf16", "fp16"),
-    "freeze": ("none", "backbone"),
-    "probe_pool": ("auto", "avg", "flatten"),
-}
+@dataclass(frozen=True)
+class FieldInfo:
+    """What one recipe key is: read from its field's metadata (see :func:`_key`)."""
 
-# Keys that must be > 0, and keys that must be >= 0.
-POSITIVE = ("epochs", "batch_size", "lr", "accum_steps", "save_every", "nproc", "synthetic_size")
-NON_NEGATIVE = (
-    "momentum", "weight_decay", "warmup_epochs", "warmup_lr", "decay_rate", "min_lr",
-    "cooldown_epochs", "clip_value", "workers", "seed", "checkpoint_every_steps",
-)
+    name: str  # dotted for nested keys: monitor.stall_epochs
+    type: Any
+    default: Any
+    help: str
+    group: str
+    affects_result: bool
+    choices: tuple[str, ...] | None
+    bound: str | None
+    probe_feature: bool
+
+
+def _infos(cls: type, prefix: str = "") -> list[FieldInfo]:
+    hints = typing.get_type_hints(cls)
+    out = []
+    for f in dataclasses.fields(cls):
+        m = f.metadata
+        default = f.default if f.default is not dataclasses.MISSING else f.default_factory()  # type: ignore[misc]
+        out.append(FieldInfo(prefix + f.name, hints[f.name], default, m["help"], m["group"],
+                             m["affects_result"], m["choices"], m["bound"], m["probe_feature"]))
+    return out
+
+
+def field_info(nested: bool = True) -> list[FieldInfo]:
+    """Every recipe key in declaration order, with its help, group, choices and whether it changes
+    the result; ``nested`` adds the ``monitor.*`` keys after ``monitor``."""
+    out = []
+    for info in _infos(Config):
+        out.append(info)
+        if nested and info.name == "monitor":
+            out += _infos(MonitorConfig, "monitor.")
+    return out
+
+
+def field_groups() -> dict[str, list[FieldInfo]]:
+    """:func:`field_info` by group, in :data:`GROUPS` order (for ``powergrad train --help``)."""
+    groups: dict[str, list[FieldInfo]] = {g: [] for g in GROUPS}
+    for info in field_info():
+        groups[info.group].append(info)
+    return groups
+
+
+def result_keys() -> tuple[str, ...]:
+    """Top-level keys whose value can change what is learned: a resume must keep them equal,
+    ``config_hash`` covers exactly these, the report groups runs by them (the seed aside)."""
+    return tuple(i.name for i in field_info(nested=False) if i.affects_result)
+
+
+def machinery_keys() -> tuple[str, ...]:
+    """Top-level keys that do not change what is learned (where, how fast, how often to save)."""
+    return tuple(i.name for i in field_info(nested=False) if not i.affects_result)
+
+
+def probe_feature_keys() -> tuple[str, ...]:
+    """Keys that decide a linear probe's features (a probe_cache made with others is recomputed)."""
+    return tuple(i.name for i in field_info(nested=False) if i.probe_feature)
 
 
 def _is_optional(tp: Any) -> bool:
@@ -209,9 +325,7 @@ def _fields(cls: type) -> dict[str, Any]:
 
 
 def _all_keys() -> list[str]:
-    keys = [k for k in _fields(Config) if k != "monitor"]
-    keys += [f"monitor.{k}" for k in _fields(MonitorConfig)]
-    return keys + ["model_kwargs.<name>"]
+    return [i.name for i in field_info() if i.name != "monitor"] + ["model_kwargs.<name>"]
 
 
 def _unknown(key: str) -> UserError:
@@ -256,15 +370,14 @@ def _build(raw: dict[str, Any]) -> Config:
 
 def validate(cfg: Config) -> None:
     """Check values that have a type but not every value of it is allowed."""
-    for key, allowed in CHOICES.items():
-        if getattr(cfg, key) not in allowed:
-            raise UserError(f"{key}: must be one of {', '.join(allowed)}; got {getattr(cfg, key)!r}")
-    for key in POSITIVE:
-        if not getattr(cfg, key) > 0:
-            raise UserError(f"{key}: must be > 0, got {getattr(cfg, key)!r}")
-    for key in NON_NEGATIVE:
-        if not getattr(cfg, key) >= 0:
-            raise UserError(f"{key}: must be >= 0, got {getattr(cfg, key)!r}")
+    for info in field_info(nested=False):
+        value = getattr(cfg, info.name)
+        if info.choices and value not in info.choices:
+            raise UserError(f"{info.name}: must be one of {', '.join(info.choices)}; got {value!r}")
+        if info.bound == ">0" and not value > 0:
+            raise UserError(f"{info.name}: must be > 0, got {value!r}")
+        if info.bound == ">=0" and not value >= 0:
+            raise UserError(f"{info.name}: must be >= 0, got {value!r}")
     try:
         check_alpha(cfg.alpha)
     except ValueError as e:
@@ -381,8 +494,6 @@ def _parse_overrides(args: list[str]) -> list[tuple[str, Any]]:
 
 
 def config_hash(cfg: Config) -> str:
-    """A short, stable hash of the settings that change the result (not where or how to resume)."""
+    """A short, stable hash of the settings that change the result (:func:`result_keys`)."""
     d = cfg.to_dict()
-    for k in ("resume", "workers", "description", "nproc", "data_dir", "probe_cache"):
-        d.pop(k, None)
-    return hashlib.sha256(json.dumps(d, sort_keys=True).encode()).hexdigest()[:12]
+    return hashlib.sha256(json.dumps({k: d[k] for k in result_keys()}, sort_keys=True).encode()).hexdigest()[:12]

@@ -25,7 +25,7 @@ from typing import Any
 
 import torch
 
-from .config import Config
+from .config import Config, probe_feature_keys
 from .errors import UserError
 
 log = logging.getLogger("powergrad")
@@ -34,11 +34,6 @@ log = logging.getLogger("powergrad")
 # instead (CIFAR-10's 60,000 images at layer3 of ResNet-18 at 224 px flattened: 12 GB).
 FEATURE_LIMIT_BYTES = 4 * 1024**3
 
-# Recipe keys that decide the features; a probe_cache file made with other values is recomputed.
-_FEATURE_KEYS = (
-    "model", "model_kwargs", "pretrained", "weights", "probe_layer", "probe_pool", "dataset",
-    "data_dir", "img_size", "train_subset", "test_subset", "val_fraction", "seed", "synthetic_size", "num_classes",
-)
 
 
 class _NoTransform:
@@ -130,7 +125,7 @@ def _build(cfg: Config, device: torch.device):
 
 
 def _features(probe, loaders, cfg: Config, device: torch.device) -> dict[str, torch.Tensor]:
-    key = {k: getattr(cfg, k) for k in _FEATURE_KEYS}
+    key = {k: getattr(cfg, k) for k in probe_feature_keys()}  # a cache made with others is recomputed
     cache = Path(cfg.probe_cache) if cfg.probe_cache else None
     if cache is not None and cache.is_file():
         try:

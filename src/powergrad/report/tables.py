@@ -1,7 +1,7 @@
 """The paper's results table, from run directories only (summary.json and its config).
 
-Runs are grouped by setting (every key of the resolved config but the seed and the machinery:
-where data lives, worker counts, resume); each group gives the mean and the standard deviation
+Runs are grouped by setting (every key of the resolved config that changes the result, as
+config.py's field metadata says, but the seed); each group gives the mean and the standard deviation
 over its seeds of the final train, validation (when recorded) and test accuracy, and its
 difference from the alpha = 1 group of the same setting. Where both groups hold the same seeds
 (same data order, split and initial weights), the test difference is also paired seed by seed,
@@ -24,6 +24,7 @@ from typing import Any
 
 from scipy import stats
 
+from ..config import machinery_keys
 from ..errors import UserError
 from ..rundir import read_summary
 
@@ -31,11 +32,9 @@ __all__ = ["find_runs", "load_runs", "results_table", "format_table", "paired_di
 
 log = logging.getLogger("powergrad")
 
-# Keys that do not change what is learned: left out of the setting.
-MACHINERY = {
-    "seed", "resume", "workers", "description", "nproc", "data_dir", "device", "save_every",
-    "keep_checkpoints", "checkpoint_every_steps", "monitor", "download", "probe_cache", "compile",
-}
+# Left out of the setting: the keys that do not change what is learned (config.py says which),
+# and the seed, over which a setting's runs are the replicates.
+MACHINERY = {*machinery_keys(), "seed"}
 SHOWN = ("model", "dataset", "sched", "alpha", "label_smoothing", "epochs")
 
 
