@@ -2,7 +2,7 @@
 
     powergrad train [RECIPE] [key=value ...] [--out DIR] [--overwrite]
     powergrad eval --checkpoint PATH [key=value ...]
-    powergrad recipes
+    powergrad recipes [NAME]
     powergrad demo [--out DIR]
     powergrad sweep RECIPE key=v1,v2 ... --out DIR [--seeds N] [--workers N] [--storage URL] [--prune]
     powergrad report PATH ... [--format md|csv|json]
@@ -26,7 +26,27 @@ from .errors import ONCE_DIR_ENV, DivergenceError, PeerFailedError, UserError, p
 
 class _Parser(argparse.ArgumentParser):
     def error(self, message: str) -> None:  # one line, exit 2, as every user error
-        raise UserError(f"{self.prog}: {message}")
+        # main() prints "powergrad: error: "; name the sub-command only ("eval: ...").
+        command = self.prog.removeprefix("powergrad").strip()
+        raise UserError(f"{command}: {message}" if command else message)
+
+
+def _unrecognised(extra: list[str], argv: list[str], command: str) -> UserError:
+    """Options argparse does not know. ``--epochs 1`` (timm's habit) is a recipe key: say how
+    to write it (``epochs=1``)."""
+    from .config import field_info
+
+    keys = {i.name for i in field_info()}
+    for tok in extra:
+        name, eq, value = tok.lstrip("-").partition("=")
+        key = name.replace("-", "_")
+        if tok.startswith("--") and key in keys:
+            if not eq and tok in argv:
+                i = argv.index(tok)
+                value = argv[i + 1] if i + 1 < len(argv) and not argv[i + 1].startswith("-") else "VALUE"
+            return UserError(f"{command}: unrecognised option {tok}: recipe keys are written key=value; "
+                             f"did you mean `{key}={value}`?")
+    return UserError(f"{command}: unrecognised arguments: {' '.join(extra)}")
 
 
 def _split_recipe(args: list[str]) -> tuple[str | None, list[str]]:
@@ -83,8 +103,11 @@ def cmd_eval(ns: argparse.Namespace) -> int:
 
 
 def cmd_recipes(ns: argparse.Namespace) -> int:
-    from .config import list_recipes
+    from .config import describe_recipe, list_recipes
 
+    if ns.name:
+        print("\n".join(describe_recipe(ns.name)))
+        return 0
     recipes = list_recipes()
     width = max(map(len, recipes), default=0)
     for name, desc in recipes.items():
@@ -142,7 +165,10 @@ def cmd_cache(ns: argparse.Namespace) -> int:
 
 
 def build_parser() -> argparse.ArgumentParser:
+    from . import __version__
+
     p = _Parser(prog="powergrad", description="Softmax Gradient Tampering: train, evaluate, sweep, report.")
+    p.add_argument("--version", action="version", version=f"powergrad {__version__}")
     sub = p.add_subparsers(dest="command", required=True, parser_class=_Parser)
 
     t = sub.add_parser("train", help="train a recipe (YAML file or built-in name) with key=value overrides")
@@ -156,7 +182,8 @@ def build_parser() -> argparse.ArgumentParser:
     e.add_argument("args", nargs="*", metavar="key=value")
     e.set_defaults(fn=cmd_eval)
 
-    r = sub.add_parser("recipes", help="list the built-in recipes")
+    r = sub.add_parser("recipes", help="list the built-in recipes, or show one (what it is and what it sets)")
+    r.add_argument("name", nargs="?", metavar="NAME", help="a built-in recipe name or a YAML file")
     r.set_defaults(fn=cmd_recipes)
 
     d = sub.add_parser("demo", help="digits: alpha 1 against alpha 0.25, tables and curves")
@@ -225,9 +252,14 @@ def _configure_logging() -> None:
 
 def main(argv: list[str] | None = None) -> int:
     _configure_logging()
+    argv = sys.argv[1:] if argv is None else list(argv)
     try:
-        ns = build_parser().parse_args(argv)
-        return ns.fn(ns)
+        ns, extra = build_parser().parse_known_args(argv)
+        if extra:
+            raise _unrecognised(extra, argv, ns.command)
+        code = ns.fn(ns)
+        sys.stdout.flush()  # here, where a closed pipe is caught, not at exit
+        return code
     except UserError as e:
         if not (isinstance(e, PeerFailedError) and os.environ.get(ONCE_DIR_ENV)):  # nproc=K: the launcher sees every exit
             print_once(f"powergrad: error: {_one_line(e)}")
@@ -235,6 +267,11 @@ def main(argv: list[str] | None = None) -> int:
     except DivergenceError as e:
         print_once(f"powergrad: {_one_line(e)}")
         return 3
+    except BrokenPipeError:
+        # The reader went away (`powergrad recipes | head -1`): stop quietly, as a command killed
+        # by SIGPIPE does; point stdout at /dev/null so that Python's flush at exit stays quiet.
+        os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())
+        return 141
     except OSError as e:  # a disk or path the user can fix, raised outside the checked places
         where = f"{e.filename}: " if e.filename else ""
         print(f"powergrad: error: {where}{e.strerror or e}", file=sys.stderr)

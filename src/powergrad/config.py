@@ -12,6 +12,7 @@ import dataclasses
 import difflib
 import hashlib
 import json
+import math
 import types
 import typing
 from dataclasses import dataclass, field
@@ -22,7 +23,6 @@ from typing import Any, Union
 import yaml
 
 from .errors import UserError
-from .tamper import check_alpha
 
 __all__ = [
     "Config", "MonitorConfig", "FieldInfo", "GROUPS", "load_config", "list_recipes", "config_hash",
@@ -152,7 +152,7 @@ class Config:
                            bound=">0")
     # the tampering
     alpha: float = _key(1.0, help="PowerGrad exponent on the softmax in the gradient (1 = cross-entropy)",
-                       group="tampering")
+                       group="tampering", bound=">=0")
     label_smoothing: float = _key(0.0, help="label smoothing in [0, 1)", group="tampering")
     clip: str = _key("none", help="gradient clipping", group="optimisation", choices=("none", "norm", "value", "agc"))
     clip_value: float = _key(1.0, help="threshold of the gradient clipping", group="optimisation", bound=">=0")
@@ -330,7 +330,7 @@ def _all_keys() -> list[str]:
 
 def _unknown(key: str) -> UserError:
     close = difflib.get_close_matches(key, _all_keys(), n=1, cutoff=0.5)
-    hint = f"; did you mean {close[0]!r}?" if close else "; see `powergrad train --help-keys`"
+    hint = f"; did you mean {close[0]!r}?" if close else "; `powergrad train --help` lists every key"
     return UserError(f"unknown key {key!r}{hint}")
 
 
@@ -372,16 +372,14 @@ def validate(cfg: Config) -> None:
     """Check values that have a type but not every value of it is allowed."""
     for info in field_info(nested=False):
         value = getattr(cfg, info.name)
+        if isinstance(value, float) and not math.isfinite(value):
+            raise UserError(f"{info.name}: must be a finite number, got {value!r}")
         if info.choices and value not in info.choices:
             raise UserError(f"{info.name}: must be one of {', '.join(info.choices)}; got {value!r}")
         if info.bound == ">0" and not value > 0:
             raise UserError(f"{info.name}: must be > 0, got {value!r}")
         if info.bound == ">=0" and not value >= 0:
             raise UserError(f"{info.name}: must be >= 0, got {value!r}")
-    try:
-        check_alpha(cfg.alpha)
-    except ValueError as e:
-        raise UserError(str(e)) from None
     if not 0.0 <= cfg.label_smoothing < 1.0:
         raise UserError(f"label_smoothing: must be in [0, 1), got {cfg.label_smoothing!r}")
     if not 0.0 <= cfg.val_fraction < 1.0:
@@ -447,6 +445,28 @@ def resolve_recipe_path(recipe: str) -> Path:
     close = difflib.get_close_matches(recipe, list(list_recipes()), n=1, cutoff=0.4)
     hint = f"; did you mean {close[0]!r}?" if close else "; `powergrad recipes` lists them"
     raise UserError(f"no recipe named {recipe!r}{hint}")
+
+
+def describe_recipe(recipe: str) -> list[str]:
+    """What a recipe is and sets, as lines: its description, file, base, and each key it sets
+    (through its bases) with the built-in default it replaces."""
+    path = resolve_recipe_path(recipe)
+    own = _read_yaml(path)
+    raw = _load_raw(recipe)
+    defaults = {i.name: i.default for i in field_info()}
+    lines = [f"{recipe}: {str(raw.get('description', '')).strip() or '(no description)'}", f"file: {path}"]
+    if own.get("base"):
+        lines.append(f"base: {own['base']}")
+    lines.append("sets:")
+    for key, value in raw.items():
+        if key == "description":
+            continue
+        for name, v in (value.items() if isinstance(value, dict) and key == "monitor" else [(None, value)]):
+            full = f"{key}.{name}" if name else key
+            default = defaults.get(full)
+            same = v == default or (name is None and key == "model_kwargs" and not v)
+            lines.append(f"  {full}: {json.dumps(v)}" + ("" if same else f"  (default {json.dumps(default)})"))
+    return lines
 
 
 def _load_raw(recipe: str, seen: tuple[str, ...] = ()) -> dict[str, Any]:

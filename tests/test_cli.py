@@ -1,0 +1,83 @@
+"""The command line around the happy path: messages, help, recipes, version, broken pipes."""
+
+from __future__ import annotations
+
+import subprocess
+import sys
+
+import pytest
+
+from powergrad import __version__
+from powergrad.cli import main
+
+
+def _run(*args: str, shell: str | None = None) -> subprocess.CompletedProcess:
+    cmd = shell or [sys.executable, "-m", "powergrad", *args]
+    return subprocess.run(cmd, shell=shell is not None, capture_output=True, text=True, timeout=120)
+
+
+def test_parser_errors_name_the_command_once(capsys):
+    assert main(["eval"]) == 2
+    err = capsys.readouterr().err
+    assert err == "powergrad: error: eval: the following arguments are required: --checkpoint\n"
+
+
+@pytest.mark.parametrize("args, hint", [
+    (["train", "--epochs", "1"], "did you mean `epochs=1`?"),
+    (["train", "digits", "--lr=0.3"], "did you mean `lr=0.3`?"),
+    (["train", "--train-subset", "500"], "did you mean `train_subset=500`?"),
+    (["sweep", "digits", "alpha=1,0.5", "--out", "x", "--alpha", "0.5"], "did you mean `alpha=0.5`?"),
+])
+def test_flag_style_keys_get_the_key_value_spelling(capsys, args, hint):
+    assert main(args) == 2
+    err = capsys.readouterr().err.splitlines()
+    assert len(err) == 1 and err[0].endswith(hint) and "recipe keys are written key=value" in err[0]
+
+
+def test_unknown_options_and_keys_point_at_what_exists(capsys):
+    assert main(["train", "--frobnicate"]) == 2
+    assert capsys.readouterr().err == "powergrad: error: train: unrecognised arguments: --frobnicate\n"
+    assert main(["train", "zzzzzzzz=1"]) == 2
+    err = capsys.readouterr().err
+    assert "`powergrad train --help` lists every key" in err and "--help-keys" not in err
+
+
+def test_version(capsys):
+    with pytest.raises(SystemExit) as e:
+        main(["--version"])
+    assert e.value.code == 0 and capsys.readouterr().out == f"powergrad {__version__}\n"
+
+
+def test_recipes_name_shows_one_recipe(capsys):
+    assert main(["recipes", "digits"]) == 0
+    out = capsys.readouterr().out.splitlines()
+    assert out[0].startswith("digits: scikit-learn digits")
+    assert "  lr: 0.05  (default 0.1)" in out and "  model: \"mlp\"" in out
+    assert main(["recipes", "imagenet/resnet18nobn-b256-a1"]) == 0
+    out = capsys.readouterr().out
+    assert "base: imagenet/_nobn" in out and "  warmup_epochs: 5  (default 0)" in out  # from the base
+    assert main(["recipes", "digts"]) == 2
+    assert "did you mean 'digits'?" in capsys.readouterr().err
+
+
+def test_a_closed_pipe_ends_quietly():
+    proc = _run(shell=f"{sys.executable} -m powergrad recipes | true")
+    assert proc.stderr == ""
+    proc = _run(shell=f"{sys.executable} -m powergrad recipes | head -1")
+    assert proc.stderr == "" and len(proc.stdout.splitlines()) == 1
+
+
+def test_help_version_recipes_and_config_do_not_import_torch():
+    code = (
+        "import sys\n"
+        "from powergrad.cli import main\n"
+        "for args in (['--help'], ['train', '--help'], ['--version'], ['recipes'], ['recipes', 'digits']):\n"
+        "    try:\n"
+        "        main(args)\n"
+        "    except SystemExit:\n"
+        "        pass\n"
+        "print('torch' in sys.modules)\n"
+    )
+    proc = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=120)
+    assert proc.returncode == 0, proc.stderr[-2000:]
+    assert proc.stdout.splitlines()[-1] == "False"
