@@ -81,3 +81,39 @@ def test_help_version_recipes_and_config_do_not_import_torch():
     proc = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=120)
     assert proc.returncode == 0, proc.stderr[-2000:]
     assert proc.stdout.splitlines()[-1] == "False"
+
+
+def _warnings(err: str) -> list[str]:
+    return [line for line in err.splitlines() if line.startswith("warning: ")]
+
+
+def test_settings_rarely_meant_give_one_warning_line_each(tmp_path, capsys):
+    out = tmp_path / "run"
+    out.mkdir()
+    (out / "notes.txt").write_text("my notes")  # a folder with a stray file holds no run: used as is
+    args = ["train", "digits", "alpha=2", "train_subset=100", "batch_size=128", "epochs=1", "--out", str(out)]
+    assert main(args) == 0
+    warned = _warnings(capsys.readouterr().err)
+    assert len(warned) == 2, warned
+    assert warned[0].startswith("warning: alpha=2 > 1 sharpens the softmax")
+    assert warned[1] == "warning: batch_size=128 is larger than the 100 training images: each epoch is one step of 100"
+    assert (out / "notes.txt").read_text() == "my notes" and (out / "summary.json").is_file()
+
+
+def test_alpha_zero_and_both_val_and_test_folders_warn(tmp_path, capsys, monkeypatch):
+    from PIL import Image
+
+    monkeypatch.setenv("POWERGRAD_CACHE", str(tmp_path / "cache"))
+    root = tmp_path / "d"
+    for split in ("train", "val", "test"):
+        for c in ("a", "b"):
+            (root / split / c).mkdir(parents=True)
+            for i in range(2):
+                Image.new("RGB", (8, 8), (i * 100, 50, 0)).save(root / split / c / f"{i}.png")
+    args = ["train", "dataset=imagefolder", f"data_dir={root}", "alpha=0", "epochs=1", "batch_size=4",
+            "workers=0", "--out", str(tmp_path / "run")]
+    assert main(args) == 0
+    warned = _warnings(capsys.readouterr().err)
+    assert warned[0].startswith("warning: alpha=0: the gradient is 1/C - q for every example")
+    assert warned[1] == (f"warning: {root} holds both val/ and test/: evaluating on val/, test/ is not used "
+                         "(remove or rename val/ to evaluate on test/)")

@@ -62,6 +62,15 @@ def _split_recipe(args: list[str]) -> tuple[str | None, list[str]]:
     return recipe, overrides
 
 
+def _warn(cfg) -> None:
+    """Settings allowed but rarely meant: one warning line each, from the first process only."""
+    from .config import warnings_for
+
+    if os.environ.get("RANK", "0") == "0":
+        for line in warnings_for(cfg):
+            logging.getLogger("powergrad").warning("warning: %s", line)
+
+
 def cmd_train(ns: argparse.Namespace) -> int:
     from .config import load_config
     from .engine import train
@@ -77,6 +86,7 @@ def cmd_train(ns: argparse.Namespace) -> int:
         elif resume == "auto" and ns.out and (Path(ns.out) / "config.yaml").is_file():
             recipe = str(Path(ns.out) / "config.yaml")
     cfg = load_config(recipe, overrides)
+    _warn(cfg)
     if cfg.nproc > 1 and "WORLD_SIZE" not in os.environ:
         return _relaunch_with_torchrun(cfg.nproc, ns)
     result = train(cfg, out=ns.out, overwrite=ns.overwrite)

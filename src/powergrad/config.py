@@ -411,9 +411,25 @@ def list_recipes() -> dict[str, str]:
     return out
 
 
+class _UniqueKeyLoader(yaml.SafeLoader):
+    """safe_load that refuses a key given twice in one mapping (PyYAML keeps the last silently,
+    so `lr: 0.1` ... `lr: 0.4` would train at 0.4 without a word)."""
+
+    def construct_mapping(self, node, deep=False):
+        seen: dict[Any, int] = {}
+        for key_node, _ in node.value:
+            key = self.construct_object(key_node, deep=deep)
+            line = key_node.start_mark.line + 1
+            if key in seen:
+                raise UserError(f"{self.name}: key {key!r} is given twice (lines {seen[key]} and {line})")
+            seen[key] = line
+        return super().construct_mapping(node, deep=deep)
+
+
 def _read_yaml(path: Path) -> dict[str, Any]:
     try:
-        data = yaml.safe_load(path.read_text())
+        with open(path) as f:  # the loader takes the file's name from it, for its messages
+            data = yaml.load(f, Loader=_UniqueKeyLoader)
     except yaml.constructor.ConstructorError as e:
         # safe_load builds plain values only: a tag such as !!python/object/apply is refused.
         mark = getattr(e, "problem_mark", None)
@@ -426,7 +442,7 @@ def _read_yaml(path: Path) -> dict[str, Any]:
     except OSError as e:
         raise UserError(f"{path}: cannot read ({e.strerror})") from None
     if data is None:
-        return {}
+        raise UserError(f"{path}: the recipe is empty; give at least one key (base: digits to start from one)")
     if not isinstance(data, dict):
         raise UserError(f"{path}: a recipe must be a YAML mapping of key: value")
     return data
@@ -504,12 +520,27 @@ def load_config(
 
 
 def _parse_overrides(args: list[str]) -> list[tuple[str, Any]]:
-    out = []
+    out: dict[str, str] = {}
     for arg in args:
         if "=" not in arg:
             raise UserError(f"expected key=value, got {arg!r}")
         key, value = arg.split("=", 1)
-        out.append((key.strip(), value))
+        key = key.strip()
+        if key in out:  # the last would win silently: say which one was meant
+            raise UserError(f"{key} is given twice ({key}={out[key]} and {key}={value}); give it once")
+        out[key] = value
+    return list(out.items())
+
+
+def warnings_for(cfg: Config) -> list[str]:
+    """Settings that are allowed but rarely meant: one line each, for the start of a run."""
+    out = []
+    if cfg.alpha == 0:
+        out.append("alpha=0: the gradient is 1/C - q for every example, whatever the model predicts "
+                   "(the paper's range is 0 < alpha <= 1)")
+    elif cfg.alpha > 1:
+        out.append(f"alpha={cfg.alpha:g} > 1 sharpens the softmax in the gradient: outside the paper's "
+                   "range (0 < alpha <= 1), untested by it")
     return out
 
 

@@ -40,6 +40,14 @@ def new_run_name(cfg_model: str, cfg_dataset: str, alpha: float) -> str:
     return f"{stamp}-{cfg_dataset}-{cfg_model.replace('/', '_')}-a{alpha:g}"
 
 
+# What makes a folder a run's: any of these (a stray notes.txt does not).
+RUN_FILES = ("config.yaml", "metrics.csv", "summary.json", "last.pt", "best.pt", "preempt.pt")
+
+
+def holds_run(folder: Path) -> bool:
+    return any((folder / n).exists() for n in RUN_FILES) or any(folder.glob("epoch*.pt"))
+
+
 class RunDir:
     """Writes one run's record. Only the main process of a distributed run makes one."""
 
@@ -47,7 +55,7 @@ class RunDir:
         self.path = Path(path)
         if self.path.exists() and not self.path.is_dir():
             raise UserError(f"output path exists and is not a folder: {self.path}")
-        if self.path.is_dir() and any(self.path.iterdir()) and not (resume or overwrite):
+        if self.path.is_dir() and holds_run(self.path) and not (resume or overwrite):
             raise UserError(
                 f"run directory {self.path} already holds a run; pass resume=auto to continue it, "
                 "--overwrite to replace it, or choose another --out"

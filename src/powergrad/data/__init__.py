@@ -8,6 +8,7 @@ Small data sets live on the device as uint8 (powergrad.data.memory); large image
 
 from __future__ import annotations
 
+import logging
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass
 from typing import Protocol
@@ -45,7 +46,9 @@ from .sources import (
     build_tiny_imagenet,
 )
 
-__all__ = ["DATASETS", "DataInfo", "Loaders", "TrainLoader", "EvalLoader", "create_loaders"]
+__all__ = ["DATASETS", "DataInfo", "Loaders", "TrainLoader", "EvalLoader", "create_loaders", "check_checkpoint_classes"]
+
+log = logging.getLogger("powergrad")
 
 DATASETS: dict[str, Callable[[Config], Arrays | Folders]] = {
     "digits": build_digits,
@@ -98,9 +101,28 @@ def create_loaders(cfg: Config, device: torch.device, rank: int = 0, world_size:
     sampling.per_rank_batch(cfg.batch_size, world_size)  # fail before loading anything
     device = torch.device(device)
     source = DATASETS[cfg.dataset](cfg)
-    if isinstance(source, Folders):
-        return _stream_loaders(source, cfg, device, rank, world_size)
-    return _memory_loaders(source, cfg, device, rank, world_size)
+    found = len(source.class_names)
+    if cfg.num_classes is not None and cfg.num_classes != found:  # synthetic makes num_classes classes
+        raise UserError(f"num_classes={cfg.num_classes} contradicts the data: {cfg.dataset} has {found} classes; "
+                        "drop num_classes (it is read from the data)")
+    loaders = (_stream_loaders if isinstance(source, Folders) else _memory_loaders)(source, cfg, device, rank, world_size)
+    if loaders.info.num_train < cfg.batch_size and rank == 0:
+        log.warning("warning: batch_size=%d is larger than the %d training images: each epoch is one step of %d",
+                    cfg.batch_size, loaders.info.num_train, loaders.info.num_train)
+    return loaders
+
+
+def check_checkpoint_classes(saved: list[str] | None, found: list[str], checkpoint: object) -> None:
+    """The class names a checkpoint was trained on against those of the data it is evaluated
+    on: the same count in another order (or other folders) would score nonsense without a word."""
+    if saved is None or list(saved) == list(found):
+        return
+    if sorted(saved) == sorted(found):
+        raise UserError(f"{checkpoint}: the data's classes are the checkpoint's in another order "
+                        f"(first difference at label {next(i for i, (a, b) in enumerate(zip(saved, found)) if a != b)})")
+    only_ckpt, only_data = sorted(set(saved) - set(found))[:3], sorted(set(found) - set(saved))[:3]
+    raise UserError(f"{checkpoint}: trained on other classes than the data's ({len(saved)} vs {len(found)}; "
+                    f"only in the checkpoint {only_ckpt}, only in the data {only_data})")
 
 
 def _memory_loaders(src: Arrays, cfg: Config, device: torch.device, rank: int, world_size: int) -> Loaders:

@@ -30,6 +30,7 @@ from torchvision.transforms import v2
 from ..cache import cache_dir
 from ..config import Config
 from ..errors import UserError
+from ..preflight import data_dir_required, imagefolder_dirs
 from . import sampling
 from .memory import Arrays, fits_in_memory
 
@@ -257,14 +258,7 @@ def decode_used(train: list[Sample], test: list[Sample], side: int, cfg: Config,
 
 def build_imagefolder(cfg: Config) -> Arrays | Folders:
     """data_dir/train/<class>/* plus data_dir/val/ (or data_dir/test/): in memory when small."""
-    root = data_dir_required(cfg)
-    train_dir = root / "train"
-    test_dir = next((root / s for s in ("val", "test") if (root / s).is_dir()), None)
-    if not train_dir.is_dir() or test_dir is None:
-        raise UserError(
-            f"imagefolder: expected {root}/train/<class>/*.jpg and {root}/val/<class>/ "
-            f"(or {root}/test/<class>/); found no {'train' if not train_dir.is_dir() else 'val or test'} folder"
-        )
+    train_dir, test_dir = imagefolder_dirs(data_dir_required(cfg))
     classes = find_classes(train_dir)
     check_same_classes(classes, find_classes(test_dir), test_dir)
     train, test = scan_split(train_dir, classes), scan_split(test_dir, classes)
@@ -274,15 +268,6 @@ def build_imagefolder(cfg: Config) -> Arrays | Folders:
     # Photos above 64 px get ImageNet-style crops; CIFAR-sized ones the pad-and-crop recipe.
     return decode_used(train, test, side, cfg, "imagefolder", class_names=classes, mean=IMAGENET_MEAN,
                        std=IMAGENET_STD, augment="cifar" if side <= 64 else "imagenet")
-
-
-def data_dir_required(cfg: Config) -> Path:
-    if not cfg.data_dir:
-        raise UserError(f"dataset {cfg.dataset!r} needs data_dir=PATH (the folder holding train/ and val/)")
-    root = Path(cfg.data_dir).expanduser()
-    if not root.is_dir():
-        raise UserError(f"data_dir {root} does not exist (dataset {cfg.dataset!r})")
-    return root
 
 
 # ---------------------------------------------------------------- streaming

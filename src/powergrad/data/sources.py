@@ -20,17 +20,13 @@ import torchvision
 
 from ..config import Config
 from ..errors import UserError
-from .folder import IMAGENET_MEAN, IMAGENET_STD, data_dir_required, decode_used, list_images
+from ..preflight import data_dir_required, data_root
+from .folder import IMAGENET_MEAN, IMAGENET_STD, decode_used, list_images
 from .memory import Arrays
 
 # Mean and std of the digits train split below, scaled to 0..1 (computed once with
 # round(x * 255 / 16) / 255 over the 1,437 train images; tests/test_data.py re-checks them).
 DIGITS_MEAN, DIGITS_STD = (0.3054,), (0.3760,)
-
-
-def data_root(cfg: Config) -> Path:
-    """Where torchvision's sets live: data_dir, else $POWERGRAD_DATA, else ./data."""
-    return Path(cfg.data_dir or os.environ.get("POWERGRAD_DATA") or "data").expanduser()
 
 
 def _download(name: str, root: Path, fetch: Callable[[], object]) -> None:

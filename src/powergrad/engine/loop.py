@@ -165,7 +165,7 @@ def evaluate_loader(
 
 def evaluate(checkpoint: str | Path, overrides: list[str] | dict | None = None) -> dict[str, float]:
     """Evaluate a checkpoint on its recipe's test split: ``{top1, top5, loss, n}``."""
-    from ..data import create_loaders
+    from ..data import check_checkpoint_classes, create_loaders
     from ..models import create_model
 
     state = _read_checkpoint(checkpoint)
@@ -180,6 +180,7 @@ def evaluate(checkpoint: str | Path, overrides: list[str] | dict | None = None) 
     dist = DistInfo(device=init_distributed(cfg.device).device)
     loaders = create_loaders(cfg, dist.device)
     info = loaders.info
+    check_checkpoint_classes(state.get("class_names"), info.class_names, checkpoint)
     model = create_model(cfg, info.num_classes, info.in_chans, info.img_size)
     _load_model_state(model, state["model"], checkpoint)
     model.to(dist.device)
