@@ -71,7 +71,8 @@ def test_help_version_recipes_and_config_do_not_import_torch():
     code = (
         "import sys\n"
         "from powergrad.cli import main\n"
-        "for args in (['--help'], ['train', '--help'], ['--version'], ['recipes'], ['recipes', 'digits']):\n"
+        "for args in (['--help'], ['train', '--help'], ['--version'], ['recipes'], ['recipes', 'digits'],\n"
+        "             ['config', 'digits', 'lr=0.2'], ['config', 'dataset=imagefolder', 'data_dir=/nowhere']):\n"
         "    try:\n"
         "        main(args)\n"
         "    except SystemExit:\n"
@@ -117,3 +118,41 @@ def test_alpha_zero_and_both_val_and_test_folders_warn(tmp_path, capsys, monkeyp
     assert warned[0].startswith("warning: alpha=0: the gradient is 1/C - q for every example")
     assert warned[1] == (f"warning: {root} holds both val/ and test/: evaluating on val/, test/ is not used "
                          "(remove or rename val/ to evaluate on test/)")
+
+
+def test_train_help_lists_every_key_by_group(capsys):
+    import re
+
+    from powergrad.config import GROUPS, field_info
+
+    with pytest.raises(SystemExit):
+        main(["train", "--help"])
+    out = capsys.readouterr().out
+    listed = re.findall(r"^  ([a-z_.]+)=(\S*) +(\S+) +(.+)$", out, flags=re.M)
+    names = [k for k, *_ in listed]
+    assert names == [i.name for g in GROUPS for i in field_info() if i.group == g and i.name != "monitor"]
+    by_name = {k: (d, t, h) for k, d, t, h in listed}
+    assert by_name["alpha"][:2] == ("1.0", "float") and "PowerGrad exponent" in by_name["alpha"][2]
+    assert by_name["train_subset"][:2] == ("null", "int?")
+    assert by_name["sched"][2].endswith("[cosine|step|exp|const]")
+    assert [g for g in GROUPS if f"\n{g}:\n" in out] == list(GROUPS)
+
+
+def test_config_prints_the_resolved_config_and_checks_paths(tmp_path, capsys):
+    import yaml
+
+    from powergrad.config import load_config
+
+    assert main(["config", "digits", "lr=0.2", "train_subset=100"]) == 0
+    text = capsys.readouterr().out
+    (tmp_path / "resolved.yaml").write_text(text)
+    assert load_config(tmp_path / "resolved.yaml") == load_config("digits", ["lr=0.2", "train_subset=100"])
+    assert yaml.safe_load(text)["lr"] == 0.2 and not (tmp_path / "runs").exists()
+
+    (tmp_path / "d" / "train" / "a").mkdir(parents=True)
+    (tmp_path / "d" / "val" / "a").mkdir(parents=True)
+    assert main(["config", "dataset=imagefolder", f"data_dir={tmp_path / 'd'}"]) == 0
+    assert f"# checked: data: {tmp_path / 'd' / 'train'} (1 class folders), evaluated on" in capsys.readouterr().out
+    (tmp_path / "afile").write_text("x")
+    assert main(["config", "dataset=imagefolder", f"data_dir={tmp_path / 'afile'}"]) == 2
+    assert capsys.readouterr().err == f"powergrad: error: data_dir {tmp_path / 'afile'} is a file, not a folder (dataset 'imagefolder')\n"

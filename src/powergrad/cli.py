@@ -1,6 +1,7 @@
 """The command line: parses, builds a config, calls the Python API. No work of its own.
 
     powergrad train [RECIPE] [key=value ...] [--out DIR] [--overwrite]
+    powergrad config [RECIPE] [key=value ...] [--out DIR]
     powergrad eval --checkpoint PATH [key=value ...]
     powergrad recipes [NAME]
     powergrad demo [--out DIR]
@@ -71,9 +72,10 @@ def _warn(cfg) -> None:
             logging.getLogger("powergrad").warning("warning: %s", line)
 
 
-def cmd_train(ns: argparse.Namespace) -> int:
+def _resolve(ns: argparse.Namespace):
+    """The Config a train command line means: recipe, overrides, and for a resume without a
+    recipe the config the run was started with."""
     from .config import load_config
-    from .engine import train
 
     recipe, overrides = _split_recipe(ns.args)
     if recipe is None:
@@ -85,13 +87,32 @@ def cmd_train(ns: argparse.Namespace) -> int:
             recipe = str(saved) if saved.is_file() else None
         elif resume == "auto" and ns.out and (Path(ns.out) / "config.yaml").is_file():
             recipe = str(Path(ns.out) / "config.yaml")
-    cfg = load_config(recipe, overrides)
+    return load_config(recipe, overrides)
+
+
+def cmd_train(ns: argparse.Namespace) -> int:
+    from .engine import train
+
+    cfg = _resolve(ns)
     _warn(cfg)
     if cfg.nproc > 1 and "WORLD_SIZE" not in os.environ:
         return _relaunch_with_torchrun(cfg.nproc, ns)
     result = train(cfg, out=ns.out, overwrite=ns.overwrite)
     if result.run_dir is not None:
         print(f"run directory: {result.run_dir}")
+    return 0
+
+
+def cmd_config(ns: argparse.Namespace) -> int:
+    """A dry run: the resolved config as YAML (a recipe to feed back), then what was checked."""
+    from .preflight import check_paths
+
+    cfg = _resolve(ns)
+    found = check_paths(cfg)
+    _warn(cfg)
+    print(cfg.to_yaml(), end="")
+    for line in found:
+        print(f"# checked: {line}")
     return 0
 
 
@@ -174,6 +195,36 @@ def cmd_cache(ns: argparse.Namespace) -> int:
     return 0
 
 
+def _type_name(tp) -> str:
+    """int, float?, list[int]?: a key's type as a user writes it (? = may be null)."""
+    import types
+    import typing
+
+    args = typing.get_args(tp)
+    optional = typing.get_origin(tp) in (typing.Union, types.UnionType) and type(None) in args
+    base = next(a for a in args if a is not type(None)) if optional else tp
+    name = getattr(base, "__name__", str(base)) if not typing.get_args(base) else str(base).replace("typing.", "")
+    return f"{name}?" if optional else name
+
+
+def keys_help() -> str:
+    """Every recipe key by group, one line each: key=default, type, help (from the fields)."""
+    from .config import field_groups
+
+    lines = ["recipe keys (key=value after the recipe; monitor.NAME=value for the nested ones;",
+             "? = may be null; `powergrad config RECIPE key=value ...` prints the resolved config):"]
+    for group, infos in field_groups().items():
+        lines.append(f"\n{group}:")
+        for i in infos:
+            if i.name == "monitor":
+                continue  # its keys follow as monitor.*
+            default = '""' if i.default == "" else "{}" if i.default == {} else ("null" if i.default is None else str(i.default).lower()
+                                                    if isinstance(i.default, bool) else str(i.default))
+            extra = f" [{'|'.join(i.choices)}]" if i.choices else (f" ({i.bound})" if i.bound else "")
+            lines.append(f"  {i.name + '=' + default:<34} {_type_name(i.type):<10} {i.help}{extra}")
+    return "\n".join(lines)
+
+
 def build_parser() -> argparse.ArgumentParser:
     from . import __version__
 
@@ -181,11 +232,18 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--version", action="version", version=f"powergrad {__version__}")
     sub = p.add_subparsers(dest="command", required=True, parser_class=_Parser)
 
-    t = sub.add_parser("train", help="train a recipe (YAML file or built-in name) with key=value overrides")
+    t = sub.add_parser("train", help="train a recipe (YAML file or built-in name) with key=value overrides",
+                       epilog=keys_help(), formatter_class=argparse.RawDescriptionHelpFormatter)
     t.add_argument("args", nargs="*", metavar="RECIPE|key=value")
     t.add_argument("--out", help="run directory (default: a new folder under runs/)")
     t.add_argument("--overwrite", action="store_true", help="replace an existing run directory")
     t.set_defaults(fn=cmd_train)
+
+    cf = sub.add_parser("config", help="print the resolved config as YAML and check its paths; trains nothing",
+                        epilog="The keys are listed by `powergrad train --help`.")
+    cf.add_argument("args", nargs="*", metavar="RECIPE|key=value")
+    cf.add_argument("--out", help="the run directory (for resume=auto)")
+    cf.set_defaults(fn=cmd_config)
 
     e = sub.add_parser("eval", help="evaluate a checkpoint on its test split; prints JSON")
     e.add_argument("--checkpoint", required=True)

@@ -69,7 +69,7 @@ class MonitorConfig:
                                    group="machinery", affects_result=False)
     overfit_patience: int = _key(3, help="epochs the held-out loss must stay risen before 'overfitting'",
                                  group="machinery", affects_result=False)
-    overfit_rise: float = _key(0.2, help="... risen by more than this share above its lowest value",
+    overfit_rise: float = _key(0.2, help="how far above its lowest (a share) the held-out loss must stay",
                                group="machinery", affects_result=False)
     filter_norms: bool = _key(False, help="record per-filter L2 norms of every conv layer",
                              group="machinery", affects_result=False)
