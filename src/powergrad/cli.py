@@ -90,11 +90,33 @@ def _resolve(ns: argparse.Namespace):
     return load_config(recipe, overrides)
 
 
+def _print_start(cfg, out: str | None) -> None:
+    """Before the heavy imports: where the run goes, and what differs from the defaults."""
+    import textwrap
+
+    from .config import Config
+
+    folder = out or f"{Path(cfg.resume).parent if Path(cfg.resume).is_file() else cfg.resume} (resumed)"
+    print(f"run folder: {folder}", flush=True)
+    defaults, now = Config().to_dict(), cfg.to_dict()
+    changed = [f"{k}={json.dumps(v) if isinstance(v, (dict, list)) else v}"
+               for k, v in now.items() if k not in ("monitor", "description") and v != defaults[k]]
+    changed += [f"monitor.{k}={v}" for k, v in now["monitor"].items() if v != defaults["monitor"][k]]
+    print(textwrap.fill("settings (besides the defaults): " + (" ".join(changed) or "none"), width=100,
+                        subsequent_indent="  "), flush=True)
+
+
 def cmd_train(ns: argparse.Namespace) -> int:
     from .engine import train
 
     cfg = _resolve(ns)
     _warn(cfg)
+    if ns.out is None and not cfg.resume:  # named now, so that it is the first thing printed
+        from .rundir import new_run_name
+
+        ns.out = str(Path("runs") / new_run_name(cfg.model, cfg.dataset, cfg.alpha))
+    if os.environ.get("RANK", "0") == "0":
+        _print_start(cfg, ns.out)
     if cfg.nproc > 1 and "WORLD_SIZE" not in os.environ:
         return _relaunch_with_torchrun(cfg.nproc, ns)
     result = train(cfg, out=ns.out, overwrite=ns.overwrite)
@@ -321,6 +343,13 @@ def _configure_logging() -> None:
 def main(argv: list[str] | None = None) -> int:
     _configure_logging()
     argv = sys.argv[1:] if argv is None else list(argv)
+    from .rundir import teed_output
+
+    with teed_output():  # what is printed also goes to the train.log of the run folder, once open
+        return _main(argv)
+
+
+def _main(argv: list[str]) -> int:
     try:
         ns, extra = build_parser().parse_known_args(argv)
         if extra:

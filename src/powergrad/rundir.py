@@ -4,6 +4,7 @@
     RUN/metrics.csv      one row per finished epoch
     RUN/summary.json     final and best metrics, wall time, environment, diagnostics
     RUN/last.pt best.pt  checkpoints
+    RUN/train.log        everything the run printed (stdout and stderr), appended on resume
     RUN/events/          TensorBoard events
     RUN/plots/           curves.png
 """
@@ -16,6 +17,7 @@ import math
 import os
 import platform
 import subprocess
+import sys
 import time
 from collections.abc import Iterator
 from contextlib import contextmanager
@@ -48,6 +50,75 @@ def holds_run(folder: Path) -> bool:
     return any((folder / n).exists() for n in RUN_FILES) or any(folder.glob("epoch*.pt"))
 
 
+class _LogSink:
+    """Where teed output goes: RUN/train.log once a run folder is open; until then, held in memory
+    (the command's first lines, printed before the folder exists), up to a bound."""
+
+    HOLD_MAX = 1000  # writes held before a folder opens; more are dropped (another rank's output)
+
+    def __init__(self) -> None:
+        self.file = None
+        self.held: list[str] = []
+
+    def write(self, s: str) -> None:
+        if self.file is not None:
+            self.file.write(s)
+            self.file.flush()  # a killed run keeps what it printed
+        elif len(self.held) < self.HOLD_MAX:
+            self.held.append(s)
+
+    def attach(self, path: Path) -> None:
+        """Write to ``path`` from now on (a second run in the same process, the demo's or a
+        sweep's, moves the output to its own folder's log)."""
+        if self.file is not None and self.file.name == str(path):
+            return
+        self.detach()
+        self.file = open(path, "a", encoding="utf-8")
+        self.file.write("".join(self.held))
+        self.held.clear()
+        self.file.flush()
+
+    def detach(self) -> None:
+        if self.file is not None:
+            self.file.close()
+            self.file = None
+
+
+class Tee:
+    """A stdout or stderr that also writes to the run's train.log. ``terminal`` is the real
+    stream (progress bars draw there only: their frames do not belong in a log)."""
+
+    def __init__(self, terminal: Any, sink: _LogSink) -> None:
+        self.terminal, self.sink = terminal, sink
+
+    def write(self, s: str) -> int:
+        n = self.terminal.write(s)
+        self.sink.write(s)
+        return n
+
+    def flush(self) -> None:
+        self.terminal.flush()
+
+    def __getattr__(self, name: str) -> Any:  # isatty, fileno, encoding: the terminal's
+        return getattr(self.terminal, name)
+
+
+@contextmanager
+def teed_output() -> Iterator[_LogSink]:
+    """stdout and stderr also go to the train.log of the run folder opened inside the block."""
+    if isinstance(sys.stdout, Tee):  # already teed (the CLI, then the Python API inside it)
+        yield sys.stdout.sink
+        return
+    sink = _LogSink()
+    old = sys.stdout, sys.stderr
+    sys.stdout, sys.stderr = Tee(old[0], sink), Tee(old[1], sink)
+    try:
+        yield sink
+    finally:
+        sys.stdout, sys.stderr = old
+        sink.detach()
+
+
 class RunDir:
     """Writes one run's record. Only the main process of a distributed run makes one."""
 
@@ -69,7 +140,7 @@ class RunDir:
         except OSError as e:
             raise UserError(f"cannot write to output folder {self.path}: {e.strerror or e}") from None
         if overwrite and not resume:
-            for name in ("metrics.csv", "summary.json", "last.pt", "best.pt", "preempt.pt"):
+            for name in ("metrics.csv", "summary.json", "last.pt", "best.pt", "preempt.pt", "train.log"):
                 (self.path / name).unlink(missing_ok=True)
         # A process killed while saving leaves its temporary file; the save itself never landed.
         for name in ("config.yaml.tmp", "metrics.csv.tmp", "summary.json.tmp"):
@@ -77,6 +148,12 @@ class RunDir:
         for p in self.path.glob(".*.pt.*.tmp"):
             p.unlink(missing_ok=True)
         self._tb = None
+        self._log = None  # the teed output of a run started from Python (the CLI tees its own)
+        if isinstance(sys.stdout, Tee):
+            sys.stdout.sink.attach(self.path / "train.log")
+        else:
+            self._log = teed_output()
+            self._log.__enter__().attach(self.path / "train.log")
 
     # --- files
     @property
@@ -131,6 +208,9 @@ class RunDir:
         if self._tb is not None:
             self._tb.close()
             self._tb = None
+        if self._log is not None:
+            self._log.__exit__(None, None, None)
+            self._log = None
 
 
 @contextmanager

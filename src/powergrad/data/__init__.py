@@ -82,6 +82,13 @@ class DataInfo:
     num_train: int
     num_test: int
     bad_images: int = 0  # images skipped because unreadable (skip_bad_images=true)
+    num_val: int = 0  # held out of train (val_fraction)
+
+    def describe(self, dataset: str) -> str:
+        """One line for the start of a run: what the model will see."""
+        val = f", {self.num_val} validation" if self.num_val else ""
+        return (f"data: {dataset}, {self.num_classes} classes, {self.in_chans}x{self.img_size}x{self.img_size}: "
+                f"{self.num_train} train{val}, {self.num_test} test images")
 
 
 @dataclass
@@ -150,7 +157,7 @@ def _memory_loaders(src: Arrays, cfg: Config, device: torch.device, rank: int, w
     test = MemoryEvalLoader(vx.to(device), test_y.to(device), eval_tf, b, rank, world_size)
     val = None if val_idx is None else MemoryEvalLoader(*on_device(val_idx), eval_tf, b, rank, world_size)
     info = DataInfo(len(src.class_names), chans, out, tuple(src.mean), tuple(src.std), list(src.class_names),
-                    len(train_idx), len(test_y), src.bad_images)
+                    len(train_idx), len(test_y), src.bad_images, 0 if val_idx is None else len(val_idx))
     return Loaders(train, test, val, info)
 
 
@@ -173,5 +180,5 @@ def _stream_loaders(src: Folders, cfg: Config, device: torch.device, rank: int, 
     val = None if val_idx is None else eval_loader([src.train[i] for i in val_idx.tolist()])
     # Unreadable files are found only when read (and replaced then), so bad_images stays 0 here.
     info = DataInfo(len(src.class_names), 3, src.img_size, tuple(src.mean), tuple(src.std),
-                    list(src.class_names), len(train_set), len(test_set), 0)
+                    list(src.class_names), len(train_set), len(test_set), 0, 0 if val_idx is None else len(val_idx))
     return Loaders(train, eval_loader(test_set), val, info)

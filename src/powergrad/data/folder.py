@@ -31,6 +31,7 @@ from ..cache import cache_dir
 from ..config import Config
 from ..errors import UserError
 from ..preflight import data_dir_required, imagefolder_dirs
+from ..progress import track
 from . import sampling
 from .memory import Arrays, fits_in_memory
 
@@ -198,12 +199,13 @@ def _decode_all(samples: list[Sample], side: int, workers: int) -> tuple[np.ndar
     chunks = [paths[i:i + DECODE_CHUNK] for i in range(0, len(paths), DECODE_CHUNK)]
     x = np.empty((len(paths), 3, side, side), dtype=np.uint8)
     keep, bad = [], []
+    desc = f"decoding {len(paths)} images ({DECODE_CHUNK} a chunk)"
     if workers > 0:
         with multiprocessing.get_context().Pool(workers) as pool:
             results = pool.imap(partial(_decode_chunk, side=side), chunks)
-            _collect(results, chunks, x, keep, bad)
+            _collect(track(results, desc, len(chunks), "chunk"), chunks, x, keep, bad)
     else:
-        _collect((_decode_chunk(c, side) for c in chunks), chunks, x, keep, bad)
+        _collect(track((_decode_chunk(c, side) for c in chunks), desc, len(chunks), "chunk"), chunks, x, keep, bad)
     return x[: len(keep)], np.array(keep, dtype=np.int64), bad
 
 

@@ -34,6 +34,7 @@ from torch import nn
 from ..config import Config, config_hash, load_config
 from ..errors import DivergenceError, UserError
 from ..monitor import EpochStats, Monitor
+from ..progress import StepProgress, track
 from ..rundir import RunDir, environment, git_commit, new_run_name
 from ..tamper import PowerGradLoss
 from .checkpoint import find_resume_checkpoint, load_checkpoint, save_checkpoint
@@ -95,6 +96,8 @@ def train(
         _seed_everything(cfg.seed)
         loaders = create_loaders(cfg, dist.device, dist.rank, dist.world_size)
         info = loaders.info
+        if dist.is_main:
+            log.info(info.describe(cfg.dataset))
         _seed_everything(cfg.seed)  # the model's initial weights do not depend on the data code
         model = create_model(cfg, info.num_classes, info.in_chans, info.img_size)
         return run_training(
@@ -144,7 +147,7 @@ def evaluate_loader(
     device = dist.device
     model.eval()
     sums = torch.zeros(4, dtype=torch.float64, device=device)  # loss, top1, top5, n
-    for x, y in loader:
+    for x, y in track(loader, "evaluating", enabled=dist.is_main):
         x, y = _to_device(x, y, device, cfg.channels_last)
         with _autocast(cfg.amp, device):
             logits = model(x)
@@ -276,6 +279,7 @@ def run_training(
     sync_every = 1 if device.type == "cpu" else SYNC_EVERY
     bad_step = torch.full((), -1, dtype=torch.long, device=device)
     status = "finished"
+    progress: StepProgress | None = None
 
     def checkpoint_state(epoch: int, step_in_epoch: int, stats: dict | None) -> dict[str, Any]:
         return {
@@ -306,6 +310,9 @@ def run_training(
             # Resumed mid-epoch, the optimiser's lr has moved on: the row reports the epoch's first.
             lr_at_start = epoch_lr if skip_steps and epoch_lr is not None else optimizer.param_groups[0]["lr"]
             tic = time.perf_counter()
+            progress = StepProgress(epoch + 1, cfg.epochs, steps_per_epoch, cfg.batch_size, first=skip_steps,
+                                    steps_left_after=(cfg.epochs - epoch - 1) * steps_per_epoch,
+                                    enabled=dist.is_main)
             batches = islice(train_loader, skip_steps, None) if skip_steps else train_loader
             for step, (x, y) in enumerate(batches, start=skip_steps):
                 x, y = _to_device(x, y, device, cfg.channels_last)
@@ -321,6 +328,7 @@ def run_training(
                 )
                 global_step += 1
                 scheduler.step_update(global_step)
+                progress.step(loss, optimizer.param_groups[0]["lr"])
                 if filters is not None:
                     filters.after_step(global_step)
                 mid_save = cfg.checkpoint_every_steps and global_step % cfg.checkpoint_every_steps == 0
@@ -337,6 +345,7 @@ def run_training(
                         sums = _global_epoch_stats(stats, monitor, dist)
                         if dist.is_main:
                             save_checkpoint(checkpoint_state(epoch, step + 1, sums), run.path / "last.pt")
+            progress.close()  # the bar goes before the epoch's line is printed
             if status == "preempted":
                 break
             skip_steps = 0
@@ -390,6 +399,8 @@ def run_training(
             run.close()
         raise
     finally:
+        if progress is not None:
+            progress.close()
         stopper.restore()
         monitor.close()
         if filters is not None:

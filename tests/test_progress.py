@@ -1,0 +1,87 @@
+"""What a run says while it works: start-up lines, progress (plain lines when not on a terminal,
+a live bar on one), and train.log."""
+
+from __future__ import annotations
+
+import fcntl
+import os
+import pty
+import re
+import select
+import struct
+import subprocess
+import sys
+import termios
+import time
+from pathlib import Path
+
+TINY = ["digits", "model=convnet", "train_subset=400", "epochs=2", "batch_size=32"]
+
+
+def _env(**extra: str) -> dict[str, str]:
+    env = {k: v for k, v in os.environ.items() if k != "POWERGRAD_PROGRESS"}
+    return {**env, **extra}
+
+
+def test_not_a_terminal_prints_plain_progress_lines_and_keeps_train_log(tmp_path):
+    out = tmp_path / "run"
+    t0 = time.perf_counter()
+    proc = subprocess.Popen([sys.executable, "-m", "powergrad", "train", *TINY, "--out", str(out)],
+                            stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True,
+                            env=_env(POWERGRAD_PROGRESS_EVERY_S="0.05"), cwd=tmp_path)
+    first = proc.stdout.readline()
+    first_s = time.perf_counter() - t0
+    rest = proc.stdout.read()  # not communicate(): it would skip what readline() buffered
+    proc.wait(timeout=300)
+    assert proc.returncode == 0, rest[-3000:]
+    lines = [first.rstrip("\n"), *rest.splitlines()]
+
+    # Start-up: the run folder first (before torch is imported), then settings, data, model.
+    assert lines[0] == f"run folder: {out}"
+    assert first_s < 30  # the line comes before the heavy imports (seconds even under load)
+    assert lines[1].startswith("settings (besides the defaults): ") and "model=convnet" in lines[1]
+    assert "data: digits, 10 classes, 1x8x8: 400 train, 360 test images" in lines
+    assert any(re.fullmatch(r"built convnet: 10 classes, 1 input channels, [\d,]+ parameters", ln) for ln in lines)
+
+    # Progress: step/total, loss, lr, img/s and ETA, with no bar frames (no carriage returns).
+    progress = [ln for ln in lines if ln.startswith("epoch 1/2  step ")]
+    assert progress, lines
+    assert re.fullmatch(r"epoch 1/2  step \d+/12  loss \d+\.\d{4}  lr [\d.e-]+  \d+ img/s  "
+                        r"eta \d+:\d\d:\d\d \(run \d+:\d\d:\d\d\)", progress[0]), progress[0]
+    assert "\r" not in rest
+
+    # Everything printed is in the run's train.log too, in the same order.
+    log = (out / "train.log").read_text().splitlines()
+    assert log == lines[: len(log)] and lines[len(log):] == []
+
+
+def test_a_terminal_gets_a_live_bar_and_the_log_no_frames(tmp_path):
+    out = tmp_path / "run"
+    pid, fd = pty.fork()
+    if pid == 0:  # the child: stdout and stderr are the pseudo-terminal
+        os.chdir(tmp_path)
+        os.execve(sys.executable, [sys.executable, "-m", "powergrad", "train", *TINY, "--out", str(out)],
+                  _env())
+    fcntl.ioctl(fd, termios.TIOCSWINSZ, struct.pack("HHHH", 40, 120, 0, 0))  # a 120-column terminal
+    screen = b""
+    deadline = time.time() + 300
+    while time.time() < deadline:
+        ready, _, _ = select.select([fd], [], [], 1.0)
+        if not ready:
+            continue
+        try:
+            chunk = os.read(fd, 65536)
+        except OSError:  # the child closed the terminal
+            break
+        if not chunk:
+            break
+        screen += chunk
+    _, status = os.waitpid(pid, 0)
+    text = screen.decode(errors="replace")
+    assert os.waitstatus_to_exitcode(status) == 0, text[-3000:]
+    # tqdm's frames: the description, a step count with the rate and an ETA, drawn over with \r.
+    assert re.search(r"epoch 1/2: +\d+%\|.*\| *\d+/12 \[\d\d:\d\d<\d\d:\d\d, +[\d.]+ ?(step/s|s/step)", text), text[-3000:]
+    assert "\r" in text
+    assert "epoch 1/2  step" not in text  # no plain lines on a terminal
+    log = Path(out / "train.log").read_text()
+    assert "epoch   2/2  lr" in log and "\r" not in log and "step/s" not in log
