@@ -8,6 +8,7 @@ import os
 import pty
 import re
 import select
+import signal
 import struct
 import subprocess
 import sys
@@ -85,3 +86,37 @@ def test_a_terminal_gets_a_live_bar_and_the_log_no_frames(tmp_path):
     assert "epoch 1/2  step" not in text  # no plain lines on a terminal
     log = Path(out / "train.log").read_text()
     assert "epoch   2/2  lr" in log and "\r" not in log and "step/s" not in log
+
+
+def test_ctrl_c_says_which_checkpoint_is_kept(tmp_path):
+    out = tmp_path / "run"
+    proc = subprocess.Popen([sys.executable, "-m", "powergrad", "train", "digits", "epochs=200", "--out", str(out)],
+                            stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True, env=_env(), cwd=tmp_path)
+    deadline = time.time() + 240
+    while not (out / "last.pt").is_file() and time.time() < deadline and proc.poll() is None:
+        time.sleep(0.2)
+    proc.send_signal(signal.SIGINT)
+    _, err = proc.communicate(timeout=120)
+    assert proc.returncode == 130, err[-2000:]
+    assert err.splitlines()[-1] == (f"powergrad: interrupted; the last checkpoint is kept: {out / 'last.pt'} "
+                                    f"(continue with `powergrad train resume=auto --out {out}`)")
+    assert "Traceback" not in err
+    assert "powergrad: interrupted" in (out / "train.log").read_text()
+
+
+def test_tensorboard_groups_tags_records_steps_and_hparams(tmp_path):
+    from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
+
+    from powergrad.cli import main
+
+    assert main(["train", "digits", "epochs=3", "val_fraction=0.1", "--out", str(tmp_path / "run")]) == 0
+    events = EventAccumulator(str(tmp_path / "run" / "events"), size_guidance={"scalars": 0})
+    events.Reload()
+    tags = set(events.Tags()["scalars"])
+    assert {"train/loss", "train/acc", "train/lr", "val/acc", "val/loss", "test/acc", "test/loss",
+            "logits/norm", "time/epoch_s", "step/loss", "step/lr", "step/img_per_s"} <= tags
+    assert not any("_" in t.split("/")[0] for t in tags)  # every tag sits in a group
+    assert [e.step for e in events.Scalars("train/loss")] == [1, 2, 3]
+    assert [e.step for e in events.Scalars("step/loss")] == [50]  # 3 epochs x 20 steps, every 50
+    assert {"final/test/acc", "best/val/acc"} <= tags
+    assert events.PluginTagToContent("hparams")  # the config, for the HPARAMS tab

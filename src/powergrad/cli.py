@@ -117,6 +117,10 @@ def cmd_train(ns: argparse.Namespace) -> int:
         ns.out = str(Path("runs") / new_run_name(cfg.model, cfg.dataset, cfg.alpha))
     if os.environ.get("RANK", "0") == "0":
         _print_start(cfg, ns.out)
+    if ns.out:
+        _RUN_FOLDER.append(Path(ns.out))
+    elif cfg.resume:
+        _RUN_FOLDER.append(Path(cfg.resume).parent if Path(cfg.resume).is_file() else Path(cfg.resume))
     if cfg.nproc > 1 and "WORLD_SIZE" not in os.environ:
         return _relaunch_with_torchrun(cfg.nproc, ns)
     result = train(cfg, out=ns.out, overwrite=ns.overwrite)
@@ -374,8 +378,24 @@ def _main(argv: list[str]) -> int:
         print(f"powergrad: error: {where}{e.strerror or e}", file=sys.stderr)
         return 2
     except KeyboardInterrupt:
-        print("powergrad: interrupted", file=sys.stderr)
+        print(f"powergrad: interrupted{_kept(_RUN_FOLDER)}", file=sys.stderr)
         return 130
+
+
+_RUN_FOLDER: list[Path] = []  # the folder of the run this command trains into, once named
+
+
+def _kept(folders: list[Path]) -> str:
+    """What an interrupted run leaves: its newest checkpoint, and the command that continues it."""
+    if not folders:
+        return ""
+    run = folders[-1]
+    saved = sorted((p for p in (run / "last.pt", run / "preempt.pt") if p.is_file()),
+                   key=lambda p: p.stat().st_mtime)
+    if not saved:
+        return f"; {run} holds no checkpoint yet (the first is saved at the end of epoch 1)"
+    return (f"; the last checkpoint is kept: {saved[-1]} (continue with "
+            f"`powergrad train resume=auto --out {run}`)")
 
 
 def _one_line(e: Exception) -> str:

@@ -35,6 +35,22 @@ METRIC_COLUMNS = [
     "epoch_s", "train_img_s",
 ]
 TIMING_COLUMNS = ("epoch_s", "train_img_s")
+TB_STEP_EVERY = 50  # optimiser steps between per-step TensorBoard records (timm's log_interval)
+HPARAM_METRICS = ("train_loss", "train_acc", "val_loss", "val_acc", "test_loss", "test_acc", "test_top5")
+# metrics.csv column -> TensorBoard tag: one section per group.
+_TAG_PREFIXES = (("train_", "train/"), ("val_", "val/"), ("test_", "test/"), ("logit_", "logits/"),
+                 ("dead_", "monitor/dead_"))
+_TAGS = {"lr": "train/lr", "gap": "test/gap_train_minus_test", "epoch_s": "time/epoch_s",
+         "train_img_s": "time/train_img_per_s"}
+
+
+def tensorboard_tag(column: str) -> str:
+    if column in _TAGS:
+        return _TAGS[column]
+    for prefix, group in _TAG_PREFIXES:
+        if column.startswith(prefix):
+            return group + column[len(prefix):]
+    return f"other/{column}"
 
 
 def new_run_name(cfg_model: str, cfg_dataset: str, alpha: float) -> str:
@@ -148,6 +164,7 @@ class RunDir:
         for p in self.path.glob(".*.pt.*.tmp"):
             p.unlink(missing_ok=True)
         self._tb = None
+        self._step_mark: tuple[int, float] | None = None  # (step, time) of the last step record
         self._log = None  # the teed output of a run started from Python (the CLI tees its own)
         if isinstance(sys.stdout, Tee):
             sys.stdout.sink.attach(self.path / "train.log")
@@ -187,16 +204,52 @@ class RunDir:
             w.writerow({k: _fmt(row.get(k)) for k in METRIC_COLUMNS})
         self.tensorboard(row)
 
-    def tensorboard(self, row: dict[str, Any]) -> None:
+    def _writer(self):
         if self._tb is None:
             from torch.utils.tensorboard import SummaryWriter
 
             self._tb = SummaryWriter(log_dir=str(self.path / "events"))
+        return self._tb
+
+    def tensorboard(self, row: dict[str, Any]) -> None:
+        """An epoch's row as scalars at step = epoch, under grouped tags (train/, val/, test/,
+        logits/, monitor/, time/): TensorBoard draws one section per group."""
+        tb = self._writer()
         step = int(row["epoch"])
         for k, v in row.items():
             if k != "epoch" and isinstance(v, (int, float)) and v is not None and math.isfinite(v):
-                self._tb.add_scalar(k, v, step)
-        self._tb.flush()
+                tb.add_scalar(tensorboard_tag(k), v, step)
+        tb.flush()
+
+    def after_step(self, step: int, loss: Any, lr: float, batch_size: int) -> None:
+        """Every TB_STEP_EVERY optimiser steps: the batch's loss, the lr and the throughput since
+        the last record, under step/ (x = optimiser step). Reading the loss is one host sync per
+        record, not per step."""
+        now = time.perf_counter()
+        if self._step_mark is None:
+            self._step_mark = (step - 1, now)
+        if step % TB_STEP_EVERY:
+            return
+        last_step, last_t = self._step_mark
+        self._step_mark = (step, now)
+        tb = self._writer()
+        tb.add_scalar("step/loss", float(loss), step)
+        tb.add_scalar("step/lr", lr, step)
+        tb.add_scalar("step/img_per_s", (step - last_step) * batch_size / max(now - last_t, 1e-9), step)
+
+    def hparams(self, config: dict[str, Any], final: dict[str, Any], best: dict[str, Any]) -> None:
+        """The config as TensorBoard hparams, with the run's final (and best) metrics, so that
+        the HPARAMS tab compares the runs of a sweep."""
+        flat = {}
+        for k, v in config.items():
+            for name, value in (v.items() if isinstance(v, dict) and k == "monitor" else [(k, v)]):
+                key = f"monitor.{name}" if k == "monitor" else name
+                flat[key] = value if isinstance(value, (int, float, str, bool)) else str(value)
+        metrics = {f"final/{tensorboard_tag(k)}": v for k, v in final.items()
+                   if k in HPARAM_METRICS and isinstance(v, (int, float)) and math.isfinite(v)}
+        metrics.update({f"best/{tensorboard_tag(k)}": v for k, v in best.items()
+                        if k in HPARAM_METRICS and isinstance(v, (int, float)) and math.isfinite(v)})
+        self._writer().add_hparams(flat, metrics, run_name=".")
 
     def write_summary(self, summary: dict[str, Any]) -> None:
         tmp = self.path / "summary.json.tmp"

@@ -329,6 +329,8 @@ def run_training(
                 global_step += 1
                 scheduler.step_update(global_step)
                 progress.step(loss, optimizer.param_groups[0]["lr"])
+                if run is not None:
+                    run.after_step(global_step, loss, optimizer.param_groups[0]["lr"], cfg.batch_size)
                 if filters is not None:
                     filters.after_step(global_step)
                 mid_save = cfg.checkpoint_every_steps and global_step % cfg.checkpoint_every_steps == 0
@@ -416,6 +418,8 @@ def run_training(
         if cfg.amp == "fp16":
             extra["fp16_skipped_updates"] = int(skipped_updates)
         run.write_summary(_summary(cfg, dist, history, best, monitor, wall0, status, extra))
+        if history:
+            run.hparams(cfg.to_dict(), history[-1], best)
         run.close()
         if history:
             from ..report.plots import plot_curves
