@@ -9,19 +9,13 @@ import sys
 
 import pytest
 import torch
+from conftest import run_cli
 from torch.utils.data import DataLoader, TensorDataset
 
 import powergrad
-from powergrad.cli import main
 from powergrad.config import load_config
 
 FAST = ["epochs=2", "batch_size=128"]
-
-
-def run_cli(args, capsys):
-    code = main(args)
-    out = capsys.readouterr()
-    return code, out.out, out.err
 
 
 def metrics_rows(run):

@@ -21,6 +21,7 @@ from pathlib import Path
 
 import pytest
 import torch
+from conftest import run_cli
 
 import powergrad
 from powergrad.cli import main
@@ -37,12 +38,6 @@ SLOW_FSYNC_S = 0.06  # widens each save so that random kills land inside saves t
 
 
 # ----------------------------------------------------------------------------- helpers
-
-
-def run_cli(args, capsys):
-    code = main([str(a) for a in args])
-    out = capsys.readouterr()
-    return code, out.out, out.err
 
 
 def metrics(run: Path) -> list[dict[str, str]]:
@@ -352,10 +347,12 @@ def test_every_load_in_the_package_is_safe():
 
 def test_divergence_exits_3_and_keeps_the_last_checkpoint(tmp_path, capsys):
     run = tmp_path / "run"
-    assert run_cli(["train", "digits", "epochs=1", "batch_size=128", "--out", run], capsys)[0] == 0
+    # A schedule that multiplies lr by 1e13 after epoch 1: a resume may not change the recipe
+    # (engine/resume.py), only extend it, so the recipe itself must blow up in epoch 2.
+    recipe = ["train", "digits", "batch_size=128", "sched=step", "decay_milestones=[1]", "decay_rate=1e13"]
+    assert run_cli([*recipe, "epochs=1", "--out", run], capsys)[0] == 0
     before = {n: ((run / n).read_bytes(), (run / n).stat().st_mtime_ns) for n in ("last.pt", "best.pt")}
-    code, _, err = run_cli(["train", "digits", "epochs=3", "batch_size=128", "lr=1e12", "momentum=0.99",
-                            "resume=auto", "--out", run], capsys)
+    code, _, err = run_cli([*recipe, "epochs=3", "resume=auto", "--out", run], capsys)
     assert code == 3, err
     line = err.strip().splitlines()[-1]
     assert "non-finite loss at step" in line and "(epoch 2)" in line and "learning rate too high" in line

@@ -11,6 +11,7 @@ from pathlib import Path
 
 import optuna
 import pytest
+from conftest import sweep_killed_in_trial
 
 from powergrad.cli import main
 from powergrad.report.tables import load_runs, results_table
@@ -41,26 +42,8 @@ def test_parse_grid_splits_axes_from_fixed_keys():
     assert fixed == {"decay_milestones": "3,6", "model_kwargs": "{a: [1, 2]}", "lr": "0.1"}
 
 
-# Runs the sweep CLI in a child that SIGKILLs itself at the end of the first epoch of its third trial:
-# a deterministic point mid-sweep (polling from outside raced a fast machine that finished first).
-KILL_IN_THIRD_TRIAL = """
-import os, signal, sys
-import powergrad.engine as engine
-from powergrad.cli import main
-
-real_train, trials = engine.train, []
-
-def train(cfg, *args, on_epoch=None, **kwargs):
-    trials.append(cfg)
-    def hook(row):
-        if len(trials) == 3:
-            os.kill(os.getpid(), signal.SIGKILL)  # no clean-up: the trial stays RUNNING in the study
-        return on_epoch(row)
-    return real_train(cfg, *args, on_epoch=hook, **kwargs)
-
-engine.train = train
-sys.exit(main(sys.argv[1:]))
-"""
+# The sweep CLI in a child that SIGKILLs itself at the end of the first epoch of its third trial.
+KILL_IN_THIRD_TRIAL = sweep_killed_in_trial(3)
 
 
 def test_digits_sweep_interrupted_continued_then_report_and_plot(tmp_path, capsys):

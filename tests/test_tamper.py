@@ -8,6 +8,7 @@ import math
 import pytest
 import torch
 import torch.nn.functional as F
+from torch.utils._python_dispatch import TorchDispatchMode
 
 from powergrad import PowerGradLoss, power_grad_cross_entropy
 from powergrad.reference import official_hook_cross_entropy
@@ -229,3 +230,150 @@ def test_reference_hook_is_right_only_at_loss_scale_n_squared(loss_scale, ok):
         assert err < 1e-5
     else:
         assert math.isnan(err) or err > 1e-2
+
+
+# --- class weights, label smoothing, ignore_index, unbatched input (a drop-in for nn.CrossEntropyLoss)
+
+
+def tampered_oracle(z, target, alpha, grad_out=None, **kwargs):
+    """The tampered gradient in float64 from PyTorch's own cross-entropy backward, taken at alpha * z.
+
+    Cross-entropy's gradient on its input x is s * (m * softmax(x) - u), where s, m and u depend on
+    the targets, weights and reduction but not on x (module docstring of powergrad.tamper); at
+    x = alpha * z it is therefore s * (m * softmax(alpha * z) - u), the tampered gradient.
+    """
+    x = (z.detach().double() * alpha).requires_grad_(True)
+    t = target.double() if target.is_floating_point() else target
+    if kwargs.get("weight") is not None:
+        kwargs["weight"] = kwargs["weight"].double()
+    loss = F.cross_entropy(x, t, **kwargs)
+    loss.backward(grad_out.double() if grad_out is not None else None)
+    return x.grad
+
+
+def hand_formula(z, target, alpha, weight, ls, ignore_index):
+    """s * (m * p' - u) written out for (N, C) logits, class indices and mean reduction."""
+    n, c = z.shape
+    p = torch.softmax(alpha * z.double(), 1)
+    w = weight.double()
+    valid = (target != ignore_index).double()
+    safe = target.clamp_min(0) * (target != ignore_index)
+    w_y = w[safe] * valid
+    u = ((1 - ls) * w_y.unsqueeze(1) * F.one_hot(safe, c).double() + ls / c * w) * valid.unsqueeze(1)
+    m = u.sum(1, keepdim=True)
+    return (m * p - u) / w_y.sum()
+
+
+def make_case(kind, n=12, c=5, seed=0, ignore=True):
+    g = torch.Generator().manual_seed(seed)
+    z = torch.randn(n, c, generator=g) * 3
+    if kind == "soft":
+        return z, torch.softmax(torch.randn(n, c, generator=g) * 2, 1)
+    t = torch.randint(0, c, (n,), generator=g)
+    if ignore:
+        t[::4] = 3  # ignore_index=3 below: a real class, so it must not be confused with padding
+    return z, t
+
+
+@pytest.mark.parametrize("kind", ["index", "soft"])
+@pytest.mark.parametrize("reduction", ["mean", "sum", "none"])
+@pytest.mark.parametrize("ls", [0.0, 0.2])
+@pytest.mark.parametrize("weighted", [False, True])
+@pytest.mark.parametrize("alpha", [0.0, 0.3, 1.0, 2.0])
+def test_weights_smoothing_ignore_index_against_float64(kind, reduction, ls, weighted, alpha):
+    z, t = make_case(kind)
+    weight = torch.rand(5, generator=torch.Generator().manual_seed(1)) + 0.1 if weighted else None
+    kwargs = dict(label_smoothing=ls, reduction=reduction, weight=weight)
+    if kind == "index":
+        kwargs["ignore_index"] = 3
+    grad_out = torch.rand(12) if reduction == "none" else None
+    a = z.clone().requires_grad_(True)
+    loss = power_grad_cross_entropy(a, t, alpha, **kwargs)
+    assert torch.equal(loss.detach(), F.cross_entropy(z, t, **kwargs))
+    loss.backward(grad_out)
+    want = tampered_oracle(z, t, alpha, grad_out, **kwargs)
+    assert (a.grad.double() - want).abs().max() < 1e-6
+
+
+@pytest.mark.parametrize("alpha", [0.0, 0.5, 1.0])
+@pytest.mark.parametrize("ls", [0.0, 0.1])
+def test_weighted_gradient_is_the_derived_formula(alpha, ls):
+    z, t = make_case("index", n=16, c=6, seed=3)
+    weight = torch.tensor([0.2, 1.0, 3.0, 0.5, 1.5, 0.7])
+    a = z.clone().requires_grad_(True)
+    power_grad_cross_entropy(a, t, alpha, ls, ignore_index=3, weight=weight).backward()
+    assert (a.grad.double() - hand_formula(z, t, alpha, weight, ls, 3)).abs().max() < 1e-6
+
+
+def test_weights_on_spatial_logits_and_the_module_buffer():
+    g = torch.Generator().manual_seed(0)
+    z = torch.randn(3, 4, 5, 2, generator=g)
+    t = torch.randint(0, 4, (3, 5, 2), generator=g)
+    t[0, 0, 0] = -100
+    weight = torch.tensor([0.5, 2.0, 1.0, 0.1])
+    loss_fn = PowerGradLoss(alpha=0.4, label_smoothing=0.1, weight=weight)
+    assert "weight" in dict(loss_fn.named_buffers())
+    a = z.clone().requires_grad_(True)
+    loss = loss_fn(a, t)
+    assert torch.equal(loss.detach(), F.cross_entropy(z, t, weight=weight, label_smoothing=0.1))
+    loss.backward()
+    want = tampered_oracle(z, t, 0.4, weight=weight, label_smoothing=0.1)
+    assert (a.grad.double() - want).abs().max() < 1e-7
+
+
+def test_every_target_ignored_gives_zero_gradient_like_cross_entropy():
+    z = torch.randn(4, 3, requires_grad=True)
+    t = torch.full((4,), -100)
+    loss = power_grad_cross_entropy(z, t, alpha=0.5, weight=torch.rand(3))
+    assert loss.isnan()  # PyTorch's value: 0 / 0
+    loss.backward()
+    assert torch.equal(z.grad, torch.zeros(4, 3))
+
+
+@pytest.mark.parametrize("reduction", ["mean", "sum", "none"])
+@pytest.mark.parametrize("soft", [False, True])
+def test_unbatched_logits(reduction, soft):
+    g = torch.Generator().manual_seed(0)
+    z = torch.randn(7, generator=g) * 2
+    t = torch.softmax(torch.randn(7, generator=g), 0) if soft else torch.tensor(4)
+    weight = torch.rand(7, generator=g) + 0.5
+    for loss_fn in (PowerGradLoss(0.3, 0.1, reduction, weight=weight),
+                    lambda x, y: power_grad_cross_entropy(x, y, 0.3, 0.1, reduction, weight=weight)):
+        a = z.clone().requires_grad_(True)
+        loss = loss_fn(a, t)
+        want_loss = F.cross_entropy(z, t, weight=weight, label_smoothing=0.1, reduction=reduction)
+        assert loss.shape == () and torch.equal(loss.detach(), want_loss)
+        loss.backward()
+        want = tampered_oracle(z.unsqueeze(0), t.unsqueeze(0) if soft else t.reshape(1), 0.3,
+                               weight=weight, label_smoothing=0.1, reduction=reduction)
+        assert a.grad.shape == (7,) and (a.grad.double() - want[0]).abs().max() < 1e-7
+
+
+class HostReads(TorchDispatchMode):
+    """Records every op that copies a value from the device to the host (or sizes a tensor by its data)."""
+
+    READS = (torch.ops.aten._local_scalar_dense.default, torch.ops.aten.nonzero.default,
+             torch.ops.aten.masked_select.default)
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.ops: list[str] = []
+
+    def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+        if func in self.READS:
+            self.ops.append(str(func))
+        return func(*args, **(kwargs or {}))
+
+
+@pytest.mark.parametrize("ls", [0.0, 0.1])
+@pytest.mark.parametrize("weighted", [False, True])
+@pytest.mark.parametrize("soft", [False, True])
+def test_no_host_reads(ls, weighted, soft):
+    """A GPU stalls on each host read; bool(mask.all()) in the backward used to be one."""
+    z, t = make_case("soft" if soft else "index")
+    kwargs = dict(label_smoothing=ls, weight=torch.rand(5) if weighted else None)
+    if not soft:
+        kwargs["ignore_index"] = 3
+    with HostReads() as mode:
+        power_grad_cross_entropy(z.clone().requires_grad_(True), t, 0.3, **kwargs).backward()
+    assert mode.ops == []

@@ -73,20 +73,16 @@ def _warn(cfg) -> None:
 
 
 def _resolve(ns: argparse.Namespace):
-    """The Config a train command line means: recipe, overrides, and for a resume without a
-    recipe the config the run was started with."""
-    from .config import load_config
+    """The Config a train command line means: recipe, overrides; with resume= or init_from=,
+    what the checkpoint says too (engine.resume.resolve_config: it reads the file, so torch)."""
+    from .config import _parse_overrides, load_config
 
     recipe, overrides = _split_recipe(ns.args)
-    if recipe is None:
-        # Resuming without a recipe continues the run with the config it was started with.
-        resume = next((o.split("=", 1)[1] for o in overrides if o.startswith("resume=")), None)
-        if resume and resume != "auto":
-            p = Path(resume)
-            saved = (p if p.is_dir() else p.parent) / "config.yaml"
-            recipe = str(saved) if saved.is_file() else None
-        elif resume == "auto" and ns.out and (Path(ns.out) / "config.yaml").is_file():
-            recipe = str(Path(ns.out) / "config.yaml")
+    pairs = _parse_overrides(overrides)  # refuses a key given twice
+    if any(k in ("resume", "init_from") for k, _ in pairs):
+        from .engine.resume import resolve_config
+
+        return resolve_config(recipe, dict(pairs), ns.out)
     return load_config(recipe, overrides)
 
 
@@ -107,8 +103,6 @@ def _print_start(cfg, out: str | None) -> None:
 
 
 def cmd_train(ns: argparse.Namespace) -> int:
-    from .engine import train
-
     cfg = _resolve(ns)
     _warn(cfg)
     if ns.out is None and not cfg.resume:  # named now, so that it is the first thing printed
@@ -121,6 +115,7 @@ def cmd_train(ns: argparse.Namespace) -> int:
         _RUN_FOLDER.append(Path(ns.out))
     elif cfg.resume:
         _RUN_FOLDER.append(Path(cfg.resume).parent if Path(cfg.resume).is_file() else Path(cfg.resume))
+    from .workflows import train  # the heavy imports (torch, timm, torchvision) start here
     if cfg.nproc > 1 and "WORLD_SIZE" not in os.environ:
         return _relaunch_with_torchrun(cfg.nproc, ns)
     result = train(cfg, out=ns.out, overwrite=ns.overwrite)
@@ -153,7 +148,7 @@ def _relaunch_with_torchrun(nproc: int, ns: argparse.Namespace) -> int:
 
 
 def cmd_eval(ns: argparse.Namespace) -> int:
-    from .engine import evaluate
+    from .workflows import evaluate
 
     print(json.dumps(evaluate(ns.checkpoint, ns.args)))
     return 0

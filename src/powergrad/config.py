@@ -20,13 +20,14 @@ from importlib import resources
 from pathlib import Path
 from typing import Any, Union
 
-import yaml
+from .errors import UserError, extra
 
-from .errors import UserError
+with extra("train"):
+    import yaml
 
 __all__ = [
     "Config", "MonitorConfig", "FieldInfo", "GROUPS", "load_config", "list_recipes", "config_hash",
-    "field_info", "field_groups", "result_keys", "machinery_keys", "probe_feature_keys",
+    "field_info", "field_groups", "result_keys", "machinery_keys", "probe_feature_keys", "resume_differences",
 ]
 
 
@@ -159,6 +160,8 @@ class Config:
     # checkpoints
     resume: str | None = _key(None, help="continue a run: auto (the run in --out), a run folder or a checkpoint",
                              group="checkpoints", affects_result=False)
+    init_from: str | None = _key(None, help="start a NEW run from another run's checkpoint (weights only; "
+                                 "the parent is recorded in summary.json)", group="checkpoints")
     save_every: int = _key(1, help="save last.pt (and best.pt) every N epochs", group="checkpoints",
                           affects_result=False, bound=">0")
     # Bounds what a kill loses on long epochs (ImageNet: 5,005 steps an epoch at batch 256).
@@ -248,6 +251,22 @@ def result_keys() -> tuple[str, ...]:
 def machinery_keys() -> tuple[str, ...]:
     """Top-level keys that do not change what is learned (where, how fast, how often to save)."""
     return tuple(i.name for i in field_info(nested=False) if not i.affects_result)
+
+
+def resume_differences(saved: dict[str, Any], now: dict[str, Any]) -> list[str]:
+    """``key: checkpoint A, this command B`` for each key that changes the result and differs
+    between a checkpoint's config and the config a resume asks for. ``epochs`` may differ (a
+    larger value extends the run; resume.py checks the rest). A key the checkpoint predates
+    counts as its default."""
+    defaults = {i.name: i.default for i in field_info(nested=False)}
+    out = []
+    for k in result_keys():
+        if k == "epochs":
+            continue
+        a, b = saved.get(k, defaults[k]), now.get(k, defaults[k])
+        if a != b:
+            out.append(f"{k}: checkpoint {a!r}, this command {b!r}")
+    return out
 
 
 def probe_feature_keys() -> tuple[str, ...]:

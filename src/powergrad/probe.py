@@ -49,7 +49,7 @@ class _NoTransform:
 def train_probe(cfg: Config, out: str | Path | None = None, *, overwrite: bool = False, **loop_options: Any):
     """Train a linear probe on ``cfg.model``'s frozen features at ``cfg.probe_layer``.
 
-    ``loop_options`` go to :func:`run_training` as they do from :func:`powergrad.engine.train`."""
+    ``loop_options`` go to :func:`run_training` as they do from :func:`powergrad.workflows.train`."""
     from .data.memory import MemoryEvalLoader, MemoryTrainLoader
     from .engine.distributed import cleanup, init_distributed
     from .engine.loop import run_training
@@ -74,8 +74,10 @@ def train_probe(cfg: Config, out: str | Path | None = None, *, overwrite: bool =
         extra = {"probe": {"layer": cfg.probe_layer, "features": int(feats["train_x"].shape[1]),
                            "train_examples": int(len(feats["train_y"])),
                            "standardized": cfg.probe_standardize}}
-        return run_training(head, train, test, cfg, dist, out=out, overwrite=overwrite,
-                            val_loader=val, extra_summary=extra, **loop_options)
+        # The head's input is standardised features, not activations: no dead-feature watch.
+        return run_training(head, train, test, cfg, dist, out=out, overwrite=overwrite, val_loader=val,
+                            extra_summary=extra, watch_features=False,
+                            class_names=list(loaders.info.class_names), **loop_options)
     finally:
         cleanup(dist)
 
@@ -83,7 +85,8 @@ def train_probe(cfg: Config, out: str | Path | None = None, *, overwrite: bool =
 def evaluate_probe(cfg: Config, state: dict[str, Any], checkpoint: str | Path) -> dict[str, float]:
     """Evaluate a probe checkpoint on images: the recipe's backbone plus the saved head."""
     from .engine.distributed import DistInfo, pick_device
-    from .engine.loop import _load_model_state, evaluate_loader
+    from .engine.loop import evaluate_loader
+    from .engine.state import load_model_state
 
     device = pick_device(cfg.device)
     try:
@@ -91,7 +94,7 @@ def evaluate_probe(cfg: Config, state: dict[str, Any], checkpoint: str | Path) -
     except UserError as e:
         raise UserError(f"{e} (a probe checkpoint holds only the head; its backbone comes from "
                         "the recipe's pretrained / weights)") from None
-    _load_model_state(probe.head_module(), state["model"], checkpoint)
+    load_model_state(probe.head_module(), state["model"], checkpoint)
     return evaluate_loader(probe, loaders.test, cfg, DistInfo(device=device))
 
 
@@ -111,16 +114,21 @@ def standardisation(x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
 def _build(cfg: Config, device: torch.device):
     """The Probe and the loaders, seeded as train() seeds them (a random backbone comes out the same)."""
     from .data import create_loaders
-    from .engine.loop import _seed_everything
+    from .engine.state import seed_everything
     from .models import Probe, create_model
 
-    _seed_everything(cfg.seed)
+    seed_everything(cfg.seed)
     loaders = create_loaders(dataclasses.replace(cfg, augment="none"), device)
-    _seed_everything(cfg.seed)
+    seed_everything(cfg.seed)
     info = loaders.info
-    probe = create_model(cfg, info.num_classes, info.in_chans, info.img_size)
-    if not isinstance(probe, Probe):
-        raise AssertionError("create_model with probe_layer must return a Probe")
+    # The backbone as any run builds it (weights, pretrained); the Probe freezes it.
+    backbone = create_model(dataclasses.replace(cfg, probe_layer=None, freeze="none"),
+                            info.num_classes, info.in_chans, info.img_size)
+    if not (cfg.weights or cfg.pretrained):
+        log.warning("probe_layer with neither pretrained nor weights: probing a random network")
+    probe = Probe(backbone, cfg.probe_layer, info.num_classes, info.in_chans, info.img_size, cfg.probe_pool)
+    log.info("linear probe on %s at layer %s: %d features -> %d classes (backbone frozen)",
+             cfg.model, cfg.probe_layer, probe.fc.in_features, info.num_classes)
     return probe.to(device).eval(), loaders
 
 

@@ -24,9 +24,11 @@ from contextlib import contextmanager
 from pathlib import Path
 from typing import Any
 
-from .errors import UserError
+from .errors import UserError, extra
 
-__all__ = ["RunDir", "METRIC_COLUMNS", "read_metrics", "read_summary", "environment"]
+__all__ = [
+    "RunDir", "METRIC_COLUMNS", "read_metrics", "read_summary", "environment", "holds_run", "refuse_run_dir",
+]
 
 METRIC_COLUMNS = [
     "epoch", "lr", "train_loss", "train_acc", "test_loss", "test_acc", "test_top5", "gap",
@@ -58,12 +60,21 @@ def new_run_name(cfg_model: str, cfg_dataset: str, alpha: float) -> str:
     return f"{stamp}-{cfg_dataset}-{cfg_model.replace('/', '_')}-a{alpha:g}"
 
 
-# What makes a folder a run's: any of these (a stray notes.txt does not).
+# Files whose presence makes a folder a run's record (a run killed before its first save has
+# config.yaml; a finished one all of them).
 RUN_FILES = ("config.yaml", "metrics.csv", "summary.json", "last.pt", "best.pt", "preempt.pt")
 
 
-def holds_run(folder: Path) -> bool:
-    return any((folder / n).exists() for n in RUN_FILES) or any(folder.glob("epoch*.pt"))
+def holds_run(path: str | Path) -> bool:
+    """True if ``path`` is a folder holding a powergrad run's record."""
+    path = Path(path)
+    return path.is_dir() and (any((path / n).exists() for n in RUN_FILES) or any(path.glob("epoch*.pt")))
+
+
+def refuse_run_dir(path: str | Path, what: str) -> None:
+    """No command writes into a run's folder unless it is resuming that run."""
+    if holds_run(path):
+        raise UserError(f"{path} holds a training run; {what} writes elsewhere: choose another --out")
 
 
 class _LogSink:
@@ -149,7 +160,6 @@ class RunDir:
             )
         try:
             self.path.mkdir(parents=True, exist_ok=True)
-            (self.path / "plots").mkdir(exist_ok=True)
             probe = self.path / ".write-test"
             probe.write_text("")
             probe.unlink()
@@ -161,8 +171,6 @@ class RunDir:
         # A process killed while saving leaves its temporary file; the save itself never landed.
         for name in ("config.yaml.tmp", "metrics.csv.tmp", "summary.json.tmp"):
             (self.path / name).unlink(missing_ok=True)
-        for p in self.path.glob(".*.pt.*.tmp"):
-            p.unlink(missing_ok=True)
         self._tb = None
         self._step_mark: tuple[int, float] | None = None  # (step, time) of the last step record
         self._log = None  # the teed output of a run started from Python (the CLI tees its own)
@@ -206,7 +214,8 @@ class RunDir:
 
     def _writer(self):
         if self._tb is None:
-            from torch.utils.tensorboard import SummaryWriter
+            with extra("train"):
+                from torch.utils.tensorboard import SummaryWriter
 
             self._tb = SummaryWriter(log_dir=str(self.path / "events"))
         return self._tb

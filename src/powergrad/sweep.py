@@ -3,20 +3,26 @@
     run_sweep("digits", {"alpha": ["1", "0.5", "0.25"]}, "sweeps/digits", seeds=2)
 
 - The grid is an Optuna ``GridSampler`` search space (plus ``seed``). Every grid point still to
-  do is enqueued as a trial with fixed parameters, and workers claim queued trials one at a
-  time (the storage's WAITING -> RUNNING switch is a single locked update), so two workers never
-  run one point: GridSampler alone may hand one point to two concurrent workers (its
-  documented caveat).
+  do is enqueued as a trial with fixed parameters (``Study.enqueue_trial``), and workers claim
+  queued trials one at a time: the storage's WAITING -> RUNNING switch
+  (``set_trial_state_values``) is a single locked update, so two workers never run one point.
+  GridSampler alone may hand one point to two concurrent workers (its documented caveat), and
+  ``Study.ask`` makes a new trial when the queue is empty; hence this small loop over Optuna's
+  public storage API, which is what ``ask`` does with a queued trial.
 - The study lives in ``sqlite:///OUT/study.db`` unless ``storage`` names a database URL (e.g.
-  ``postgresql://...``), which lets workers on several machines share one sweep.
+  ``postgresql://...``, ``pip install 'powergrad[postgres]'``), which lets workers on several
+  machines share one sweep (docs/distributed.md).
 - Re-running the same command continues: points with a COMPLETE or PRUNED trial are done; a
-  trial left RUNNING by a worker that died (its pid gone on this host, or no Optuna heartbeat
-  for ``GRACE_S`` from another host) is failed and its point enqueued again; the new trial
-  resumes its run directory from the last checkpoint (``resume=auto``).
+  trial left RUNNING by a worker that died (its pid gone on this host, or no heartbeat for
+  ``GRACE_S`` from another host) is failed and its point enqueued again; the new trial resumes
+  its run directory from the last checkpoint (``resume=auto``) when this worker's ``--out``
+  holds it.
 - A trial that raises (a UserError, a DivergenceError, anything) is recorded FAIL with the
   error in its ``error`` user attribute; the other trials go on.
 - ``prune=True``: Optuna's PercentilePruner stops a trial whose per-epoch accuracy (val when
   ``val_fraction > 0``, else test) is in the bottom quarter of earlier trials at that epoch.
+- The summary is read back from the storage: the points this command's workers ran, and the
+  others as the storage has them (done, or still running, by which worker).
 """
 
 from __future__ import annotations
@@ -32,15 +38,20 @@ import time
 import traceback
 import typing
 import warnings
+from collections.abc import Iterator
+from contextlib import contextmanager
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any
 
-import optuna
-from optuna.trial import TrialState
+from .errors import MissingExtraError, UserError, extra
 
-from .config import Config, load_config
-from .errors import UserError
+with extra("sweep"):
+    import optuna
+    import sqlalchemy
+    from optuna.trial import FrozenTrial, TrialState
+
+    from .config import Config, load_config
 
 __all__ = ["run_sweep", "parse_grid", "SweepResult", "run_name"]
 
@@ -57,12 +68,20 @@ DONE = (TrialState.COMPLETE, TrialState.PRUNED)
 
 @dataclass
 class SweepResult:
-    """What a sweep did: one row per grid point (its latest trial), and the epoch budget."""
+    """What a sweep did: one row per grid point (its latest trial), and the epoch budget.
+
+    Each row says which worker ran the point (``host:pid``) and whether it was one of this
+    command's (``here``); points other workers still run are ``RUNNING`` with their epochs so far.
+    """
 
     out: Path
-    storage: str
+    storage: str  # the URL without its password
     trials: list[dict[str, Any]] = field(default_factory=list)
-    epochs_run: int = 0  # epochs trained by the points' latest trials (pruned ones stop early)
+    epochs_run: int = 0  # epochs trained by the points' latest done trials (all workers)
+    epochs_here: int = 0  # of which in trials this command's workers finished
+    epochs_pruned: int = 0  # epochs that pruned trials did not need
+    epochs_running: int = 0  # epochs done so far by trials other workers still run
+    running_elsewhere: int = 0  # how many such trials
     epochs_full: int = 0  # points x epochs: what the grid costs without pruning
 
     def to_dict(self) -> dict[str, Any]:
@@ -122,14 +141,47 @@ def _key(params: dict[str, Any]) -> str:
 # ----------------------------------------------------------------------------- storage and study
 
 
+@dataclass
+class Queue:
+    """The study, and the storage it lives in: Optuna's public storage API reaches a trial by
+    its id (``get_trial_id_from_study_id_trial_number``), which the study does not expose."""
+
+    study: optuna.Study
+    storage: optuna.storages.RDBStorage
+    study_id: int
+
+    def trial_id(self, number: int) -> int:
+        return self.storage.get_trial_id_from_study_id_trial_number(self.study_id, number)
+
+
+def shown_url(url: str) -> str:
+    """The storage URL as printed and saved: without its password."""
+    try:
+        return sqlalchemy.engine.make_url(url).render_as_string(hide_password=True)
+    except sqlalchemy.exc.ArgumentError:
+        return url
+
+
+def _driver_url(url: str) -> str:
+    """``postgresql://`` means psycopg 3, the driver of the ``postgres`` extra, whatever
+    SQLAlchemy's default for the bare scheme (psycopg2 before 2.1)."""
+    return "postgresql+psycopg://" + url[len("postgresql://"):] if url.startswith("postgresql://") else url
+
+
 def _storage(url: str) -> optuna.storages.RDBStorage:
     engine_kwargs = {"connect_args": {"timeout": 120}} if url.startswith("sqlite") else {}
     try:
         return optuna.storages.RDBStorage(
-            url, heartbeat_interval=HEARTBEAT_S, grace_period=GRACE_S, engine_kwargs=engine_kwargs,
+            _driver_url(url), heartbeat_interval=HEARTBEAT_S, grace_period=GRACE_S,
+            engine_kwargs=engine_kwargs,
         )
-    except Exception as e:  # bad URL, missing driver, unreachable server
-        raise UserError(f"cannot open sweep storage {url}: {str(e).splitlines()[0][:200]}") from None
+    except ImportError as e:  # SQLAlchemy has no driver for the URL's database
+        missing = getattr(e.__cause__, "name", None) or "its database driver"
+        if url.startswith("postgresql"):
+            raise MissingExtraError(missing, "postgres") from None
+        raise UserError(f"cannot open sweep storage {shown_url(url)}: no module named {missing!r}") from None
+    except Exception as e:  # bad URL, unreachable server
+        raise UserError(f"cannot open sweep storage {shown_url(url)}: {str(e).splitlines()[0][:200]}") from None
 
 
 class _GridQueueSampler(optuna.samplers.GridSampler):
@@ -141,13 +193,15 @@ class _GridQueueSampler(optuna.samplers.GridSampler):
         return None
 
 
-def _open_study(url: str, space: dict[str, list], pruner: optuna.pruners.BasePruner | None) -> optuna.Study:
+def _open_queue(url: str, space: dict[str, list], pruner: optuna.pruners.BasePruner | None) -> Queue:
     optuna.logging.set_verbosity(optuna.logging.WARNING)
-    return optuna.create_study(
-        study_name=STUDY_NAME, storage=_storage(url), load_if_exists=True, direction="maximize",
+    storage = _storage(url)
+    study = optuna.create_study(
+        study_name=STUDY_NAME, storage=storage, load_if_exists=True, direction="maximize",
         sampler=_GridQueueSampler(space, seed=0),
         pruner=pruner or optuna.pruners.NopPruner(),
     )
+    return Queue(study, storage, storage.get_study_id_from_name(STUDY_NAME))
 
 
 def _pruner(prune: bool, epochs: int) -> optuna.pruners.BasePruner | None:
@@ -167,22 +221,30 @@ def _pid_alive(pid: int) -> bool:
     return True
 
 
-def _fail_dead_trials(study: optuna.Study) -> None:
+def _worker_gone(t: FrozenTrial) -> bool:
+    """The trial's worker ran on this host and its process has ended."""
+    return t.user_attrs.get("host") == socket.gethostname() and not _pid_alive(int(t.user_attrs.get("pid", -1)))
+
+
+def _fail_dead_trials(q: Queue) -> None:
     """RUNNING trials whose worker is gone: FAIL them, so their points are enqueued again."""
-    host = socket.gethostname()
-    for t in study.get_trials(deepcopy=False, states=(TrialState.RUNNING,)):
-        if t.user_attrs.get("host") == host and not _pid_alive(int(t.user_attrs.get("pid", -1))):
-            study._storage.set_trial_user_attr(
-                t._trial_id, "error", f"interrupted: worker pid {t.user_attrs.get('pid')} ended"
+    for t in q.study.get_trials(deepcopy=False, states=(TrialState.RUNNING,)):
+        if _worker_gone(t):
+            q.storage.set_trial_user_attr(
+                q.trial_id(t.number), "error", f"interrupted: worker pid {t.user_attrs.get('pid')} ended"
             )
-            study._storage.set_trial_state_values(t._trial_id, TrialState.FAIL)
-    optuna.storages.fail_stale_trials(study)  # other hosts: no heartbeat for GRACE_S
+            q.study.tell(t.number, state=TrialState.FAIL, skip_if_finished=True)
+    optuna.storages.fail_stale_trials(q.study)  # other hosts: no heartbeat for GRACE_S
+
+
+def _point(t: FrozenTrial) -> str:
+    return _key(t.params or t.system_attrs.get("fixed_params", {}))
 
 
 def _enqueue_missing(study: optuna.Study, points: list[dict[str, Any]]) -> int:
     """Enqueue the points with no trial done, running or waiting; return how many."""
     live = (*DONE, TrialState.RUNNING, TrialState.WAITING)
-    have = {_key(t.params or t.system_attrs.get("fixed_params", {})) for t in study.get_trials(deepcopy=False, states=live)}
+    have = {_point(t) for t in study.get_trials(deepcopy=False, states=live)}
     n = 0
     for p in points:
         if _key(p) not in have:
@@ -191,46 +253,49 @@ def _enqueue_missing(study: optuna.Study, points: list[dict[str, Any]]) -> int:
     return n
 
 
-def _claim(study: optuna.Study) -> optuna.Trial | None:
+def _claim(q: Queue) -> tuple[optuna.Trial, int] | None:
     """Take one WAITING trial for this worker (WAITING -> RUNNING is one locked update)."""
     for _ in range(20):
-        waiting = study.get_trials(deepcopy=False, states=(TrialState.WAITING,))
+        waiting = q.study.get_trials(deepcopy=False, states=(TrialState.WAITING,))
         if not waiting:
             return None
         for t in waiting:
             try:
-                if study._storage.set_trial_state_values(t._trial_id, TrialState.RUNNING):
-                    return optuna.Trial(study, t._trial_id)
+                trial_id = q.trial_id(t.number)
+                if q.storage.set_trial_state_values(trial_id, TrialState.RUNNING):
+                    return optuna.Trial(q.study, trial_id), trial_id
+            except optuna.exceptions.UpdateFinishedTrialError:
+                continue  # another worker took it and finished it meanwhile
             except (optuna.exceptions.StorageInternalError, RuntimeError):
                 time.sleep(0.2)  # SQLite busy: another worker is writing; look again
     return None
 
 
-class _Heartbeat:
-    """Records the trial as alive every HEARTBEAT_S seconds, in a thread, while it runs."""
+@contextmanager
+def _heartbeat(storage: optuna.storages.RDBStorage, trial_id: int) -> Iterator[None]:
+    """Records the trial as alive every HEARTBEAT_S seconds, in a thread, while it runs
+    (``Study.optimize`` would; a queue of our own records it itself)."""
+    stop = threading.Event()
 
-    def __init__(self, study: optuna.Study, trial_id: int) -> None:
-        self._stop = threading.Event()
-        self._study, self._id = study, trial_id
-        study._storage.record_heartbeat(trial_id)
-        self._thread = threading.Thread(target=self._beat, daemon=True)
-        self._thread.start()
-
-    def _beat(self) -> None:
-        while not self._stop.wait(HEARTBEAT_S):
+    def beat() -> None:
+        while not stop.wait(HEARTBEAT_S):
             try:
-                self._study._storage.record_heartbeat(self._id)
+                storage.record_heartbeat(trial_id)
             except Exception:  # a missed beat is harmless; GRACE_S is 10 beats
                 pass
 
-    def stop(self) -> None:
-        self._stop.set()
+    storage.record_heartbeat(trial_id)
+    threading.Thread(target=beat, daemon=True).start()
+    try:
+        yield
+    finally:
+        stop.set()
 
 
 # ----------------------------------------------------------------------------- one trial
 
 
-def _run_trial(study: optuna.Study, trial: optuna.Trial, spec: dict[str, Any]) -> str:
+def _run_trial(q: Queue, trial: optuna.Trial, trial_id: int, spec: dict[str, Any]) -> str:
     from .engine import train
     from .errors import DivergenceError
 
@@ -238,7 +303,6 @@ def _run_trial(study: optuna.Study, trial: optuna.Trial, spec: dict[str, Any]) -
     run_dir = Path(spec["out"]) / run_name(params)
     for k, v in (("run_dir", str(run_dir)), ("host", socket.gethostname()), ("pid", os.getpid())):
         trial.set_user_attr(k, v)
-    beat = _Heartbeat(study, trial._trial_id)
 
     def on_epoch(row: dict[str, Any]) -> bool:
         value = row["val_acc"] if row.get("val_acc") is not None else row["test_acc"]
@@ -246,29 +310,28 @@ def _run_trial(study: optuna.Study, trial: optuna.Trial, spec: dict[str, Any]) -
         return spec["prune"] and trial.should_prune()
 
     try:
-        cfg = load_config(spec["recipe"], {**spec["fixed"], **params, "resume": "auto"})
-        result = train(cfg, out=run_dir, on_epoch=on_epoch)
+        with _heartbeat(q.storage, trial_id):
+            cfg = load_config(spec["recipe"], {**spec["fixed"], **params, "resume": "auto"})
+            result = train(cfg, out=run_dir, on_epoch=on_epoch)
     except Exception as e:  # UserError, DivergenceError or a bug: the others go on
         lines = [ln for ln in str(e).splitlines() if ln.strip()] or [""]
         trial.set_user_attr("error", f"{type(e).__name__}: {lines[0][:300]}")
         if not isinstance(e, (UserError, DivergenceError)):
             log.debug("trial %d:\n%s", trial.number, traceback.format_exc())
-        study.tell(trial, state=TrialState.FAIL)
+        q.study.tell(trial, state=TrialState.FAIL)
         log.warning("sweep: %s failed: %s", run_name(params), trial.user_attrs.get("error", e))
         return "fail"
-    finally:
-        beat.stop()
     trial.set_user_attr("epochs_done", len(result.history))
     if result.status == "stopped":
-        study.tell(trial, state=TrialState.PRUNED)
+        q.study.tell(trial, state=TrialState.PRUNED)
         return "pruned"
     if result.status != "finished":  # pre-empted (SIGTERM): the next run of the sweep resumes it
         trial.set_user_attr("error", f"{result.status}: resume by re-running the sweep")
-        study.tell(trial, state=TrialState.FAIL)
+        q.study.tell(trial, state=TrialState.FAIL)
         return "preempted"
     final = result.final
     value = final["val_acc"] if final.get("val_acc") is not None else final["test_acc"]
-    study.tell(trial, float(value))
+    q.study.tell(trial, float(value))
     return "complete"
 
 
@@ -278,24 +341,23 @@ def _worker(spec: dict[str, Any], threads: int | None = None) -> None:
         import torch
 
         torch.set_num_threads(threads)
-    study = _open_study(spec["storage"], spec["grid_space"], _pruner(spec["prune"], spec["epochs"]))
-    while (trial := _claim(study)) is not None:
-        if _is_duplicate(study, trial):
+    q = _open_queue(spec["storage"], spec["grid_space"], _pruner(spec["prune"], spec["epochs"]))
+    while (claimed := _claim(q)) is not None:
+        trial, trial_id = claimed
+        if _is_duplicate(q, trial, trial_id):
             continue
-        if _run_trial(study, trial, spec) == "preempted":
+        if _run_trial(q, trial, trial_id, spec) == "preempted":
             break
 
 
-def _is_duplicate(study: optuna.Study, trial: optuna.Trial) -> bool:
+def _is_duplicate(q: Queue, trial: optuna.Trial, trial_id: int) -> bool:
     """Workers started at the same moment on two machines may both enqueue a point: the later
     trial of a point that is done or running gives way (FAIL, 'duplicate of trial N')."""
-    mine = study._storage.get_trial(trial._trial_id)
-    key = _key(mine.system_attrs.get("fixed_params", {}))
-    for t in study.get_trials(deepcopy=False, states=(*DONE, TrialState.RUNNING)):
-        same = _key(t.params or t.system_attrs.get("fixed_params", {})) == key
-        if same and t.number != mine.number and (t.state in DONE or t.number < mine.number):
+    key = _point(q.storage.get_trial(trial_id))
+    for t in q.study.get_trials(deepcopy=False, states=(*DONE, TrialState.RUNNING)):
+        if _point(t) == key and t.number != trial.number and (t.state in DONE or t.number < trial.number):
             trial.set_user_attr("error", f"duplicate of trial {t.number}")
-            study.tell(trial, state=TrialState.FAIL)
+            q.study.tell(trial, state=TrialState.FAIL)
             return True
     return False
 
@@ -332,22 +394,24 @@ def run_sweep(
     points = [dict(zip(space, combo)) for combo in itertools.product(*space.values())]
     for p in points:  # every point must be a valid recipe before anything runs
         load_config(recipe, {**fixed, **p})
-    try:
-        out.mkdir(parents=True, exist_ok=True)
-    except OSError as e:
-        raise UserError(f"cannot create sweep folder {out}: {e.strerror or e}") from None
     url = storage or f"sqlite:///{out.resolve() / 'study.db'}"
+    if storage is None:
+        _make_folder(out)  # holds the SQLite file
+    q = _open_queue(url, space, _pruner(prune, base.epochs))  # a bad URL or driver: nothing made
+    _make_folder(out)
     spec = {
         "recipe": recipe, "fixed": fixed, "space": space, "grid_space": space, "out": str(out),
         "storage": url, "prune": prune, "epochs": base.epochs,
     }
-    study = _open_study(url, space, _pruner(prune, base.epochs))
-    _check_same_sweep(study, recipe, space, fixed)
-    _fail_dead_trials(study)
-    _enqueue_missing(study, points)
-    todo = len(study.get_trials(deepcopy=False, states=(TrialState.WAITING,)))
-    log.info("sweep %s: %d points, %d to run, %d worker(s), storage %s", out, len(points), todo, workers, url)
+    _check_same_sweep(q.study, recipe, space, fixed)
+    _fail_dead_trials(q)
+    _enqueue_missing(q.study, points)
+    todo = len(q.study.get_trials(deepcopy=False, states=(TrialState.WAITING,)))
+    log.info("sweep %s: %d points, %d to run, %d worker(s), storage %s",
+             out, len(points), todo, workers, shown_url(url))
+    host = socket.gethostname()
     if workers == 1:
+        mine = {(host, os.getpid())}
         _worker(spec)
     else:
         threads = max(1, (os.cpu_count() or 1) // workers)
@@ -355,11 +419,19 @@ def run_sweep(
         procs = [ctx.Process(target=_worker, args=(spec, threads)) for _ in range(workers)]
         for p in procs:
             p.start()
+        mine = {(host, p.pid) for p in procs}
         for p in procs:
             p.join()
-    result = summarize(study, points, base.epochs, out, url)
+    result = summarize(q.study, points, base.epochs, out, url, mine)
     (out / "sweep.json").write_text(json.dumps(result.to_dict(), indent=2, default=str))
     return result
+
+
+def _make_folder(out: Path) -> None:
+    try:
+        out.mkdir(parents=True, exist_ok=True)
+    except OSError as e:
+        raise UserError(f"cannot create sweep folder {out}: {e.strerror or e}") from None
 
 
 def _check_same_sweep(study: optuna.Study, recipe: str | None, space: dict, fixed: dict) -> None:
@@ -374,39 +446,70 @@ def _check_same_sweep(study: optuna.Study, recipe: str | None, space: dict, fixe
         )
 
 
-def summarize(study: optuna.Study, points: list[dict[str, Any]], epochs: int, out: Path, url: str) -> SweepResult:
-    """One row per point from its latest trial: state, value, epochs done, run dir, error."""
-    latest: dict[str, optuna.trial.FrozenTrial] = {}
+def summarize(
+    study: optuna.Study, points: list[dict[str, Any]], epochs: int, out: Path, url: str,
+    mine: set[tuple[str, int | None]] | None = None,
+) -> SweepResult:
+    """One row per point from its latest trial, as the storage has it: state, value, epochs
+    done, worker (``host:pid``; ``here`` if in ``mine``), run dir, error."""
+    mine = mine or set()
+    latest: dict[str, FrozenTrial] = {}
     for t in study.get_trials(deepcopy=False):
-        k = _key(t.params or t.system_attrs.get("fixed_params", {}))
+        k = _point(t)
         if k not in latest or _rank(t) >= _rank(latest[k]):
             latest[k] = t
-    result = SweepResult(out=out, storage=url, epochs_full=len(points) * epochs)
+    result = SweepResult(out=out, storage=shown_url(url), epochs_full=len(points) * epochs)
     for p in points:
-        t = latest.get(_key(p))
-        row = {"point": run_name(p), "state": t.state.name if t else "MISSING",
-               "value": t.value if t else None, "trial": t.number if t else None,
-               "epochs_done": t.user_attrs.get("epochs_done") if t else None,
-               "run_dir": t.user_attrs.get("run_dir") if t else None,
-               "error": t.user_attrs.get("error") if t else None}
+        row = _row(latest.get(_key(p)), mine)
+        row["point"] = run_name(p)
         result.trials.append(row)
-        result.epochs_run += int(row["epochs_done"] or 0) if row["state"] in ("COMPLETE", "PRUNED") else 0
+        done = int(row["epochs_done"] or 0)
+        if row["state"] in ("COMPLETE", "PRUNED"):
+            result.epochs_run += done
+            result.epochs_here += done if row["here"] else 0
+        if row["state"] == "PRUNED":
+            result.epochs_pruned += epochs - done
+        if row["state"] == "RUNNING" and not row["here"]:
+            result.running_elsewhere += 1
+            result.epochs_running += done
     return result
 
 
-def _rank(t: optuna.trial.FrozenTrial) -> tuple[int, int]:
+def _row(t: FrozenTrial | None, mine: set[tuple[str, int | None]]) -> dict[str, Any]:
+    if t is None:
+        return {"state": "MISSING", "value": None, "trial": None, "epochs_done": None, "worker": None,
+                "here": False, "run_dir": None, "error": None}
+    host, pid = t.user_attrs.get("host"), t.user_attrs.get("pid")
+    # A finished trial records its epochs; a running one has reported this many so far.
+    done = t.user_attrs.get("epochs_done", len(t.intermediate_values) if t.state == TrialState.RUNNING else None)
+    error = t.user_attrs.get("error")
+    if t.state == TrialState.RUNNING and _worker_gone(t):
+        error = "its worker has ended: re-run the sweep to resume it"
+    return {"state": t.state.name, "value": t.value, "trial": t.number, "epochs_done": done,
+            "worker": f"{host}:{pid}" if host else None, "here": (host, pid) in mine,
+            "run_dir": t.user_attrs.get("run_dir"), "error": error}
+
+
+def _rank(t: FrozenTrial) -> tuple[bool, int]:
     return (t.state in DONE, t.number)
 
 
 def format_result(result: SweepResult) -> str:
-    """A short text table of the points and the epoch saving."""
-    lines = [f"{'point':<40} {'state':<9} {'value':>8} {'epochs':>6}  error"]
+    """A short text table of the points, who ran them, and where the grid's epochs went."""
+    lines = [f"{'point':<40} {'state':<9} {'value':>8} {'epochs':>6}  {'worker':<20} error"]
     for r in result.trials:
         value = f"{r['value']:.4f}" if r["value"] is not None else "-"
-        lines.append(f"{r['point']:<40} {r['state']:<9} {value:>8} {r['epochs_done'] or '-':>6}  {r['error'] or ''}")
-    saved = result.epochs_full - result.epochs_run
+        worker = "here" if r["here"] else r["worker"] or "-"
+        lines.append(f"{r['point']:<40} {r['state']:<9} {value:>8} {r['epochs_done'] or '-':>6}  "
+                     f"{worker:<20} {r['error'] or ''}")
+    not_run = result.epochs_full - result.epochs_run - result.epochs_pruned
     lines.append(
-        f"epochs trained {result.epochs_run} of the full grid's {result.epochs_full} "
-        f"({saved} saved by pruning / not run); storage {result.storage}"
+        f"epochs trained {result.epochs_run} of the full grid's {result.epochs_full}: "
+        f"{result.epochs_here} in trials this command ran, {result.epochs_run - result.epochs_here} "
+        f"by other or earlier workers; {result.epochs_pruned} saved by pruning; {not_run} not done"
     )
+    if result.running_elsewhere:
+        lines.append(f"still running on other workers: {result.running_elsewhere} trial(s), "
+                     f"{result.epochs_running} epochs so far; `powergrad report` when they end")
+    lines.append(f"storage {result.storage}")
     return "\n".join(lines)

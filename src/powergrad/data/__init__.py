@@ -16,35 +16,37 @@ from typing import Protocol
 import torch
 
 from ..config import Config
-from ..errors import UserError
-from . import sampling
-from .folder import (
-    EvalBatchSampler,
-    FileDataset,
-    Folders,
-    StreamLoader,
-    TrainBatchSampler,
-    build_imagefolder,
-    stream_transform,
-)
-from .memory import (
-    AUGMENTS,
-    Arrays,
-    BatchTransform,
-    MemoryEvalLoader,
-    MemoryTrainLoader,
-    fits_in_memory,
-    resize_uint8,
-)
-from .sources import (
-    build_cifar10,
-    build_cifar100,
-    build_digits,
-    build_fashion_mnist,
-    build_mnist,
-    build_synthetic,
-    build_tiny_imagenet,
-)
+from ..errors import UserError, extra
+
+with extra("train"):  # numpy, torchvision, PIL, scikit-learn
+    from . import sampling
+    from .folder import (
+        EvalBatchSampler,
+        FileDataset,
+        Folders,
+        StreamLoader,
+        TrainBatchSampler,
+        build_imagefolder,
+        stream_transform,
+    )
+    from .memory import (
+        AUGMENTS,
+        Arrays,
+        BatchTransform,
+        MemoryEvalLoader,
+        MemoryTrainLoader,
+        fits_in_memory,
+        resize_uint8,
+    )
+    from .sources import (
+        build_cifar10,
+        build_cifar100,
+        build_digits,
+        build_fashion_mnist,
+        build_mnist,
+        build_synthetic,
+        build_tiny_imagenet,
+    )
 
 __all__ = ["DATASETS", "DataInfo", "Loaders", "TrainLoader", "EvalLoader", "create_loaders", "check_checkpoint_classes"]
 

@@ -19,7 +19,7 @@ import torch
 import torchvision
 
 from ..config import Config
-from ..errors import UserError
+from ..errors import UserError, extra
 from ..preflight import data_dir_required, data_root
 from .folder import IMAGENET_MEAN, IMAGENET_STD, decode_used, list_images
 from .memory import Arrays
@@ -41,8 +41,9 @@ def _download(name: str, root: Path, fetch: Callable[[], object]) -> None:
 
 def build_digits(cfg: Config) -> Arrays:
     """scikit-learn's bundled 8x8 digits; a fixed stratified 80/20 split (random_state=0)."""
-    from sklearn.datasets import load_digits
-    from sklearn.model_selection import train_test_split
+    with extra("train"):
+        from sklearn.datasets import load_digits
+        from sklearn.model_selection import train_test_split
 
     d = load_digits()
     # Values 0..16 become 0..255 so every data set is uint8 with the same /255 scale.

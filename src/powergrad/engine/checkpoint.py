@@ -19,13 +19,14 @@ from typing import Any
 import torch
 
 from ..errors import UserError
+from .state import FORMAT_VERSION
 
-__all__ = ["save_checkpoint", "load_checkpoint", "find_resume_checkpoint", "remove_stale_temporaries"]
+__all__ = ["save_checkpoint", "load_checkpoint", "remove_stale_temporaries", "RESUME_NAMES"]
 
 log = logging.getLogger("powergrad")
 
-FORMAT_VERSION = 1
-# The names resume=auto looks at, besides epoch{N}.pt (keep_checkpoints=true).
+# The checkpoint names of a run folder, besides epoch{N}.pt (keep_checkpoints=true); resume=auto
+# takes best.pt only when named (engine/resume.py).
 RESUME_NAMES = ("last.pt", "preempt.pt", "best.pt")
 
 
@@ -130,31 +131,3 @@ def load_checkpoint(path: str | Path) -> dict[str, Any]:
             f"({FORMAT_VERSION}); upgrade powergrad"
         )
     return state
-
-
-def find_resume_checkpoint(run_dir: str | Path) -> Path | None:
-    """The newest checkpoint in ``run_dir`` that loads (for ``resume=auto``), or None if it has none.
-
-    Newest by modification time among last.pt, preempt.pt, best.pt and epoch{N}.pt: a corrupt
-    last.pt falls back to the next newest good one, with a warning. A folder whose checkpoints
-    all fail to load is a UserError (starting over there would throw the run away).
-    """
-    run_dir = Path(run_dir)
-    candidates = [run_dir / n for n in RESUME_NAMES] + sorted(run_dir.glob("epoch*.pt"))
-    candidates = [p for p in candidates if p.is_file()]
-    candidates.sort(key=lambda p: p.stat().st_mtime_ns, reverse=True)
-    problems = []
-    for p in candidates:
-        try:
-            load_checkpoint(p)
-        except UserError as e:
-            problems.append(str(e))
-            continue
-        for problem in problems:
-            log.warning("skipping %s", problem)
-        if problems:
-            log.warning("resuming from %s, the newest checkpoint that loads", p)
-        return p
-    if problems:
-        raise UserError(f"no loadable checkpoint in {run_dir}: {problems[0]}")
-    return None

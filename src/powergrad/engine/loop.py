@@ -1,12 +1,14 @@
-"""The training loop, top to bottom: set-up, resume, epochs of steps, evaluation, records.
+"""The training loop, read top to bottom as torchvision's reference script.
 
-``train(config)`` builds data and model from a recipe; ``fit(model, train_loader, test_loader)``
-runs the same loop on a user's own model and loaders. Both write a run directory (see
-powergrad.rundir) and return a :class:`RunResult`.
+:func:`run_training` is the table of contents: plan the start (engine/resume.py), build the
+:class:`~powergrad.engine.state.TrainingState`, then for each epoch :func:`train_one_epoch`,
+:func:`evaluate_epoch`, :func:`record_epoch` and the :class:`~powergrad.engine.saver.CheckpointSaver`.
+The public ``train`` / ``fit`` / ``evaluate`` live one level up (powergrad.workflows): they
+build data and a model (or a probe's features and head) and call :func:`run_training`.
 
 Speed notes (see docs/performance.md for the measured effect):
 - per-step metrics are summed on the device and read once per epoch (monitor.stats), so a step
-  makes no host-device sync; the non-finite and pre-emption checks read one flag every
+  makes no host-device sync; the divergence and pre-emption flags are read at a check-in every
   ``SYNC_EVERY`` steps on a GPU (every step on the CPU, where a read is free).
 - the tampering is one fused autograd function (tamper.py), the same cost as cross-entropy.
 """
@@ -15,8 +17,6 @@ from __future__ import annotations
 
 import contextlib
 import logging
-import random
-import signal
 import sys
 import time
 from collections.abc import Callable
@@ -25,169 +25,74 @@ from itertools import islice
 from pathlib import Path
 from typing import Any
 
-import numpy as np
 import torch
 import torch.nn.functional as F
 from timm.utils import dispatch_clip_grad
 from torch import nn
 
-from ..config import Config, config_hash, load_config
+from ..config import Config, config_hash
 from ..errors import DivergenceError, UserError
-from ..monitor import EpochStats, Monitor
+from ..models import get_head, param_groups, set_train_mode
+from ..monitor import Diagnostic, EpochStats, Monitor
 from ..progress import StepProgress, track
-from ..rundir import RunDir, environment, git_commit, new_run_name
+from ..rundir import RunDir, environment, git_commit
 from ..tamper import PowerGradLoss
-from .checkpoint import find_resume_checkpoint, load_checkpoint, save_checkpoint
-from .distributed import (
-    DistInfo,
-    all_reduce_max,
-    all_reduce_sum,
-    check_same_everywhere,
-    cleanup,
-    init_distributed,
-    raise_if_peer_failed,
-)
+from .checkpoint import remove_stale_temporaries
+from .distributed import DistInfo, all_reduce_max, all_reduce_sum, check_same_everywhere
 from .optim import create_optimizer, create_scheduler
+from .preemption import PreemptionFlag
+from .resume import StartPlan, check_progress, parent_record, plan_start
+from .saver import CheckpointSaver
+from .state import TrainingState
+
+__all__ = ["RunResult", "run_training", "train_one_epoch", "evaluate_loader", "StepHook"]
 
 log = logging.getLogger("powergrad")
 
-SYNC_EVERY = 25  # GPU steps between reads of the divergence / pre-emption flags
+SYNC_EVERY = 25  # GPU steps between check-ins (reads of the divergence / pre-emption flags)
+
+# Called after every optimiser step with the state (global_step, lr) and the step's loss, a
+# device tensor: reading it (float(loss)) is a host-device sync, so a hook decides how often.
+StepHook = Callable[[TrainingState, torch.Tensor], None]
 
 
 @dataclass
 class RunResult:
     """What a run returns: its record on disk and the numbers in it."""
 
-    run_dir: Path | None
-    status: str  # finished | preempted
+    run_dir: Path | None  # None where nothing was written (other ranks; a run already complete)
+    status: str  # finished | preempted | stopped
     final: dict[str, Any]
     best: dict[str, Any]
     history: list[dict[str, Any]]
     diagnostics: list[dict[str, Any]] = field(default_factory=list)
-    wall_s: float = 0.0
+    wall_s: float = 0.0  # the whole run's, over every process that worked on it
 
 
-# ----------------------------------------------------------------------------- public API
+@dataclass
+class Trainer:
+    """What the epochs share: the state, the wrapped model, the data, the record and the checks."""
 
+    cfg: Config
+    dist: DistInfo
+    state: TrainingState
+    net: nn.Module  # the model as stepped: DDP-wrapped when distributed
+    forward: Callable  # net, compiled when cfg.compile
+    criterion: PowerGradLoss
+    train_loader: Any
+    test_loader: Any
+    val_loader: Any
+    run: RunDir | None
+    saver: CheckpointSaver
+    filters: Any
+    stopper: PreemptionFlag
+    steps_per_epoch: int
+    step_hooks: list[StepHook] = field(default_factory=list)
+    bad_step: torch.Tensor | None = None  # first non-finite loss's step, -1: none (on the device)
 
-def train(
-    config: Config | dict | str | Path | None = None,
-    out: str | Path | None = None,
-    *,
-    overwrite: bool = False,
-    on_epoch: Callable[[dict[str, Any]], bool] | None = None,
-    **overrides: Any,
-) -> RunResult:
-    """Train the recipe ``config`` (a Config, a dict of keys, a recipe name or YAML path).
-
-    ``on_epoch(row)`` is called after each epoch's record (every process, same row); returning
-    True stops the run there with status ``stopped`` (a sweep's pruner uses it).
-    """
-    cfg = _as_config(config, overrides)
-    if cfg.probe_layer:  # features computed once, then this loop on the head (powergrad.probe)
-        from ..probe import train_probe
-
-        return train_probe(cfg, out, overwrite=overwrite, on_epoch=on_epoch)
-    from ..data import create_loaders
-    from ..models import create_model
-
-    dist = init_distributed(cfg.device)
-    try:
-        _seed_everything(cfg.seed)
-        loaders = create_loaders(cfg, dist.device, dist.rank, dist.world_size)
-        info = loaders.info
-        if dist.is_main:
-            log.info(info.describe(cfg.dataset))
-        _seed_everything(cfg.seed)  # the model's initial weights do not depend on the data code
-        model = create_model(cfg, info.num_classes, info.in_chans, info.img_size)
-        return run_training(
-            model, loaders.train, loaders.test, cfg, dist, out=out, overwrite=overwrite,
-            val_loader=loaders.val, extra_summary={"bad_images": info.bad_images},
-            on_epoch=on_epoch,
-        )
-    except RuntimeError as e:
-        raise_if_peer_failed(e, dist)
-        raise
-    finally:
-        cleanup(dist)
-
-
-def fit(
-    model: nn.Module,
-    train_loader: Any,
-    test_loader: Any,
-    out: str | Path | None = None,
-    *,
-    overwrite: bool = False,
-    **options: Any,
-) -> RunResult:
-    """Train a user's own ``model`` on their loaders with powergrad's loop.
-
-    ``options`` are recipe keys (``alpha=0.25, epochs=10, lr=0.05, ...``). Loaders yield
-    ``(inputs, targets)``; a ``set_epoch(epoch)`` method, if present, is called each epoch.
-    """
-    cfg = _as_config(None, {"model": "custom", "dataset": "custom", **options})
-    dist = init_distributed(cfg.device)
-    try:
-        _seed_everything(cfg.seed)
-        return run_training(model, train_loader, test_loader, cfg, dist, out=out, overwrite=overwrite)
-    except RuntimeError as e:
-        raise_if_peer_failed(e, dist)
-        raise
-    finally:
-        cleanup(dist)
-
-
-@torch.no_grad()
-def evaluate_loader(
-    model: nn.Module, loader: Any, cfg: Config, dist: DistInfo | None = None
-) -> dict[str, float]:
-    """Top-1, top-5 and mean cross-entropy over a loader (summed over all processes)."""
-    dist = dist or DistInfo(device=_model_device(model))
-    device = dist.device
-    model.eval()
-    sums = torch.zeros(4, dtype=torch.float64, device=device)  # loss, top1, top5, n
-    for x, y in track(loader, "evaluating", enabled=dist.is_main):
-        x, y = _to_device(x, y, device, cfg.channels_last)
-        with _autocast(cfg.amp, device):
-            logits = model(x)
-        logits = logits.float()
-        hard = y.argmax(1) if y.is_floating_point() else y
-        k = min(5, logits.shape[1])
-        topk = logits.topk(k, dim=1).indices
-        sums += torch.stack([
-            F.cross_entropy(logits, y, reduction="sum").double(),
-            (topk[:, 0] == hard).sum().double(),
-            (topk == hard.unsqueeze(1)).any(1).sum().double(),
-            torch.tensor(float(len(hard)), dtype=torch.float64, device=device),
-        ])
-    loss, top1, top5, n = all_reduce_sum(sums, dist).tolist()
-    n = max(n, 1.0)
-    return {"loss": loss / n, "top1": top1 / n, "top5": top5 / n, "n": int(n)}
-
-
-def evaluate(checkpoint: str | Path, overrides: list[str] | dict | None = None) -> dict[str, float]:
-    """Evaluate a checkpoint on its recipe's test split: ``{top1, top5, loss, n}``."""
-    from ..data import check_checkpoint_classes, create_loaders
-    from ..models import create_model
-
-    state = _read_checkpoint(checkpoint)
-    raw = dict(state.get("config") or {})
-    raw.pop("resume", None)
-    cfg = load_config(None, {**raw, **_overrides_dict(overrides)})
-    if cfg.probe_layer:  # the checkpoint holds the head; the backbone comes from the recipe
-        from ..probe import evaluate_probe
-
-        return evaluate_probe(cfg, state, checkpoint)
-    cfg.weights, cfg.pretrained = None, False
-    dist = DistInfo(device=init_distributed(cfg.device).device)
-    loaders = create_loaders(cfg, dist.device)
-    info = loaders.info
-    check_checkpoint_classes(state.get("class_names"), info.class_names, checkpoint)
-    model = create_model(cfg, info.num_classes, info.in_chans, info.img_size)
-    _load_model_state(model, state["model"], checkpoint)
-    model.to(dist.device)
-    return evaluate_loader(model, loaders.test, cfg, dist)
+    @property
+    def sync_every(self) -> int:
+        return 1 if self.dist.device.type == "cpu" else SYNC_EVERY
 
 
 # ----------------------------------------------------------------------------- the loop
@@ -205,230 +110,90 @@ def run_training(
     val_loader: Any = None,
     extra_summary: dict[str, Any] | None = None,
     on_epoch: Callable[[dict[str, Any]], bool] | None = None,
+    on_step: StepHook | None = None,
+    watch_features: bool = True,
+    class_names: list[str] | None = None,
 ) -> RunResult:
-    """The loop shared by :func:`train` and :func:`fit`."""
-    wall0 = time.time()
-    device = dist.device
+    """Train ``model``: set up, then for each epoch train, evaluate, record, save.
 
-    # --- where the record goes, and what we resume from
-    resume_path = _resume_path(cfg, out)
-    run_path = Path(out) if out else (resume_path.parent if resume_path else _default_out(cfg))
-    continuing = resume_path is not None or cfg.resume == "auto"  # auto with no checkpoint: start there
-    run = RunDir(run_path, resume=continuing, overwrite=overwrite) if dist.is_main else None
-
-    # --- model, loss, optimiser, schedule, scaler
-    model.to(device)
-    if cfg.channels_last:
-        model.to(memory_format=torch.channels_last)
-    if cfg.sync_bn and dist.enabled:
-        model = nn.SyncBatchNorm.convert_sync_batchnorm(model)
-    criterion = PowerGradLoss(cfg.alpha, cfg.label_smoothing)
-    optimizer = create_optimizer(_param_groups(model, cfg), cfg)
+    ``on_epoch(row)`` is called after each epoch's record; True stops the run (status
+    ``stopped``). ``watch_features`` hooks the head's input for dead_feature_share.
+    """
     steps_per_epoch = len(train_loader)
     if steps_per_epoch == 0:
         raise UserError("the training set gives no batches: batch_size is larger than the data set?")
-    scheduler = create_scheduler(optimizer, cfg, steps_per_epoch)
-    scaler = torch.amp.GradScaler(device.type, enabled=cfg.amp == "fp16")
+    plan = plan_start(cfg, out)  # which checkpoint, which folder: decided before anything is written
+    state = new_state(model, cfg, dist, steps_per_epoch, class_names, val_loader is not None)
+    restore(state, plan, steps_per_epoch)
+    progress = check_progress(plan, cfg)
+    if progress == "complete":
+        return already_complete(state, plan)
+    check_same_everywhere(  # else the processes fall out of step and wait forever
+        {"epoch": state.epoch, "step": state.step_in_epoch, "steps_per_epoch": steps_per_epoch}, dist)
+    run = open_record(plan, cfg, dist, overwrite, state)
+    t = make_trainer(state, cfg, dist, run, train_loader, test_loader, val_loader, steps_per_epoch, watch_features)
+    if on_step is not None:
+        t.step_hooks.append(on_step)
 
-    # --- resume: weights into the raw model, before DDP or compile wrap it
-    start_epoch, skip_steps, global_step, epoch_lr, partial_alive = 0, 0, 0, None, None
-    diagnostics_so_far: list[dict[str, Any]] = []
-    skipped_updates = torch.zeros((), dtype=torch.long, device=device)  # fp16 steps the scaler skipped
-    history: list[dict[str, Any]] = []
-    best: dict[str, Any] = {}
-    partial: dict[str, Any] | None = None
-    if resume_path is not None:
-        state = _read_checkpoint(resume_path)
-        _load_model_state(model, state["model"], resume_path)
-        if state.get("official"):  # timm-style file (engine/official.py): no steps, no history
-            from .official import load_optimizer_where_it_fits
-
-            load_optimizer_where_it_fits(optimizer, state["optimizer"])
-            state["global_step"] = int(state["epoch"]) * steps_per_epoch
-            scheduler.step_update(state["global_step"])
-        else:
-            optimizer.load_state_dict(state["optimizer"])
-        if state.get("scaler"):
-            scaler.load_state_dict(state["scaler"])
-        start_epoch, skip_steps = int(state["epoch"]), int(state.get("step_in_epoch", 0))
-        global_step = int(state["global_step"])
-        history, best = list(state.get("history", [])), dict(state.get("best", {}))
-        partial, epoch_lr = state.get("epoch_stats"), state.get("epoch_lr")
-        partial_alive = state.get("feature_alive") if skip_steps else None
-        diagnostics_so_far = list(state.get("diagnostics", []))
-        skipped_updates += int(state.get("fp16_skipped_updates", 0))
-        _set_rng_state(state.get("rng"))
-        log.info("resumed from %s at epoch %d, step %d", resume_path, start_epoch + 1, skip_steps)
-    where = {"epoch": start_epoch, "step": skip_steps, "steps_per_epoch": steps_per_epoch}
-    check_same_everywhere(where, dist)  # else the processes fall out of step and wait forever
-    if run:  # written only now, so a resume that fails leaves the run's record as it was
-        run.write_config(cfg.to_yaml())
-        if continuing:  # the checkpoint's history is the record up to where it stopped
-            run.rewrite_metrics(history[:start_epoch])
-
-    net = nn.parallel.DistributedDataParallel(model, device_ids=[device.index] if device.type == "cuda" else None) if dist.enabled else model
-    forward = torch.compile(net) if cfg.compile else net
-    monitor = Monitor(cfg.monitor, num_classes=_num_classes(model))
-    monitor.load_diagnostics(diagnostics_so_far)  # a resumed run reports what it found before
-    if not (cfg.compile or cfg.probe_layer):  # hook the head's input: features zero for every image
-        monitor.watch_features(model)
-        if partial_alive is not None:  # the epoch's feature mask so far: exact mid-epoch resume
-            monitor.feature_alive = partial_alive.to(device)
-    filters = _filter_recorder(model, cfg, run, global_step)
-    stopper = _PreemptionFlag()
-    sync_every = 1 if device.type == "cpu" else SYNC_EVERY
-    bad_step = torch.full((), -1, dtype=torch.long, device=device)
     status = "finished"
-    progress: StepProgress | None = None
-
-    def checkpoint_state(epoch: int, step_in_epoch: int, stats: dict | None) -> dict[str, Any]:
-        return {
-            "model": model.state_dict(), "optimizer": optimizer.state_dict(),
-            "scheduler": scheduler.state_dict(), "scaler": scaler.state_dict(),
-            "epoch": epoch, "step_in_epoch": step_in_epoch, "global_step": global_step,
-            "epoch_stats": stats,
-            "history": history, "best": best, "rng": _rng_state(),
-            "config": cfg.to_dict(), "world_size": dist.world_size,
-            "epoch_lr": lr_at_start, "fp16_skipped_updates": int(skipped_updates),
-            "feature_alive": monitor.feature_alive.cpu() if stats is not None and monitor.feature_alive is not None else None,
-            "diagnostics": [d.to_dict() for d in monitor.diagnostics],
-        }
-
     try:
-        for epoch in range(start_epoch, cfg.epochs):
-            # ---------------------------------------------------------------- train one epoch
-            if hasattr(train_loader, "set_epoch"):
-                train_loader.set_epoch(epoch)
-            _set_train_mode(model, cfg)
-            criterion.train()
-            stats = EpochStats(device, cfg.monitor.logit_stats)
-            if partial is not None and skip_steps:
-                stats.load_state_dict(partial)
-                if not dist.is_main:  # the saved sums are over all processes: count them once
-                    stats.zero_()
-            partial = None
-            # Resumed mid-epoch, the optimiser's lr has moved on: the row reports the epoch's first.
-            lr_at_start = epoch_lr if skip_steps and epoch_lr is not None else optimizer.param_groups[0]["lr"]
-            tic = time.perf_counter()
-            progress = StepProgress(epoch + 1, cfg.epochs, steps_per_epoch, cfg.batch_size, first=skip_steps,
-                                    steps_left_after=(cfg.epochs - epoch - 1) * steps_per_epoch,
-                                    enabled=dist.is_main)
-            batches = islice(train_loader, skip_steps, None) if skip_steps else train_loader
-            for step, (x, y) in enumerate(batches, start=skip_steps):
-                x, y = _to_device(x, y, device, cfg.channels_last)
-                scale = _scale(scaler, device) if cfg.amp == "fp16" else None
-                loss, logits = _train_step(forward, criterion, optimizer, scaler, x, y, cfg, net)
-                if scale is not None:  # the scaler lowers its scale exactly when it skips a step
-                    skipped_updates += _scale(scaler, device) < scale
-                if global_step == 0 and step == 0:
-                    monitor.check_outputs(logits, epoch + 1)
-                stats.update(loss, logits, y)
-                bad_step = torch.where(
-                    (bad_step < 0) & ~torch.isfinite(loss.detach()), global_step, bad_step
-                )
-                global_step += 1
-                scheduler.step_update(global_step)
-                progress.step(loss, optimizer.param_groups[0]["lr"])
-                if run is not None:
-                    run.after_step(global_step, loss, optimizer.param_groups[0]["lr"], cfg.batch_size)
-                if filters is not None:
-                    filters.after_step(global_step)
-                mid_save = cfg.checkpoint_every_steps and global_step % cfg.checkpoint_every_steps == 0
-                if mid_save or (step + 1) % sync_every == 0 or step + 1 == steps_per_epoch:
-                    if int(bad_step) >= 0:
-                        raise DivergenceError(_divergence_message(int(bad_step), epoch, cfg))
-                    if stopper.agreed(dist):
-                        sums = _global_epoch_stats(stats, monitor, dist)  # every rank: a collective
-                        if dist.is_main:
-                            save_checkpoint(checkpoint_state(epoch, step + 1, sums), run.path / "last.pt")
-                        status = "preempted"
-                        break
-                    if mid_save and step + 1 < steps_per_epoch:
-                        sums = _global_epoch_stats(stats, monitor, dist)
-                        if dist.is_main:
-                            save_checkpoint(checkpoint_state(epoch, step + 1, sums), run.path / "last.pt")
-            progress.close()  # the bar goes before the epoch's line is printed
-            if status == "preempted":
+        for epoch in range(state.epoch, cfg.epochs):
+            trained = train_one_epoch(t, epoch)
+            if trained is None:
+                status = "preempted"
                 break
-            skip_steps = 0
-            epoch_s = time.perf_counter() - tic
-            train_stats = stats.compute(dist)
-
-            # ---------------------------------------------------------------- evaluate, record
-            criterion.eval()
-            test = evaluate_loader(net, test_loader, cfg, dist)
-            row: dict[str, Any] = {
-                "epoch": epoch + 1, "lr": lr_at_start,
-                "train_loss": train_stats["train_loss"], "train_acc": train_stats["train_acc"],
-                "test_loss": test["loss"], "test_acc": test["top1"], "test_top5": test["top5"],
-                "gap": train_stats["train_acc"] - test["top1"],
-                "epoch_s": epoch_s, "train_img_s": train_stats["n"] / max(epoch_s, 1e-9),
-            }
-            for k in ("logit_norm", "logit_mean", "logit_max", "logit_var"):
-                row[k] = train_stats.get(k)
-            if val_loader is not None:
-                val = evaluate_loader(net, val_loader, cfg, dist)
-                row["val_loss"], row["val_acc"] = val["loss"], val["top1"]
-            history.append(row)
-            _share_feature_mask(monitor, dist)  # every rank: a collective
-            monitor.after_epoch(history, model)
-            if filters is not None:
-                filters.end_epoch(global_step, run.path if run else None)
-            key = "val_acc" if val_loader is not None else "test_acc"
-            is_best = not best or row[key] > best.get(key, -1)
-            if is_best:
-                best = dict(row)
-            if dist.is_main:
-                _print_epoch(row, cfg.epochs)
-                run.append_metrics(row)
-                if (epoch + 1) % cfg.save_every == 0 or epoch + 1 == cfg.epochs:
-                    state = checkpoint_state(epoch + 1, 0, None)
-                    save_checkpoint(state, run.path / "last.pt")
-                    if is_best:
-                        save_checkpoint(state, run.path / "best.pt")
-                    if cfg.keep_checkpoints:
-                        save_checkpoint(state, run.path / f"epoch{epoch + 1}.pt")
-            if stopper.agreed(dist):
-                status = "preempted" if epoch + 1 < cfg.epochs else status
-                break
-            if on_epoch is not None and on_epoch(row) and epoch + 1 < cfg.epochs:
-                status = "stopped"  # the caller asked (a sweep's pruner)
+            row = evaluate_epoch(t, epoch, *trained)
+            is_best = record_epoch(t, row)
+            state.epoch, state.step_in_epoch = epoch + 1, 0
+            t.saver.save_epoch(state, is_best)
+            status = stop_requested(t, row, on_epoch)
+            if status != "finished":
                 break
     except DivergenceError as e:
-        if run:
-            monitor.diagnostics.append(_diag("non_finite", len(history) + 1, str(e)))
-            run.write_summary(_summary(cfg, dist, history, best, monitor, wall0, "diverged", extra_summary))
-            run.close()
+        record_divergence(t, e, extra_summary)
         raise
     finally:
-        if progress is not None:
-            progress.close()
-        stopper.restore()
-        monitor.close()
-        if filters is not None:
-            filters.close()
+        t.stopper.restore()
+        state.monitor.close()
+        if t.filters is not None:
+            t.filters.close()
+    return finish(t, status, extra_summary)
 
-    result = RunResult(
-        run_dir=run.path if run else None, status=status, final=history[-1] if history else {},
-        best=best, history=history, diagnostics=[d.to_dict() for d in monitor.diagnostics],
-        wall_s=time.time() - wall0,
-    )
-    if run:
-        extra = dict(extra_summary or {})
-        if cfg.amp == "fp16":
-            extra["fp16_skipped_updates"] = int(skipped_updates)
-        run.write_summary(_summary(cfg, dist, history, best, monitor, wall0, status, extra))
-        if history:
-            run.hparams(cfg.to_dict(), history[-1], best)
-        run.close()
-        if history:
-            from ..report.plots import plot_curves
 
-            plot_curves(run.path)
-        if status == "preempted":
-            print(f"pre-empted: checkpoint saved to {run.path / 'last.pt'}; continue with "
-                  f"resume={run.path / 'last.pt'}", file=sys.stderr)
-    return result
+def train_one_epoch(t: Trainer, epoch: int) -> tuple[dict[str, float], float, float] | None:
+    """The optimiser steps of one epoch: (train stats, seconds, lr at its start), or None when
+    pre-empted. Resumed mid-epoch, it skips the steps the checkpoint already made."""
+    state, cfg, device = t.state, t.cfg, t.dist.device
+    first = state.step_in_epoch
+    stats = begin_epoch(t, epoch)
+    lr_at_start = state.epoch_lr = state.epoch_lr if first and state.epoch_lr is not None else state.lr
+    tic = time.perf_counter()
+    batches = islice(t.train_loader, first, None) if first else t.train_loader
+    progress = StepProgress(epoch + 1, cfg.epochs, t.steps_per_epoch, cfg.batch_size, first=first,
+                            steps_left_after=(cfg.epochs - epoch - 1) * t.steps_per_epoch, enabled=t.dist.is_main)
+    try:
+        for step, (x, y) in enumerate(batches, start=first):
+            x, y = _to_device(x, y, device, cfg.channels_last)
+            scale = _scale(state.scaler, device) if cfg.amp == "fp16" else None
+            loss, logits = _train_step(t.forward, t.criterion, state.optimizer, state.scaler, x, y, cfg, t.net)
+            if scale is not None:  # the scaler lowers its scale exactly when it skips a step
+                state.skipped_updates += _scale(state.scaler, device) < scale
+            if state.global_step == 0 and step == 0:
+                state.monitor.check_outputs(logits, epoch + 1)
+            stats.update(loss, logits, y)
+            t.bad_step = torch.where((t.bad_step < 0) & ~torch.isfinite(loss.detach()), state.global_step, t.bad_step)
+            state.global_step += 1
+            state.scheduler.step_update(state.global_step)
+            progress.step(loss, state.lr)
+            for hook in t.step_hooks:  # the one place per step where step, loss and lr are known
+                hook(state, loss)
+            if t.filters is not None:
+                t.filters.after_step(state.global_step)
+            if check_in_due(t, step) and check_in(t, epoch, step, stats):
+                return None
+        return stats.compute(t.dist), time.perf_counter() - tic, lr_at_start
+    finally:
+        progress.close()  # the bar goes before the epoch's line is printed
 
 
 def _train_step(forward, criterion, optimizer, scaler, x, y, cfg: Config, net: nn.Module):
@@ -459,6 +224,266 @@ def _train_step(forward, criterion, optimizer, scaler, x, y, cfg: Config, net: n
     return total_loss, logits
 
 
+def evaluate_epoch(t: Trainer, epoch: int, train_stats: dict[str, float], epoch_s: float, lr: float) -> dict[str, Any]:
+    """The epoch's row: its training numbers, then test (and validation) accuracy and loss."""
+    t.criterion.eval()
+    test = evaluate_loader(t.net, t.test_loader, t.cfg, t.dist)
+    row: dict[str, Any] = {
+        "epoch": epoch + 1, "lr": lr,
+        "train_loss": train_stats["train_loss"], "train_acc": train_stats["train_acc"],
+        "test_loss": test["loss"], "test_acc": test["top1"], "test_top5": test["top5"],
+        "gap": train_stats["train_acc"] - test["top1"],
+        "epoch_s": epoch_s, "train_img_s": train_stats["n"] / max(epoch_s, 1e-9),
+    }
+    for k in ("logit_norm", "logit_mean", "logit_max", "logit_var"):
+        row[k] = train_stats.get(k)
+    if t.val_loader is not None:
+        val = evaluate_loader(t.net, t.val_loader, t.cfg, t.dist)
+        row["val_loss"], row["val_acc"] = val["loss"], val["top1"]
+    return row
+
+
+def record_epoch(t: Trainer, row: dict[str, Any]) -> bool:
+    """Append the row to the history and the record, run the checks; True if it is the best so far
+    (by validation accuracy when there is a validation split, else test: ``best_split``)."""
+    state = t.state
+    state.history.append(row)
+    _share_feature_mask(state.monitor, t.dist)  # every rank: a collective
+    state.monitor.after_epoch(state.history, state.model)
+    if t.filters is not None:
+        t.filters.end_epoch(state.global_step, t.run.path if t.run else None)
+    key = f"{state.best_split}_acc"
+    is_best = not state.best or row[key] > state.best.get(key, -1)
+    if is_best:
+        state.best = dict(row)
+    if t.dist.is_main:
+        _print_epoch(row, t.cfg.epochs)
+        t.run.append_metrics(row)
+    return is_best
+
+
+@torch.no_grad()
+def evaluate_loader(
+    model: nn.Module, loader: Any, cfg: Config, dist: DistInfo | None = None
+) -> dict[str, float]:
+    """Top-1, top-5 and mean cross-entropy over a loader (summed over all processes)."""
+    dist = dist or DistInfo(device=_model_device(model))
+    device = dist.device
+    model.eval()
+    sums = torch.zeros(4, dtype=torch.float64, device=device)  # loss, top1, top5, n
+    for x, y in track(loader, "evaluating", enabled=dist.is_main):
+        x, y = _to_device(x, y, device, cfg.channels_last)
+        with _autocast(cfg.amp, device):
+            logits = model(x)
+        logits = logits.float()
+        hard = y.argmax(1) if y.is_floating_point() else y
+        k = min(5, logits.shape[1])
+        topk = logits.topk(k, dim=1).indices
+        sums += torch.stack([
+            F.cross_entropy(logits, y, reduction="sum").double(),
+            (topk[:, 0] == hard).sum().double(),
+            (topk == hard.unsqueeze(1)).any(1).sum().double(),
+            torch.tensor(float(len(hard)), dtype=torch.float64, device=device),
+        ])
+    loss, top1, top5, n = all_reduce_sum(sums, dist).tolist()
+    n = max(n, 1.0)
+    return {"loss": loss / n, "top1": top1 / n, "top5": top5 / n, "n": int(n)}
+
+
+# ----------------------------------------------------------------------------- set-up
+
+
+def new_state(model: nn.Module, cfg: Config, dist: DistInfo, steps_per_epoch: int,
+              class_names: list[str] | None, has_val: bool) -> TrainingState:
+    """Model on the device, optimiser, schedule, scaler and monitor, at epoch 0."""
+    model.to(dist.device)
+    if cfg.channels_last:
+        model.to(memory_format=torch.channels_last)
+    if cfg.sync_bn and dist.enabled:
+        model = nn.SyncBatchNorm.convert_sync_batchnorm(model)
+    optimizer = create_optimizer(_param_groups(model, cfg), cfg)
+    return TrainingState(
+        model=model, optimizer=optimizer, scheduler=create_scheduler(optimizer, cfg, steps_per_epoch),
+        scaler=torch.amp.GradScaler(dist.device.type, enabled=cfg.amp == "fp16"),
+        monitor=Monitor(cfg.monitor, num_classes=_num_classes(model)), cfg=cfg, device=dist.device,
+        world_size=dist.world_size, best_split="val" if has_val else "test", class_names=class_names,
+        skipped_updates=torch.zeros((), dtype=torch.long, device=dist.device),
+    )
+
+
+def restore(state: TrainingState, plan: StartPlan, steps_per_epoch: int) -> None:
+    """Load what the plan starts from into the state: a resume's checkpoint (all of it, a timm
+    one's weights and momentum), or init_from's weights (and nothing else: a new run)."""
+    ckpt, path, cfg = plan.checkpoint, plan.checkpoint_path, state.cfg
+    if ckpt is None:
+        return
+    if plan.init_from:
+        from .state import load_model_state
+
+        load_model_state(state.model, ckpt["model"], path)
+        state.parent = parent_record(plan)
+        log.info("init_from %s: a new run from its weights (%d epochs done there); optimiser, schedule "
+                 "and epochs start fresh", path, int(ckpt.get("epoch", 0)))
+        return
+    if plan.official:
+        state.from_official(ckpt, steps_per_epoch, path)
+        log.info("official checkpoint %s: arch %s, %d epochs done", path, ckpt.get("arch"), state.epoch)
+    else:
+        saved_epochs = int((ckpt.get("config") or {}).get("epochs", cfg.epochs))
+        extended = saved_epochs != cfg.epochs  # the schedule is the longer run's (docs/reliability.md)
+        state.from_checkpoint({**ckpt, "scheduler": None} if extended else ckpt, path)
+        if extended:
+            log.info("epochs %d -> %d: from epoch %d the learning rate follows a %d-epoch schedule",
+                     saved_epochs, cfg.epochs, state.epoch + 1, cfg.epochs)
+    # The lr this step has on the schedule: what the first epoch line shows and trains with.
+    state.scheduler.step_update(state.global_step)
+    log.info("resumed from %s at epoch %d, step %d", path, state.epoch + 1, state.step_in_epoch)
+
+
+def already_complete(state: TrainingState, plan: StartPlan) -> RunResult:
+    """A resume with no epoch left: one line, nothing written."""
+    done = f"{state.epoch} of {state.cfg.epochs} epochs"
+    if plan.checkpoint_path is not None and plan.run_path.resolve() == plan.checkpoint_path.parent.resolve():
+        log.info("%s is already complete (%s); nothing to do (raise epochs= to extend it)", plan.run_path, done)
+    else:
+        log.info("%s is a finished run (%s): nothing to train into %s; raise epochs= to extend it there, or "
+                 "use init_from= to start a new run from its weights", plan.checkpoint_path, done, plan.run_path)
+    history = state.history
+    return RunResult(run_dir=None, status="finished", final=history[-1] if history else {}, best=state.best,
+                     history=history, diagnostics=[d.to_dict() for d in state.monitor.diagnostics],
+                     wall_s=state.wall_s_before)
+
+
+def open_record(plan: StartPlan, cfg: Config, dist: DistInfo, overwrite: bool, state: TrainingState) -> RunDir | None:
+    """The run folder, on the main process, once the start can no longer fail on its input."""
+    if not dist.is_main:
+        return None
+    run = RunDir(plan.run_path, resume=plan.resuming, overwrite=overwrite)
+    run.write_config(cfg.to_yaml())
+    if plan.resuming:  # the checkpoint's history is the record up to where it stopped
+        run.rewrite_metrics(state.history[:state.epoch])
+    return run
+
+
+def make_trainer(state: TrainingState, cfg: Config, dist: DistInfo, run: RunDir | None, train_loader: Any,
+                 test_loader: Any, val_loader: Any, steps_per_epoch: int, watch_features: bool) -> Trainer:
+    """Wrap the model (DDP, compile), hook the monitor, open the saver: ready for the first epoch."""
+    device, model = dist.device, state.model
+    ids = [device.index] if device.type == "cuda" else None
+    net = nn.parallel.DistributedDataParallel(model, device_ids=ids) if dist.enabled else model
+    if watch_features and not cfg.compile:  # hook the head's input: features zero for every image
+        state.monitor.watch_features(model)
+    else:
+        state.monitor.feature_alive = None
+    saver = CheckpointSaver(run.path if run else None, cfg)
+    hooks: list[StepHook] = []
+    if run is not None:
+        remove_stale_temporaries(run.path)  # a save a kill cut short never landed
+        hooks.append(lambda s, loss: run.after_step(s.global_step, loss, s.lr, cfg.batch_size))  # TensorBoard
+    return Trainer(
+        cfg=cfg, dist=dist, state=state, net=net, forward=torch.compile(net) if cfg.compile else net,
+        criterion=PowerGradLoss(cfg.alpha, cfg.label_smoothing), train_loader=train_loader,
+        test_loader=test_loader, val_loader=val_loader, run=run, saver=saver,
+        filters=_filter_recorder(model, cfg, run, state.global_step), stopper=PreemptionFlag(),
+        steps_per_epoch=steps_per_epoch, bad_step=torch.full((), -1, dtype=torch.long, device=device),
+        step_hooks=hooks,
+    )
+
+
+# ----------------------------------------------------------------------------- the epoch's pieces
+
+
+def begin_epoch(t: Trainer, epoch: int) -> EpochStats:
+    """Data order, train mode, and the epoch's sums (a mid-epoch resume's so far)."""
+    if hasattr(t.train_loader, "set_epoch"):
+        t.train_loader.set_epoch(epoch)
+    set_train_mode(t.state.model, t.cfg)
+    t.criterion.train()
+    stats = EpochStats(t.dist.device, t.cfg.monitor.logit_stats)
+    if t.state.epoch_stats is not None and t.state.step_in_epoch:
+        stats.load_state_dict(t.state.epoch_stats)
+        if not t.dist.is_main:  # the saved sums are over all processes: count them once
+            stats.zero_()
+    t.state.epoch_stats = None
+    return stats
+
+
+def check_in_due(t: Trainer, step: int) -> bool:
+    """Reading the divergence and pre-emption flags waits for the device (a host-device sync
+    point), so on a GPU it happens every SYNC_EVERY steps, at the epoch's end, and before a
+    mid-epoch save; not every step."""
+    every = t.cfg.checkpoint_every_steps
+    mid_save = bool(every) and t.state.global_step % every == 0
+    return mid_save or (step + 1) % t.sync_every == 0 or step + 1 == t.steps_per_epoch
+
+
+def check_in(t: Trainer, epoch: int, step: int, stats: EpochStats) -> bool:
+    """Stop on divergence (DivergenceError), save and stop when pre-empted (True), save when a
+    mid-epoch checkpoint is due."""
+    if int(t.bad_step) >= 0:
+        raise DivergenceError(_divergence_message(int(t.bad_step), epoch, t.cfg))
+    if t.stopper.agreed(t.dist):
+        save_mid_epoch(t, epoch, step, stats)
+        return True
+    if t.saver.wants_mid_epoch(t.state.global_step, step, t.steps_per_epoch):
+        save_mid_epoch(t, epoch, step, stats)
+    return False
+
+
+def save_mid_epoch(t: Trainer, epoch: int, step: int, stats: EpochStats) -> None:
+    """last.pt after ``step``: the epoch's sums so far over all processes go in (a collective:
+    every rank calls this), so any number of processes can resume it exactly."""
+    state = t.state
+    state.epoch, state.step_in_epoch = epoch, step + 1
+    state.epoch_stats = _global_epoch_stats(stats, state.monitor, t.dist)
+    t.saver.save_mid_epoch(state)
+    state.epoch_stats = None
+
+
+def stop_requested(t: Trainer, row: dict[str, Any], on_epoch: Callable | None) -> str:
+    """After an epoch's save: pre-empted (a signal) or stopped (the caller: a sweep's pruner)?"""
+    last = row["epoch"] == t.cfg.epochs
+    if t.stopper.agreed(t.dist):
+        return "finished" if last else "preempted"
+    if on_epoch is not None and on_epoch(row) and not last:
+        return "stopped"
+    return "finished"
+
+
+def record_divergence(t: Trainer, e: DivergenceError, extra_summary: dict[str, Any] | None) -> None:
+    if t.run:
+        t.state.monitor.diagnostics.append(Diagnostic("non_finite", len(t.state.history) + 1, str(e)))
+        t.run.write_summary(_summary(t, "diverged", extra_summary))
+        t.run.close()
+
+
+def finish(t: Trainer, status: str, extra_summary: dict[str, Any] | None) -> RunResult:
+    """summary.json and the curves; the result."""
+    state, run = t.state, t.run
+    history = state.history
+    result = RunResult(
+        run_dir=run.path if run else None, status=status, final=history[-1] if history else {},
+        best=state.best, history=history, diagnostics=[d.to_dict() for d in state.monitor.diagnostics],
+        wall_s=state.wall_s,
+    )
+    if run:
+        extra = dict(extra_summary or {})
+        if t.cfg.amp == "fp16":
+            extra["fp16_skipped_updates"] = int(state.skipped_updates)
+        run.write_summary(_summary(t, status, extra))
+        if history:
+            run.hparams(t.cfg.to_dict(), history[-1], state.best)
+        run.close()
+        if history:
+            from ..report.plots import plot_curves
+
+            plot_curves(run.path)
+        if status == "preempted":
+            print(f"pre-empted: checkpoint saved to {run.path / 'last.pt'}; continue with "
+                  f"resume={run.path / 'last.pt'}", file=sys.stderr)
+    return result
+
+
 # ----------------------------------------------------------------------------- helpers
 
 
@@ -479,39 +504,6 @@ def _scale(scaler: torch.amp.GradScaler, device: torch.device) -> torch.Tensor:
     if scaler._scale is None:  # created lazily by the first scale() call
         return torch.full((), scaler._init_scale, device=device)
     return scaler._scale.clone()
-
-
-class _PreemptionFlag:
-    """SIGTERM / SIGUSR1 (how SLURM and friends warn a job) ask every process to stop cleanly."""
-
-    SIGNALS = tuple(s for s in (getattr(signal, "SIGTERM", None), getattr(signal, "SIGUSR1", None)) if s)
-
-    def __init__(self) -> None:
-        self.requested = False
-        self._old: dict[int, Any] = {}
-        try:
-            for s in self.SIGNALS:
-                self._old[s] = signal.signal(s, self._handle)
-        except ValueError:  # not the main thread: no handlers, no pre-emption
-            self._old = {}
-
-    def _handle(self, signum, frame) -> None:
-        self.requested = True
-
-    def agreed(self, dist: DistInfo) -> bool:
-        """True on every rank if any rank was signalled."""
-        if not dist.enabled:
-            return self.requested
-        flag = torch.tensor(float(self.requested), device=dist.device)
-        return bool(all_reduce_sum(flag, dist) > 0)
-
-    def restore(self) -> None:
-        if self.requested:
-            # Stopping: keep catching. SLURM signals every process of a job and torchrun passes the
-            # signal on as well, so a second one can arrive while rank 0 writes its records.
-            return
-        for s, h in self._old.items():
-            signal.signal(s, h)
 
 
 def _global_epoch_stats(stats: EpochStats, monitor: Monitor, dist: DistInfo) -> dict[str, torch.Tensor]:
@@ -544,103 +536,37 @@ def _divergence_message(step: int, epoch: int, cfg: Config) -> str:
     )
 
 
-def _diag(code: str, epoch: int, message: str):
-    from ..monitor import Diagnostic
-
-    return Diagnostic(code, epoch, message)
-
-
-def _summary(cfg, dist, history, best, monitor, wall0, status, extra) -> dict[str, Any]:
-    return {
+def _summary(t: Trainer, status: str, extra: dict[str, Any] | None) -> dict[str, Any]:
+    state, cfg, dist = t.state, t.cfg, t.dist
+    history = state.history
+    summary = {
         "status": status,
         "final": history[-1] if history else {},
-        "best": best,
+        "best": state.best,
+        "best_split": state.best_split,  # the split whose accuracy chose best.pt
         "epochs_done": len(history),
-        "wall_s": time.time() - wall0,
+        "wall_s": state.wall_s,  # every process that worked on this run, added up
         "env": {**environment(str(dist.device)), "world_size": dist.world_size},
         "git_commit": git_commit(),
         "config_hash": config_hash(cfg),
         "config": cfg.to_dict(),
-        "diagnostics": [d.to_dict() for d in monitor.diagnostics],
+        "diagnostics": [d.to_dict() for d in state.monitor.diagnostics],
         **(extra or {}),
     }
+    if state.parent:
+        summary["parent"] = state.parent
+    return summary
 
 
 def _print_epoch(row: dict[str, Any], epochs: int) -> None:
+    val = f"val loss {row['val_loss']:.4f} acc {row['val_acc']:.4f}  " if row.get("val_acc") is not None else ""
     print(
         f"epoch {row['epoch']:>3}/{epochs}  lr {row['lr']:.4g}  "
-        f"train loss {row['train_loss']:.4f} acc {row['train_acc']:.4f}  "
+        f"train loss {row['train_loss']:.4f} acc {row['train_acc']:.4f}  {val}"
         f"test loss {row['test_loss']:.4f} acc {row['test_acc']:.4f} top5 {row['test_top5']:.4f}  "
         f"gap {row['gap']:+.4f}  {row['epoch_s']:.1f}s {row['train_img_s']:.0f} img/s",
         flush=True,
     )
-
-
-def _as_config(config, overrides: dict[str, Any]) -> Config:
-    if isinstance(config, Config):
-        if overrides:
-            return load_config(None, {**_config_raw(config), **overrides})
-        return config
-    if isinstance(config, dict):
-        return load_config(None, {**config, **overrides})
-    return load_config(config, overrides or None)
-
-
-def _config_raw(cfg: Config) -> dict[str, Any]:
-    d = cfg.to_dict()
-    d["monitor"] = dict(d["monitor"])
-    return d
-
-
-def _overrides_dict(overrides) -> dict[str, Any]:
-    if overrides is None:
-        return {}
-    if isinstance(overrides, dict):
-        return overrides
-    out = {}
-    for item in overrides:
-        if "=" not in item:
-            raise UserError(f"expected key=value, got {item!r}")
-        k, v = item.split("=", 1)
-        out[k] = v
-    return out
-
-
-def _resume_path(cfg: Config, out: str | Path | None) -> Path | None:
-    if not cfg.resume:
-        return None
-    if cfg.resume == "auto":
-        if out is None:
-            raise UserError("resume=auto needs --out RUN_DIR (the run to continue)")
-        return find_resume_checkpoint(out)  # None: nothing to resume, start fresh
-    path = Path(cfg.resume)
-    if path.is_dir():
-        found = find_resume_checkpoint(path)
-        if found is None:
-            raise UserError(f"no loadable checkpoint in {path}")
-        return found
-    _read_checkpoint(path)  # fail early, one line, if it is not a checkpoint
-    return path
-
-
-def _read_checkpoint(path: str | Path) -> dict[str, Any]:
-    """A powergrad checkpoint, or an official timm-style one (engine/official.py)."""
-    try:
-        return load_checkpoint(path)
-    except UserError as not_ours:
-        if "refused" not in str(not_ours) and "not a powergrad checkpoint" not in str(not_ours):
-            raise  # truncated or garbage: the official reader would fail the same way
-        from .official import read_official
-
-        try:
-            state = read_official(path)  # refuses code as load_checkpoint does
-        except UserError:
-            raise
-        except Exception:  # noqa: BLE001 - garbage: the first message already says what is wrong
-            raise not_ours from None
-        if state is None:
-            raise
-        return state
 
 
 def _filter_recorder(model: nn.Module, cfg: Config, run: RunDir | None, global_step: int):
@@ -650,10 +576,8 @@ def _filter_recorder(model: nn.Module, cfg: Config, run: RunDir | None, global_s
     from ..monitor.filters import FilterNormRecorder
 
     try:
-        from ..models import get_head
-
         head = get_head(model)[1]
-    except (ImportError, UserError):
+    except UserError:
         head = None
     recorder = FilterNormRecorder(model, head, cfg.monitor.filter_norms_every)
     if run is not None and global_step:
@@ -661,48 +585,16 @@ def _filter_recorder(model: nn.Module, cfg: Config, run: RunDir | None, global_s
     return recorder
 
 
-def _default_out(cfg: Config) -> Path:
-    return Path("runs") / new_run_name(cfg.model, cfg.dataset, cfg.alpha)
-
-
-def _load_model_state(model: nn.Module, state: dict[str, Any], path) -> None:
-    state = {k.removeprefix("module.").removeprefix("_orig_mod."): v for k, v in state.items()}
-    own = model.state_dict()
-    wrong = {
-        "shape mismatch": [f"{k} (file {list(v.shape)} vs model {list(own[k].shape)})"
-                           for k, v in state.items() if k in own and hasattr(v, "shape") and v.shape != own[k].shape],
-        "missing": [k for k in own if k not in state],
-        "unexpected": [k for k in state if k not in own],
-    }
-    problems = [f"{len(keys)} {what}: {', '.join(keys[:2])}{' ...' if len(keys) > 2 else ''}"
-                for what, keys in wrong.items() if keys]
-    if problems:  # one line that says which model the file was for, not torch's page of keys
-        raise UserError(f"{path}: checkpoint does not fit the model ({'; '.join(problems)})")
-    model.load_state_dict(state)
-
-
 def _param_groups(model: nn.Module, cfg: Config) -> list[dict]:
     try:
-        from ..models import param_groups
-
         return param_groups(model, cfg)
-    except (ImportError, UserError, ValueError):
+    except (UserError, ValueError):
         return [{"params": [p for p in model.parameters() if p.requires_grad]}]
 
 
-def _set_train_mode(model: nn.Module, cfg: Config) -> None:
-    try:
-        from ..models import set_train_mode
-    except ImportError:
-        model.train()
-        return
-    set_train_mode(model, cfg)
-
-
 def _num_classes(model: nn.Module) -> int:
-    for attr in ("num_classes",):
-        if isinstance(getattr(model, attr, None), int):
-            return getattr(model, attr)
+    if isinstance(getattr(model, "num_classes", None), int):
+        return model.num_classes
     linears = [m for m in model.modules() if isinstance(m, nn.Linear)]
     return linears[-1].out_features if linears else 10
 
@@ -710,32 +602,3 @@ def _num_classes(model: nn.Module) -> int:
 def _model_device(model: nn.Module) -> torch.device:
     p = next(model.parameters(), None)
     return p.device if p is not None else torch.device("cpu")
-
-
-def _seed_everything(seed: int) -> None:
-    random.seed(seed)
-    np.random.seed(seed % 2**32)
-    torch.manual_seed(seed)
-
-
-def _rng_state() -> dict[str, Any]:
-    state = {
-        "torch": torch.get_rng_state(),
-        "numpy": list(np.random.get_state()[1].tolist()),
-        "numpy_pos": int(np.random.get_state()[2]),
-        "python": list(random.getstate()[1]),
-    }
-    if torch.cuda.is_available():
-        state["cuda"] = torch.cuda.get_rng_state_all()
-    return state
-
-
-def _set_rng_state(state: dict[str, Any] | None) -> None:
-    if not state:
-        return
-    torch.set_rng_state(state["torch"])
-    np.random.set_state(("MT19937", np.array(state["numpy"], dtype=np.uint32), state["numpy_pos"], 0, 0.0))
-    random.setstate((3, tuple(state["python"]), None))
-    if "cuda" in state and torch.cuda.is_available():
-        torch.cuda.set_rng_state_all(state["cuda"])
-

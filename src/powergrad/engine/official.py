@@ -71,10 +71,9 @@ def read_official(path: str | Path) -> dict[str, Any] | None:
         if args.get(theirs) is not None:
             config[ours] = args[theirs]
     epoch = int(state.get("epoch", -1)) + 1
-    log.info("official checkpoint %s: arch %s, %d epochs done, metric %s", path, arch, epoch, state.get("metric"))
     return {
         "official": True, "model": state["state_dict"], "optimizer": state.get("optimizer"),
-        "epoch": epoch, "config": config, "metric": state.get("metric"),
+        "epoch": epoch, "config": config, "metric": state.get("metric"), "arch": arch,
     }
 
 

@@ -2,8 +2,8 @@
 
 ``create_model(cfg, num_classes, in_chans, img_size)`` is the one entry point: a model name is
 the whole architecture (plus ``model_kwargs``); ``weights``/``pretrained`` give its start;
-the head is sized to the data set; ``freeze`` picks what trains; ``probe_layer`` swaps the model
-for a linear probe on its frozen features at that layer. Everything it does is logged
+the head is sized to the data set; ``freeze`` picks what trains. A linear probe wraps the model
+this builds (models/probe.py; the workflow is powergrad.probe). Everything it does is logged
 on the ``powergrad`` logger.
 """
 
@@ -14,13 +14,16 @@ import difflib
 import logging
 from collections.abc import Callable
 
-import timm
 import torch
-import torchvision
 from torch import nn
 
+from ..errors import UserError, extra
+
+with extra("train"):
+    import timm
+    import torchvision
+
 from ..config import Config
-from ..errors import UserError
 from .convnet import convnet
 from .inspect import filter_norms
 from .linear import mlp, softmax_regression
@@ -261,16 +264,8 @@ def create_model(cfg: Config, num_classes: int, in_chans: int, img_size: int) ->
     head_name, head = get_head(model)
     if cfg.weights:
         load_weights(model, cfg.weights, head_name, _first_conv(model))
-    if cfg.probe_layer:
-        if not (cfg.weights or cfg.pretrained):
-            log.warning("probe_layer with neither pretrained nor weights: probing a random network")
-        # getattr: HEAD may hold a Config from before the probe_pool key.
-        model = Probe(model, cfg.probe_layer, num_classes, in_chans, img_size, getattr(cfg, "probe_pool", "auto"))
-        head_name, head = get_head(model)
-        log.info("linear probe on %s at layer %s: %d features -> %d classes (backbone frozen)",
-                 name, cfg.probe_layer, head.in_features, num_classes)
     if cfg.freeze == "backbone":
-        if not (cfg.weights or cfg.pretrained or cfg.probe_layer):
+        if not (cfg.weights or cfg.pretrained):
             log.warning("freeze=backbone with neither pretrained nor weights: the frozen backbone is random")
         head_params = {id(p) for p in head.parameters()}
         for p in model.parameters():
@@ -287,7 +282,7 @@ def set_train_mode(model: nn.Module, cfg: Config) -> nn.Module:
     those update in every train-mode forward pass. The loop calls this instead of model.train().
     """
     model.train()
-    if cfg.freeze != "none" or cfg.probe_layer:
+    if cfg.freeze != "none":
         for m in model.modules():
             if isinstance(m, nn.modules.batchnorm._BatchNorm) and not any(p.requires_grad for p in m.parameters()):
                 m.eval()

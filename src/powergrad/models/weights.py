@@ -14,7 +14,7 @@ from pathlib import Path
 import torch
 from torch import nn
 
-from ..errors import UserError
+from ..errors import UserError, extra
 
 log = logging.getLogger("powergrad")
 
@@ -34,7 +34,8 @@ def read_state_dict(path: str | Path) -> dict[str, torch.Tensor]:
     if not p.is_file():
         raise UserError(f"weights={path}: file not found")
     if p.suffix == ".safetensors":
-        from safetensors.torch import load_file
+        with extra("train"):
+            from safetensors.torch import load_file
 
         try:
             obj: object = load_file(str(p), device="cpu")

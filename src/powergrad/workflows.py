@@ -1,0 +1,147 @@
+"""The public training API, above the engine: build what a recipe asks for, then run the loop.
+
+``train(config)`` builds data and model from a recipe (a linear probe's features and head when
+``probe_layer`` is set: powergrad.probe), ``fit(model, train_loader, test_loader)`` runs the same
+loop on a user's own model and loaders, ``evaluate(checkpoint)`` scores a checkpoint on its
+recipe's test split. Each returns what powergrad.engine gives back (a RunResult, or metrics).
+"""
+
+from __future__ import annotations
+
+import logging
+from collections.abc import Callable
+from pathlib import Path
+from typing import Any
+
+from torch import nn
+
+from .config import Config, load_config
+from .engine.distributed import DistInfo, cleanup, init_distributed, raise_if_peer_failed
+from .engine.loop import RunResult, evaluate_loader, run_training
+from .engine.resume import read_checkpoint, resolve_config
+from .engine.state import load_model_state, seed_everything
+from .errors import UserError
+
+__all__ = ["train", "fit", "evaluate", "as_config"]
+
+log = logging.getLogger("powergrad")
+
+
+def train(
+    config: Config | dict | str | Path | None = None,
+    out: str | Path | None = None,
+    *,
+    overwrite: bool = False,
+    on_epoch: Callable[[dict[str, Any]], bool] | None = None,
+    **overrides: Any,
+) -> RunResult:
+    """Train the recipe ``config`` (a Config, a dict of keys, a recipe name or YAML path).
+
+    ``on_epoch(row)`` is called after each epoch's record (every process, same row); returning
+    True stops the run there with status ``stopped`` (a sweep's pruner uses it).
+    """
+    cfg = as_config(config, overrides, out)
+    if cfg.probe_layer:  # features computed once, then the loop on the head
+        from .probe import train_probe
+
+        return train_probe(cfg, out, overwrite=overwrite, on_epoch=on_epoch)
+    from .data import create_loaders
+    from .models import create_model
+
+    dist = init_distributed(cfg.device)
+    try:
+        seed_everything(cfg.seed)
+        loaders = create_loaders(cfg, dist.device, dist.rank, dist.world_size)
+        info = loaders.info
+        if dist.is_main:
+            log.info(info.describe(cfg.dataset))
+        seed_everything(cfg.seed)  # the model's initial weights do not depend on the data code
+        model = create_model(cfg, info.num_classes, info.in_chans, info.img_size)
+        return run_training(
+            model, loaders.train, loaders.test, cfg, dist, out=out, overwrite=overwrite,
+            val_loader=loaders.val, extra_summary={"bad_images": info.bad_images},
+            on_epoch=on_epoch, class_names=list(info.class_names),
+        )
+    except RuntimeError as e:
+        raise_if_peer_failed(e, dist)
+        raise
+    finally:
+        cleanup(dist)
+
+
+def fit(
+    model: nn.Module,
+    train_loader: Any,
+    test_loader: Any,
+    out: str | Path | None = None,
+    *,
+    overwrite: bool = False,
+    **options: Any,
+) -> RunResult:
+    """Train a user's own ``model`` on their loaders with powergrad's loop.
+
+    ``options`` are recipe keys (``alpha=0.25, epochs=10, lr=0.05, ...``). Loaders yield
+    ``(inputs, targets)``; a ``set_epoch(epoch)`` method, if present, is called each epoch.
+    """
+    cfg = as_config(None, {"model": "custom", "dataset": "custom", **options}, out)
+    dist = init_distributed(cfg.device)
+    try:
+        seed_everything(cfg.seed)
+        return run_training(model, train_loader, test_loader, cfg, dist, out=out, overwrite=overwrite)
+    except RuntimeError as e:
+        raise_if_peer_failed(e, dist)
+        raise
+    finally:
+        cleanup(dist)
+
+
+def evaluate(checkpoint: str | Path, overrides: list[str] | dict | None = None) -> dict[str, float]:
+    """Evaluate a checkpoint on its recipe's test split: ``{top1, top5, loss, n}``."""
+    from .data import check_checkpoint_classes, create_loaders
+    from .models import create_model
+
+    state = read_checkpoint(checkpoint)
+    raw = {k: v for k, v in (state.get("config") or {}).items() if k not in ("resume", "init_from")}
+    cfg = load_config(None, {**raw, **_overrides_dict(overrides)})
+    if cfg.probe_layer:  # the checkpoint holds the head; the backbone comes from the recipe
+        from .probe import evaluate_probe
+
+        return evaluate_probe(cfg, state, checkpoint)
+    cfg.weights, cfg.pretrained = None, False
+    dist = DistInfo(device=init_distributed(cfg.device).device)
+    loaders = create_loaders(cfg, dist.device)
+    info = loaders.info
+    check_checkpoint_classes(state.get("class_names"), info.class_names, checkpoint)
+    model = create_model(cfg, info.num_classes, info.in_chans, info.img_size)
+    load_model_state(model, state["model"], checkpoint)
+    model.to(dist.device)
+    return evaluate_loader(model, loaders.test, cfg, dist)
+
+
+def as_config(config: Config | dict | str | Path | None, overrides: dict[str, Any],
+              out: str | Path | None = None) -> Config:
+    """A Config from what train() was given; a checkpoint named by resume= / init_from= fills in
+    what the recipe leaves open (engine/resume.py: resolve_config)."""
+    if isinstance(config, Config):
+        if not overrides:
+            return config
+        raw = config.to_dict()
+        raw["monitor"] = dict(raw["monitor"])
+        return load_config(None, {**raw, **overrides})
+    if isinstance(config, dict):
+        return resolve_config(None, {**config, **overrides}, out)
+    return resolve_config(str(config) if config is not None else None, dict(overrides), out)
+
+
+def _overrides_dict(overrides) -> dict[str, Any]:
+    if overrides is None:
+        return {}
+    if isinstance(overrides, dict):
+        return overrides
+    out = {}
+    for item in overrides:
+        if "=" not in item:
+            raise UserError(f"expected key=value, got {item!r}")
+        k, v = item.split("=", 1)
+        out[k] = v
+    return out

@@ -1,0 +1,42 @@
+"""Helpers shared by the tests (pytest puts this folder on sys.path: `from conftest import ...`)."""
+
+from __future__ import annotations
+
+from powergrad.cli import main
+
+
+def run_cli(args, capsys) -> tuple[int, str, str]:
+    """The CLI in this process: (exit code, stdout, stderr)."""
+    code = main([str(a) for a in args])
+    out = capsys.readouterr()
+    return code, out.out, out.err
+
+
+def sweep_killed_in_trial(trial: int, wait_for: str | None = None) -> str:
+    """Python source for ``python -c SRC sweep ...``: the sweep CLI, which SIGKILLs itself at the
+    end of the first epoch of its ``trial``-th trial (after that epoch's checkpoint and its report
+    to the study), once a path
+    matching the glob ``wait_for`` exists if given. No clean-up runs: the trial stays RUNNING in
+    the study. A deterministic point mid-sweep (polling from outside raced a fast machine)."""
+    return f"""
+import glob, os, signal, sys, time
+import powergrad.engine as engine
+from powergrad.cli import main
+
+real_train, trials = engine.train, []
+
+def train(cfg, *args, on_epoch=None, **kwargs):
+    trials.append(cfg)
+    def hook(row):
+        stop = on_epoch(row)
+        if len(trials) == {trial}:
+            deadline = time.time() + 300
+            while {wait_for!r} and not glob.glob({wait_for!r}) and time.time() < deadline:
+                time.sleep(0.05)
+            os.kill(os.getpid(), signal.SIGKILL)
+        return stop
+    return real_train(cfg, *args, on_epoch=hook, **kwargs)
+
+engine.train = train
+sys.exit(main(sys.argv[1:]))
+"""
