@@ -120,3 +120,13 @@ def test_tensorboard_groups_tags_records_steps_and_hparams(tmp_path):
     assert [e.step for e in events.Scalars("step/loss")] == [50]  # 3 epochs x 20 steps, every 50
     assert {"final/test/acc", "best/val/acc"} <= tags
     assert events.PluginTagToContent("hparams")  # the config, for the HPARAMS tab
+
+
+def test_a_sweep_says_which_point_starts_how_many_are_done_and_the_eta(tmp_path, capsys):
+    from powergrad.cli import main
+
+    args = ["sweep", "digits", "alpha=1,0.5", "epochs=1", "train_subset=100", "--out", str(tmp_path / "s")]
+    assert main(args) == 0
+    lines = [ln for ln in capsys.readouterr().out.splitlines() if ln.startswith("sweep: alpha=")]
+    assert lines[0] == "sweep: alpha=0.5,seed=0 (0 of 2 points done)" or lines[0] == "sweep: alpha=1,seed=0 (0 of 2 points done)"
+    assert re.fullmatch(r"sweep: alpha=[\d.]+,seed=0 \(1 of 2 points done, eta \d+:\d\d:\d\d\)", lines[1]), lines

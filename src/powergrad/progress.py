@@ -27,7 +27,7 @@ import time
 from collections.abc import Iterable, Iterator
 from typing import Any, TypeVar
 
-__all__ = ["StepProgress", "track", "mode", "PROGRESS_EVERY_S"]
+__all__ = ["StepProgress", "track", "mode", "clock", "PROGRESS_EVERY_S"]
 
 PROGRESS_EVERY_S = 30.0  # seconds between plain lines (not a terminal)
 BAR_REFRESH_S = 0.5  # seconds between loss/lr updates on a bar (each reads the loss: a sync)
@@ -56,7 +56,8 @@ def every_s() -> float:
         return PROGRESS_EVERY_S
 
 
-def _clock(seconds: float) -> str:
+def clock(seconds: float) -> str:
+    """h:mm:ss"""
     return str(datetime.timedelta(seconds=max(0, round(seconds))))
 
 
@@ -101,8 +102,8 @@ class StepProgress:
         rate = (self.done - self.first) / max(now - self.t0, 1e-9)  # steps/s this epoch
         left = self.steps - self.done
         return (f"epoch {self.epoch}/{self.epochs}  step {self.done}/{self.steps}  loss {loss:.4f}  "
-                f"lr {lr:.4g}  {rate * self.batch_size:.0f} img/s  eta {_clock(left / rate)} "
-                f"(run {_clock((left + self.after) / rate)})")
+                f"lr {lr:.4g}  {rate * self.batch_size:.0f} img/s  eta {clock(left / rate)} "
+                f"(run {clock((left + self.after) / rate)})")
 
     def close(self) -> None:
         if self.bar is not None:
@@ -136,5 +137,5 @@ def track(items: Iterable[T], desc: str, total: int | None = None, unit: str = "
         if now - last >= every and (total is None or done < total):
             last = now
             rate = done / max(now - t0, 1e-9)
-            eta = f"  eta {_clock((total - done) / rate)}" if total else ""
+            eta = f"  eta {clock((total - done) / rate)}" if total else ""
             print(f"{desc}: {unit} {done}/{total or '?'}  {rate:.1f} {unit}/s{eta}", flush=True)
