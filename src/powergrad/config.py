@@ -124,8 +124,8 @@ class Config:
                               group="data", probe_feature=True)
     skip_bad_images: bool = _key(False, help="skip images that fail to decode (counted in summary.json)",
                                 group="data")
-    num_classes: int | None = _key(None, help="number of classes (default: the data set's)", group="data",
-                                  probe_feature=True)
+    num_classes: int | None = _key(None, help="classes of dataset=synthetic; elsewhere read from the data "
+                                   "(a different value is an error)", group="data", probe_feature=True)
     synthetic_size: int = _key(1024, help="images in dataset=synthetic", group="data", bound=">0", probe_feature=True)
     # optimisation
     epochs: int = _key(10, help="epochs to train (raise it on resume to extend a run)", group="optimisation",
