@@ -99,6 +99,17 @@ def _rows():
         ("existing run directory without resume", lambda t: ["train", "epochs=1", "--out", t / "prev"]),
         ("output path is a file", lambda t: ["train", "epochs=1", "--out", _write(t / "afile", "x")]),
         ("output folder not writable", lambda t: ["train", "epochs=1", "--out", _not_writable(t)]),
+        ("num_classes contradicting the data", lambda t: ["train", "num_classes=3", "epochs=1"]),
+        ("test_subset larger than the test split", lambda t: ["train", "test_subset=5000", "epochs=1"]),
+        ("not a number", lambda t: ["train", "lr=nan"]),
+        ("data_dir is a file", lambda t: ["train", "dataset=imagefolder", f"data_dir={_write(t / 'afile', 'x')}",
+                                          "epochs=1"]),
+        ("key given twice in a recipe", lambda t: ["train", _write(t / "dup.yaml", "lr: 0.1\nepochs: 1\nlr: 0.4\n")]),
+        ("key given twice on the command line", lambda t: ["train", "lr=0.1", "lr=0.2"]),
+        ("empty recipe", lambda t: ["train", _write(t / "empty.yaml", "")]),
+        ("option-style key (timm's habit)", lambda t: ["train", "--epochs", "1"]),
+        ("option the command does not have", lambda t: ["eval", "--checkpoint", t / "prev" / "last.pt", "--out", "x"]),
+        ("checkpoint trained on other classes", lambda t: ["eval", "--checkpoint", _other_classes(t)]),
         ("disk full while saving (file-size limit)", lambda t: ["train", "epochs=1", "--out", t / "new"],
          "subprocess"),
     ]
@@ -132,6 +143,16 @@ def _five_classes(t: Path) -> Path:
     state["model"][last.replace(".weight", ".bias")] = state["model"][last.replace(".weight", ".bias")][:5]
     torch.save(state, t / "five.pt")
     return t / "five.pt"
+
+
+def _other_classes(t: Path) -> Path:
+    """prev's checkpoint as if trained on ten other classes (an image folder of letters)."""
+    from powergrad.engine.checkpoint import load_checkpoint
+
+    state = load_checkpoint(t / "prev" / "last.pt")
+    state["class_names"] = list("abcdefghij")
+    torch.save(state, t / "letters.pt")
+    return t / "letters.pt"
 
 
 def _rm_tree(p: Path) -> None:

@@ -15,8 +15,9 @@ import torch
 import torchvision
 from PIL import Image
 
+from powergrad.cache import list_cache
 from powergrad.config import load_config
-from powergrad.data import DATASETS, create_loaders, folder, memory
+from powergrad.data import DATASETS, create_loaders, folder, memory, sampling
 from powergrad.errors import UserError
 
 CPU = torch.device("cpu")
@@ -311,6 +312,40 @@ def test_imagefolder_in_memory_and_cache(tmp_path, monkeypatch):
         create_loaders(cfg, CPU)
 
 
+def test_imagefolder_decodes_only_the_images_a_run_uses(tmp_path, monkeypatch):
+    root = write_folder(tmp_path / "imgs")  # 18 train, 9 test images over 3 classes
+    decoded = []
+    real = folder.decode_image
+    monkeypatch.setattr(folder, "decode_image", lambda path, side: decoded.append(path) or real(path, side))
+    cfg = cfg_of(dataset="imagefolder", data_dir=str(root), batch_size=3, train_subset=6, test_subset=3,
+                 val_fraction=0.2)
+    ld = create_loaders(cfg, CPU)
+    assert (ld.info.num_train, ld.info.num_test) == (6, 3)
+    n_val = len(cat(batches(ld.val))[1])
+    assert len(decoded) == 6 + n_val + 3  # not the 27 images of the folder
+    assert sorted(cat(batches(ld.test))[1].tolist()) == [0, 1, 2]  # class-balanced
+    entries = list_cache(tmp_path / "cache")
+    assert sorted(e.images for e in entries) == sorted([6, n_val, 3]) and {e.side for e in entries} == {20}
+    # The same images as decoding the whole train folder and cutting afterwards gives.
+    classes = folder.find_classes(root / "train")
+    all_x, all_y, _ = folder.load_images(folder.scan_split(root / "train", classes), 20, 0, False, "all")
+    train_idx, _ = sampling.split_train(all_y, cfg)
+    expect = {tuple(r.tolist()) for r in all_x[train_idx].flatten(1)}
+    got = {tuple(r.tolist()) for r in folder.build_imagefolder(cfg).train_x[:6].flatten(1)}
+    assert got == expect
+
+
+def test_test_subset_is_class_balanced_and_seeded():
+    ld = create_loaders(cfg_of(test_subset=100, batch_size=50), CPU)
+    y = cat(batches(ld.test))[1]
+    assert ld.info.num_test == 100 and torch.bincount(y, minlength=10).min() == 10
+    again = cat(batches(create_loaders(cfg_of(test_subset=100, batch_size=50), CPU).test))
+    other = cat(batches(create_loaders(cfg_of(test_subset=100, batch_size=50, seed=1), CPU).test))
+    assert torch.equal(again[1], y) and not torch.equal(again[0], other[0])
+    with pytest.raises(UserError, match="test_subset=361: must be between 1 and the 360 test examples"):
+        create_loaders(cfg_of(test_subset=361), CPU)
+
+
 def test_imagefolder_test_dir_and_img_size(tmp_path):
     root = write_folder(tmp_path / "imgs", test_name="test", n_train=2, n_test=1)
     ld = create_loaders(cfg_of(dataset="imagefolder", data_dir=str(root), batch_size=3, img_size=24), CPU)
@@ -426,3 +461,18 @@ def test_tiny_imagenet_layout(tmp_path):
         create_loaders(cfg_of(dataset="tiny_imagenet", data_dir=str(root)), CPU)
     with pytest.raises(UserError, match="val_annotations.txt"):
         create_loaders(cfg_of(dataset="tiny_imagenet", data_dir=str(tmp_path)), CPU)
+
+
+def test_cache_command_lists_and_clears_only_its_own_files(tmp_path, capsys):
+    from powergrad.cli import main
+
+    root = write_folder(tmp_path / "imgs")
+    create_loaders(cfg_of(dataset="imagefolder", data_dir=str(root), batch_size=3), CPU)
+    (tmp_path / "cache" / "notes.txt").write_text("mine")  # not the cache's: left alone
+    assert main(["cache", "list"]) == 0
+    out = capsys.readouterr().out.splitlines()
+    assert any(line.startswith("imagefolder-train-") and "18 images at 20 px" in line for line in out)
+    assert out[-1].startswith(f"{tmp_path / 'cache'}: 2 cached splits")
+    assert main(["cache", "clear"]) == 0
+    assert "removed 2 cached splits" in capsys.readouterr().out
+    assert [p.name for p in (tmp_path / "cache").iterdir()] == ["notes.txt"]

@@ -12,13 +12,14 @@ with extras, loaded here only when asked for (see the README's "Install"):
 from typing import TYPE_CHECKING, Any
 
 from .errors import DivergenceError, MissingExtraError, UserError
-from .tamper import PowerGradLoss, power_grad_cross_entropy
 
 if TYPE_CHECKING:
     # Re-exported through __getattr__ below; named here for type checkers and editors.
     from .config import Config as Config
     from .config import load_config as load_config
     from .engine import RunResult as RunResult
+    from .tamper import PowerGradLoss as PowerGradLoss
+    from .tamper import power_grad_cross_entropy as power_grad_cross_entropy
     from .workflows import evaluate as evaluate
     from .workflows import fit as fit
     from .workflows import train as train
@@ -30,13 +31,16 @@ __all__ = [
     "__version__",
 ]
 
-_LAZY = {"Config": "config", "load_config": "config",
-         "train": "workflows", "fit": "workflows", "evaluate": "workflows", "RunResult": "engine"}
+# Imported when first asked for, so that `powergrad --help`, `--version`, `recipes` and `config`
+# answer without torch (about 4 s on a loaded machine) and `from powergrad import PowerGradLoss`
+# needs torch alone (not timm, torchvision or PyYAML). `from powergrad import *` goes through
+# __getattr__ as well.
+_LAZY = {"PowerGradLoss": "tamper", "power_grad_cross_entropy": "tamper", "Config": "config",
+         "load_config": "config", "train": "workflows", "fit": "workflows", "evaluate": "workflows",
+         "RunResult": "engine"}
 
 
 def __getattr__(name: str) -> Any:
-    # The trainer pulls in timm, torchvision and PyYAML: import it only when asked, so that
-    # `from powergrad import PowerGradLoss` needs torch alone.
     if name in _LAZY:
         import importlib
 

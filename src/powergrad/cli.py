@@ -1,12 +1,14 @@
 """The command line: parses, builds a config, calls the Python API. No work of its own.
 
     powergrad train [RECIPE] [key=value ...] [--out DIR] [--overwrite]
+    powergrad config [RECIPE] [key=value ...] [--out DIR]
     powergrad eval --checkpoint PATH [key=value ...]
-    powergrad recipes
+    powergrad recipes [NAME]
     powergrad demo [--out DIR]
     powergrad sweep RECIPE key=v1,v2 ... --out DIR [--seeds N] [--workers N] [--storage URL] [--prune]
     powergrad report PATH ... [--format md|csv|json]
     powergrad plot PATH ... [--out DIR]
+    powergrad cache [list|clear]
 
 User errors print one line on stderr and exit 2; divergence exits 3.
 """
@@ -18,6 +20,7 @@ import json
 import logging
 import os
 import sys
+from pathlib import Path
 from typing import NoReturn
 
 from .errors import ONCE_DIR_ENV, DivergenceError, PeerFailedError, UserError, print_once
@@ -25,7 +28,27 @@ from .errors import ONCE_DIR_ENV, DivergenceError, PeerFailedError, UserError, p
 
 class _Parser(argparse.ArgumentParser):
     def error(self, message: str) -> NoReturn:  # one line, exit 2, as every user error
-        raise UserError(f"{self.prog}: {message}")
+        # main() prints "powergrad: error: "; name the sub-command only ("eval: ...").
+        command = self.prog.removeprefix("powergrad").strip()
+        raise UserError(f"{command}: {message}" if command else message)
+
+
+def _unrecognised(extra: list[str], argv: list[str], command: str) -> UserError:
+    """Options argparse does not know. ``--epochs 1`` (timm's habit) is a recipe key: say how
+    to write it (``epochs=1``)."""
+    from .config import field_info
+
+    keys = {i.name for i in field_info()}
+    for tok in extra:
+        name, eq, value = tok.lstrip("-").partition("=")
+        key = name.replace("-", "_")
+        if tok.startswith("--") and key in keys:
+            if not eq and tok in argv:
+                i = argv.index(tok)
+                value = argv[i + 1] if i + 1 < len(argv) and not argv[i + 1].startswith("-") else "VALUE"
+            return UserError(f"{command}: unrecognised option {tok}: recipe keys are written key=value; "
+                             f"did you mean `{key}={value}`?")
+    return UserError(f"{command}: unrecognised arguments: {' '.join(extra)}")
 
 
 def _split_recipe(args: list[str]) -> tuple[str | None, list[str]]:
@@ -41,19 +64,77 @@ def _split_recipe(args: list[str]) -> tuple[str | None, list[str]]:
     return recipe, overrides
 
 
-def cmd_train(ns: argparse.Namespace) -> int:
-    from .engine.resume import resolve_config
-    from .workflows import train
+def _warn(cfg) -> None:
+    """Settings allowed but rarely meant: one warning line each, from the first process only."""
+    from .config import warnings_for
+
+    if os.environ.get("RANK", "0") == "0":
+        for line in warnings_for(cfg):
+            logging.getLogger("powergrad").warning("warning: %s", line)
+
+
+def _resolve(ns: argparse.Namespace):
+    """The Config a train command line means: recipe, overrides; with resume= or init_from=,
+    what the checkpoint says too (engine.resume.resolve_config: it reads the file, so torch)."""
+    from .config import _parse_overrides, load_config
 
     recipe, overrides = _split_recipe(ns.args)
-    # Without a recipe, resume= continues with the checkpoint's config; a timm checkpoint gives
-    # its model and args unless key=value overrides say otherwise.
-    cfg = resolve_config(recipe, {k.strip(): v for k, v in (o.split("=", 1) for o in overrides)}, ns.out)
+    pairs = _parse_overrides(overrides)  # refuses a key given twice
+    if any(k in ("resume", "init_from") for k, _ in pairs):
+        from .engine.resume import resolve_config
+
+        return resolve_config(recipe, dict(pairs), ns.out)
+    return load_config(recipe, overrides)
+
+
+def _print_start(cfg, out: str | None) -> None:
+    """Before the heavy imports: where the run goes, and what differs from the defaults."""
+    import textwrap
+
+    from .config import Config
+
+    folder = out or f"{Path(cfg.resume).parent if Path(cfg.resume).is_file() else cfg.resume} (resumed)"
+    print(f"run folder: {folder}", flush=True)
+    defaults, now = Config().to_dict(), cfg.to_dict()
+    changed = [f"{k}={json.dumps(v) if isinstance(v, (dict, list)) else v}"
+               for k, v in now.items() if k not in ("monitor", "description") and v != defaults[k]]
+    changed += [f"monitor.{k}={v}" for k, v in now["monitor"].items() if v != defaults["monitor"][k]]
+    print(textwrap.fill("settings (besides the defaults): " + (" ".join(changed) or "none"), width=100,
+                        subsequent_indent="  "), flush=True)
+
+
+def cmd_train(ns: argparse.Namespace) -> int:
+    cfg = _resolve(ns)
+    _warn(cfg)
+    if ns.out is None and not cfg.resume:  # named now, so that it is the first thing printed
+        from .rundir import new_run_name
+
+        ns.out = str(Path("runs") / new_run_name(cfg.model, cfg.dataset, cfg.alpha))
+    if os.environ.get("RANK", "0") == "0":
+        _print_start(cfg, ns.out)
+    if ns.out:
+        _RUN_FOLDER.append(Path(ns.out))
+    elif cfg.resume:
+        _RUN_FOLDER.append(Path(cfg.resume).parent if Path(cfg.resume).is_file() else Path(cfg.resume))
+    from .workflows import train  # the heavy imports (torch, timm, torchvision) start here
     if cfg.nproc > 1 and "WORLD_SIZE" not in os.environ:
         return _relaunch_with_torchrun(cfg.nproc, ns)
     result = train(cfg, out=ns.out, overwrite=ns.overwrite)
     if result.run_dir is not None:
         print(f"run directory: {result.run_dir}")
+    return 0
+
+
+def cmd_config(ns: argparse.Namespace) -> int:
+    """A dry run: the resolved config as YAML (a recipe to feed back), then what was checked."""
+    from .preflight import check_paths
+
+    cfg = _resolve(ns)
+    found = check_paths(cfg)
+    _warn(cfg)
+    print(cfg.to_yaml(), end="")
+    for line in found:
+        print(f"# checked: {line}")
     return 0
 
 
@@ -75,8 +156,11 @@ def cmd_eval(ns: argparse.Namespace) -> int:
 
 
 def cmd_recipes(ns: argparse.Namespace) -> int:
-    from .config import list_recipes
+    from .config import describe_recipe, list_recipes
 
+    if ns.name:
+        print("\n".join(describe_recipe(ns.name)))
+        return 0
     recipes = list_recipes()
     width = max(map(len, recipes), default=0)
     for name, desc in recipes.items():
@@ -116,22 +200,80 @@ def cmd_plot(ns: argparse.Namespace) -> int:
     return 0
 
 
+def cmd_cache(ns: argparse.Namespace) -> int:
+    from .cache import CACHE_ENV, cache_dir, clear_cache, list_cache
+
+    folder = cache_dir()
+    if ns.action == "clear":
+        n, freed = clear_cache(folder)
+        print(f"removed {n} cached splits ({freed / 1024**2:.1f} MB) from {folder}")
+        return 0
+    entries = list_cache(folder)
+    for e in entries:
+        print(e.line())
+    total = sum(e.bytes for e in entries) / 1024**2
+    print(f"{folder}: {len(entries)} cached splits, {total:.1f} MB (move it with {CACHE_ENV}=DIR; "
+          "empty it with `powergrad cache clear`)")
+    return 0
+
+
+def _type_name(tp) -> str:
+    """int, float?, list[int]?: a key's type as a user writes it (? = may be null)."""
+    import types
+    import typing
+
+    args = typing.get_args(tp)
+    optional = typing.get_origin(tp) in (typing.Union, types.UnionType) and type(None) in args
+    base = next(a for a in args if a is not type(None)) if optional else tp
+    name = getattr(base, "__name__", str(base)) if not typing.get_args(base) else str(base).replace("typing.", "")
+    return f"{name}?" if optional else name
+
+
+def keys_help() -> str:
+    """Every recipe key by group, one line each: key=default, type, help (from the fields)."""
+    from .config import field_groups
+
+    lines = ["recipe keys (key=value after the recipe; monitor.NAME=value for the nested ones;",
+             "? = may be null; `powergrad config RECIPE key=value ...` prints the resolved config):"]
+    for group, infos in field_groups().items():
+        lines.append(f"\n{group}:")
+        for i in infos:
+            if i.name == "monitor":
+                continue  # its keys follow as monitor.*
+            default = '""' if i.default == "" else "{}" if i.default == {} else ("null" if i.default is None else str(i.default).lower()
+                                                    if isinstance(i.default, bool) else str(i.default))
+            extra = f" [{'|'.join(i.choices)}]" if i.choices else (f" ({i.bound})" if i.bound else "")
+            lines.append(f"  {i.name + '=' + default:<34} {_type_name(i.type):<10} {i.help}{extra}")
+    return "\n".join(lines)
+
+
 def build_parser() -> argparse.ArgumentParser:
+    from . import __version__
+
     p = _Parser(prog="powergrad", description="Softmax Gradient Tampering: train, evaluate, sweep, report.")
+    p.add_argument("--version", action="version", version=f"powergrad {__version__}")
     sub = p.add_subparsers(dest="command", required=True, parser_class=_Parser)
 
-    t = sub.add_parser("train", help="train a recipe (YAML file or built-in name) with key=value overrides")
+    t = sub.add_parser("train", help="train a recipe (YAML file or built-in name) with key=value overrides",
+                       epilog=keys_help(), formatter_class=argparse.RawDescriptionHelpFormatter)
     t.add_argument("args", nargs="*", metavar="RECIPE|key=value")
     t.add_argument("--out", help="run directory (default: a new folder under runs/)")
     t.add_argument("--overwrite", action="store_true", help="replace an existing run directory")
     t.set_defaults(fn=cmd_train)
+
+    cf = sub.add_parser("config", help="print the resolved config as YAML and check its paths; trains nothing",
+                        epilog="The keys are listed by `powergrad train --help`.")
+    cf.add_argument("args", nargs="*", metavar="RECIPE|key=value")
+    cf.add_argument("--out", help="the run directory (for resume=auto)")
+    cf.set_defaults(fn=cmd_config)
 
     e = sub.add_parser("eval", help="evaluate a checkpoint on its test split; prints JSON")
     e.add_argument("--checkpoint", required=True)
     e.add_argument("args", nargs="*", metavar="key=value")
     e.set_defaults(fn=cmd_eval)
 
-    r = sub.add_parser("recipes", help="list the built-in recipes")
+    r = sub.add_parser("recipes", help="list the built-in recipes, or show one (what it is and what it sets)")
+    r.add_argument("name", nargs="?", metavar="NAME", help="a built-in recipe name or a YAML file")
     r.set_defaults(fn=cmd_recipes)
 
     d = sub.add_parser("demo", help="digits: alpha 1 against alpha 0.25, tables and curves")
@@ -157,6 +299,10 @@ def build_parser() -> argparse.ArgumentParser:
     pl.add_argument("paths", nargs="+", metavar="PATH", help="run directories or folders holding them")
     pl.add_argument("--out", help="folder for the PNGs (default: PATH/figures)")
     pl.set_defaults(fn=cmd_plot)
+
+    c = sub.add_parser("cache", help="list or clear the decoded-image cache ($POWERGRAD_CACHE, else ~/.cache/powergrad)")
+    c.add_argument("action", choices=("list", "clear"), nargs="?", default="list")
+    c.set_defaults(fn=cmd_cache)
 
     for extra in _EXTRA_COMMANDS:
         extra(sub)
@@ -196,9 +342,21 @@ def _configure_logging() -> None:
 
 def main(argv: list[str] | None = None) -> int:
     _configure_logging()
+    argv = sys.argv[1:] if argv is None else list(argv)
+    from .rundir import teed_output
+
+    with teed_output():  # what is printed also goes to the train.log of the run folder, once open
+        return _main(argv)
+
+
+def _main(argv: list[str]) -> int:
     try:
-        ns = build_parser().parse_args(argv)
-        return ns.fn(ns)
+        ns, extra = build_parser().parse_known_args(argv)
+        if extra:
+            raise _unrecognised(extra, argv, ns.command)
+        code = ns.fn(ns)
+        sys.stdout.flush()  # here, where a closed pipe is caught, not at exit
+        return code
     except UserError as e:
         if not (isinstance(e, PeerFailedError) and os.environ.get(ONCE_DIR_ENV)):  # nproc=K: the launcher sees every exit
             print_once(f"powergrad: error: {_one_line(e)}")
@@ -206,13 +364,34 @@ def main(argv: list[str] | None = None) -> int:
     except DivergenceError as e:
         print_once(f"powergrad: {_one_line(e)}")
         return 3
+    except BrokenPipeError:
+        # The reader went away (`powergrad recipes | head -1`): stop quietly, as a command killed
+        # by SIGPIPE does; point stdout at /dev/null so that Python's flush at exit stays quiet.
+        os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())
+        return 141
     except OSError as e:  # a disk or path the user can fix, raised outside the checked places
         where = f"{e.filename}: " if e.filename else ""
         print(f"powergrad: error: {where}{e.strerror or e}", file=sys.stderr)
         return 2
     except KeyboardInterrupt:
-        print("powergrad: interrupted", file=sys.stderr)
+        print(f"powergrad: interrupted{_kept(_RUN_FOLDER)}", file=sys.stderr)
         return 130
+
+
+_RUN_FOLDER: list[Path] = []  # the folder of the run this command trains into, once named
+
+
+def _kept(folders: list[Path]) -> str:
+    """What an interrupted run leaves: its newest checkpoint, and the command that continues it."""
+    if not folders:
+        return ""
+    run = folders[-1]
+    saved = sorted((p for p in (run / "last.pt", run / "preempt.pt") if p.is_file()),
+                   key=lambda p: p.stat().st_mtime)
+    if not saved:
+        return f"; {run} holds no checkpoint yet (the first is saved at the end of epoch 1)"
+    return (f"; the last checkpoint is kept: {saved[-1]} (continue with "
+            f"`powergrad train resume=auto --out {run}`)")
 
 
 def _one_line(e: Exception) -> str:

@@ -12,6 +12,7 @@ import dataclasses
 import difflib
 import hashlib
 import json
+import math
 import types
 import typing
 from dataclasses import dataclass, field
@@ -23,7 +24,6 @@ from .errors import UserError, extra
 
 with extra("train"):
     import yaml
-from .tamper import check_alpha
 
 __all__ = [
     "Config", "MonitorConfig", "FieldInfo", "GROUPS", "load_config", "list_recipes", "config_hash",
@@ -69,8 +69,10 @@ class MonitorConfig:
                                   group="machinery", affects_result=False)
     dead_filter_share: float = _key(0.05, help="warn when more than this share of filters is dead",
                                    group="machinery", affects_result=False)
-    overfit_patience: int = _key(2, help="test loss rising this many epochs while train loss falls",
-                                group="machinery", affects_result=False)
+    overfit_patience: int = _key(3, help="epochs the held-out loss must stay risen before 'overfitting'",
+                                 group="machinery", affects_result=False)
+    overfit_rise: float = _key(0.2, help="how far above its lowest (a share) the held-out loss must stay",
+                               group="machinery", affects_result=False)
     filter_norms: bool = _key(False, help="record per-filter L2 norms of every conv layer",
                              group="machinery", affects_result=False)
     filter_norms_every: int = _key(100, help="steps between filter-norm records (0: at epoch ends only)",
@@ -115,14 +117,16 @@ class Config:
     img_size: int | None = _key(None, help="image side in pixels (default: the data set's)", group="data",
                                probe_feature=True)
     augment: str = _key("auto", help="training augmentation (auto: the data set's usual one; none)", group="data")
-    train_subset: int | None = _key(None, help="train on the first N images of a fixed shuffle", group="data",
+    train_subset: int | None = _key(None, help="train on N images (class-balanced, seeded)", group="data",
                                    probe_feature=True)
+    test_subset: int | None = _key(None, help="evaluate on N test images (class-balanced, seeded)", group="data",
+                                  probe_feature=True)
     val_fraction: float = _key(0.0, help="share of the training set held out for validation (and best.pt)",
                               group="data", probe_feature=True)
     skip_bad_images: bool = _key(False, help="skip images that fail to decode (counted in summary.json)",
                                 group="data")
-    num_classes: int | None = _key(None, help="number of classes (default: the data set's)", group="data",
-                                  probe_feature=True)
+    num_classes: int | None = _key(None, help="classes of dataset=synthetic; elsewhere read from the data "
+                                   "(a different value is an error)", group="data", probe_feature=True)
     synthetic_size: int = _key(1024, help="images in dataset=synthetic", group="data", bound=">0", probe_feature=True)
     # optimisation
     epochs: int = _key(10, help="epochs to train (raise it on resume to extend a run)", group="optimisation",
@@ -150,7 +154,7 @@ class Config:
                            bound=">0")
     # the tampering
     alpha: float = _key(1.0, help="PowerGrad exponent on the softmax in the gradient (1 = cross-entropy)",
-                       group="tampering")
+                       group="tampering", bound=">=0")
     label_smoothing: float = _key(0.0, help="label smoothing in [0, 1)", group="tampering")
     clip: str = _key("none", help="gradient clipping", group="optimisation", choices=("none", "norm", "value", "agc"))
     clip_value: float = _key(1.0, help="threshold of the gradient clipping", group="optimisation", bound=">=0")
@@ -358,7 +362,7 @@ def _all_keys() -> list[str]:
 
 def _unknown(key: str) -> UserError:
     close = difflib.get_close_matches(key, _all_keys(), n=1, cutoff=0.5)
-    hint = f"; did you mean {close[0]!r}?" if close else "; see `powergrad train --help-keys`"
+    hint = f"; did you mean {close[0]!r}?" if close else "; `powergrad train --help` lists every key"
     return UserError(f"unknown key {key!r}{hint}")
 
 
@@ -400,16 +404,14 @@ def validate(cfg: Config) -> None:
     """Check values that have a type but not every value of it is allowed."""
     for info in field_info(nested=False):
         value = getattr(cfg, info.name)
+        if isinstance(value, float) and not math.isfinite(value):
+            raise UserError(f"{info.name}: must be a finite number, got {value!r}")
         if info.choices and value not in info.choices:
             raise UserError(f"{info.name}: must be one of {', '.join(info.choices)}; got {value!r}")
         if info.bound == ">0" and not value > 0:
             raise UserError(f"{info.name}: must be > 0, got {value!r}")
         if info.bound == ">=0" and not value >= 0:
             raise UserError(f"{info.name}: must be >= 0, got {value!r}")
-    try:
-        check_alpha(cfg.alpha)
-    except ValueError as e:
-        raise UserError(str(e)) from None
     if not 0.0 <= cfg.label_smoothing < 1.0:
         raise UserError(f"label_smoothing: must be in [0, 1), got {cfg.label_smoothing!r}")
     if not 0.0 <= cfg.val_fraction < 1.0:
@@ -441,9 +443,25 @@ def list_recipes() -> dict[str, str]:
     return out
 
 
+class _UniqueKeyLoader(yaml.SafeLoader):
+    """safe_load that refuses a key given twice in one mapping (PyYAML keeps the last silently,
+    so `lr: 0.1` ... `lr: 0.4` would train at 0.4 without a word)."""
+
+    def construct_mapping(self, node, deep=False):
+        seen: dict[Any, int] = {}
+        for key_node, _ in node.value:
+            key = self.construct_object(key_node, deep=deep)
+            line = key_node.start_mark.line + 1
+            if key in seen:
+                raise UserError(f"{self.name}: key {key!r} is given twice (lines {seen[key]} and {line})")
+            seen[key] = line
+        return super().construct_mapping(node, deep=deep)
+
+
 def _read_yaml(path: Path) -> dict[str, Any]:
     try:
-        data = yaml.safe_load(path.read_text())
+        with open(path) as f:  # the loader takes the file's name from it, for its messages
+            data = yaml.load(f, Loader=_UniqueKeyLoader)
     except yaml.constructor.ConstructorError as e:
         # safe_load builds plain values only: a tag such as !!python/object/apply is refused.
         mark = getattr(e, "problem_mark", None)
@@ -456,7 +474,7 @@ def _read_yaml(path: Path) -> dict[str, Any]:
     except OSError as e:
         raise UserError(f"{path}: cannot read ({e.strerror})") from None
     if data is None:
-        return {}
+        raise UserError(f"{path}: the recipe is empty; give at least one key (base: digits to start from one)")
     if not isinstance(data, dict):
         raise UserError(f"{path}: a recipe must be a YAML mapping of key: value")
     return data
@@ -475,6 +493,28 @@ def resolve_recipe_path(recipe: str) -> Path:
     close = difflib.get_close_matches(recipe, list(list_recipes()), n=1, cutoff=0.4)
     hint = f"; did you mean {close[0]!r}?" if close else "; `powergrad recipes` lists them"
     raise UserError(f"no recipe named {recipe!r}{hint}")
+
+
+def describe_recipe(recipe: str) -> list[str]:
+    """What a recipe is and sets, as lines: its description, file, base, and each key it sets
+    (through its bases) with the built-in default it replaces."""
+    path = resolve_recipe_path(recipe)
+    own = _read_yaml(path)
+    raw = _load_raw(recipe)
+    defaults = {i.name: i.default for i in field_info()}
+    lines = [f"{recipe}: {str(raw.get('description', '')).strip() or '(no description)'}", f"file: {path}"]
+    if own.get("base"):
+        lines.append(f"base: {own['base']}")
+    lines.append("sets:")
+    for key, value in raw.items():
+        if key == "description":
+            continue
+        for name, v in (value.items() if isinstance(value, dict) and key == "monitor" else [(None, value)]):
+            full = f"{key}.{name}" if name else key
+            default = defaults.get(full)
+            same = v == default or (name is None and key == "model_kwargs" and not v)
+            lines.append(f"  {full}: {json.dumps(v)}" + ("" if same else f"  (default {json.dumps(default)})"))
+    return lines
 
 
 def _load_raw(recipe: str, seen: tuple[str, ...] = ()) -> dict[str, Any]:
@@ -512,12 +552,27 @@ def load_config(
 
 
 def _parse_overrides(args: list[str]) -> list[tuple[str, Any]]:
-    out = []
+    out: dict[str, str] = {}
     for arg in args:
         if "=" not in arg:
             raise UserError(f"expected key=value, got {arg!r}")
         key, value = arg.split("=", 1)
-        out.append((key.strip(), value))
+        key = key.strip()
+        if key in out:  # the last would win silently: say which one was meant
+            raise UserError(f"{key} is given twice ({key}={out[key]} and {key}={value}); give it once")
+        out[key] = value
+    return list(out.items())
+
+
+def warnings_for(cfg: Config) -> list[str]:
+    """Settings that are allowed but rarely meant: one line each, for the start of a run."""
+    out = []
+    if cfg.alpha == 0:
+        out.append("alpha=0: the gradient is 1/C - q for every example, whatever the model predicts "
+                   "(the paper's range is 0 < alpha <= 1)")
+    elif cfg.alpha > 1:
+        out.append(f"alpha={cfg.alpha:g} > 1 sharpens the softmax in the gradient: outside the paper's "
+                   "range (0 < alpha <= 1), untested by it")
     return out
 
 

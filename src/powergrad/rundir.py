@@ -4,6 +4,7 @@
     RUN/metrics.csv      one row per finished epoch
     RUN/summary.json     final and best metrics, wall time, environment, diagnostics
     RUN/last.pt best.pt  checkpoints
+    RUN/train.log        everything the run printed (stdout and stderr), appended on resume
     RUN/events/          TensorBoard events
     RUN/plots/           curves.png
 """
@@ -16,6 +17,7 @@ import math
 import os
 import platform
 import subprocess
+import sys
 import time
 from collections.abc import Iterator
 from contextlib import contextmanager
@@ -38,6 +40,22 @@ METRIC_COLUMNS = [
     "epoch_s", "train_img_s",
 ]
 TIMING_COLUMNS = ("epoch_s", "train_img_s")
+TB_STEP_EVERY = 50  # optimiser steps between per-step TensorBoard records (timm's log_interval)
+HPARAM_METRICS = ("train_loss", "train_acc", "val_loss", "val_acc", "test_loss", "test_acc", "test_top5")
+# metrics.csv column -> TensorBoard tag: one section per group.
+_TAG_PREFIXES = (("train_", "train/"), ("val_", "val/"), ("test_", "test/"), ("logit_", "logits/"),
+                 ("dead_", "monitor/dead_"))
+_TAGS = {"lr": "train/lr", "gap": "test/gap_train_minus_test", "epoch_s": "time/epoch_s",
+         "train_img_s": "time/train_img_per_s"}
+
+
+def tensorboard_tag(column: str) -> str:
+    if column in _TAGS:
+        return _TAGS[column]
+    for prefix, group in _TAG_PREFIXES:
+        if column.startswith(prefix):
+            return group + column[len(prefix):]
+    return f"other/{column}"
 
 
 def new_run_name(cfg_model: str, cfg_dataset: str, alpha: float) -> str:
@@ -62,6 +80,75 @@ def refuse_run_dir(path: str | Path, what: str) -> None:
         raise UserError(f"{path} holds a training run; {what} writes elsewhere: choose another --out")
 
 
+class _LogSink:
+    """Where teed output goes: RUN/train.log once a run folder is open; until then, held in memory
+    (the command's first lines, printed before the folder exists), up to a bound."""
+
+    HOLD_MAX = 1000  # writes held before a folder opens; more are dropped (another rank's output)
+
+    def __init__(self) -> None:
+        self.file = None
+        self.held: list[str] = []
+
+    def write(self, s: str) -> None:
+        if self.file is not None:
+            self.file.write(s)
+            self.file.flush()  # a killed run keeps what it printed
+        elif len(self.held) < self.HOLD_MAX:
+            self.held.append(s)
+
+    def attach(self, path: Path) -> None:
+        """Write to ``path`` from now on (a second run in the same process, the demo's or a
+        sweep's, moves the output to its own folder's log)."""
+        if self.file is not None and self.file.name == str(path):
+            return
+        self.detach()
+        self.file = open(path, "a", encoding="utf-8")
+        self.file.write("".join(self.held))
+        self.held.clear()
+        self.file.flush()
+
+    def detach(self) -> None:
+        if self.file is not None:
+            self.file.close()
+            self.file = None
+
+
+class Tee:
+    """A stdout or stderr that also writes to the run's train.log. ``terminal`` is the real
+    stream (progress bars draw there only: their frames do not belong in a log)."""
+
+    def __init__(self, terminal: Any, sink: _LogSink) -> None:
+        self.terminal, self.sink = terminal, sink
+
+    def write(self, s: str) -> int:
+        n = self.terminal.write(s)
+        self.sink.write(s)
+        return n
+
+    def flush(self) -> None:
+        self.terminal.flush()
+
+    def __getattr__(self, name: str) -> Any:  # isatty, fileno, encoding: the terminal's
+        return getattr(self.terminal, name)
+
+
+@contextmanager
+def teed_output() -> Iterator[_LogSink]:
+    """stdout and stderr also go to the train.log of the run folder opened inside the block."""
+    if isinstance(sys.stdout, Tee):  # already teed (the CLI, then the Python API inside it)
+        yield sys.stdout.sink
+        return
+    sink = _LogSink()
+    old = sys.stdout, sys.stderr
+    sys.stdout, sys.stderr = Tee(old[0], sink), Tee(old[1], sink)
+    try:
+        yield sink
+    finally:
+        sys.stdout, sys.stderr = old
+        sink.detach()
+
+
 class RunDir:
     """Writes one run's record. Only the main process of a distributed run makes one."""
 
@@ -69,7 +156,7 @@ class RunDir:
         self.path = Path(path)
         if self.path.exists() and not self.path.is_dir():
             raise UserError(f"output path exists and is not a folder: {self.path}")
-        if self.path.is_dir() and any(self.path.iterdir()) and not (resume or overwrite):
+        if self.path.is_dir() and holds_run(self.path) and not (resume or overwrite):
             raise UserError(
                 f"run directory {self.path} already holds a run; pass resume=auto to continue it, "
                 "--overwrite to replace it, or choose another --out"
@@ -82,12 +169,19 @@ class RunDir:
         except OSError as e:
             raise UserError(f"cannot write to output folder {self.path}: {e.strerror or e}") from None
         if overwrite and not resume:
-            for name in ("metrics.csv", "summary.json", "last.pt", "best.pt", "preempt.pt"):
+            for name in ("metrics.csv", "summary.json", "last.pt", "best.pt", "preempt.pt", "train.log"):
                 (self.path / name).unlink(missing_ok=True)
         # A process killed while saving leaves its temporary file; the save itself never landed.
         for name in ("config.yaml.tmp", "metrics.csv.tmp", "summary.json.tmp"):
             (self.path / name).unlink(missing_ok=True)
         self._tb: SummaryWriter | None = None
+        self._step_mark: tuple[int, float] | None = None  # (step, time) of the last step record
+        self._log = None  # the teed output of a run started from Python (the CLI tees its own)
+        if isinstance(sys.stdout, Tee):
+            sys.stdout.sink.attach(self.path / "train.log")
+        else:
+            self._log = teed_output()
+            self._log.__enter__().attach(self.path / "train.log")
 
     # --- files
     @property
@@ -121,17 +215,53 @@ class RunDir:
             w.writerow({k: _fmt(row.get(k)) for k in METRIC_COLUMNS})
         self.tensorboard(row)
 
-    def tensorboard(self, row: dict[str, Any]) -> None:
+    def _writer(self):
         if self._tb is None:
             with extra("train"):
                 from torch.utils.tensorboard import SummaryWriter
 
             self._tb = SummaryWriter(log_dir=str(self.path / "events"))
+        return self._tb
+
+    def tensorboard(self, row: dict[str, Any]) -> None:
+        """An epoch's row as scalars at step = epoch, under grouped tags (train/, val/, test/,
+        logits/, monitor/, time/): TensorBoard draws one section per group."""
+        tb = self._writer()
         step = int(row["epoch"])
         for k, v in row.items():
             if k != "epoch" and isinstance(v, (int, float)) and v is not None and math.isfinite(v):
-                self._tb.add_scalar(k, v, step)
-        self._tb.flush()
+                tb.add_scalar(tensorboard_tag(k), v, step)
+        tb.flush()
+
+    def after_step(self, step: int, loss: Any, lr: float, batch_size: int) -> None:
+        """Every TB_STEP_EVERY optimiser steps: the batch's loss, the lr and the throughput since
+        the last record, under step/ (x = optimiser step). Reading the loss is one host sync per
+        record, not per step."""
+        now = time.perf_counter()
+        if self._step_mark is None:
+            self._step_mark = (step - 1, now)
+        if step % TB_STEP_EVERY:
+            return
+        last_step, last_t = self._step_mark
+        self._step_mark = (step, now)
+        tb = self._writer()
+        tb.add_scalar("step/loss", float(loss), step)
+        tb.add_scalar("step/lr", lr, step)
+        tb.add_scalar("step/img_per_s", (step - last_step) * batch_size / max(now - last_t, 1e-9), step)
+
+    def hparams(self, config: dict[str, Any], final: dict[str, Any], best: dict[str, Any]) -> None:
+        """The config as TensorBoard hparams, with the run's final (and best) metrics, so that
+        the HPARAMS tab compares the runs of a sweep."""
+        flat = {}
+        for k, v in config.items():
+            for name, value in (v.items() if isinstance(v, dict) and k == "monitor" else [(k, v)]):
+                key = f"monitor.{name}" if k == "monitor" else name
+                flat[key] = value if isinstance(value, (int, float, str, bool)) else str(value)
+        metrics = {f"final/{tensorboard_tag(k)}": v for k, v in final.items()
+                   if k in HPARAM_METRICS and isinstance(v, (int, float)) and math.isfinite(v)}
+        metrics.update({f"best/{tensorboard_tag(k)}": v for k, v in best.items()
+                        if k in HPARAM_METRICS and isinstance(v, (int, float)) and math.isfinite(v)})
+        self._writer().add_hparams(flat, metrics, run_name=".")
 
     def write_summary(self, summary: dict[str, Any]) -> None:
         tmp = self.path / "summary.json.tmp"
@@ -143,6 +273,9 @@ class RunDir:
         if self._tb is not None:
             self._tb.close()
             self._tb = None
+        if self._log is not None:
+            self._log.__exit__(None, None, None)
+            self._log = None
 
 
 @contextmanager

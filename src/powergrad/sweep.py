@@ -297,12 +297,29 @@ def _heartbeat(storage: optuna.storages.RDBStorage, trial_id: int) -> Iterator[N
 # ----------------------------------------------------------------------------- one trial
 
 
+def _sweep_progress(q: Queue, spec: dict[str, Any], params: dict[str, Any]) -> str:
+    """One line as a trial starts: which point, how many are done, and an ETA from the trials
+    finished so far (their mean wall time, over the trials running in parallel)."""
+    from .progress import clock
+
+    total = 1
+    for values in spec["space"].values():
+        total *= len(values)
+    done = q.study.get_trials(deepcopy=False, states=DONE)
+    took = [(t.datetime_complete - t.datetime_start).total_seconds() for t in done
+            if t.datetime_complete is not None and t.datetime_start is not None]
+    running = max(1, len(q.study.get_trials(deepcopy=False, states=(TrialState.RUNNING,))))
+    eta = f", eta {clock(sum(took) / len(took) * (total - len(done)) / running)}" if took else ""
+    return f"sweep: {run_name(params)} ({len(done)} of {total} points done{eta})"
+
+
 def _run_trial(q: Queue, trial: optuna.Trial, trial_id: int, spec: dict[str, Any]) -> str:
     from .engine import train
     from .errors import DivergenceError
 
     params = {k: trial.suggest_categorical(k, v) for k, v in spec["space"].items()}
     run_dir = Path(spec["out"]) / run_name(params)
+    log.info(_sweep_progress(q, spec, params))
     for k, v in (("run_dir", str(run_dir)), ("host", socket.gethostname()), ("pid", os.getpid())):
         trial.set_user_attr(k, v)
 

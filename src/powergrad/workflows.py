@@ -8,6 +8,7 @@ recipe's test split. Each returns what powergrad.engine gives back (a RunResult,
 
 from __future__ import annotations
 
+import logging
 from collections.abc import Callable
 from pathlib import Path
 from typing import Any
@@ -22,6 +23,8 @@ from .engine.state import load_model_state, seed_everything
 from .errors import UserError
 
 __all__ = ["train", "fit", "evaluate", "as_config"]
+
+log = logging.getLogger("powergrad")
 
 
 def train(
@@ -53,6 +56,8 @@ def train(
         seed_everything(cfg.seed)
         loaders = create_loaders(cfg, dist.device, dist.rank, dist.world_size)
         info = loaders.info
+        if dist.is_main:
+            log.info(info.describe(cfg.dataset))
         seed_everything(cfg.seed)  # the model's initial weights do not depend on the data code
         model = create_model(cfg, info.num_classes, info.in_chans, info.img_size)
         return run_training(
@@ -95,7 +100,7 @@ def fit(
 
 def evaluate(checkpoint: str | Path, overrides: list[str] | dict | None = None) -> dict[str, float]:
     """Evaluate a checkpoint on its recipe's test split: ``{top1, top5, loss, n}``."""
-    from .data import create_loaders
+    from .data import check_checkpoint_classes, create_loaders
     from .models import create_model
 
     state = read_checkpoint(checkpoint)
@@ -109,6 +114,7 @@ def evaluate(checkpoint: str | Path, overrides: list[str] | dict | None = None) 
     dist = DistInfo(device=init_distributed(cfg.device).device)
     loaders = create_loaders(cfg, dist.device)
     info = loaders.info
+    check_checkpoint_classes(state.get("class_names"), info.class_names, checkpoint)
     model = create_model(cfg, info.num_classes, info.in_chans, info.img_size)
     load_model_state(model, state["model"], checkpoint)
     model.to(dist.device)

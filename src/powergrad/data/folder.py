@@ -2,7 +2,8 @@
 
 Small folders (under memory.MEMORY_LIMIT_BYTES of uint8 at the chosen size) are decoded once, in a
 Pool of cfg.workers, into a uint8 array cached as .npz under POWERGRAD_CACHE (default
-~/.cache/powergrad), keyed by a hash of the file list, sizes, mtimes and image size. Larger ones
+~/.cache/powergrad; see powergrad.cache), keyed by a hash of the file list, sizes, mtimes and
+image size. Only the images a run uses are decoded: its train_subset, val split and test_subset. Larger ones
 (ImageNet) stream through a DataLoader whose batch sampler shards global batches like the
 in-memory loader does.
 """
@@ -26,8 +27,11 @@ from PIL import Image
 from torchvision.datasets.folder import IMG_EXTENSIONS
 from torchvision.transforms import v2
 
+from ..cache import cache_dir
 from ..config import Config
 from ..errors import UserError
+from ..preflight import data_dir_required, imagefolder_dirs
+from ..progress import track
 from . import sampling
 from .memory import Arrays, fits_in_memory
 
@@ -153,10 +157,6 @@ def first_image_side(samples: list[Sample]) -> int:
     raise UserError(f"none of the first images under {Path(samples[0][0]).parent} could be read")
 
 
-def cache_dir() -> Path:
-    return Path(os.environ.get("POWERGRAD_CACHE") or Path.home() / ".cache" / "powergrad")
-
-
 def _cache_key(samples: list[Sample], side: int) -> str:
     h = hashlib.sha256(f"v{_CACHE_VERSION} side={side}".encode())
     for path, label in samples:
@@ -200,12 +200,13 @@ def _decode_all(samples: list[Sample], side: int, workers: int) -> tuple[np.ndar
     x = np.empty((len(paths), 3, side, side), dtype=np.uint8)
     keep: list[int] = []
     bad: list[str] = []
+    desc = f"decoding {len(paths)} images ({DECODE_CHUNK} a chunk)"
     if workers > 0:
         with multiprocessing.get_context().Pool(workers) as pool:
             results = pool.imap(partial(_decode_chunk, side=side), chunks)
-            _collect(results, chunks, x, keep, bad)
+            _collect(track(results, desc, len(chunks), "chunk"), chunks, x, keep, bad)
     else:
-        _collect((_decode_chunk(c, side) for c in chunks), chunks, x, keep, bad)
+        _collect(track((_decode_chunk(c, side) for c in chunks), desc, len(chunks), "chunk"), chunks, x, keep, bad)
     return x[: len(keep)], np.array(keep, dtype=np.int64), bad
 
 
@@ -231,39 +232,45 @@ def _collect(results: Iterator[tuple[np.ndarray, np.ndarray]], chunks: list[list
         start += len(chunk)
 
 
+def decode_used(train: list[Sample], test: list[Sample], side: int, cfg: Config, tag: str,
+                **arrays: object) -> Arrays:
+    """Decode (or read from the cache) only the images this run uses: its train_subset and
+    val_fraction of ``train``, its test_subset of ``test``. ``arrays`` are the remaining
+    fields of :class:`Arrays` (class_names, mean, std, augment)."""
+    labels = torch.tensor([lab for _, lab in train], dtype=torch.int64)
+    train_idx, val_idx = sampling.split_train(labels, cfg)
+    test_idx = sampling.subset_test(torch.tensor([lab for _, lab in test], dtype=torch.int64), cfg)
+    # A split that is the whole list keeps the cache name of earlier versions (imagefolder-train).
+    parts = [("train", train_idx, train), ("val", val_idx, train), ("test", test_idx, test)]
+    decoded = {}
+    for split, idx, samples in parts:
+        if split == "val" and idx is None:
+            continue
+        chosen = samples if idx is None or len(idx) == len(samples) else [samples[i] for i in idx.tolist()]
+        decoded[split] = load_images(chosen, side, cfg.workers, cfg.skip_bad_images, f"{tag}-{split}")
+    (tx, ty, bad_tr), (ex, ey, bad_te) = decoded["train"], decoded["test"]
+    vx, vy, bad_va = decoded.get("val", (tx[:0], ty[:0], 0))
+    n_tr, n_va = len(ty), len(vy)
+    used = (torch.arange(n_tr), torch.arange(n_tr, n_tr + n_va) if "val" in decoded else None)
+    return Arrays(torch.cat([tx, vx]), torch.cat([ty, vy]), ex, ey, bad_images=bad_tr + bad_va + bad_te,
+                  used=used, **arrays)
+
+
 # ---------------------------------------------------------------- the imagefolder data set
 
 
 def build_imagefolder(cfg: Config) -> Arrays | Folders:
     """data_dir/train/<class>/* plus data_dir/val/ (or data_dir/test/): in memory when small."""
-    root = data_dir_required(cfg)
-    train_dir = root / "train"
-    test_dir = next((root / s for s in ("val", "test") if (root / s).is_dir()), None)
-    if not train_dir.is_dir() or test_dir is None:
-        raise UserError(
-            f"imagefolder: expected {root}/train/<class>/*.jpg and {root}/val/<class>/ "
-            f"(or {root}/test/<class>/); found no {'train' if not train_dir.is_dir() else 'val or test'} folder"
-        )
+    train_dir, test_dir = imagefolder_dirs(data_dir_required(cfg))
     classes = find_classes(train_dir)
     check_same_classes(classes, find_classes(test_dir), test_dir)
     train, test = scan_split(train_dir, classes), scan_split(test_dir, classes)
     side = cfg.img_size or first_image_side(train)
     if not fits_in_memory(len(train) + len(test), 3, side):
         return Folders(train, test, classes, cfg.img_size or 224)
-    tx, ty, bad_tr = load_images(train, side, cfg.workers, cfg.skip_bad_images, "imagefolder-train")
-    vx, vy, bad_te = load_images(test, side, cfg.workers, cfg.skip_bad_images, "imagefolder-test")
     # Photos above 64 px get ImageNet-style crops; CIFAR-sized ones the pad-and-crop recipe.
-    return Arrays(tx, ty, vx, vy, classes, IMAGENET_MEAN, IMAGENET_STD,
-                  "cifar" if side <= 64 else "imagenet", bad_tr + bad_te)
-
-
-def data_dir_required(cfg: Config) -> Path:
-    if not cfg.data_dir:
-        raise UserError(f"dataset {cfg.dataset!r} needs data_dir=PATH (the folder holding train/ and val/)")
-    root = Path(cfg.data_dir).expanduser()
-    if not root.is_dir():
-        raise UserError(f"data_dir {root} does not exist (dataset {cfg.dataset!r})")
-    return root
+    return decode_used(train, test, side, cfg, "imagefolder", class_names=classes, mean=IMAGENET_MEAN,
+                       std=IMAGENET_STD, augment="cifar" if side <= 64 else "imagenet")
 
 
 # ---------------------------------------------------------------- streaming

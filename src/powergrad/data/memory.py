@@ -38,6 +38,9 @@ class Arrays:
     std: tuple[float, ...]
     augment: str  # what "auto" means for this data set
     bad_images: int = 0
+    # Set by builders that decode only what the run uses (image folders): the train arrays hold
+    # the run's train then val examples, at these indices, and the test arrays its test_subset.
+    used: tuple[torch.Tensor, torch.Tensor | None] | None = None
 
 
 def resize_uint8(x: torch.Tensor, size: int, chunk: int = 1024) -> torch.Tensor:

@@ -76,6 +76,17 @@ def _balanced_order(labels: torch.Tensor, gen: torch.Generator) -> torch.Tensor:
     return perm[torch.sort(occ, stable=True).indices]
 
 
+def subset_test(labels: torch.Tensor, cfg: Config) -> torch.Tensor | None:
+    """Indices of the test split to evaluate on: a class-balanced ``test_subset`` drawn with
+    ``cfg.seed`` (as train_subset is), or None for all of it."""
+    if cfg.test_subset is None:
+        return None
+    if not 0 < cfg.test_subset <= len(labels):
+        raise UserError(f"test_subset={cfg.test_subset}: must be between 1 and the {len(labels)} test examples")
+    order = _balanced_order(labels, torch.Generator().manual_seed(epoch_seed(cfg.seed, -3)))
+    return order[: cfg.test_subset].sort().values
+
+
 def split_train(labels: torch.Tensor, cfg: Config) -> tuple[torch.Tensor, torch.Tensor | None]:
     """(train indices, val indices or None) into the training split, per val_fraction and train_subset.
 

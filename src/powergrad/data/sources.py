@@ -21,17 +21,13 @@ import torchvision
 
 from ..config import Config
 from ..errors import UserError, extra
-from .folder import IMAGENET_MEAN, IMAGENET_STD, data_dir_required, list_images, load_images
+from ..preflight import data_dir_required, data_root
+from .folder import IMAGENET_MEAN, IMAGENET_STD, decode_used, list_images
 from .memory import Arrays
 
 # Mean and std of the digits train split below, scaled to 0..1 (computed once with
 # round(x * 255 / 16) / 255 over the 1,437 train images; tests/test_data.py re-checks them).
 DIGITS_MEAN, DIGITS_STD = (0.3054,), (0.3760,)
-
-
-def data_root(cfg: Config) -> Path:
-    """Where torchvision's sets live: data_dir, else $POWERGRAD_DATA, else ./data."""
-    return Path(cfg.data_dir or os.environ.get("POWERGRAD_DATA") or "data").expanduser()
 
 
 def _download(name: str, root: Path, fetch: Callable[[], object]) -> None:
@@ -218,9 +214,10 @@ def build_tiny_imagenet(cfg: Config) -> Arrays:
         raise UserError(f"tiny_imagenet: {missing[0]} is listed in {ann} but missing ({len(missing)} in all)")
     gone = set(missing)
     test = [s for s in test if s[0] not in gone]
-    tx, ty, bad_tr = load_images(train, 64, cfg.workers, cfg.skip_bad_images, "tiny_imagenet-train")
-    vx, vy, bad_te = load_images(test, 64, cfg.workers, cfg.skip_bad_images, "tiny_imagenet-val")
-    return Arrays(tx, ty, vx, vy, wnids, IMAGENET_MEAN, IMAGENET_STD, "cifar", bad_tr + bad_te + len(missing))
+    arrays = decode_used(train, test, 64, cfg, "tiny_imagenet", class_names=wnids, mean=IMAGENET_MEAN,
+                         std=IMAGENET_STD, augment="cifar")
+    arrays.bad_images += len(missing)
+    return arrays
 
 
 # ---------------------------------------------------------------- synthetic

@@ -34,6 +34,7 @@ from ..config import Config, config_hash
 from ..errors import DivergenceError, UserError
 from ..models import get_head, param_groups, set_train_mode
 from ..monitor import Diagnostic, EpochStats, Monitor
+from ..progress import StepProgress, track
 from ..rundir import RunDir, environment, git_commit
 from ..tamper import PowerGradLoss
 from .checkpoint import remove_stale_temporaries
@@ -171,25 +172,31 @@ def train_one_epoch(t: Trainer, epoch: int) -> tuple[dict[str, float], float, fl
     lr_at_start = state.epoch_lr = state.epoch_lr if first and state.epoch_lr is not None else state.lr
     tic = time.perf_counter()
     batches = islice(t.train_loader, first, None) if first else t.train_loader
-    for step, (x, y) in enumerate(batches, start=first):
-        x, y = _to_device(x, y, device, cfg.channels_last)
-        scale = _scale(state.scaler, device) if cfg.amp == "fp16" else None
-        loss, logits = _train_step(t.forward, t.criterion, state.optimizer, state.scaler, x, y, cfg, t.net)
-        if scale is not None:  # the scaler lowers its scale exactly when it skips a step
-            state.skipped_updates += _scale(state.scaler, device) < scale
-        if state.global_step == 0 and step == 0:
-            state.monitor.check_outputs(logits, epoch + 1)
-        stats.update(loss, logits, y)
-        t.bad_step = torch.where((t.bad_step < 0) & ~torch.isfinite(loss.detach()), state.global_step, t.bad_step)
-        state.global_step += 1
-        state.scheduler.step_update(state.global_step)
-        for hook in t.step_hooks:  # the one place per step where step, loss and lr are known
-            hook(state, loss)
-        if t.filters is not None:
-            t.filters.after_step(state.global_step)
-        if check_in_due(t, step) and check_in(t, epoch, step, stats):
-            return None
-    return stats.compute(t.dist), time.perf_counter() - tic, lr_at_start
+    progress = StepProgress(epoch + 1, cfg.epochs, t.steps_per_epoch, cfg.batch_size, first=first,
+                            steps_left_after=(cfg.epochs - epoch - 1) * t.steps_per_epoch, enabled=t.dist.is_main)
+    try:
+        for step, (x, y) in enumerate(batches, start=first):
+            x, y = _to_device(x, y, device, cfg.channels_last)
+            scale = _scale(state.scaler, device) if cfg.amp == "fp16" else None
+            loss, logits = _train_step(t.forward, t.criterion, state.optimizer, state.scaler, x, y, cfg, t.net)
+            if scale is not None:  # the scaler lowers its scale exactly when it skips a step
+                state.skipped_updates += _scale(state.scaler, device) < scale
+            if state.global_step == 0 and step == 0:
+                state.monitor.check_outputs(logits, epoch + 1)
+            stats.update(loss, logits, y)
+            t.bad_step = torch.where((t.bad_step < 0) & ~torch.isfinite(loss.detach()), state.global_step, t.bad_step)
+            state.global_step += 1
+            state.scheduler.step_update(state.global_step)
+            progress.step(loss, state.lr)
+            for hook in t.step_hooks:  # the one place per step where step, loss and lr are known
+                hook(state, loss)
+            if t.filters is not None:
+                t.filters.after_step(state.global_step)
+            if check_in_due(t, step) and check_in(t, epoch, step, stats):
+                return None
+        return stats.compute(t.dist), time.perf_counter() - tic, lr_at_start
+    finally:
+        progress.close()  # the bar goes before the epoch's line is printed
 
 
 def _train_step(forward, criterion, optimizer, scaler, x, y, cfg: Config, net: nn.Module):
@@ -268,7 +275,7 @@ def evaluate_loader(
     device = dist.device
     model.eval()
     sums = torch.zeros(4, dtype=torch.float64, device=device)  # loss, top1, top5, n
-    for x, y in loader:
+    for x, y in track(loader, "evaluating", enabled=dist.is_main):
         x, y = _to_device(x, y, device, cfg.channels_last)
         with _autocast(cfg.amp, device):
             logits = model(x)
@@ -378,14 +385,17 @@ def make_trainer(state: TrainingState, cfg: Config, dist: DistInfo, run: RunDir 
     else:
         state.monitor.feature_alive = None
     saver = CheckpointSaver(run.path if run else None, cfg)
+    hooks: list[StepHook] = []
     if run is not None:
         remove_stale_temporaries(run.path)  # a save a kill cut short never landed
+        hooks.append(lambda s, loss: run.after_step(s.global_step, loss, s.lr, cfg.batch_size))  # TensorBoard
     return Trainer(
         cfg=cfg, dist=dist, state=state, net=net, forward=torch.compile(net) if cfg.compile else net,
         criterion=PowerGradLoss(cfg.alpha, cfg.label_smoothing), train_loader=train_loader,
         test_loader=test_loader, val_loader=val_loader, run=run, saver=saver,
         filters=_filter_recorder(model, cfg, run, state.global_step), stopper=PreemptionFlag(),
         steps_per_epoch=steps_per_epoch, bad_step=torch.full((), -1, dtype=torch.long, device=device),
+        step_hooks=hooks,
     )
 
 
@@ -470,6 +480,8 @@ def finish(t: Trainer, status: str, extra_summary: dict[str, Any] | None) -> Run
         if t.cfg.amp == "fp16":
             extra["fp16_skipped_updates"] = int(state.skipped_updates)
         run.write_summary(_summary(t, status, extra))
+        if history:
+            run.hparams(t.cfg.to_dict(), history[-1], state.best)
         run.close()
         if history:
             from ..report.plots import plot_curves

@@ -267,7 +267,7 @@ def create_model(cfg: Config, num_classes: int, in_chans: int, img_size: int) ->
     else:
         raise _unknown(name)
     n_params = sum(p.numel() for p in model.parameters())
-    log.info("built %s: %d classes, %d input channels, %.2fM parameters", name, num_classes, in_chans, n_params / 1e6)
+    log.info("built %s: %d classes, %d input channels, %s parameters", name, num_classes, in_chans, f"{n_params:,}")
     head_name, head = get_head(model)
     if cfg.weights:
         load_weights(model, cfg.weights, head_name, _first_conv(model))
