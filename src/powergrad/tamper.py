@@ -197,7 +197,8 @@ def power_grad_cross_entropy(
 
     Args:
         logits: ``(N, C)``, ``(N, C, d1, ...)`` or unbatched ``(C,)`` unnormalised scores, any
-            float dtype.
+            float dtype. As for ``F.cross_entropy``, input of two or more dimensions is batched:
+            an unbatched ``(C, d1, ...)`` cannot be told from ``(N, C, ...)``.
         target: class indices ``(N, ...)`` (a scalar for unbatched logits) or a probability
             distribution per row (same shape as ``logits``), as for
             :func:`torch.nn.functional.cross_entropy`.
