@@ -324,6 +324,11 @@ def _calls(tree: ast.AST, dotted: str):
 
 def test_every_load_in_the_package_is_safe():
     """torch.load with weights_only=True, np.load without pickles, yaml.safe_load, no pickle.load."""
+    import yaml
+
+    from powergrad.config import _UniqueKeyLoader  # recipes are read with it: safe_load's loader
+
+    assert issubclass(_UniqueKeyLoader, yaml.SafeLoader)
     files = sorted(PACKAGE.rglob("*.py"))
     torch_loads = 0
     for path in files:
