@@ -4,7 +4,7 @@ VENV := .venv
 BIN := $(VENV)/bin
 STAMP := $(VENV)/.installed
 
-.PHONY: demo test lint typecheck bench dist clean
+.PHONY: demo test lint typecheck bench dist gpu-check clean
 
 $(STAMP): pyproject.toml
 	test -x $(BIN)/python || $(PYTHON) -m venv $(VENV)
@@ -32,6 +32,12 @@ dist: $(STAMP)   # the sdist and wheel, checked as PyPI would
 
 bench: $(STAMP)
 	$(BIN)/python benchmarks/loss.py
+
+# The CUDA path in one command (<= 20 minutes on one H100): gpu_suite.json and gpu_suite.md in
+# GPU_OUT. CIFAR-10 (JPEG) from POWERGRAD_DATA (a folder, or one holding cifar10-jpeg.tar).
+GPU_OUT ?= runs/gpu-check
+gpu-check: $(STAMP)
+	$(BIN)/python benchmarks/gpu_suite.py --out $(GPU_OUT)
 
 clean:
 	rm -rf $(VENV) runs build dist *.egg-info src/*.egg-info

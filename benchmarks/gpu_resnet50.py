@@ -72,12 +72,12 @@ class Step:
         return time.perf_counter() - tic
 
 
-def trainer_img_per_s(args, device: torch.device) -> float:
+def trainer_img_per_s(args, device: torch.device, channels_last: bool = True, compile: bool = True) -> float:
     with tempfile.TemporaryDirectory(prefix="pg-gpu-") as tmp:
         r = powergrad.train({
             "model": args.model, "dataset": "synthetic", "img_size": args.img_size, "num_classes": 1000,
             "synthetic_size": args.batch_size * args.steps, "batch_size": args.batch_size, "epochs": 2,
-            "amp": args.amp, "channels_last": True, "compile": True, "device": str(device),
+            "amp": args.amp, "channels_last": channels_last, "compile": compile, "device": str(device),
             "alpha": 0.3, "lr": 0.01, "save_every": 2,
         }, Path(tmp) / "run")
     return r.history[-1]["train_img_s"]

@@ -78,6 +78,7 @@ def one_step(model: nn.Module, num_classes: int, in_chans: int, img_size: int, r
         ("resnet20", 10, 1, 8, {"shortcut": "B"}),
         ("resnet20", 200, 3, 64, {"depth": 8}),
         ("resnet20_nobn", 10, 3, 32, {}),
+        ("resnet9", 10, 3, 32, {"widths": [8, 16, 16, 32]}),
         ("resnet18_nobn", 10, 3, 32, {}),
         ("resnet18", 10, 1, 8, {}),
         ("seresnet18", 10, 3, 32, {}),
@@ -94,7 +95,7 @@ def test_builds_and_trains(name, num_classes, in_chans, img_size, kwargs):
 
 
 def test_local_models_name_their_head_fc():
-    for name in ("resnet20", "resnet20_nobn", "convnet", "softmax_regression", "mlp"):
+    for name in ("resnet20", "resnet20_nobn", "resnet9", "convnet", "softmax_regression", "mlp"):
         model = MODELS[name](7, 3, 16)
         head_name, head = get_head(model)
         assert head_name == "fc" and head.out_features == 7
@@ -105,6 +106,21 @@ def test_resnet20_is_the_paper_net():
     assert sum(p.numel() for p in model.parameters()) == 269_722  # He et al. 2016: 0.27M (option A)
     convs = [m for m in model.modules() if isinstance(m, nn.Conv2d)]
     assert len(convs) == 19 and {c.out_channels for c in convs} == {16, 32, 64}
+
+
+def test_resnet9_flip_averages_logits_in_eval_only():
+    model = create_model(cfg(model="resnet9", model_kwargs={"widths": [8, 8, 16, 16], "tta_flip": True}), 10, 3, 16)
+    x = torch.randn(4, 3, 16, 16)
+    model.eval()
+    with torch.no_grad():
+        both = model(x)
+        assert torch.allclose(both, 0.5 * (model.logits(x) + model.logits(x.flip(-1))))
+        assert not torch.allclose(both, model.logits(x))
+    model.train()
+    torch.manual_seed(0)
+    out = model(x)
+    torch.manual_seed(0)
+    assert torch.equal(out, model.logits(x))  # training sees the image as it is
 
 
 def test_nobn_models_have_no_batchnorm():

@@ -9,6 +9,7 @@ import json
 import numpy as np
 import pytest
 import torch
+import yaml
 from PIL import Image
 from timm.utils import dispatch_clip_grad
 
@@ -20,6 +21,7 @@ from powergrad.engine.official import read_official
 from powergrad.engine.optim import create_optimizer, create_scheduler
 from powergrad.errors import UserError
 from powergrad.models import create_model, param_groups
+from powergrad.rundir import read_metrics
 from powergrad.tamper import PowerGradLoss
 
 RECIPES = [n for n in list_recipes() if n.startswith(("imagenet/", "cifar10/"))]
@@ -176,3 +178,39 @@ def test_malicious_official_checkpoint_is_refused_and_nothing_runs(official, tmp
     assert not marker.exists()
     with pytest.raises(UserError, match="refused"):
         read_official(path)
+
+
+def _official_with_args(official, path, **args):
+    """The fixture's timm file with other args (as timm's train.py would have saved them)."""
+    with torch.serialization.safe_globals([argparse.Namespace]):
+        state = torch.load(official["path"], map_location="cpu", weights_only=True)
+    state["args"] = argparse.Namespace(**{**vars(state["args"]), **args})
+    torch.save(state, path)
+    return path
+
+
+def test_train_resumes_a_timm_checkpoint_with_its_arch_and_args(official, tmp_path, capsys):
+    """No model=, no label_smoothing=, no img_size=: the file's arch and args say them (issue 12,
+    docs/reproducing.md); a key on the command line still wins; "epochs done" is said once."""
+    path = _official_with_args(official, tmp_path / "last.pth.tar", smoothing=0.1, img_size=32)
+    common = [f"{k}={v}" for k, v in official["common"].items() if k != "img_size"]
+    out = tmp_path / "resumed"
+    assert main(["train", f"resume={path}", "batch_size=6", "epochs=4", *common, "--out", str(out)]) == 0
+    stdout = capsys.readouterr().out
+    cfg = yaml.safe_load((out / "config.yaml").read_text())
+    assert (cfg["model"], cfg["label_smoothing"], cfg["img_size"], cfg["alpha"]) == ("resnet18_nobn", 0.1, 32, 0.25)
+    assert stdout.count("3 epochs done") == 1 and "official checkpoint" in stdout
+    assert [int(r["epoch"]) for r in read_metrics(out)] == [4]
+    out2 = tmp_path / "overridden"
+    assert main(["train", f"resume={path}", "batch_size=6", "epochs=4", "label_smoothing=0.2", *common,
+                 "--out", str(out2)]) == 0
+    assert yaml.safe_load((out2 / "config.yaml").read_text())["label_smoothing"] == 0.2
+
+
+def test_a_failed_timm_resume_leaves_no_trace_in_out(official, tmp_path, capsys):
+    out = tmp_path / "r"
+    c = [f"{k}={v}" for k, v in official["common"].items()]
+    assert main(["train", f"resume={official['path']}", "model=convnet", "batch_size=6", "epochs=4", *c,
+                 "--out", str(out)]) == 2
+    assert "does not fit the model" in capsys.readouterr().err
+    assert not out.exists()  # not even an empty plots/

@@ -21,12 +21,13 @@ import logging
 import os
 import sys
 from pathlib import Path
+from typing import NoReturn
 
 from .errors import ONCE_DIR_ENV, DivergenceError, PeerFailedError, UserError, print_once
 
 
 class _Parser(argparse.ArgumentParser):
-    def error(self, message: str) -> None:  # one line, exit 2, as every user error
+    def error(self, message: str) -> NoReturn:  # one line, exit 2, as every user error
         # main() prints "powergrad: error: "; name the sub-command only ("eval: ...").
         command = self.prog.removeprefix("powergrad").strip()
         raise UserError(f"{command}: {message}" if command else message)
@@ -317,10 +318,10 @@ class _StdStreamHandler(logging.StreamHandler):
 
     def __init__(self, name: str) -> None:
         super().__init__(getattr(sys, name))
-        self.name = name
+        self.stream_name = name
 
     def emit(self, record: logging.LogRecord) -> None:
-        self.stream = getattr(sys, self.name)
+        self.stream = getattr(sys, self.stream_name)
         super().emit(record)
 
 

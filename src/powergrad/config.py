@@ -28,6 +28,7 @@ with extra("train"):
 __all__ = [
     "Config", "MonitorConfig", "FieldInfo", "GROUPS", "load_config", "list_recipes", "config_hash",
     "field_info", "field_groups", "result_keys", "machinery_keys", "probe_feature_keys", "resume_differences",
+    "check_resume",
 ]
 
 
@@ -267,6 +268,18 @@ def resume_differences(saved: dict[str, Any], now: dict[str, Any]) -> list[str]:
         if a != b:
             out.append(f"{k}: checkpoint {a!r}, this command {b!r}")
     return out
+
+
+def check_resume(saved: dict[str, Any], cfg: Config, path: Any) -> None:
+    """Refuse to resume a checkpoint trained with other settings that change the result, naming
+    each differing key with both values (one record never mixes two recipes)."""
+    differences = resume_differences(saved, cfg.to_dict())
+    if differences:
+        raise UserError(
+            f"{path}: resume keeps the settings that change the result; this command differs in "
+            f"{'; '.join(differences)}. To train from these weights with other settings, start a "
+            f"new run: init_from={path}"
+        )
 
 
 def probe_feature_keys() -> tuple[str, ...]:

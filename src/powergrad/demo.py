@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 from pathlib import Path
+from typing import Any
 
 from .engine import train
 from .report.plots import plot_compare
@@ -16,7 +17,7 @@ def run_demo(out: str | Path = "runs/demo", epochs: int | None = None) -> dict[f
     results = {}
     for alpha in (1.0, 0.25):
         print(f"\n== digits, alpha = {alpha:g} " + "=" * 50, flush=True)
-        overrides = {"alpha": alpha, **({"epochs": epochs} if epochs else {})}
+        overrides: dict[str, Any] = {"alpha": alpha, **({"epochs": epochs} if epochs else {})}
         results[alpha] = train("digits", out=out / f"alpha{alpha:g}", overwrite=True, **overrides)
     print("\n== comparison: final epoch; 'best' is the best test accuracy of any epoch")
     print(f"{'alpha':>6} {'train loss':>11} {'train acc':>10} {'test loss':>10} {'test acc':>9} "
@@ -26,6 +27,6 @@ def run_demo(out: str | Path = "runs/demo", epochs: int | None = None) -> dict[f
         print(f"{alpha:>6g} {f['train_loss']:>11.4f} {f['train_acc']:>10.4f} {f['test_loss']:>10.4f} "
               f"{f['test_acc']:>9.4f} {f['gap']:>+7.4f} {r.best['test_acc']:>7.4f} "
               f"{f.get('logit_norm') or float('nan'):>11.2f}")
-    png = plot_compare({f"alpha {a:g}": r.run_dir for a, r in results.items()}, out / "compare.png")
+    png = plot_compare({f"alpha {a:g}": out / f"alpha{a:g}" for a in results}, out / "compare.png")
     print(f"\ncurves: {png} and {out}/alpha*/plots/curves.png")
     return {a: r.final for a, r in results.items()}

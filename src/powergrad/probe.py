@@ -42,7 +42,7 @@ class _NoTransform:
     def draw(self, gen: torch.Generator, n: int, side: int) -> dict[str, torch.Tensor]:
         return {}
 
-    def __call__(self, x: torch.Tensor, params: dict | None = None) -> torch.Tensor:
+    def __call__(self, x: torch.Tensor, params: dict[str, torch.Tensor] | None = None) -> torch.Tensor:
         return x
 
 
@@ -169,7 +169,8 @@ def _features(probe, loaders, cfg: Config, device: torch.device) -> dict[str, to
 
 @torch.no_grad()
 def _extract(probe, loader: Iterable, n_total: int, cfg: Config) -> tuple[torch.Tensor, torch.Tensor]:
-    xs, ys = [], []
+    xs: list[torch.Tensor] = []
+    ys: list[torch.Tensor] = []
     for x, y in loader:
         f = probe.features(x).float()
         if not xs and n_total * f.shape[1] * 4 > FEATURE_LIMIT_BYTES:

@@ -20,11 +20,14 @@ import subprocess
 import sys
 import time
 from collections.abc import Iterator
-from contextlib import contextmanager
+from contextlib import AbstractContextManager, contextmanager
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 from .errors import UserError, extra
+
+if TYPE_CHECKING:
+    from torch.utils.tensorboard import SummaryWriter
 
 __all__ = [
     "RunDir", "METRIC_COLUMNS", "read_metrics", "read_summary", "environment", "holds_run", "refuse_run_dir",
@@ -84,7 +87,7 @@ class _LogSink:
     HOLD_MAX = 1000  # writes held before a folder opens; more are dropped (another rank's output)
 
     def __init__(self) -> None:
-        self.file = None
+        self.file: Any = None  # an open text file while a run folder is open
         self.held: list[str] = []
 
     def write(self, s: str) -> None:
@@ -171,9 +174,9 @@ class RunDir:
         # A process killed while saving leaves its temporary file; the save itself never landed.
         for name in ("config.yaml.tmp", "metrics.csv.tmp", "summary.json.tmp"):
             (self.path / name).unlink(missing_ok=True)
-        self._tb = None
+        self._tb: SummaryWriter | None = None
         self._step_mark: tuple[int, float] | None = None  # (step, time) of the last step record
-        self._log = None  # the teed output of a run started from Python (the CLI tees its own)
+        self._log: AbstractContextManager[_LogSink] | None = None  # the teed output of a run started from Python (the CLI tees its own)
         if isinstance(sys.stdout, Tee):
             sys.stdout.sink.attach(self.path / "train.log")
         else:
@@ -302,7 +305,7 @@ def read_metrics(run: str | Path) -> list[dict[str, Any]]:
     out = []
     for r in rows:
         out.append({k: (float(v) if v not in ("", None) else None) for k, v in r.items()})
-        out[-1]["epoch"] = int(out[-1]["epoch"])
+        out[-1]["epoch"] = int(float(r["epoch"]))
     return out
 
 

@@ -52,6 +52,7 @@ with extra("sweep"):
     from optuna.trial import FrozenTrial, TrialState
 
     from .config import Config, load_config
+    from .rundir import refuse_run_dir
 
 __all__ = ["run_sweep", "parse_grid", "SweepResult", "run_name"]
 
@@ -347,8 +348,9 @@ def _run_trial(q: Queue, trial: optuna.Trial, trial_id: int, spec: dict[str, Any
         q.study.tell(trial, state=TrialState.FAIL)
         return "preempted"
     final = result.final
-    value = final["val_acc"] if final.get("val_acc") is not None else final["test_acc"]
-    q.study.tell(trial, float(value))
+    metric = "val_acc" if final.get("val_acc") is not None else "test_acc"
+    trial.set_user_attr("metric", metric)  # what the value measures: format_result's column
+    q.study.tell(trial, float(final[metric]))
     return "complete"
 
 
@@ -411,6 +413,7 @@ def run_sweep(
     points = [dict(zip(space, combo)) for combo in itertools.product(*space.values())]
     for p in points:  # every point must be a valid recipe before anything runs
         load_config(recipe, {**fixed, **p})
+    refuse_run_dir(out, "a sweep")
     url = storage or f"sqlite:///{out.resolve() / 'study.db'}"
     if storage is None:
         _make_folder(out)  # holds the SQLite file
@@ -427,18 +430,18 @@ def run_sweep(
     log.info("sweep %s: %d points, %d to run, %d worker(s), storage %s",
              out, len(points), todo, workers, shown_url(url))
     host = socket.gethostname()
+    mine: set[tuple[str, int | None]] = {(host, os.getpid())}
     if workers == 1:
-        mine = {(host, os.getpid())}
         _worker(spec)
     else:
         threads = max(1, (os.cpu_count() or 1) // workers)
         ctx = mp.get_context("spawn")
         procs = [ctx.Process(target=_worker, args=(spec, threads)) for _ in range(workers)]
-        for p in procs:
-            p.start()
-        mine = {(host, p.pid) for p in procs}
-        for p in procs:
-            p.join()
+        for proc in procs:
+            proc.start()
+        mine = {(host, proc.pid) for proc in procs}
+        for proc in procs:
+            proc.join()
     result = summarize(q.study, points, base.epochs, out, url, mine)
     (out / "sweep.json").write_text(json.dumps(result.to_dict(), indent=2, default=str))
     return result
@@ -495,7 +498,7 @@ def summarize(
 def _row(t: FrozenTrial | None, mine: set[tuple[str, int | None]]) -> dict[str, Any]:
     if t is None:
         return {"state": "MISSING", "value": None, "trial": None, "epochs_done": None, "worker": None,
-                "here": False, "run_dir": None, "error": None}
+                "here": False, "run_dir": None, "metric": None, "error": None}
     host, pid = t.user_attrs.get("host"), t.user_attrs.get("pid")
     # A finished trial records its epochs; a running one has reported this many so far.
     done = t.user_attrs.get("epochs_done", len(t.intermediate_values) if t.state == TrialState.RUNNING else None)
@@ -504,7 +507,7 @@ def _row(t: FrozenTrial | None, mine: set[tuple[str, int | None]]) -> dict[str, 
         error = "its worker has ended: re-run the sweep to resume it"
     return {"state": t.state.name, "value": t.value, "trial": t.number, "epochs_done": done,
             "worker": f"{host}:{pid}" if host else None, "here": (host, pid) in mine,
-            "run_dir": t.user_attrs.get("run_dir"), "error": error}
+            "run_dir": t.user_attrs.get("run_dir"), "metric": t.user_attrs.get("metric"), "error": error}
 
 
 def _rank(t: FrozenTrial) -> tuple[bool, int]:
@@ -513,12 +516,17 @@ def _rank(t: FrozenTrial) -> tuple[bool, int]:
 
 def format_result(result: SweepResult) -> str:
     """A short text table of the points, who ran them, and where the grid's epochs went."""
-    lines = [f"{'point':<40} {'state':<9} {'value':>8} {'epochs':>6}  {'worker':<20} error"]
+    # The value is final validation accuracy where the recipe holds a validation split, else
+    # test accuracy: the column says which (a mixed grid names each row's).
+    metrics = {r.get("metric") for r in result.trials if r.get("metric")}
+    label = metrics.pop() if len(metrics) == 1 else "value"
+    lines = [f"{'point':<40} {'state':<9} {label:>8} {'epochs':>6}  {'worker':<20} error"]
     for r in result.trials:
         value = f"{r['value']:.4f}" if r["value"] is not None else "-"
         worker = "here" if r["here"] else r["worker"] or "-"
+        which = f"  ({r['metric']})" if label == "value" and r.get("metric") else ""
         lines.append(f"{r['point']:<40} {r['state']:<9} {value:>8} {r['epochs_done'] or '-':>6}  "
-                     f"{worker:<20} {r['error'] or ''}")
+                     f"{worker:<20} {r['error'] or ''}{which}")
     not_run = result.epochs_full - result.epochs_run - result.epochs_pruned
     lines.append(
         f"epochs trained {result.epochs_run} of the full grid's {result.epochs_full}: "

@@ -17,8 +17,8 @@ from torch import nn
 
 from .config import Config, load_config
 from .engine.distributed import DistInfo, cleanup, init_distributed, raise_if_peer_failed
-from .engine.loop import RunResult, evaluate_loader, run_training
-from .engine.resume import read_checkpoint, resolve_config
+from .engine.loop import RunResult, already_complete, evaluate_loader, run_training
+from .engine.resume import check_progress, plan_start, read_checkpoint, resolve_config
 from .engine.state import load_model_state, seed_everything
 from .errors import UserError
 
@@ -41,10 +41,13 @@ def train(
     True stops the run there with status ``stopped`` (a sweep's pruner uses it).
     """
     cfg = as_config(config, overrides, out)
+    plan = plan_start(cfg, out)  # a resume that cannot go on stops here, before any data is read
+    if plan.own_folder and check_progress(plan, cfg) == "complete":  # (another run's file must
+        return already_complete(plan, cfg)  # still fit the model: run_training checks, then says so)
     if cfg.probe_layer:  # features computed once, then the loop on the head
         from .probe import train_probe
 
-        return train_probe(cfg, out, overwrite=overwrite, on_epoch=on_epoch)
+        return train_probe(cfg, out, overwrite=overwrite, on_epoch=on_epoch, plan=plan)
     from .data import create_loaders
     from .models import create_model
 
@@ -60,7 +63,7 @@ def train(
         return run_training(
             model, loaders.train, loaders.test, cfg, dist, out=out, overwrite=overwrite,
             val_loader=loaders.val, extra_summary={"bad_images": info.bad_images},
-            on_epoch=on_epoch, class_names=list(info.class_names),
+            on_epoch=on_epoch, class_names=list(info.class_names), plan=plan,
         )
     except RuntimeError as e:
         raise_if_peer_failed(e, dist)

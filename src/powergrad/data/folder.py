@@ -140,7 +140,7 @@ def decode_image(path: str, side: int) -> np.ndarray | None:
     if (w, h) != (side, side):
         s = side / min(w, h)
         nw, nh = max(side, round(w * s)), max(side, round(h * s))
-        im = im.resize((nw, nh), Image.BILINEAR)  # PIL's bilinear antialiases when shrinking
+        im = im.resize((nw, nh), Image.Resampling.BILINEAR)  # PIL's bilinear antialiases when shrinking
         left, top = (nw - side) // 2, (nh - side) // 2
         im = im.crop((left, top, left + side, top + side))
     return np.asarray(im, dtype=np.uint8).transpose(2, 0, 1)
@@ -198,7 +198,8 @@ def _decode_all(samples: list[Sample], side: int, workers: int) -> tuple[np.ndar
     paths = [p for p, _ in samples]
     chunks = [paths[i:i + DECODE_CHUNK] for i in range(0, len(paths), DECODE_CHUNK)]
     x = np.empty((len(paths), 3, side, side), dtype=np.uint8)
-    keep, bad = [], []
+    keep: list[int] = []
+    bad: list[str] = []
     desc = f"decoding {len(paths)} images ({DECODE_CHUNK} a chunk)"
     if workers > 0:
         with multiprocessing.get_context().Pool(workers) as pool:
@@ -231,17 +232,17 @@ def _collect(results: Iterator[tuple[np.ndarray, np.ndarray]], chunks: list[list
         start += len(chunk)
 
 
-def decode_used(train: list[Sample], test: list[Sample], side: int, cfg: Config, tag: str,
-                **arrays: object) -> Arrays:
+def decode_used(train: list[Sample], test: list[Sample], side: int, cfg: Config, tag: str, *,
+                class_names: list[str], mean: tuple[float, ...], std: tuple[float, ...], augment: str) -> Arrays:
     """Decode (or read from the cache) only the images this run uses: its train_subset and
-    val_fraction of ``train``, its test_subset of ``test``. ``arrays`` are the remaining
-    fields of :class:`Arrays` (class_names, mean, std, augment)."""
+    val_fraction of ``train``, its test_subset of ``test``; the other arguments are the
+    :class:`Arrays` fields of the data set."""
     labels = torch.tensor([lab for _, lab in train], dtype=torch.int64)
     train_idx, val_idx = sampling.split_train(labels, cfg)
     test_idx = sampling.subset_test(torch.tensor([lab for _, lab in test], dtype=torch.int64), cfg)
     # A split that is the whole list keeps the cache name of earlier versions (imagefolder-train).
     parts = [("train", train_idx, train), ("val", val_idx, train), ("test", test_idx, test)]
-    decoded = {}
+    decoded: dict[str, tuple[torch.Tensor, torch.Tensor, int]] = {}
     for split, idx, samples in parts:
         if split == "val" and idx is None:
             continue
@@ -251,8 +252,8 @@ def decode_used(train: list[Sample], test: list[Sample], side: int, cfg: Config,
     vx, vy, bad_va = decoded.get("val", (tx[:0], ty[:0], 0))
     n_tr, n_va = len(ty), len(vy)
     used = (torch.arange(n_tr), torch.arange(n_tr, n_tr + n_va) if "val" in decoded else None)
-    return Arrays(torch.cat([tx, vx]), torch.cat([ty, vy]), ex, ey, bad_images=bad_tr + bad_va + bad_te,
-                  used=used, **arrays)
+    return Arrays(torch.cat([tx, vx]), torch.cat([ty, vy]), ex, ey, class_names, mean, std, augment,
+                  bad_images=bad_tr + bad_va + bad_te, used=used)
 
 
 # ---------------------------------------------------------------- the imagefolder data set

@@ -11,6 +11,7 @@ from __future__ import annotations
 import math
 from collections.abc import Iterator
 from dataclasses import dataclass
+from typing import Protocol
 
 import torch
 import torch.nn.functional as F
@@ -54,6 +55,14 @@ def resize_uint8(x: torch.Tensor, size: int, chunk: int = 1024) -> torch.Tensor:
 
 def fits_in_memory(n: int, chans: int, size: int) -> bool:
     return n * chans * size * size <= MEMORY_LIMIT_BYTES
+
+
+class Transform(Protocol):
+    """What the memory loaders call on each batch: BatchTransform, or none (the linear probe)."""
+
+    def draw(self, gen: torch.Generator, n: int, side: int) -> dict[str, torch.Tensor]: ...
+
+    def __call__(self, x: torch.Tensor, params: dict[str, torch.Tensor] | None = None) -> torch.Tensor: ...
 
 
 class BatchTransform:
@@ -135,7 +144,7 @@ def _resized_crop(x: torch.Tensor, p: dict[str, torch.Tensor], size: int) -> tor
 class MemoryTrainLoader:
     """Shuffled, augmented batches of this rank's slice of each global batch."""
 
-    def __init__(self, x: torch.Tensor, y: torch.Tensor, transform: BatchTransform, batch_size: int,
+    def __init__(self, x: torch.Tensor, y: torch.Tensor, transform: Transform, batch_size: int,
                  seed: int, rank: int = 0, world_size: int = 1) -> None:
         self.x, self.y, self.transform = x, y, transform
         self.batch_size, self.seed, self.rank, self.world_size = batch_size, seed, rank, world_size
@@ -162,7 +171,7 @@ class MemoryTrainLoader:
 class MemoryEvalLoader:
     """This rank's indices r::world_size of an eval split, in order, no augmentation."""
 
-    def __init__(self, x: torch.Tensor, y: torch.Tensor, transform: BatchTransform, batch_size: int,
+    def __init__(self, x: torch.Tensor, y: torch.Tensor, transform: Transform, batch_size: int,
                  rank: int = 0, world_size: int = 1) -> None:
         self.x, self.y, self.transform, self.batch_size = x, y, transform, batch_size
         self.idx = sampling.eval_indices(len(y), rank, world_size).to(x.device)

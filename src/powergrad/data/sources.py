@@ -13,6 +13,7 @@ import pickle
 import shutil
 from collections.abc import Callable
 from pathlib import Path
+from typing import Any
 
 import numpy as np
 import torch
@@ -87,7 +88,7 @@ class _DataUnpickler(pickle.Unpickler):
         return fn
 
 
-def load_data_pickle(path: Path) -> object:
+def load_data_pickle(path: Path) -> Any:  # what the allow-list lets through: dicts, lists, arrays
     """A data pickle read through the allow-list of _DataUnpickler; UserError naming the file if refused."""
     try:
         return _DataUnpickler(io.BytesIO(path.read_bytes()), encoding="latin1").load()
@@ -104,7 +105,7 @@ def _read_cifar_batches(folder: Path, files: list[str]) -> tuple[torch.Tensor, t
     return torch.from_numpy(np.concatenate(xs)), torch.tensor(ys, dtype=torch.int64)
 
 
-def _cifar(cfg: Config, cls: type, mean: tuple[float, ...], std: tuple[float, ...]) -> Arrays:
+def _cifar(cfg: Config, cls: type[Any], mean: tuple[float, ...], std: tuple[float, ...]) -> Arrays:
     """CIFAR-10/100 from torchvision's on-disk layout (the python pickle batches).
 
     The batches are read here rather than through cls(...), because torchvision md5-checks all
@@ -143,7 +144,7 @@ def build_cifar100(cfg: Config) -> Arrays:
 # ---------------------------------------------------------------- MNIST and Fashion-MNIST
 
 
-def _mnist(cfg: Config, cls: type, mean: float, std: float) -> Arrays:
+def _mnist(cfg: Config, cls: type[Any], mean: float, std: float) -> Arrays:
     """MNIST-style IDX files under root/<ClassName>/raw/, read by torchvision's class."""
     name, root = cls.__name__, data_root(cfg)
     raw = root / name / "raw"

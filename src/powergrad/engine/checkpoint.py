@@ -14,7 +14,7 @@ import os
 import pickle
 import tempfile
 from pathlib import Path
-from typing import Any
+from typing import IO, Any, cast
 
 import torch
 
@@ -41,7 +41,7 @@ def save_checkpoint(state: dict[str, Any], path: str | Path) -> None:
     try:
         with os.fdopen(fd, "wb") as f:
             writer = _Writer(f)
-            torch.save({**state, "format_version": FORMAT_VERSION}, writer)
+            torch.save({**state, "format_version": FORMAT_VERSION}, cast(IO[bytes], writer))  # write() is all it uses
             f.flush()
             os.fsync(f.fileno())
         os.replace(tmp, path)
@@ -65,8 +65,9 @@ def save_checkpoint(state: dict[str, Any], path: str | Path) -> None:
 class _Writer:
     """A file for torch.save that remembers the OSError of a failed write."""
 
-    def __init__(self, f) -> None:
-        self.f, self.error = f, None
+    def __init__(self, f: IO[bytes]) -> None:
+        self.f: IO[bytes] = f
+        self.error: OSError | None = None
 
     def write(self, data) -> int:
         try:

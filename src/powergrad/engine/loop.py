@@ -113,21 +113,24 @@ def run_training(
     on_step: StepHook | None = None,
     watch_features: bool = True,
     class_names: list[str] | None = None,
+    plan: StartPlan | None = None,
 ) -> RunResult:
     """Train ``model``: set up, then for each epoch train, evaluate, record, save.
 
     ``on_epoch(row)`` is called after each epoch's record; True stops the run (status
-    ``stopped``). ``watch_features`` hooks the head's input for dead_feature_share.
+    ``stopped``). ``on_step(state, loss)`` runs after every optimiser step. ``watch_features``
+    hooks the head's input for dead_feature_share. ``plan`` is how the run starts (default:
+    :func:`~powergrad.engine.resume.plan_start` of ``cfg`` and ``out``).
     """
     steps_per_epoch = len(train_loader)
     if steps_per_epoch == 0:
         raise UserError("the training set gives no batches: batch_size is larger than the data set?")
-    plan = plan_start(cfg, out)  # which checkpoint, which folder: decided before anything is written
+    plan = plan or plan_start(cfg, out)  # which checkpoint, which folder: decided before any write
+    complete = check_progress(plan, cfg) == "complete"
     state = new_state(model, cfg, dist, steps_per_epoch, class_names, val_loader is not None)
-    restore(state, plan, steps_per_epoch)
-    progress = check_progress(plan, cfg)
-    if progress == "complete":
-        return already_complete(state, plan)
+    restore(state, plan, steps_per_epoch, quiet=complete)  # a finished run's file must fit the model too
+    if complete:
+        return already_complete(plan, cfg)
     check_same_everywhere(  # else the processes fall out of step and wait forever
         {"epoch": state.epoch, "step": state.step_in_epoch, "steps_per_epoch": steps_per_epoch}, dist)
     run = open_record(plan, cfg, dist, overwrite, state)
@@ -204,8 +207,9 @@ def _train_step(forward, criterion, optimizer, scaler, x, y, cfg: Config, net: n
     total_loss = torch.zeros((), device=x.device)
     logits_all = []
     for i, (xi, yi) in enumerate(zip(xs, ys)):
-        sync = i == len(xs) - 1 or not isinstance(net, nn.parallel.DistributedDataParallel)
-        ctx = net.no_sync() if not sync else contextlib.nullcontext()
+        last = i == len(xs) - 1  # DDP all-reduces the gradients on the last micro-batch only
+        ddp = net if isinstance(net, nn.parallel.DistributedDataParallel) else None
+        ctx = ddp.no_sync() if ddp is not None and not last else contextlib.nullcontext()
         with ctx:
             with _autocast(cfg.amp, x.device):
                 logits = forward(xi)
@@ -311,7 +315,7 @@ def new_state(model: nn.Module, cfg: Config, dist: DistInfo, steps_per_epoch: in
     )
 
 
-def restore(state: TrainingState, plan: StartPlan, steps_per_epoch: int) -> None:
+def restore(state: TrainingState, plan: StartPlan, steps_per_epoch: int, quiet: bool = False) -> None:
     """Load what the plan starts from into the state: a resume's checkpoint (all of it, a timm
     one's weights and momentum), or init_from's weights (and nothing else: a new run)."""
     ckpt, path, cfg = plan.checkpoint, plan.checkpoint_path, state.cfg
@@ -325,33 +329,38 @@ def restore(state: TrainingState, plan: StartPlan, steps_per_epoch: int) -> None
         log.info("init_from %s: a new run from its weights (%d epochs done there); optimiser, schedule "
                  "and epochs start fresh", path, int(ckpt.get("epoch", 0)))
         return
+    say = log.debug if quiet else log.info  # a run with nothing left to do says so in one line
+    if plan.note:
+        say("%s", plan.note)
     if plan.official:
         state.from_official(ckpt, steps_per_epoch, path)
-        log.info("official checkpoint %s: arch %s, %d epochs done", path, ckpt.get("arch"), state.epoch)
+        say("official checkpoint %s: arch %s, %d epochs done", path, ckpt.get("arch"), state.epoch)
     else:
         saved_epochs = int((ckpt.get("config") or {}).get("epochs", cfg.epochs))
         extended = saved_epochs != cfg.epochs  # the schedule is the longer run's (docs/reliability.md)
         state.from_checkpoint({**ckpt, "scheduler": None} if extended else ckpt, path)
         if extended:
-            log.info("epochs %d -> %d: from epoch %d the learning rate follows a %d-epoch schedule",
+            say("epochs %d -> %d: from epoch %d the learning rate follows a %d-epoch schedule",
                      saved_epochs, cfg.epochs, state.epoch + 1, cfg.epochs)
     # The lr this step has on the schedule: what the first epoch line shows and trains with.
     state.scheduler.step_update(state.global_step)
-    log.info("resumed from %s at epoch %d, step %d", path, state.epoch + 1, state.step_in_epoch)
+    say("resumed from %s at epoch %d, step %d", path, state.epoch + 1, state.step_in_epoch)
 
 
-def already_complete(state: TrainingState, plan: StartPlan) -> RunResult:
-    """A resume with no epoch left: one line, nothing written."""
-    done = f"{state.epoch} of {state.cfg.epochs} epochs"
-    if plan.checkpoint_path is not None and plan.run_path.resolve() == plan.checkpoint_path.parent.resolve():
-        log.info("%s is already complete (%s); nothing to do (raise epochs= to extend it)", plan.run_path, done)
+def already_complete(plan: StartPlan, cfg: Config) -> RunResult:
+    """A resume with no epoch left: one line, nothing written, the checkpoint's record returned."""
+    ckpt, path = plan.checkpoint or {}, plan.checkpoint_path
+    done = f"{int(ckpt.get('epoch', 0))} of {cfg.epochs} epochs"
+    if plan.own_folder:
+        log.info("%s is already complete (%s, %s); nothing to do (raise epochs= to extend it)", plan.run_path,
+                 done, path.name)
     else:
         log.info("%s is a finished run (%s): nothing to train into %s; raise epochs= to extend it there, or "
-                 "use init_from= to start a new run from its weights", plan.checkpoint_path, done, plan.run_path)
-    history = state.history
-    return RunResult(run_dir=None, status="finished", final=history[-1] if history else {}, best=state.best,
-                     history=history, diagnostics=[d.to_dict() for d in state.monitor.diagnostics],
-                     wall_s=state.wall_s_before)
+                 "use init_from= to start a new run from its weights", path, done, plan.run_path)
+    history = list(ckpt.get("history") or [])
+    return RunResult(run_dir=None, status="finished", final=history[-1] if history else {},
+                     best=dict(ckpt.get("best") or {}), history=history,
+                     diagnostics=list(ckpt.get("diagnostics") or []), wall_s=float(ckpt.get("wall_s") or 0.0))
 
 
 def open_record(plan: StartPlan, cfg: Config, dist: DistInfo, overwrite: bool, state: TrainingState) -> RunDir | None:

@@ -25,7 +25,7 @@ log = logging.getLogger("powergrad")
 
 # The official repository's model names that differ from ours.
 ARCH_NAMES = {"resnet18_wobn": "resnet18_nobn"}
-ALLOWED_GLOBALS = [argparse.Namespace]
+ALLOWED_GLOBALS: list[Any] = [argparse.Namespace]
 
 
 def _load(path: Path) -> Any:

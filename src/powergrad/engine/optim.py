@@ -43,7 +43,7 @@ def create_scheduler(
         sched=name,
         num_epochs=cfg.epochs - cfg.cooldown_epochs,
         decay_epochs=decay_epochs,
-        decay_milestones=cfg.decay_milestones or (),
+        decay_milestones=list(cfg.decay_milestones or []),
         cooldown_epochs=cfg.cooldown_epochs,
         decay_rate=cfg.decay_rate,
         min_lr=cfg.min_lr,

@@ -24,7 +24,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-from ..config import Config, config_hash, load_config
+from ..config import Config, check_resume, config_hash, load_config
 from ..errors import UserError
 from ..rundir import holds_run, new_run_name, read_summary
 from .checkpoint import RESUME_NAMES, load_checkpoint
@@ -43,6 +43,13 @@ class StartPlan:
     checkpoint_path: Path | None = None
     checkpoint: dict[str, Any] | None = None  # a resume's checkpoint, or init_from's
     init_from: bool = False
+    note: str = ""  # why this checkpoint: logged when the run goes on
+
+    @property
+    def own_folder(self) -> bool:
+        """Resuming a checkpoint inside the folder the record goes to (not another run's file)."""
+        path = self.checkpoint_path
+        return path is not None and self.run_path.resolve() == path.parent.resolve()
 
     @property
     def official(self) -> bool:
@@ -52,9 +59,13 @@ class StartPlan:
 def plan_start(cfg: Config, out: str | Path | None) -> StartPlan:
     """Decide how this run starts; raise UserError (nothing written) if it cannot."""
     if cfg.resume:
-        path, ckpt = _resume_checkpoint(cfg.resume, out)
+        path, ckpt, note = _resume_checkpoint(cfg.resume, out)
         if path is not None:
-            return StartPlan(Path(out) if out else path.parent, True, path, ckpt)
+            if not ckpt.get("official"):  # a timm file has no recipe of ours to compare
+                check_resume(ckpt["config"], cfg, path)
+            plan = StartPlan(Path(out) if out else path.parent, True, path, ckpt, note=note)
+            check_progress(plan, cfg)  # epochs below what the checkpoint did: refused here
+            return plan
         # resume=auto and the folder holds no checkpoint yet: start there (a run killed before
         # its first save, or a sweep's trial that never began)
     if cfg.resume == "auto":
@@ -80,24 +91,23 @@ def parent_record(plan: StartPlan) -> dict[str, Any]:
     return record
 
 
-def _resume_checkpoint(resume: str, out: str | Path | None) -> tuple[Path | None, dict | None]:
+def _resume_checkpoint(resume: str, out: str | Path | None) -> tuple[Path | None, dict | None, str]:
     if resume == "auto":
         if out is None:
             raise UserError("resume=auto needs --out RUN_DIR (the run to continue)")
         return choose_checkpoint(out)
     path = Path(resume)
     if path.is_dir():
-        found, ckpt = choose_checkpoint(path)
+        found, ckpt, note = choose_checkpoint(path)
         if found is None:
             raise UserError(f"no loadable checkpoint in {path}")
-        return found, ckpt
-    ckpt = read_checkpoint(path)
-    log.info("resume: %s, named on the command line", path)
-    return path, ckpt
+        return found, ckpt, note
+    return path, read_checkpoint(path), f"resume: {path}, named on the command line"
 
 
-def choose_checkpoint(run_dir: str | Path) -> tuple[Path | None, dict[str, Any] | None]:
-    """The checkpoint of ``run_dir`` with the most progress recorded inside it, or (None, None).
+def choose_checkpoint(run_dir: str | Path) -> tuple[Path | None, dict[str, Any] | None, str]:
+    """The checkpoint of ``run_dir`` with the most progress recorded inside it, or (None, None, "");
+    the third item says why it was taken and the others not (for the log, once the run goes on).
 
     Looks at last.pt, preempt.pt and epoch{N}.pt; ties go to that order. One that does not load
     is skipped with a warning; a folder whose checkpoints all fail is a UserError (starting over
@@ -121,7 +131,7 @@ def choose_checkpoint(run_dir: str | Path) -> tuple[Path | None, dict[str, Any] 
         if (run_dir / "best.pt").is_file():
             raise UserError(f"{run_dir} holds only best.pt, which resume takes only when named: "
                             f"resume={run_dir / 'best.pt'}")
-        return None, None
+        return None, None, ""
     for _, problem in problems:  # (when none loads, the error says it once)
         log.warning("skipping %s", problem)
     taken, ckpt = max(loaded, key=lambda pc: _progress(pc[1]))  # max keeps the first of equals
@@ -130,10 +140,12 @@ def choose_checkpoint(run_dir: str | Path) -> tuple[Path | None, dict[str, Any] 
     others += [f"{p.name} (does not load)" for p, _ in problems]
     if (run_dir / "best.pt").is_file():
         others.append("best.pt (taken only when named: resume=RUN/best.pt)")
-    # After a file that does not load, the choice is a warning: the user should know.
-    log.log(logging.WARNING if problems else logging.INFO, "resume: %s, the most progress recorded that loads (%s)%s",
-            taken, _where(ckpt), f"; not taken: {', '.join(others)}" if others else "")
-    return taken, ckpt
+    note = f"resume: {taken}, the most progress recorded that loads ({_where(ckpt)})"
+    note += f"; not taken: {', '.join(others)}" if others else ""
+    if problems:  # after a file that does not load, the choice is a warning: the user should know
+        log.warning("%s", note)
+        note = ""
+    return taken, ckpt, note
 
 
 def _progress(ckpt: dict[str, Any]) -> tuple[int, int]:
@@ -165,7 +177,7 @@ def check_progress(plan: StartPlan, cfg: Config) -> str | None:
         summary = {}
     if summary.get("status") == "finished" and summary.get("epochs_done") == epoch:
         return "complete"
-    if plan.checkpoint_path is not None and plan.run_path.resolve() != plan.checkpoint_path.parent.resolve():
+    if not plan.own_folder:
         return "complete"  # another run's finished checkpoint: nothing of it to copy here
     return "record"
 
@@ -210,7 +222,7 @@ def resolve_config(recipe: str | None, overrides: dict[str, Any], out: str | Pat
     if ckpt.get("official"):
         official = {k: v for k, v in ckpt["config"].items() if k not in overrides}
         applied = ", ".join(f"{k}={v}" for k, v in official.items())
-        log.info("official checkpoint: applying %s from the file (set them on the command line to override)", applied)
+        log.info("from the timm checkpoint's args: %s (set a key on the command line to override it)", applied)
         return load_config(recipe, {**official, **overrides})
     if recipe is None and source != overrides.get("init_from"):
         return load_config(None, {**_without_resume(ckpt.get("config") or {}), **overrides})

@@ -20,7 +20,7 @@ import numpy as np
 import torch
 from torch import nn
 
-from ..config import Config, resume_differences
+from ..config import Config, check_resume
 from ..errors import UserError
 from ..monitor import Monitor
 
@@ -97,13 +97,8 @@ class TrainingState:
     def from_checkpoint(self, ckpt: dict[str, Any], path: Any = "checkpoint") -> None:
         """Restore everything :meth:`to_checkpoint` wrote (weights into the raw, unwrapped model),
         after checking that the checkpoint was trained with the same recipe (see
-        :func:`powergrad.config.resume_differences`)."""
-        differences = resume_differences(ckpt["config"], self.cfg.to_dict())
-        if differences:
-            raise UserError(
-                f"{path}: resume keeps the settings that change the result; this command differs in "
-                f"{'; '.join(differences)}. Start a new run from these weights with init_from={path}"
-            )
+        :func:`powergrad.config.check_resume`)."""
+        check_resume(ckpt["config"], self.cfg, path)
         if int(ckpt["world_size"]) != self.world_size:
             log.info("the checkpoint was written by %d process(es), this run has %d", ckpt["world_size"],
                      self.world_size)

@@ -28,6 +28,7 @@ from .convnet import convnet
 from .inspect import filter_norms
 from .linear import mlp, softmax_regression
 from .probe import Probe
+from .resnet9 import resnet9
 from .resnet_cifar import resnet20, resnet20_nobn
 from .weights import adapt_conv_weight, load_weights, read_state_dict
 
@@ -62,6 +63,7 @@ MODELS: dict[str, Callable[..., nn.Module]] = {
     "resnet20": resnet20,
     "resnet20_nobn": resnet20_nobn,
     "resnet18_nobn": resnet18_nobn,
+    "resnet9": resnet9,
     "convnet": convnet,
     "softmax_regression": softmax_regression,
     "mlp": mlp,
@@ -112,8 +114,9 @@ def get_head(model: nn.Module) -> tuple[str, nn.Module]:
     last nn.Linear in definition order (torchvision: ``classifier.6``, ``fc``, ``heads.head``...),
     or the last conv of ``classifier`` for all-conv heads (SqueezeNet).
     """
-    if hasattr(model, "get_classifier"):
-        head = model.get_classifier()
+    get_classifier = getattr(model, "get_classifier", None)
+    if callable(get_classifier):
+        head = get_classifier()
         if isinstance(head, nn.Module):
             return _name_of(model, head), head
     for name in ("fc", "head"):
@@ -135,11 +138,13 @@ def _set_module(model: nn.Module, name: str, new: nn.Module) -> None:
 
 def _replace_head(model: nn.Module, num_classes: int) -> None:
     name, head = get_head(model)
+    new: nn.Module
     if isinstance(head, nn.Linear):
         old, new = head.out_features, nn.Linear(head.in_features, num_classes, bias=head.bias is not None)
     elif isinstance(head, nn.Conv2d):
         old = head.out_channels
-        new = nn.Conv2d(head.in_channels, num_classes, head.kernel_size, head.stride, head.padding, bias=head.bias is not None)
+        new = nn.Conv2d(head.in_channels, num_classes, head.kernel_size, head.stride, head.padding,  # type: ignore[arg-type]  # torch types a conv's own sizes as tuple[int, ...]
+                        bias=head.bias is not None)
     else:
         raise UserError(f"cannot resize the head {name} ({type(head).__name__}) to {num_classes} classes")
     if old != num_classes:
@@ -210,13 +215,15 @@ def _create_tv(name: str, pretrained: bool, num_classes: int, in_chans: int, kwa
                 setattr(model, aux, None)
     if in_chans != 3:
         conv_name = _first_conv(model)
+        if conv_name is None:
+            raise UserError(f"model={name} has no Conv2d to take in_chans={in_chans} input channels")
         old = model.get_submodule(conv_name)
         new = nn.Conv2d(in_chans, old.out_channels, old.kernel_size, old.stride, old.padding,
                         old.dilation, old.groups, old.bias is not None, old.padding_mode)
         if pretrained:
             with torch.no_grad():
                 new.weight.copy_(adapt_conv_weight(old.weight, in_chans))
-                if old.bias is not None:
+                if old.bias is not None and new.bias is not None:
                     new.bias.copy_(old.bias)
         _set_module(model, conv_name, new)
         log.info("replaced first conv %s: 3 -> %d input channels%s", conv_name, in_chans,

@@ -60,6 +60,9 @@ def pool_features(f: torch.Tensor, pool: str, is_input: bool) -> torch.Tensor:
 class ProbeHead(nn.Module):
     """Standardise, then one linear layer: what trains on cached features."""
 
+    feat_mean: torch.Tensor  # buffers, declared for type checkers
+    feat_std: torch.Tensor
+
     def __init__(self, fc: nn.Linear, feat_mean: torch.Tensor, feat_std: torch.Tensor) -> None:
         super().__init__()
         self.fc = fc
@@ -71,6 +74,9 @@ class ProbeHead(nn.Module):
 
 
 class Probe(nn.Module):
+    feat_mean: torch.Tensor  # buffers, declared for type checkers
+    feat_std: torch.Tensor
+
     def __init__(self, backbone: nn.Module, layer: str, num_classes: int, in_chans: int, img_size: int,
                  pool: str = "auto") -> None:
         super().__init__()

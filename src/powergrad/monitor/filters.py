@@ -17,6 +17,7 @@ Cost: one norm per conv and one device-to-host copy per record; at K = 100 on Re
 from __future__ import annotations
 
 from pathlib import Path
+from typing import Any
 
 import numpy as np
 import torch
@@ -77,7 +78,7 @@ class FilterNormRecorder:
             self.pooled = list(data["pooled"][keep])
 
     def save(self, run_dir: Path) -> None:
-        arrays = {"steps": np.asarray(self.steps, dtype=np.int64)}
+        arrays: dict[str, Any] = {"steps": np.asarray(self.steps, dtype=np.int64)}
         arrays.update({f"conv/{k}": np.stack(v) for k, v in self.conv.items()})
         if self.pooled:
             arrays["pooled"] = np.stack(self.pooled)

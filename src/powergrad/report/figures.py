@@ -37,7 +37,7 @@ import matplotlib
 import numpy as np
 
 from ..errors import UserError
-from ..rundir import read_metrics
+from ..rundir import read_metrics, refuse_run_dir
 from .plots import PERCENT, integer_epochs, new_figure, one_point_note, plain_log_ticks, save_figure
 from .tables import MACHINERY, Run, load_runs
 
@@ -141,7 +141,7 @@ def plot_loss_curves(label: str, by_alpha: dict[float, list[Run]], path: Path) -
 
 
 def _final(runs: list[Run], key: str, scale: float = 1.0) -> tuple[float, float]:
-    vals = [scale * r.final[key] for r in runs if r.final.get(key) is not None]
+    vals = [scale * float(r.final[key]) for r in runs if r.final.get(key) is not None]
     if not vals:
         return math.nan, math.nan
     return float(np.mean(vals)), float(np.std(vals, ddof=1)) if len(vals) > 1 else 0.0
@@ -245,9 +245,9 @@ def plot_loss_vs_logit_norm(runs: list[Run], path: Path) -> Path:
         ax.scatter(x, y, color=colour, label=f"alpha={alpha:g} ({len(pts)} runs)")
         if len(pts) >= MIN_FIT_RUNS and np.ptp(x) > 0:
             slope, icpt = np.polyfit(x, y, 1)
-            r = f"r = {np.corrcoef(x, y)[0, 1]:.2f}" if np.ptp(y) > 0 else "loss constant"
+            corr = f"r = {np.corrcoef(x, y)[0, 1]:.2f}" if np.ptp(y) > 0 else "loss constant"
             xs = np.linspace(x.min(), x.max(), 20)
-            ax.plot(xs, slope * xs + icpt, "--", color=colour, lw=1, label=f"fit within alpha={alpha:g}: {r}")
+            ax.plot(xs, slope * xs + icpt, "--", color=colour, lw=1, label=f"fit within alpha={alpha:g}: {corr}")
             fitted = True
     note = ("dashed: least-squares fit within one alpha" if fitted else
             f"no line: a fit needs {MIN_FIT_RUNS}+ runs of one alpha")
@@ -303,6 +303,8 @@ def make_figures(paths: list[str | Path], out: str | Path | None = None) -> list
     runs, _ = load_runs(paths)
     if not runs:
         raise UserError(f"no finished runs under {', '.join(map(str, paths))}")
+    if out:
+        refuse_run_dir(out, "plot")
     out = Path(out) if out else Path(paths[0]) / "figures"
     try:
         out.mkdir(parents=True, exist_ok=True)

@@ -114,10 +114,10 @@ def results_table(runs: list[Run]) -> list[dict[str, Any]]:
     """One row per setting, accuracies in percent; sorted by setting, alpha falling."""
     groups: dict[tuple, Row] = {}
     for r in runs:
-        row = groups.setdefault(r.setting, Row(setting={k: r.config.get(k) for k, _ in r.setting}))
-        row.runs.append(r)
+        group = groups.setdefault(r.setting, Row(setting={k: r.config.get(k) for k, _ in r.setting}))
+        group.runs.append(r)
     varying = _varying_keys([g.setting for g in groups.values()])
-    out = []
+    out: list[dict[str, Any]] = []
     for g in groups.values():
         train = [100 * r.final["train_acc"] for r in g.runs]
         test = [100 * r.final["test_acc"] for r in g.runs]
