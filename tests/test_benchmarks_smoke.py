@@ -9,6 +9,7 @@ import importlib.util
 import json
 import runpy
 import sys
+import time
 import warnings
 from collections import Counter
 from pathlib import Path
@@ -220,3 +221,16 @@ def test_gpu_suite_catches_sync_warnings_where_raised(monkeypatch):
     assert modes == ["warn", "default"]
     assert [ph for ph, _ in events] == [("step", 0, 0), ("step", 0, 1)]
     assert all("step_that_syncs" in site and "test_benchmarks_smoke.py" in site for _, site in events)
+
+
+def test_gpu_suite_stops_a_section_past_its_budget(suite_env):
+    """A section's process still running 30 s past its budget is killed, with its children, and
+    recorded as timed out (budget -29: stopped after 1 s, while it is still starting)."""
+    suite = load_suite()
+    out, work = suite_env / "out", suite_env / "work"
+    out.mkdir(), work.mkdir()
+    args = suite.parse(["--out", str(out), "--dry-run"])
+    tic = time.monotonic()
+    rec = suite.run_child("stream", args, work, None, {}, budget=-29)
+    assert rec.status == "timeout" and "stopped after" in rec.error and time.monotonic() - tic < 20
+    assert "===== stream (exit -9, timed out)" in (out / "gpu_suite.log").read_text()

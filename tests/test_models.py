@@ -28,6 +28,7 @@ from powergrad.models import (
     param_groups,
     set_train_mode,
 )
+from powergrad.probe import create_probe  # the probe wraps the factory's model (powergrad.probe)
 
 
 @pytest.fixture(autouse=True)
@@ -372,7 +373,7 @@ def test_param_groups_decay_and_head_lr():
 
 @pytest.mark.parametrize("layer,features", [("layer4", 512), ("layer2", 128), ("input", 3 * 32 * 32)])
 def test_probe_layer(layer, features):
-    model = create_model(cfg(model="resnet18", probe_layer=layer), 10, 3, 32)
+    model = create_probe(cfg(model="resnet18", probe_layer=layer), 10, 3, 32)
     name, head = get_head(model)
     assert name == "fc" and head.in_features == features and head.out_features == 10
     assert {n for n, p in model.named_parameters() if p.requires_grad} == {"fc.weight", "fc.bias"}
@@ -383,7 +384,7 @@ def test_probe_layer(layer, features):
 
 def test_probe_layer_unknown():
     with pytest.raises(UserError, match="did you mean 'layer2'"):
-        create_model(cfg(model="resnet18", probe_layer="layer_2"), 10, 3, 32)
+        create_probe(cfg(model="resnet18", probe_layer="layer_2"), 10, 3, 32)
 
 
 def test_filter_norms():

@@ -116,7 +116,7 @@ def test_the_wheel_installed_outside_the_source_tree_runs_the_demo(tmp_path):
     # nothing is downloaded (the venv's setuptools builds it).
     tree = tmp_path / "tree"
     shutil.copytree(ROOT / "src", tree / "src", ignore=shutil.ignore_patterns("__pycache__", "*.egg-info"))
-    for name in ("pyproject.toml", "README.md"):
+    for name in ("pyproject.toml", "README.md", "LICENSE"):
         shutil.copy(ROOT / name, tree / name)
     dist = tmp_path / "dist"
     run = dict(capture_output=True, text=True, timeout=600)

@@ -20,6 +20,7 @@ import json
 import logging
 import os
 import sys
+from collections.abc import Callable
 from pathlib import Path
 from typing import NoReturn
 
@@ -27,6 +28,15 @@ from .errors import ONCE_DIR_ENV, DivergenceError, PeerFailedError, UserError, p
 
 
 class _Parser(argparse.ArgumentParser):
+    # An epilog built only when help is shown: `train`'s key listing imports the config (PyYAML),
+    # which a command such as `sweep` must not need before it names its own missing extra.
+    lazy_epilog: Callable[[], str] | None = None
+
+    def format_help(self) -> str:
+        if self.lazy_epilog is not None:
+            self.epilog = self.lazy_epilog()
+        return super().format_help()
+
     def error(self, message: str) -> NoReturn:  # one line, exit 2, as every user error
         # main() prints "powergrad: error: "; name the sub-command only ("eval: ...").
         command = self.prog.removeprefix("powergrad").strip()
@@ -264,7 +274,8 @@ def build_parser() -> argparse.ArgumentParser:
     sub = p.add_subparsers(dest="command", required=True, parser_class=_Parser)
 
     t = sub.add_parser("train", help="train a recipe (YAML file or built-in name) with key=value overrides",
-                       epilog=keys_help(), formatter_class=argparse.RawDescriptionHelpFormatter)
+                       formatter_class=argparse.RawDescriptionHelpFormatter)
+    t.lazy_epilog = keys_help
     t.add_argument("args", nargs="*", metavar="RECIPE|key=value")
     t.add_argument("--out", help="run directory (default: a new folder under runs/)")
     t.add_argument("--overwrite", action="store_true", help="replace an existing run directory")

@@ -111,24 +111,31 @@ def standardisation(x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
 # ----------------------------------------------------------------------------- helpers
 
 
+def create_probe(cfg: Config, num_classes: int, in_chans: int, img_size: int):
+    """``cfg.model`` built as any run builds it (weights, pretrained), wrapped in a
+    :class:`powergrad.models.Probe` at ``cfg.probe_layer``: the backbone frozen, ``fc`` trains."""
+    from .models import Probe, create_model
+
+    backbone = create_model(dataclasses.replace(cfg, probe_layer=None, freeze="none"), num_classes, in_chans,
+                            img_size)
+    if not (cfg.weights or cfg.pretrained):
+        log.warning("probe_layer with neither pretrained nor weights: probing a random network")
+    probe = Probe(backbone, cfg.probe_layer, num_classes, in_chans, img_size, cfg.probe_pool)
+    log.info("linear probe on %s at layer %s: %d features -> %d classes (backbone frozen)",
+             cfg.model, cfg.probe_layer, probe.fc.in_features, num_classes)
+    return probe
+
+
 def _build(cfg: Config, device: torch.device):
     """The Probe and the loaders, seeded as train() seeds them (a random backbone comes out the same)."""
     from .data import create_loaders
     from .engine.state import seed_everything
-    from .models import Probe, create_model
 
     seed_everything(cfg.seed)
     loaders = create_loaders(dataclasses.replace(cfg, augment="none"), device)
     seed_everything(cfg.seed)
     info = loaders.info
-    # The backbone as any run builds it (weights, pretrained); the Probe freezes it.
-    backbone = create_model(dataclasses.replace(cfg, probe_layer=None, freeze="none"),
-                            info.num_classes, info.in_chans, info.img_size)
-    if not (cfg.weights or cfg.pretrained):
-        log.warning("probe_layer with neither pretrained nor weights: probing a random network")
-    probe = Probe(backbone, cfg.probe_layer, info.num_classes, info.in_chans, info.img_size, cfg.probe_pool)
-    log.info("linear probe on %s at layer %s: %d features -> %d classes (backbone frozen)",
-             cfg.model, cfg.probe_layer, probe.fc.in_features, info.num_classes)
+    probe = create_probe(cfg, info.num_classes, info.in_chans, info.img_size)
     return probe.to(device).eval(), loaders
 
 

@@ -178,9 +178,10 @@ def _storage(url: str) -> optuna.storages.RDBStorage:
         )
     except ImportError as e:  # SQLAlchemy has no driver for the URL's database
         missing = getattr(e.__cause__, "name", None) or "its database driver"
-        if url.startswith("postgresql"):
+        if missing == "psycopg":  # what postgresql:// uses; the postgres extra brings it
             raise MissingExtraError(missing, "postgres") from None
-        raise UserError(f"cannot open sweep storage {shown_url(url)}: no module named {missing!r}") from None
+        raise UserError(f"cannot open sweep storage {shown_url(url)}: no module named {missing!r} "
+                        "(the database driver the URL names)") from None
     except Exception as e:  # bad URL, unreachable server
         raise UserError(f"cannot open sweep storage {shown_url(url)}: {str(e).splitlines()[0][:200]}") from None
 

@@ -88,14 +88,17 @@ def check_alpha(alpha: float) -> float:
 def _tampered_softmax(z: Tensor, alpha: float) -> Tensor:
     """p' = softmax(alpha * z) over dim 1 of (M, C) rows, in a fresh buffer."""
     if z.shape[1] <= _TRANSPOSED_MAX_C:
-        return torch.softmax(torch.mul(z, alpha).T, 0).T
+        # Row-major again: a transposed gradient is cloned by autograd's AccumulateGrad anyway,
+        # and in-place ops on it are slower (256 x 10, whole step: 93 against 99 us).
+        return torch.softmax(torch.mul(z, alpha).T, 0).T.contiguous()
     p = torch.mul(z, alpha)
-    # In place: one (M, C) buffer instead of two (~10% of the backward at 4096 x 1000).
+    # In place: one (M, C) buffer instead of two. Whole step at 4096 x 1000: 1.10x against 1.22x
+    # cross-entropy's CPU time (1 thread, interleaved, under load).
     return torch.softmax(p, 1, out=p)
 
 
 def _row_scale(grad_out: Tensor, reduction: str, counted: Tensor, total: Tensor | int) -> Tensor:
-    """s, shape (M, 1): d(loss) / d(L_row). counted: v, v * w_y or ones; total: W for "mean"."""
+    """s, shape (M, 1): d(loss) / d(L_row). counted: v (0 on ignored rows); total: W for "mean"."""
     s = (grad_out.reshape(-1) if reduction == "none" else grad_out) * counted
     if reduction == "mean":
         s = s / total
@@ -118,7 +121,7 @@ def _index_target_grad(p: Tensor, target: Tensor, weight: Tensor | None, ls: flo
             p.sub_(s * (ls / c))
         return p.scatter_add_(1, safe, s * -(1.0 - ls))
     w_y = weight[safe.squeeze(1)] * valid
-    total = w_y.sum()  # W; if it is 0, so is every row's s (PyTorch's gradient is zero too)
+    total = w_y.sum()  # W; 0 only if no counted row has weight: divide by 1 then, as when unweighted
     s = _row_scale(grad_out, reduction, valid, total + (total == 0))
     hot = (1.0 - ls) * w_y.unsqueeze(1)
     p.mul_(s * (hot + (ls / c) * weight.sum()))  # s * m
@@ -131,13 +134,18 @@ def _prob_target_grad(p: Tensor, q: Tensor, weight: Tensor | None, ls: float,
                       grad_out: Tensor, reduction: str) -> Tensor:
     """s * (m * p' - u) for target distributions, in place on p = p'."""
     rows, c = p.shape
-    u = q if not ls else q * (1.0 - ls) + ls / c
-    if weight is not None:
-        u = u * weight
     s = (grad_out.reshape(-1, 1) if reduction == "none"
          else grad_out / rows if reduction == "mean" else grad_out)
-    # m = sum(u) is 1 for normalised, unweighted targets; mixup and cutmix targets are.
-    return p.mul_(u.sum(1, keepdim=True)).sub_(u).mul_(s)
+    if weight is not None:
+        u = (q if not ls else q * (1.0 - ls) + ls / c) * weight
+        return p.mul_(u.sum(1, keepdim=True) * s).addcmul_(u, s, value=-1.0)
+    # Unweighted, u = (1 - e) * q + e / C is never built: m = (1 - e) * sum(q) + e (1 for
+    # normalised targets, as mixup's and cutmix's are; it costs one read of q). Two or three
+    # passes over p instead of five with u built and sub_/mul_ (4096 x 1000: 2.1 against 3.9 ms
+    # without smoothing; CPU time, 1 thread, minimum of 30, under load).
+    m = q.sum(1, keepdim=True) * (1.0 - ls) + ls
+    p.mul_(m * s).addcmul_(q, s, value=-(1.0 - ls))
+    return p.sub_(s * (ls / c)) if ls else p
 
 
 def _as_rows(x: Tensor, classes: bool) -> Tensor:

@@ -105,7 +105,7 @@ def _resume_checkpoint(resume: str, out: str | Path | None) -> tuple[Path | None
     return path, read_checkpoint(path), f"resume: {path}, named on the command line"
 
 
-def choose_checkpoint(run_dir: str | Path) -> tuple[Path | None, dict[str, Any] | None, str]:
+def choose_checkpoint(run_dir: str | Path, warn: bool = True) -> tuple[Path | None, dict[str, Any] | None, str]:
     """The checkpoint of ``run_dir`` with the most progress recorded inside it, or (None, None, "");
     the third item says why it was taken and the others not (for the log, once the run goes on).
 
@@ -132,7 +132,7 @@ def choose_checkpoint(run_dir: str | Path) -> tuple[Path | None, dict[str, Any] 
             raise UserError(f"{run_dir} holds only best.pt, which resume takes only when named: "
                             f"resume={run_dir / 'best.pt'}")
         return None, None, ""
-    for _, problem in problems:  # (when none loads, the error says it once)
+    for _, problem in problems if warn else ():  # (when none loads, the error says it once)
         log.warning("skipping %s", problem)
     taken, ckpt = max(loaded, key=lambda pc: _progress(pc[1]))  # max keeps the first of equals
     others = [f"{p.name} ({_where(c)}: {'less progress' if _progress(c) < _progress(ckpt) else 'the same'})"
@@ -142,7 +142,7 @@ def choose_checkpoint(run_dir: str | Path) -> tuple[Path | None, dict[str, Any] 
         others.append("best.pt (taken only when named: resume=RUN/best.pt)")
     note = f"resume: {taken}, the most progress recorded that loads ({_where(ckpt)})"
     note += f"; not taken: {', '.join(others)}" if others else ""
-    if problems:  # after a file that does not load, the choice is a warning: the user should know
+    if problems and warn:  # after a file that does not load, the choice is a warning: the user should know
         log.warning("%s", note)
         note = ""
     return taken, ckpt, note
@@ -235,14 +235,10 @@ def _peek(source: str | Path) -> dict[str, Any] | None:
     if path.is_dir():
         if not holds_run(path):
             return None
-        quiet = log.level, log.disabled
-        log.disabled = True  # the choice is made, and logged, once: by plan_start
         try:
-            return choose_checkpoint(path)[1]
+            return choose_checkpoint(path, warn=False)[1]  # plan_start chooses again, and warns
         except UserError:
             return None  # plan_start says what is wrong, with the recipe in place
-        finally:
-            log.disabled = quiet[1]
     if not path.is_file():
         return None
     try:
@@ -252,8 +248,7 @@ def _peek(source: str | Path) -> dict[str, Any] | None:
 
 
 def _without_resume(saved: dict[str, Any]) -> dict[str, Any]:
-    raw = {k: v for k, v in saved.items() if k not in ("resume",)}
-    return raw
+    return {k: v for k, v in saved.items() if k != "resume"}
 
 
 def _default_out(cfg: Config) -> Path:
