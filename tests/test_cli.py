@@ -156,3 +156,29 @@ def test_config_prints_the_resolved_config_and_checks_paths(tmp_path, capsys):
     (tmp_path / "afile").write_text("x")
     assert main(["config", "dataset=imagefolder", f"data_dir={tmp_path / 'afile'}"]) == 2
     assert capsys.readouterr().err == f"powergrad: error: data_dir {tmp_path / 'afile'} is a file, not a folder (dataset 'imagefolder')\n"
+
+
+def test_eval_refuses_data_whose_classes_differ_from_the_checkpoints(tmp_path, capsys, monkeypatch):
+    from PIL import Image
+
+    monkeypatch.setenv("POWERGRAD_CACHE", str(tmp_path / "cache"))
+
+    def folder(root, classes):
+        for split in ("train", "val"):
+            for c in classes:
+                (root / split / c).mkdir(parents=True)
+                for i in range(2):
+                    Image.new("RGB", (8, 8), (i * 100, 50, 0)).save(root / split / c / f"{i}.png")
+        return root
+
+    cats = folder(tmp_path / "cats", ("cat", "dog"))
+    cars = folder(tmp_path / "cars", ("bus", "car"))
+    run = tmp_path / "run"
+    assert main(["train", "dataset=imagefolder", f"data_dir={cats}", "epochs=1", "batch_size=4", "workers=0",
+                 "--out", str(run)]) == 0
+    assert main(["eval", "--checkpoint", str(run / "last.pt")]) == 0  # its own data: fine
+    capsys.readouterr()
+    assert main(["eval", "--checkpoint", str(run / "last.pt"), f"data_dir={cars}"]) == 2
+    err = capsys.readouterr().err
+    assert err == (f"powergrad: error: {run / 'last.pt'}: trained on other classes than the data's (2 vs 2; "
+                   "only in the checkpoint ['cat', 'dog'], only in the data ['bus', 'car'])\n")

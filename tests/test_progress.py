@@ -130,3 +130,16 @@ def test_a_sweep_says_which_point_starts_how_many_are_done_and_the_eta(tmp_path,
     lines = [ln for ln in capsys.readouterr().out.splitlines() if ln.startswith("sweep: alpha=")]
     assert lines[0] == "sweep: alpha=0.5,seed=0 (0 of 2 points done)" or lines[0] == "sweep: alpha=1,seed=0 (0 of 2 points done)"
     assert re.fullmatch(r"sweep: alpha=[\d.]+,seed=0 \(1 of 2 points done, eta \d+:\d\d:\d\d\)", lines[1]), lines
+
+
+def test_track_prints_count_rate_and_eta_lines_off_a_terminal(capsys, monkeypatch):
+    from powergrad.progress import track
+
+    monkeypatch.setenv("POWERGRAD_PROGRESS", "lines")
+    monkeypatch.setenv("POWERGRAD_PROGRESS_EVERY_S", "0")
+    assert list(track(range(3), "decoding 700 images (256 a chunk)", unit="chunk")) == [0, 1, 2]
+    lines = capsys.readouterr().out.splitlines()
+    assert len(lines) == 2  # not after the last item: the caller's own line follows
+    assert re.fullmatch(r"decoding 700 images \(256 a chunk\): chunk 1/3  [\d.]+ chunk/s  eta \d+:\d\d:\d\d", lines[0])
+    monkeypatch.setenv("POWERGRAD_PROGRESS", "off")
+    assert list(track(range(3), "x")) == [0, 1, 2] and capsys.readouterr().out == ""

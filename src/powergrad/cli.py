@@ -97,14 +97,23 @@ def _resolve(ns: argparse.Namespace):
     return load_config(recipe, overrides)
 
 
-def _print_start(cfg, out: str | None) -> None:
+def _run_folder(cfg, out: str | None) -> Path | None:
+    """The folder this train command writes to, as far as the command line says."""
+    if out:
+        return Path(out)
+    if cfg.resume and cfg.resume != "auto":  # resume=auto needs --out: the engine says so
+        return Path(cfg.resume).parent if Path(cfg.resume).is_file() else Path(cfg.resume)
+    return None
+
+
+def _print_start(cfg, folder: Path | None) -> None:
     """Before the heavy imports: where the run goes, and what differs from the defaults."""
     import textwrap
 
     from .config import Config
 
-    folder = out or f"{Path(cfg.resume).parent if Path(cfg.resume).is_file() else cfg.resume} (resumed)"
-    print(f"run folder: {folder}", flush=True)
+    if folder is not None:
+        print(f"run folder: {folder}", flush=True)
     defaults, now = Config().to_dict(), cfg.to_dict()
     changed = [f"{k}={json.dumps(v) if isinstance(v, (dict, list)) else v}"
                for k, v in now.items() if k not in ("monitor", "description") and v != defaults[k]]
@@ -115,20 +124,20 @@ def _print_start(cfg, out: str | None) -> None:
 
 def cmd_train(ns: argparse.Namespace) -> int:
     cfg = _resolve(ns)
-    _warn(cfg)
-    if ns.out is None and not cfg.resume:  # named now, so that it is the first thing printed
+    if ns.out is None and not cfg.resume:  # named now: the first thing printed, one name for all ranks
         from .rundir import new_run_name
 
         ns.out = str(Path("runs") / new_run_name(cfg.model, cfg.dataset, cfg.alpha))
-    if os.environ.get("RANK", "0") == "0":
-        _print_start(cfg, ns.out)
-    if ns.out:
-        _RUN_FOLDER.append(Path(ns.out))
-    elif cfg.resume:
-        _RUN_FOLDER.append(Path(cfg.resume).parent if Path(cfg.resume).is_file() else Path(cfg.resume))
-    from .workflows import train  # the heavy imports (torch, timm, torchvision) start here
     if cfg.nproc > 1 and "WORLD_SIZE" not in os.environ:
-        return _relaunch_with_torchrun(cfg.nproc, ns)
+        return _relaunch_with_torchrun(cfg.nproc, ns)  # the processes it starts say the rest
+    folder = _run_folder(cfg, ns.out)
+    if folder is not None:
+        _RUN_FOLDER.append(folder)
+    if os.environ.get("RANK", "0") == "0":
+        _print_start(cfg, folder)
+    _warn(cfg)
+    from .workflows import train  # the heavy imports (torch, timm, torchvision) start here
+
     result = train(cfg, out=ns.out, overwrite=ns.overwrite)
     if result.run_dir is not None:
         print(f"run directory: {result.run_dir}")

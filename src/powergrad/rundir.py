@@ -20,7 +20,7 @@ import subprocess
 import sys
 import time
 from collections.abc import Iterator
-from contextlib import contextmanager
+from contextlib import AbstractContextManager, contextmanager
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
@@ -87,7 +87,7 @@ class _LogSink:
     HOLD_MAX = 1000  # writes held before a folder opens; more are dropped (another rank's output)
 
     def __init__(self) -> None:
-        self.file = None
+        self.file: Any = None  # an open text file while a run folder is open
         self.held: list[str] = []
 
     def write(self, s: str) -> None:
@@ -176,7 +176,7 @@ class RunDir:
             (self.path / name).unlink(missing_ok=True)
         self._tb: SummaryWriter | None = None
         self._step_mark: tuple[int, float] | None = None  # (step, time) of the last step record
-        self._log = None  # the teed output of a run started from Python (the CLI tees its own)
+        self._log: AbstractContextManager[_LogSink] | None = None  # the teed output of a run started from Python (the CLI tees its own)
         if isinstance(sys.stdout, Tee):
             sys.stdout.sink.attach(self.path / "train.log")
         else:

@@ -232,17 +232,17 @@ def _collect(results: Iterator[tuple[np.ndarray, np.ndarray]], chunks: list[list
         start += len(chunk)
 
 
-def decode_used(train: list[Sample], test: list[Sample], side: int, cfg: Config, tag: str,
-                **arrays: object) -> Arrays:
+def decode_used(train: list[Sample], test: list[Sample], side: int, cfg: Config, tag: str, *,
+                class_names: list[str], mean: tuple[float, ...], std: tuple[float, ...], augment: str) -> Arrays:
     """Decode (or read from the cache) only the images this run uses: its train_subset and
-    val_fraction of ``train``, its test_subset of ``test``. ``arrays`` are the remaining
-    fields of :class:`Arrays` (class_names, mean, std, augment)."""
+    val_fraction of ``train``, its test_subset of ``test``; the other arguments are the
+    :class:`Arrays` fields of the data set."""
     labels = torch.tensor([lab for _, lab in train], dtype=torch.int64)
     train_idx, val_idx = sampling.split_train(labels, cfg)
     test_idx = sampling.subset_test(torch.tensor([lab for _, lab in test], dtype=torch.int64), cfg)
     # A split that is the whole list keeps the cache name of earlier versions (imagefolder-train).
     parts = [("train", train_idx, train), ("val", val_idx, train), ("test", test_idx, test)]
-    decoded = {}
+    decoded: dict[str, tuple[torch.Tensor, torch.Tensor, int]] = {}
     for split, idx, samples in parts:
         if split == "val" and idx is None:
             continue
@@ -252,8 +252,8 @@ def decode_used(train: list[Sample], test: list[Sample], side: int, cfg: Config,
     vx, vy, bad_va = decoded.get("val", (tx[:0], ty[:0], 0))
     n_tr, n_va = len(ty), len(vy)
     used = (torch.arange(n_tr), torch.arange(n_tr, n_tr + n_va) if "val" in decoded else None)
-    return Arrays(torch.cat([tx, vx]), torch.cat([ty, vy]), ex, ey, bad_images=bad_tr + bad_va + bad_te,
-                  used=used, **arrays)
+    return Arrays(torch.cat([tx, vx]), torch.cat([ty, vy]), ex, ey, class_names, mean, std, augment,
+                  bad_images=bad_tr + bad_va + bad_te, used=used)
 
 
 # ---------------------------------------------------------------- the imagefolder data set
