@@ -15,7 +15,12 @@ For one setting (a folder of runs a<alpha>-s<seed>):
 - with ``--ls``: the change of the train-test gap that label smoothing brings, paired per alpha
   and seed;
 - with ``--baseline``: a control setting's alpha = 1 runs as the baseline (for example with a
-  warm-up), and the control's own difference from this setting's alpha = 1.
+  warm-up), and the control's own difference from this setting's alpha = 1;
+- with ``--seeds``: only those seeds (what a subset of the seeds said on its own);
+- with ``--compare``: a family of paired comparisons between any two cells (setting and alpha),
+  each with its 95% t-interval, paired t-test p-value and Holm-adjusted p-value over the family;
+- per setting also: the first epoch per seed (train loss and accuracy), the logit norm relative to
+  alpha = 1's, and correlations within each alpha as well as over all runs.
 Numbers in percent unless named otherwise. `powergrad report` now gives the per-alpha means, the
 validation accuracy and the paired test interval too (the same numbers); the rest is only here.
 """
@@ -26,6 +31,7 @@ import argparse
 import math
 import statistics
 from collections import defaultdict
+from pathlib import Path
 
 from scipy import stats
 
@@ -33,13 +39,14 @@ from powergrad.report.tables import Run, load_runs, t_interval
 from powergrad.rundir import read_metrics
 
 
-def by_alpha_seed(path: str) -> dict[float, dict[int, Run]]:
+def by_alpha_seed(path: str, seeds: list[int] | None = None) -> dict[float, dict[int, Run]]:
     done, others = load_runs([path])
     if others:
         print(f"(left out, not finished: {', '.join(r.path.name for r in others)})\n")
     out: dict[float, dict[int, Run]] = defaultdict(dict)
     for r in done:
-        out[float(r.config["alpha"])][int(r.config["seed"])] = r
+        if seeds is None or int(r.config["seed"]) in seeds:
+            out[float(r.config["alpha"])][int(r.config["seed"])] = r
     return dict(sorted(out.items(), reverse=True))
 
 
@@ -132,6 +139,80 @@ def correlations(runs: dict[float, dict[int, Run]]) -> str:
     return "\n".join(out)
 
 
+def within_alpha(runs: dict[float, dict[int, Run]]) -> str:
+    """Train loss vs logit norm inside each alpha: does the over-all r come from between alphas?"""
+    out = []
+    for alpha, seeds in runs.items():
+        rs = list(seeds.values())
+        if len(rs) < 3:
+            continue
+        r, _ = stats.pearsonr([final(x, "logit_norm", 1.0) for x in rs], [final(x, "train_loss", 1.0) for x in rs])
+        out.append(f"alpha {alpha:g}: r = {r:+.2f} (n = {len(rs)})")
+    return "- final train loss vs logit norm within one alpha: " + "; ".join(out)
+
+
+def norm_ratios(runs: dict[float, dict[int, Run]]) -> str:
+    """Mean logit norm of each alpha over alpha = 1's, next to 1/alpha."""
+    base = runs.get(1.0)
+    if not base:
+        return "- logit norm relative to alpha = 1: no alpha = 1 runs"
+    ref = statistics.fmean(final(r, "logit_norm", 1.0) for r in base.values())
+    parts = [f"alpha {a:g}: {statistics.fmean(final(r, 'logit_norm', 1.0) for r in seeds.values()) / ref:.1f}x "
+             f"(1/alpha = {1 / a:g})" for a, seeds in runs.items() if a != 1.0]
+    return "- mean logit norm relative to alpha = 1's: " + "; ".join(parts)
+
+
+def first_epoch(runs: dict[float, dict[int, Run]]) -> str:
+    """Epoch 1 per seed: the logged train loss is CE on the raw logits z, which tampering makes about
+    1/alpha larger, so for alpha < 1 it is no yardstick of a lost start; train accuracy is."""
+    head = ["alpha", "seeds", "epoch-1 train loss, per seed", "epoch-1 train acc %, per seed", "epoch-1 test acc %, per seed"]
+    lines = ["| " + " | ".join(head) + " |", "|" + "---|" * len(head)]
+    for alpha, seeds in runs.items():
+        rows = [read_metrics(seeds[s].path)[0] for s in sorted(seeds)]
+        lines.append(f"| {alpha:g} | {', '.join(map(str, sorted(seeds)))} | "
+                     + ", ".join(f"{float(r['train_loss']):.2f}" for r in rows) + " | "
+                     + ", ".join(f"{100 * float(r['train_acc']):.1f}" for r in rows) + " | "
+                     + ", ".join(f"{100 * float(r['test_acc']):.1f}" for r in rows) + " |")
+    return "\n".join(lines)
+
+
+def holm(ps: list[float]) -> list[float]:
+    """Holm's step-down adjustment: controls the family-wise error rate over the family given."""
+    order = sorted(range(len(ps)), key=ps.__getitem__)
+    out, running = [math.nan] * len(ps), 0.0
+    for rank, i in enumerate(order):
+        running = max(running, min(1.0, (len(ps) - rank) * ps[i]))
+        out[i] = running
+    return out
+
+
+def cell(spec: str) -> tuple[str, float]:
+    """'results/SETTING@ALPHA' -> (folder, alpha)."""
+    path, _, alpha = spec.rpartition("@")
+    if not path:
+        raise SystemExit(f"analyze.py: expected FOLDER@ALPHA, got {spec!r}")
+    return path, float(alpha)
+
+
+def compare(specs: list[str], metric: str, seeds: list[int] | None) -> str:
+    """Each spec 'A@alpha,B@alpha': the paired difference A − B over their common seeds, one family."""
+    rows = []
+    for spec in specs:
+        (pa, aa), (pb, ab) = (cell(x) for x in spec.split(","))
+        a, b = by_alpha_seed(pa, seeds).get(aa, {}), by_alpha_seed(pb, seeds).get(ab, {})
+        common = sorted(set(a) & set(b))
+        d = [final(a[s], metric) - final(b[s], metric) for s in common]
+        p = stats.ttest_1samp(d, 0.0).pvalue if len(d) > 1 else math.nan
+        rows.append((f"{Path(pa).name} α={aa:g}", f"{Path(pb).name} α={ab:g}", common, d, p))
+    adjusted = holm([r[4] for r in rows])
+    head = ["#", "cell", "reference", "seed pairs", f"Δ {metric} (points), 95% CI", "p (paired t)", f"Holm p (family of {len(rows)})"]
+    lines = ["| " + " | ".join(head) + " |", "|" + "---|" * len(head)]
+    for k, ((name, ref, common, d, p), h) in enumerate(zip(rows, adjusted), 1):
+        ci = fmt_ci(*t_interval(d)) if d else "-"
+        lines.append(f"| {k} | {name} | {ref} | {len(common)} ({', '.join(map(str, common))}) | {ci} | {p:.2g} | {h:.2g} |")
+    return "\n".join(lines)
+
+
 def ls_gap(runs: dict[float, dict[int, Run]], ls_runs: dict[float, dict[int, Run]]) -> str:
     head = ["alpha", "seed pairs", "gap without LS", "gap with LS 0.1", "Δ gap (LS − none), 95% CI",
             "Δ test (LS − none), 95% CI"]
@@ -152,7 +233,8 @@ def ls_gap(runs: dict[float, dict[int, Run]], ls_runs: dict[float, dict[int, Run
 
 def compute(paths: list[str]) -> str:
     """Wall-clock time of every run (summary.json wall_s) and the CPU threads it used."""
-    lines = ["| setting | runs | wall-clock hours | threads | CPU-hours (wall x threads) |", "|---|---|---|---|---|"]
+    lines = ["| setting | runs | wall-clock hours | run minutes (min / median / max) | threads | CPU-hours (wall x threads) |",
+             "|---|---|---|---|---|---|"]
     total = 0.0
     for path in paths:
         done, others = load_runs([path])
@@ -162,29 +244,38 @@ def compute(paths: list[str]) -> str:
         cpu = sum(float(r.summary.get("wall_s", 0.0)) * (r.summary.get("env", {}).get("cpu_threads") or 1)
                   for r in runs) / 3600
         total += cpu
-        lines.append(f"| {path} | {len(runs)} | {hours:.2f} | {', '.join(map(str, threads))} | {cpu:.2f} |")
-    lines.append(f"| total | | | | {total:.2f} |")
+        mins = sorted(float(r.summary.get("wall_s", 0.0)) / 60 for r in runs)
+        spread = f"{mins[0]:.1f} / {statistics.median(mins):.1f} / {mins[-1]:.1f}" if mins else "-"
+        lines.append(f"| {path} | {len(runs)} | {hours:.2f} | {spread} | {', '.join(map(str, threads))} | {cpu:.2f} |")
+    lines.append(f"| total | | | | | {total:.2f} |")
     return "\n".join(lines)
 
 
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    ap.add_argument("setting", nargs="+", help="a folder of runs (one setting, several alphas and seeds)")
+    ap.add_argument("setting", nargs="*", help="a folder of runs (one setting, several alphas and seeds)")
     ap.add_argument("--ls", help="the same setting with label smoothing, for the gap comparison")
     ap.add_argument("--compute", action="store_true", help="only the compute spent by the settings given")
+    ap.add_argument("--seeds", type=int, nargs="+", help="only these seeds")
+    ap.add_argument("--compare", nargs="+", metavar="A@ALPHA,B@ALPHA",
+                    help="paired differences A − B (one family, Holm-adjusted); the settings are then ignored")
+    ap.add_argument("--metric", default="test_acc", help="summary.json final key for --compare (test_acc, train_acc, gap)")
     ap.add_argument("--baseline", help="a control setting whose alpha = 1 runs replace this setting's as the "
                                        "baseline of every paired column (same seeds)")
     args = ap.parse_args()
+    if args.compare:
+        print(compare(args.compare, args.metric, args.seeds))
+        return
     if args.compute:
         print(compute(args.setting))
         return
-    if len(args.setting) > 1:
+    if len(args.setting) != 1:
         ap.error("one setting at a time (several only with --compute)")
     args.setting = args.setting[0]
-    runs = by_alpha_seed(args.setting)
+    runs = by_alpha_seed(args.setting, args.seeds)
     against = "alpha = 1"
     if args.baseline:
-        own, control = runs.get(1.0, {}), by_alpha_seed(args.baseline).get(1.0, {})
+        own, control = runs.get(1.0, {}), by_alpha_seed(args.baseline, args.seeds).get(1.0, {})
         common = sorted(set(own) & set(control))
         d = [final(control[s], "test_acc") - final(own[s], "test_acc") for s in common]
         print(f"Control {args.baseline} (alpha = 1) against this setting's alpha = 1, test accuracy, "
@@ -196,10 +287,12 @@ def main() -> None:
           f"{against} over the same seeds, 95% t-interval.\n\n{table}\n")
     print(f"alpha picked on val (highest mean final val accuracy): {picked:g}\n")
     print(f"Epochs to reach the alpha = 1 run's final test accuracy (same seed):\n\n{epochs_to_target(runs)}\n")
-    print(f"Correlations over runs:\n\n{correlations(runs)}\n")
+    print(f"First epoch (the logged train loss is CE on z, about 1/alpha larger for alpha < 1):\n\n{first_epoch(runs)}\n")
+    print(f"Logit norm and correlations (p-values treat runs as independent; runs of one seed share "
+          f"data and initial weights):\n\n{norm_ratios(runs)}\n{within_alpha(runs)}\n{correlations(runs)}\n")
     if args.ls:
         print(f"Label smoothing 0.1 and the gap ({args.ls} against {args.setting}, same seeds):\n\n"
-              f"{ls_gap(runs, by_alpha_seed(args.ls))}\n")
+              f"{ls_gap(runs, by_alpha_seed(args.ls, args.seeds))}\n")
 
 
 if __name__ == "__main__":
