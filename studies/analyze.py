@@ -63,6 +63,9 @@ def fmt_ci(m: float, lo: float, hi: float, digits: int = 2) -> str:
     return f"{m:+.{digits}f} [{lo:+.{digits}f}, {hi:+.{digits}f}]{zero}"
 
 
+PERCENT = ("test_acc", "train_acc", "val_acc", "gap", "dead_filter_share")  # fractions shown in percent
+
+
 def final(r: Run, key: str, scale: float = 100.0) -> float:
     v = r.final.get(key)
     return math.nan if v is None else scale * float(v)
@@ -148,7 +151,16 @@ def within_alpha(runs: dict[float, dict[int, Run]]) -> str:
             continue
         r, _ = stats.pearsonr([final(x, "logit_norm", 1.0) for x in rs], [final(x, "train_loss", 1.0) for x in rs])
         out.append(f"alpha {alpha:g}: r = {r:+.2f} (n = {len(rs)})")
-    return "- final train loss vs logit norm within one alpha: " + "; ".join(out)
+    text = "- final train loss vs logit norm within one alpha: " + "; ".join(out)
+    means = [(statistics.fmean(final(x, "logit_norm", 1.0) for x in seeds.values()),
+              statistics.fmean(final(x, "train_loss", 1.0) for x in seeds.values())) for seeds in runs.values()]
+    if len(means) > 3:  # Fisher's z needs n > 3
+        r, _ = stats.pearsonr(*zip(*means))
+        half = stats.norm.ppf(0.975) / math.sqrt(len(means) - 3)
+        lo, hi = math.tanh(math.atanh(r) - half), math.tanh(math.atanh(r) + half)
+        text += (f"\n- between alphas (one point per alpha: mean final train loss vs mean logit norm): "
+                 f"r = {r:+.3f}, 95% CI [{lo:+.3f}, {hi:+.3f}] (Fisher z, n = {len(means)} alphas)")
+    return text
 
 
 def norm_ratios(runs: dict[float, dict[int, Run]]) -> str:
@@ -201,11 +213,13 @@ def compare(specs: list[str], metric: str, seeds: list[int] | None) -> str:
         (pa, aa), (pb, ab) = (cell(x) for x in spec.split(","))
         a, b = by_alpha_seed(pa, seeds).get(aa, {}), by_alpha_seed(pb, seeds).get(ab, {})
         common = sorted(set(a) & set(b))
-        d = [final(a[s], metric) - final(b[s], metric) for s in common]
+        scale = 100.0 if metric in PERCENT else 1.0
+        d = [final(a[s], metric, scale) - final(b[s], metric, scale) for s in common]
         p = stats.ttest_1samp(d, 0.0).pvalue if len(d) > 1 else math.nan
         rows.append((f"{Path(pa).name} α={aa:g}", f"{Path(pb).name} α={ab:g}", common, d, p))
     adjusted = holm([r[4] for r in rows])
-    head = ["#", "cell", "reference", "seed pairs", f"Δ {metric} (points), 95% CI", "p (paired t)", f"Holm p (family of {len(rows)})"]
+    unit = "points" if metric in PERCENT else "raw"
+    head = ["#", "cell", "reference", "seed pairs", f"Δ {metric} ({unit}), 95% CI", "p (paired t)", f"Holm p (family of {len(rows)})"]
     lines = ["| " + " | ".join(head) + " |", "|" + "---|" * len(head)]
     for k, ((name, ref, common, d, p), h) in enumerate(zip(rows, adjusted), 1):
         ci = fmt_ci(*t_interval(d)) if d else "-"
