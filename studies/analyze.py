@@ -188,6 +188,16 @@ def first_epoch(runs: dict[float, dict[int, Run]]) -> str:
     return "\n".join(lines)
 
 
+def per_seed(runs: dict[float, dict[int, Run]], key: str = "test_acc") -> str:
+    """Final value of `key` (percent) for every seed, one row per alpha."""
+    seeds = sorted({s for a in runs.values() for s in a})
+    lines = ["| alpha | " + " | ".join(f"seed {s}" for s in seeds) + " |", "|---|" + "---|" * len(seeds)]
+    for alpha, runs_of in runs.items():
+        cells = [f"{final(runs_of[s], key):.2f}" if s in runs_of else "-" for s in seeds]
+        lines.append(f"| {alpha:g} | " + " | ".join(cells) + " |")
+    return "\n".join(lines)
+
+
 def holm(ps: list[float]) -> list[float]:
     """Holm's step-down adjustment: controls the family-wise error rate over the family given."""
     order = sorted(range(len(ps)), key=ps.__getitem__)
@@ -301,6 +311,7 @@ def main() -> None:
           f"{against} over the same seeds, 95% t-interval.\n\n{table}\n")
     print(f"alpha picked on val (highest mean final val accuracy): {picked:g}\n")
     print(f"Epochs to reach the alpha = 1 run's final test accuracy (same seed):\n\n{epochs_to_target(runs)}\n")
+    print(f"Final test accuracy per seed:\n\n{per_seed(runs)}\n")
     print(f"First epoch (the logged train loss is CE on z, about 1/alpha larger for alpha < 1):\n\n{first_epoch(runs)}\n")
     print(f"Logit norm and correlations (p-values treat runs as independent; runs of one seed share "
           f"data and initial weights):\n\n{norm_ratios(runs)}\n{within_alpha(runs)}\n{correlations(runs)}\n")
