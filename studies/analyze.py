@@ -232,7 +232,7 @@ def compare(specs: list[str], metric: str, seeds: list[int] | None) -> str:
     head = ["#", "cell", "reference", "seed pairs", f"Δ {metric} ({unit}), 95% CI", "p (paired t)", f"Holm p (family of {len(rows)})"]
     lines = ["| " + " | ".join(head) + " |", "|" + "---|" * len(head)]
     for k, ((name, ref, common, d, p), h) in enumerate(zip(rows, adjusted), 1):
-        ci = fmt_ci(*t_interval(d)) if d else "-"
+        ci = fmt_ci(*t_interval(d), digits=4 if "loss" in metric else 2) if d else "-"  # digits' losses are ~0.01
         lines.append(f"| {k} | {name} | {ref} | {len(common)} ({', '.join(map(str, common))}) | {ci} | {p:.2g} | {h:.2g} |")
     return "\n".join(lines)
 
@@ -256,21 +256,22 @@ def ls_gap(runs: dict[float, dict[int, Run]], ls_runs: dict[float, dict[int, Run
 
 
 def compute(paths: list[str]) -> str:
-    """Wall-clock time of every run (summary.json wall_s) and the CPU threads it used."""
-    lines = ["| setting | runs | wall-clock hours | run minutes (min / median / max) | threads | CPU-hours (wall x threads) |",
+    """Wall-clock time of every run (summary.json wall_s), one row per setting and thread count
+    (a setting's runs can come from sessions with different thread counts)."""
+    lines = ["| setting | threads | runs | wall-clock hours | run minutes (min / median / max) | CPU-hours (wall x threads) |",
              "|---|---|---|---|---|---|"]
     total = 0.0
     for path in paths:
         done, others = load_runs([path])
-        runs = done + others
-        hours = sum(float(r.summary.get("wall_s", 0.0)) for r in runs) / 3600
-        threads = sorted({r.summary.get("env", {}).get("cpu_threads") for r in runs} - {None})
-        cpu = sum(float(r.summary.get("wall_s", 0.0)) * (r.summary.get("env", {}).get("cpu_threads") or 1)
-                  for r in runs) / 3600
-        total += cpu
-        mins = sorted(float(r.summary.get("wall_s", 0.0)) / 60 for r in runs)
-        spread = f"{mins[0]:.1f} / {statistics.median(mins):.1f} / {mins[-1]:.1f}" if mins else "-"
-        lines.append(f"| {path} | {len(runs)} | {hours:.2f} | {spread} | {', '.join(map(str, threads))} | {cpu:.2f} |")
+        by_threads: dict[int, list[float]] = defaultdict(list)
+        for r in done + others:
+            by_threads[r.summary.get("env", {}).get("cpu_threads") or 1].append(float(r.summary.get("wall_s", 0.0)))
+        for threads, walls in sorted(by_threads.items(), reverse=True):
+            mins = sorted(w / 60 for w in walls)
+            cpu = sum(walls) * threads / 3600
+            total += cpu
+            lines.append(f"| {path} | {threads} | {len(walls)} | {sum(walls) / 3600:.2f} | "
+                         f"{mins[0]:.1f} / {statistics.median(mins):.1f} / {mins[-1]:.1f} | {cpu:.2f} |")
     lines.append(f"| total | | | | | {total:.2f} |")
     return "\n".join(lines)
 
