@@ -199,8 +199,12 @@ def per_seed(runs: dict[float, dict[int, Run]], key: str = "test_acc") -> str:
 
 
 def holm(ps: list[float]) -> list[float]:
-    """Holm's step-down adjustment: controls the family-wise error rate over the family given."""
-    order = sorted(range(len(ps)), key=ps.__getitem__)
+    """Holm's step-down adjustment: controls the family-wise error rate over the family given.
+
+    A comparison without a p-value yet (NaN: runs not finished) still counts in the family size,
+    so a partial family is adjusted as strictly as the pre-registered whole.
+    """
+    order = sorted((i for i, p in enumerate(ps) if not math.isnan(p)), key=ps.__getitem__)
     out, running = [math.nan] * len(ps), 0.0
     for rank, i in enumerate(order):
         running = max(running, min(1.0, (len(ps) - rank) * ps[i]))
@@ -221,7 +225,7 @@ def compare(specs: list[str], metric: str, seeds: list[int] | None) -> str:
     rows = []
     for spec in specs:
         (pa, aa), (pb, ab) = (cell(x) for x in spec.split(","))
-        a, b = by_alpha_seed(pa, seeds).get(aa, {}), by_alpha_seed(pb, seeds).get(ab, {})
+        a, b = (by_alpha_seed(p, seeds).get(x, {}) if Path(p).is_dir() else {} for p, x in ((pa, aa), (pb, ab)))
         common = sorted(set(a) & set(b))
         scale = 100.0 if metric in PERCENT else 1.0
         d = [final(a[s], metric, scale) - final(b[s], metric, scale) for s in common]
@@ -232,8 +236,10 @@ def compare(specs: list[str], metric: str, seeds: list[int] | None) -> str:
     head = ["#", "cell", "reference", "seed pairs", f"Δ {metric} ({unit}), 95% CI", "p (paired t)", f"Holm p (family of {len(rows)})"]
     lines = ["| " + " | ".join(head) + " |", "|" + "---|" * len(head)]
     for k, ((name, ref, common, d, p), h) in enumerate(zip(rows, adjusted), 1):
-        ci = fmt_ci(*t_interval(d), digits=4 if "loss" in metric else 2) if d else "-"  # digits' losses are ~0.01
-        lines.append(f"| {k} | {name} | {ref} | {len(common)} ({', '.join(map(str, common))}) | {ci} | {p:.2g} | {h:.2g} |")
+        ci = fmt_ci(*t_interval(d), digits=4 if "loss" in metric else 2) if d else "not run yet"  # digits' losses ~0.01
+        seeds_text = f"{len(common)} ({', '.join(map(str, common))})" if common else "0"
+        p_text, h_text = ("-", "-") if math.isnan(p) else (f"{p:.2g}", f"{h:.2g}")
+        lines.append(f"| {k} | {name} | {ref} | {seeds_text} | {ci} | {p_text} | {h_text} |")
     return "\n".join(lines)
 
 

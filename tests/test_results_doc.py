@@ -58,3 +58,11 @@ def test_the_paired_table_against_the_warm_up_control_is_what_analyze_prints(mon
         runs = {**runs, 1.0: analyze.by_alpha_seed(m.group(2))[1.0]}
         table, _ = analyze.accuracy_table(runs)
         assert table == doc_table, m.group(0)
+
+
+def test_holm_adjusts_step_down_and_counts_comparisons_not_yet_run():
+    holm = load_analyze().holm
+    # sorted p 0.01, 0.03, 0.04, 0.5 in a family of 5: 5 x 0.01, 4 x 0.03, max(3 x 0.04, previous), 2 x 0.5
+    adjusted = holm([0.01, 0.04, 0.03, float("nan"), 0.5])
+    assert adjusted[:3] == pytest.approx([0.05, 0.12, 0.12]) and adjusted[4] == 1.0
+    assert adjusted[3] != adjusted[3]  # NaN stays NaN
