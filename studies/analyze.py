@@ -310,7 +310,8 @@ def main() -> None:
         common = sorted(set(own) & set(control))
         d = [final(control[s], "test_acc") - final(own[s], "test_acc") for s in common]
         print(f"Control {args.baseline} (alpha = 1) against this setting's alpha = 1, test accuracy, "
-              f"{len(common)} seed pairs: {fmt_ci(*t_interval(d)) if d else '-'}\n")
+              f"{len(common)} seed pairs: {fmt_ci(*t_interval(d)) if d else '-'}; per seed "
+              f"{', '.join(f'{s}: {x:+.2f}' for s, x in zip(common, d))}\n")
         runs = {**runs, 1.0: control}
         against = f"the control's alpha = 1 ({args.baseline})"
     table, picked = accuracy_table(runs)
