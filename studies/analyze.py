@@ -15,7 +15,12 @@ For one setting (a folder of runs a<alpha>-s<seed>):
 - with ``--ls``: the change of the train-test gap that label smoothing brings, paired per alpha
   and seed;
 - with ``--baseline``: a control setting's alpha = 1 runs as the baseline (for example with a
-  warm-up), and the control's own difference from this setting's alpha = 1.
+  warm-up), and the control's own difference from this setting's alpha = 1;
+- with ``--seeds``: only those seeds (what a subset of the seeds said on its own);
+- with ``--compare``: a family of paired comparisons between any two cells (setting and alpha),
+  each with its 95% t-interval, paired t-test p-value and Holm-adjusted p-value over the family;
+- per setting also: the first epoch per seed (train loss and accuracy), the logit norm relative to
+  alpha = 1's, and correlations within each alpha as well as over all runs.
 Numbers in percent unless named otherwise. `powergrad report` now gives the per-alpha means, the
 validation accuracy and the paired test interval too (the same numbers); the rest is only here.
 """
@@ -26,6 +31,7 @@ import argparse
 import math
 import statistics
 from collections import defaultdict
+from pathlib import Path
 
 from scipy import stats
 
@@ -33,13 +39,14 @@ from powergrad.report.tables import Run, load_runs, t_interval
 from powergrad.rundir import read_metrics
 
 
-def by_alpha_seed(path: str) -> dict[float, dict[int, Run]]:
+def by_alpha_seed(path: str, seeds: list[int] | None = None) -> dict[float, dict[int, Run]]:
     done, others = load_runs([path])
     if others:
         print(f"(left out, not finished: {', '.join(r.path.name for r in others)})\n")
     out: dict[float, dict[int, Run]] = defaultdict(dict)
     for r in done:
-        out[float(r.config["alpha"])][int(r.config["seed"])] = r
+        if seeds is None or int(r.config["seed"]) in seeds:
+            out[float(r.config["alpha"])][int(r.config["seed"])] = r
     return dict(sorted(out.items(), reverse=True))
 
 
@@ -54,6 +61,9 @@ def fmt_ci(m: float, lo: float, hi: float, digits: int = 2) -> str:
         return f"{m:+.{digits}f}"
     zero = " (includes 0)" if lo <= 0 <= hi else ""
     return f"{m:+.{digits}f} [{lo:+.{digits}f}, {hi:+.{digits}f}]{zero}"
+
+
+PERCENT = ("test_acc", "train_acc", "val_acc", "gap", "dead_filter_share")  # fractions shown in percent
 
 
 def final(r: Run, key: str, scale: float = 100.0) -> float:
@@ -132,6 +142,107 @@ def correlations(runs: dict[float, dict[int, Run]]) -> str:
     return "\n".join(out)
 
 
+def within_alpha(runs: dict[float, dict[int, Run]]) -> str:
+    """Train loss vs logit norm inside each alpha: does the over-all r come from between alphas?"""
+    out = []
+    for alpha, seeds in runs.items():
+        rs = list(seeds.values())
+        if len(rs) < 3:
+            continue
+        r, _ = stats.pearsonr([final(x, "logit_norm", 1.0) for x in rs], [final(x, "train_loss", 1.0) for x in rs])
+        out.append(f"alpha {alpha:g}: r = {r:+.2f} (n = {len(rs)})")
+    text = "- final train loss vs logit norm within one alpha: " + "; ".join(out)
+    means = [(statistics.fmean(final(x, "logit_norm", 1.0) for x in seeds.values()),
+              statistics.fmean(final(x, "train_loss", 1.0) for x in seeds.values())) for seeds in runs.values()]
+    if len(means) > 3:  # Fisher's z needs n > 3
+        r, _ = stats.pearsonr(*zip(*means))
+        half = stats.norm.ppf(0.975) / math.sqrt(len(means) - 3)
+        lo, hi = math.tanh(math.atanh(r) - half), math.tanh(math.atanh(r) + half)
+        text += (f"\n- between alphas (one point per alpha: mean final train loss vs mean logit norm): "
+                 f"r = {r:+.3f}, 95% CI [{lo:+.3f}, {hi:+.3f}] (Fisher z, n = {len(means)} alphas)")
+    return text
+
+
+def norm_ratios(runs: dict[float, dict[int, Run]]) -> str:
+    """Mean logit norm of each alpha over alpha = 1's, next to 1/alpha."""
+    base = runs.get(1.0)
+    if not base:
+        return "- logit norm relative to alpha = 1: no alpha = 1 runs"
+    ref = statistics.fmean(final(r, "logit_norm", 1.0) for r in base.values())
+    parts = [f"alpha {a:g}: {statistics.fmean(final(r, 'logit_norm', 1.0) for r in seeds.values()) / ref:.1f}x "
+             f"(1/alpha = {1 / a:g})" for a, seeds in runs.items() if a != 1.0]
+    return "- mean logit norm relative to alpha = 1's: " + "; ".join(parts)
+
+
+def first_epoch(runs: dict[float, dict[int, Run]]) -> str:
+    """Epoch 1 per seed: the logged train loss is CE on the raw logits z, which tampering makes about
+    1/alpha larger, so for alpha < 1 it is no yardstick of a lost start; train accuracy is."""
+    head = ["alpha", "seeds", "epoch-1 train loss, per seed", "epoch-1 train acc %, per seed", "epoch-1 test acc %, per seed"]
+    lines = ["| " + " | ".join(head) + " |", "|" + "---|" * len(head)]
+    for alpha, seeds in runs.items():
+        rows = [read_metrics(seeds[s].path)[0] for s in sorted(seeds)]
+        lines.append(f"| {alpha:g} | {', '.join(map(str, sorted(seeds)))} | "
+                     + ", ".join(f"{float(r['train_loss']):.2f}" for r in rows) + " | "
+                     + ", ".join(f"{100 * float(r['train_acc']):.1f}" for r in rows) + " | "
+                     + ", ".join(f"{100 * float(r['test_acc']):.1f}" for r in rows) + " |")
+    return "\n".join(lines)
+
+
+def per_seed(runs: dict[float, dict[int, Run]], key: str = "test_acc") -> str:
+    """Final value of `key` (percent) for every seed, one row per alpha."""
+    seeds = sorted({s for a in runs.values() for s in a})
+    lines = ["| alpha | " + " | ".join(f"seed {s}" for s in seeds) + " |", "|---|" + "---|" * len(seeds)]
+    for alpha, runs_of in runs.items():
+        cells = [f"{final(runs_of[s], key):.2f}" if s in runs_of else "-" for s in seeds]
+        lines.append(f"| {alpha:g} | " + " | ".join(cells) + " |")
+    return "\n".join(lines)
+
+
+def holm(ps: list[float]) -> list[float]:
+    """Holm's step-down adjustment: controls the family-wise error rate over the family given.
+
+    A comparison without a p-value yet (NaN: runs not finished) still counts in the family size,
+    so a partial family is adjusted as strictly as the pre-registered whole.
+    """
+    order = sorted((i for i, p in enumerate(ps) if not math.isnan(p)), key=ps.__getitem__)
+    out, running = [math.nan] * len(ps), 0.0
+    for rank, i in enumerate(order):
+        running = max(running, min(1.0, (len(ps) - rank) * ps[i]))
+        out[i] = running
+    return out
+
+
+def cell(spec: str) -> tuple[str, float]:
+    """'results/SETTING@ALPHA' -> (folder, alpha)."""
+    path, _, alpha = spec.rpartition("@")
+    if not path:
+        raise SystemExit(f"analyze.py: expected FOLDER@ALPHA, got {spec!r}")
+    return path, float(alpha)
+
+
+def compare(specs: list[str], metric: str, seeds: list[int] | None) -> str:
+    """Each spec 'A@alpha,B@alpha': the paired difference A − B over their common seeds, one family."""
+    rows = []
+    for spec in specs:
+        (pa, aa), (pb, ab) = (cell(x) for x in spec.split(","))
+        a, b = (by_alpha_seed(p, seeds).get(x, {}) if Path(p).is_dir() else {} for p, x in ((pa, aa), (pb, ab)))
+        common = sorted(set(a) & set(b))
+        scale = 100.0 if metric in PERCENT else 1.0
+        d = [final(a[s], metric, scale) - final(b[s], metric, scale) for s in common]
+        p = stats.ttest_1samp(d, 0.0).pvalue if len(d) > 1 else math.nan
+        rows.append((f"{Path(pa).name} α={aa:g}", f"{Path(pb).name} α={ab:g}", common, d, p))
+    adjusted = holm([r[4] for r in rows])
+    unit = "points" if metric in PERCENT else "raw"
+    head = ["#", "cell", "reference", "seed pairs", f"Δ {metric} ({unit}), 95% CI", "p (paired t)", f"Holm p (family of {len(rows)})"]
+    lines = ["| " + " | ".join(head) + " |", "|" + "---|" * len(head)]
+    for k, ((name, ref, common, d, p), h) in enumerate(zip(rows, adjusted), 1):
+        ci = fmt_ci(*t_interval(d), digits=4 if "loss" in metric else 2) if d else "not run yet"  # digits' losses ~0.01
+        seeds_text = f"{len(common)} ({', '.join(map(str, common))})" if common else "0"
+        p_text, h_text = ("-", "-") if math.isnan(p) else (f"{p:.2g}", f"{h:.2g}")
+        lines.append(f"| {k} | {name} | {ref} | {seeds_text} | {ci} | {p_text} | {h_text} |")
+    return "\n".join(lines)
+
+
 def ls_gap(runs: dict[float, dict[int, Run]], ls_runs: dict[float, dict[int, Run]]) -> str:
     head = ["alpha", "seed pairs", "gap without LS", "gap with LS 0.1", "Δ gap (LS − none), 95% CI",
             "Δ test (LS − none), 95% CI"]
@@ -151,44 +262,56 @@ def ls_gap(runs: dict[float, dict[int, Run]], ls_runs: dict[float, dict[int, Run
 
 
 def compute(paths: list[str]) -> str:
-    """Wall-clock time of every run (summary.json wall_s) and the CPU threads it used."""
-    lines = ["| setting | runs | wall-clock hours | threads | CPU-hours (wall x threads) |", "|---|---|---|---|---|"]
+    """Wall-clock time of every run (summary.json wall_s), one row per setting and thread count
+    (a setting's runs can come from sessions with different thread counts)."""
+    lines = ["| setting | threads | runs | wall-clock hours | run minutes (min / median / max) | CPU-hours (wall x threads) |",
+             "|---|---|---|---|---|---|"]
     total = 0.0
     for path in paths:
         done, others = load_runs([path])
-        runs = done + others
-        hours = sum(float(r.summary.get("wall_s", 0.0)) for r in runs) / 3600
-        threads = sorted({r.summary.get("env", {}).get("cpu_threads") for r in runs} - {None})
-        cpu = sum(float(r.summary.get("wall_s", 0.0)) * (r.summary.get("env", {}).get("cpu_threads") or 1)
-                  for r in runs) / 3600
-        total += cpu
-        lines.append(f"| {path} | {len(runs)} | {hours:.2f} | {', '.join(map(str, threads))} | {cpu:.2f} |")
-    lines.append(f"| total | | | | {total:.2f} |")
+        by_threads: dict[int, list[float]] = defaultdict(list)
+        for r in done + others:
+            by_threads[r.summary.get("env", {}).get("cpu_threads") or 1].append(float(r.summary.get("wall_s", 0.0)))
+        for threads, walls in sorted(by_threads.items(), reverse=True):
+            mins = sorted(w / 60 for w in walls)
+            cpu = sum(walls) * threads / 3600
+            total += cpu
+            lines.append(f"| {path} | {threads} | {len(walls)} | {sum(walls) / 3600:.2f} | "
+                         f"{mins[0]:.1f} / {statistics.median(mins):.1f} / {mins[-1]:.1f} | {cpu:.2f} |")
+    lines.append(f"| total | | | | | {total:.2f} |")
     return "\n".join(lines)
 
 
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    ap.add_argument("setting", nargs="+", help="a folder of runs (one setting, several alphas and seeds)")
+    ap.add_argument("setting", nargs="*", help="a folder of runs (one setting, several alphas and seeds)")
     ap.add_argument("--ls", help="the same setting with label smoothing, for the gap comparison")
     ap.add_argument("--compute", action="store_true", help="only the compute spent by the settings given")
+    ap.add_argument("--seeds", type=int, nargs="+", help="only these seeds")
+    ap.add_argument("--compare", nargs="+", metavar="A@ALPHA,B@ALPHA",
+                    help="paired differences A − B (one family, Holm-adjusted); the settings are then ignored")
+    ap.add_argument("--metric", default="test_acc", help="summary.json final key for --compare (test_acc, train_acc, gap)")
     ap.add_argument("--baseline", help="a control setting whose alpha = 1 runs replace this setting's as the "
                                        "baseline of every paired column (same seeds)")
     args = ap.parse_args()
+    if args.compare:
+        print(compare(args.compare, args.metric, args.seeds))
+        return
     if args.compute:
         print(compute(args.setting))
         return
-    if len(args.setting) > 1:
+    if len(args.setting) != 1:
         ap.error("one setting at a time (several only with --compute)")
     args.setting = args.setting[0]
-    runs = by_alpha_seed(args.setting)
+    runs = by_alpha_seed(args.setting, args.seeds)
     against = "alpha = 1"
     if args.baseline:
-        own, control = runs.get(1.0, {}), by_alpha_seed(args.baseline).get(1.0, {})
+        own, control = runs.get(1.0, {}), by_alpha_seed(args.baseline, args.seeds).get(1.0, {})
         common = sorted(set(own) & set(control))
         d = [final(control[s], "test_acc") - final(own[s], "test_acc") for s in common]
         print(f"Control {args.baseline} (alpha = 1) against this setting's alpha = 1, test accuracy, "
-              f"{len(common)} seed pairs: {fmt_ci(*t_interval(d)) if d else '-'}\n")
+              f"{len(common)} seed pairs: {fmt_ci(*t_interval(d)) if d else '-'}; per seed "
+              f"{', '.join(f'{s}: {x:+.2f}' for s, x in zip(common, d))}\n")
         runs = {**runs, 1.0: control}
         against = f"the control's alpha = 1 ({args.baseline})"
     table, picked = accuracy_table(runs)
@@ -196,10 +319,13 @@ def main() -> None:
           f"{against} over the same seeds, 95% t-interval.\n\n{table}\n")
     print(f"alpha picked on val (highest mean final val accuracy): {picked:g}\n")
     print(f"Epochs to reach the alpha = 1 run's final test accuracy (same seed):\n\n{epochs_to_target(runs)}\n")
-    print(f"Correlations over runs:\n\n{correlations(runs)}\n")
+    print(f"Final test accuracy per seed:\n\n{per_seed(runs)}\n")
+    print(f"First epoch (the logged train loss is CE on z, about 1/alpha larger for alpha < 1):\n\n{first_epoch(runs)}\n")
+    print(f"Logit norm and correlations (p-values treat runs as independent; runs of one seed share "
+          f"data and initial weights):\n\n{norm_ratios(runs)}\n{within_alpha(runs)}\n{correlations(runs)}\n")
     if args.ls:
         print(f"Label smoothing 0.1 and the gap ({args.ls} against {args.setting}, same seeds):\n\n"
-              f"{ls_gap(runs, by_alpha_seed(args.ls))}\n")
+              f"{ls_gap(runs, by_alpha_seed(args.ls, args.seeds))}\n")
 
 
 if __name__ == "__main__":

@@ -1,0 +1,91 @@
+"""Rewrite the round-2 results block of docs/results.md (section 2c) from the records in results/.
+
+    .venv/bin/python studies/round2_tables.py     # after each finished round-2 run, before committing it
+
+Every table in the block is the output of the command printed above it (`powergrad report`,
+`studies/analyze.py`), so the doc never holds a hand-typed figure and tests/test_results_doc.py
+stays green once the records and the doc are committed together. The prose under the block
+("2c reading") is written by hand and must be re-read after each update.
+"""
+
+from __future__ import annotations
+
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+ROOT = Path(__file__).resolve().parents[1]
+ENV = {**os.environ, "PYTHONPATH": str(ROOT / "src")}
+PY = sys.executable
+A, W = "results/cifar10-resnet20-10k", "results/cifar10-resnet20-10k-warmup"
+LR = [f"{A}-lr0.05", f"{W}-lr0.05", f"{W}-lr0.2"]
+
+
+def run(args: list[str]) -> str:
+    return subprocess.run([PY, *args], env=ENV, cwd=ROOT, capture_output=True, text=True, check=True).stdout.rstrip()
+
+
+# the pre-registered family (docs/results.md section 2c): A1, A2, B1, B2, B3
+fam = [f"{W}@0.5,{W}@1", f"{W}@0.25,{W}@1", f"{LR[0]}@1,{A}@1", f"{LR[1]}@1,{W}@1", f"{LR[2]}@1,{W}@1"]
+family = run(["studies/analyze.py", "--compare", *fam])
+train = run(["studies/analyze.py", "--compare", *fam[:2], "--metric", "train_acc"])
+gap = run(["studies/analyze.py", "--compare", *fam[:2], "--metric", "gap"])
+report = run(["-m", "powergrad", "report", W])
+ana = run(["studies/analyze.py", W]).split("\n", 2)[2]  # drop the "### folder" heading
+existing_lr = [p for p in LR if (ROOT / p).is_dir()]
+lr_report = run(["-m", "powergrad", "report", *existing_lr]) if existing_lr else ""
+compute = run(["studies/analyze.py", "--compute", A, W, *existing_lr])
+
+block = f"""<!-- round-2 results: generated from results/ by the commands shown; regenerate as runs finish -->
+
+### 2c results: the warmed-up cell (a)
+
+`powergrad report {W}`
+
+{report}
+
+`.venv/bin/python studies/analyze.py {W}`
+
+{ana}
+
+### 2c results: the pre-registered family (A1, A2, B1-B3), test accuracy
+
+`.venv/bin/python studies/analyze.py --compare {' '.join(fam)}`
+
+{family}
+
+Secondary (descriptive), A1 and A2 on train accuracy and on the gap:
+`.venv/bin/python studies/analyze.py --compare {' '.join(fam[:2])} --metric train_acc` and `--metric gap`
+
+{train}
+
+{gap}
+"""
+if lr_report:
+    block += f"""
+### 2c results: the learning-rate control (b)
+
+`powergrad report {' '.join(existing_lr)}`
+
+{lr_report}
+"""
+block += f"""
+### 2c compute so far
+
+`.venv/bin/python studies/analyze.py --compute {' '.join([A, W, *existing_lr])}`
+
+{compute}
+
+<!-- end of round-2 results -->"""
+
+doc = ROOT / "docs" / "results.md"
+s = doc.read_text()
+start, end = "<!-- round-2 results:", "<!-- end of round-2 results -->"
+if start in s:
+    a, b = s.index(start), s.index(end) + len(end)
+    s = s[:a] + block + s[b:]
+else:
+    marker = "## 3. CIFAR-10 (JPEG), ResNet-20 without batch norm"
+    s = s.replace(marker, block + "\n\nROUND2_TEXT\n\n" + marker)
+doc.write_text(s)
