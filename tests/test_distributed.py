@@ -191,7 +191,7 @@ def test_failing_rank_with_nproc_is_one_line_and_its_exit_code(tmp_path):
     1 loses it mid-collective and stays quiet) or every rank does (no such data folder)."""
     out = tmp_path / "taken"
     out.mkdir()
-    (out / "something").write_text("x")
+    (out / "metrics.csv").write_text("epoch\n1\n")  # a run's record (a stray file alone is not one)
     one_rank = run([*POWERGRAD, "train", "digits", "epochs=1", "device=cpu", "nproc=2", "--out", str(out)])
     every_rank = run([*POWERGRAD, "train", "digits", "dataset=imagefolder", f"data_dir={tmp_path / 'nowhere'}",
                       "device=cpu", "nproc=2", "--out", str(tmp_path / "run")])

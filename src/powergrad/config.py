@@ -461,7 +461,11 @@ class _UniqueKeyLoader(yaml.SafeLoader):
 def _read_yaml(path: Path) -> dict[str, Any]:
     try:
         with open(path) as f:  # the loader takes the file's name from it, for its messages
-            data = yaml.load(f, Loader=_UniqueKeyLoader)
+            loader = _UniqueKeyLoader(f)  # yaml.safe_load's SafeLoader, refusing repeated keys
+            try:
+                data = loader.get_single_data()
+            finally:
+                loader.dispose()
     except yaml.constructor.ConstructorError as e:
         # safe_load builds plain values only: a tag such as !!python/object/apply is refused.
         mark = getattr(e, "problem_mark", None)
