@@ -80,11 +80,12 @@ def test_a_copied_finished_run_with_a_newer_best_pt_is_complete_and_untouched(fi
     before = snapshot(run)
     code, out, err = run_cli(["train", "resume=auto", "--out", run], capsys)
     assert code == 0, err
-    assert out.strip().splitlines()[-1].startswith(f"{run} is already complete (3 of 3 epochs, last.pt)")
-    # One line of its own, before any data is read: only the command line's start-up banner (the
-    # run folder and the settings, printed before torch is imported) comes before it.
-    said = [ln for ln in out.strip().splitlines() if not ln.startswith(("run folder: ", "settings (besides"))]
-    assert len(said) == 1 and err == ""
+    lines = out.strip().splitlines()
+    assert lines[-1].startswith(f"{run} is already complete (3 of 3 epochs, last.pt)")
+    # One line besides the command line's own start (issue 13: the folder, then the settings,
+    # before any import), and none from reading data.
+    assert len(lines) == 3 and lines[0] == f"run folder: {run}" and lines[1].startswith("settings (")
+    assert err == ""
     assert snapshot(run) == before
 
 
