@@ -218,7 +218,7 @@ def _infos(cls: type, prefix: str = "") -> list[FieldInfo]:
     out = []
     for f in dataclasses.fields(cls):
         m = f.metadata
-        default = f.default if f.default is not dataclasses.MISSING else f.default_factory()  # type: ignore[misc]
+        default = f.default if f.default_factory is dataclasses.MISSING else f.default_factory()
         out.append(FieldInfo(prefix + f.name, hints[f.name], default, m["help"], m["group"],
                              m["affects_result"], m["choices"], m["bound"], m["probe_feature"]))
     return out

@@ -24,7 +24,7 @@ import datetime
 import os
 import sys
 import time
-from collections.abc import Iterable, Iterator
+from collections.abc import Iterable, Iterator, Sized
 from typing import Any, TypeVar
 
 __all__ = ["StepProgress", "track", "mode", "clock", "PROGRESS_EVERY_S"]
@@ -61,7 +61,7 @@ def clock(seconds: float) -> str:
     return str(datetime.timedelta(seconds=max(0, round(seconds))))
 
 
-def _bar(total: int, desc: str, unit: str, initial: int = 0):
+def _bar(total: int | None, desc: str, unit: str, initial: int = 0):
     from tqdm import tqdm
 
     return tqdm(total=total, desc=desc, unit=unit, initial=initial, leave=False, file=_terminal(),
@@ -116,7 +116,7 @@ def track(items: Iterable[T], desc: str, total: int | None = None, unit: str = "
     """``items`` as they come, with a bar (terminal) or a line every PROGRESS_EVERY_S seconds
     (elsewhere) saying how far, at what rate, and how long is left."""
     how = mode() if enabled else "off"
-    total = total if total is not None else (len(items) if hasattr(items, "__len__") else None)
+    total = total if total is not None else (len(items) if isinstance(items, Sized) else None)
     if how == "off":
         yield from items
         return

@@ -22,7 +22,7 @@ import time
 from collections.abc import Iterator
 from contextlib import contextmanager
 from pathlib import Path
-from typing import TYPE_CHECKING, Any
+from typing import IO, TYPE_CHECKING, Any
 
 from .errors import UserError, extra
 
@@ -87,7 +87,7 @@ class _LogSink:
     HOLD_MAX = 1000  # writes held before a folder opens; more are dropped (another rank's output)
 
     def __init__(self) -> None:
-        self.file = None
+        self.file: IO[str] | None = None
         self.held: list[str] = []
 
     def write(self, s: str) -> None:

@@ -114,7 +114,10 @@ def create_loaders(cfg: Config, device: torch.device, rank: int = 0, world_size:
     if cfg.num_classes is not None and cfg.num_classes != found:  # synthetic makes num_classes classes
         raise UserError(f"num_classes={cfg.num_classes} contradicts the data: {cfg.dataset} has {found} classes; "
                         "drop num_classes (it is read from the data)")
-    loaders = (_stream_loaders if isinstance(source, Folders) else _memory_loaders)(source, cfg, device, rank, world_size)
+    if isinstance(source, Folders):
+        loaders = _stream_loaders(source, cfg, device, rank, world_size)
+    else:
+        loaders = _memory_loaders(source, cfg, device, rank, world_size)
     if loaders.info.num_train < cfg.batch_size and rank == 0:
         log.warning("warning: batch_size=%d is larger than the %d training images: each epoch is one step of %d",
                     cfg.batch_size, loaders.info.num_train, loaders.info.num_train)

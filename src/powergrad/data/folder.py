@@ -232,11 +232,11 @@ def _collect(results: Iterator[tuple[np.ndarray, np.ndarray]], chunks: list[list
         start += len(chunk)
 
 
-def decode_used(train: list[Sample], test: list[Sample], side: int, cfg: Config, tag: str,
-                **arrays: object) -> Arrays:
+def decode_used(train: list[Sample], test: list[Sample], side: int, cfg: Config, tag: str, *,
+                class_names: list[str], mean: tuple[float, ...], std: tuple[float, ...], augment: str) -> Arrays:
     """Decode (or read from the cache) only the images this run uses: its train_subset and
-    val_fraction of ``train``, its test_subset of ``test``. ``arrays`` are the remaining
-    fields of :class:`Arrays` (class_names, mean, std, augment)."""
+    val_fraction of ``train``, its test_subset of ``test``. The keywords are the remaining
+    fields of :class:`Arrays`."""
     labels = torch.tensor([lab for _, lab in train], dtype=torch.int64)
     train_idx, val_idx = sampling.split_train(labels, cfg)
     test_idx = sampling.subset_test(torch.tensor([lab for _, lab in test], dtype=torch.int64), cfg)
@@ -253,7 +253,7 @@ def decode_used(train: list[Sample], test: list[Sample], side: int, cfg: Config,
     n_tr, n_va = len(ty), len(vy)
     used = (torch.arange(n_tr), torch.arange(n_tr, n_tr + n_va) if "val" in decoded else None)
     return Arrays(torch.cat([tx, vx]), torch.cat([ty, vy]), ex, ey, bad_images=bad_tr + bad_va + bad_te,
-                  used=used, **arrays)
+                  used=used, class_names=class_names, mean=mean, std=std, augment=augment)
 
 
 # ---------------------------------------------------------------- the imagefolder data set

@@ -207,11 +207,11 @@ class Monitor:
         if len(history) < p + 1:
             return
         key = "val_loss" if history[-1].get("val_loss") is not None else "test_loss"
-        held_out = [r.get(key) for r in history]
-        if any(v is None or not math.isfinite(v) for v in held_out):
+        held_out = [float(v) for v in (r.get(key) for r in history) if v is not None and math.isfinite(v)]
+        if len(held_out) < len(history):  # an epoch without a finite held-out loss
             return
         before = held_out[:-p]
-        best_i = min(range(len(before)), key=before.__getitem__)
+        best_i = min(range(len(before)), key=lambda i: before[i])
         best = before[best_i]
         limit = best * (1 + self.cfg.overfit_rise)
         if not all(v > limit for v in held_out[-p:]):

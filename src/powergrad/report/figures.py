@@ -245,9 +245,9 @@ def plot_loss_vs_logit_norm(runs: list[Run], path: Path) -> Path:
         ax.scatter(x, y, color=colour, label=f"alpha={alpha:g} ({len(pts)} runs)")
         if len(pts) >= MIN_FIT_RUNS and np.ptp(x) > 0:
             slope, icpt = np.polyfit(x, y, 1)
-            r = f"r = {np.corrcoef(x, y)[0, 1]:.2f}" if np.ptp(y) > 0 else "loss constant"
+            corr = f"r = {np.corrcoef(x, y)[0, 1]:.2f}" if np.ptp(y) > 0 else "loss constant"
             xs = np.linspace(x.min(), x.max(), 20)
-            ax.plot(xs, slope * xs + icpt, "--", color=colour, lw=1, label=f"fit within alpha={alpha:g}: {r}")
+            ax.plot(xs, slope * xs + icpt, "--", color=colour, lw=1, label=f"fit within alpha={alpha:g}: {corr}")
             fitted = True
     note = ("dashed: least-squares fit within one alpha" if fitted else
             f"no line: a fit needs {MIN_FIT_RUNS}+ runs of one alpha")
