@@ -90,8 +90,11 @@ def test_a_terminal_gets_a_live_bar_and_the_log_no_frames(tmp_path):
 
 def test_ctrl_c_says_which_checkpoint_is_kept(tmp_path):
     out = tmp_path / "run"
+    # Ctrl-C as on a terminal: a suite started in the background (`pytest &`) ignores SIGINT, and
+    # the child would inherit that (Python leaves an ignored SIGINT ignored) and train on.
     proc = subprocess.Popen([sys.executable, "-m", "powergrad", "train", "digits", "epochs=200", "--out", str(out)],
-                            stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True, env=_env(), cwd=tmp_path)
+                            stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True, env=_env(), cwd=tmp_path,
+                            preexec_fn=lambda: signal.signal(signal.SIGINT, signal.SIG_DFL))
     deadline = time.time() + 240
     while not (out / "last.pt").is_file() and time.time() < deadline and proc.poll() is None:
         time.sleep(0.2)

@@ -218,7 +218,7 @@ def _infos(cls: type, prefix: str = "") -> list[FieldInfo]:
     out = []
     for f in dataclasses.fields(cls):
         m = f.metadata
-        default = f.default if f.default is not dataclasses.MISSING else f.default_factory()  # type: ignore[misc]
+        default = f.default if f.default_factory is dataclasses.MISSING else f.default_factory()
         out.append(FieldInfo(prefix + f.name, hints[f.name], default, m["help"], m["group"],
                              m["affects_result"], m["choices"], m["bound"], m["probe_feature"]))
     return out
@@ -458,14 +458,20 @@ class _UniqueKeyLoader(yaml.SafeLoader):
         return super().construct_mapping(node, deep=deep)
 
 
+def _safe_load_unique(stream: Any) -> Any:
+    """yaml.safe_load with the duplicate-key check: the body of yaml.load, with the SafeLoader
+    subclass above built here, so that no general yaml.load call exists in the package."""
+    loader = _UniqueKeyLoader(stream)
+    try:
+        return loader.get_single_data()
+    finally:
+        loader.dispose()
+
+
 def _read_yaml(path: Path) -> dict[str, Any]:
     try:
         with open(path) as f:  # the loader takes the file's name from it, for its messages
-            loader = _UniqueKeyLoader(f)  # a SafeLoader: plain values only (what yaml.safe_load does)
-            try:
-                data = loader.get_single_data()
-            finally:
-                loader.dispose()
+            data = _safe_load_unique(f)
     except yaml.constructor.ConstructorError as e:
         # safe_load builds plain values only: a tag such as !!python/object/apply is refused.
         mark = getattr(e, "problem_mark", None)

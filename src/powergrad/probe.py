@@ -116,6 +116,8 @@ def create_probe(cfg: Config, num_classes: int, in_chans: int, img_size: int):
     :class:`powergrad.models.Probe` at ``cfg.probe_layer``: the backbone frozen, ``fc`` trains."""
     from .models import Probe, create_model
 
+    if cfg.probe_layer is None:
+        raise ValueError("create_probe: cfg.probe_layer names no layer to probe")
     backbone = create_model(dataclasses.replace(cfg, probe_layer=None, freeze="none"), num_classes, in_chans,
                             img_size)
     if not (cfg.weights or cfg.pretrained):

@@ -87,8 +87,8 @@ class Trainer:
     filters: Any
     stopper: PreemptionFlag
     steps_per_epoch: int
+    bad_step: torch.Tensor  # first non-finite loss's step, -1: none (on the device)
     step_hooks: list[StepHook] = field(default_factory=list)
-    bad_step: torch.Tensor | None = None  # first non-finite loss's step, -1: none (on the device)
 
     @property
     def sync_every(self) -> int:
@@ -262,6 +262,7 @@ def record_epoch(t: Trainer, row: dict[str, Any]) -> bool:
         state.best = dict(row)
     if t.dist.is_main:
         _print_epoch(row, t.cfg.epochs)
+    if t.run is not None:  # the main process's record
         t.run.append_metrics(row)
     return is_best
 
@@ -350,6 +351,7 @@ def restore(state: TrainingState, plan: StartPlan, steps_per_epoch: int, quiet: 
 def already_complete(plan: StartPlan, cfg: Config) -> RunResult:
     """A resume with no epoch left: one line, nothing written, the checkpoint's record returned."""
     ckpt, path = plan.checkpoint or {}, plan.checkpoint_path
+    assert path is not None  # check_progress says "complete" only of a checkpoint
     done = f"{int(ckpt.get('epoch', 0))} of {cfg.epochs} epochs"
     if plan.own_folder:
         log.info("%s is already complete (%s, %s); nothing to do (raise epochs= to extend it)", plan.run_path,
@@ -602,8 +604,9 @@ def _param_groups(model: nn.Module, cfg: Config) -> list[dict]:
 
 
 def _num_classes(model: nn.Module) -> int:
-    if isinstance(getattr(model, "num_classes", None), int):
-        return model.num_classes
+    declared = getattr(model, "num_classes", None)
+    if isinstance(declared, int):
+        return declared
     linears = [m for m in model.modules() if isinstance(m, nn.Linear)]
     return linears[-1].out_features if linears else 10
 

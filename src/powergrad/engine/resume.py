@@ -60,7 +60,7 @@ def plan_start(cfg: Config, out: str | Path | None) -> StartPlan:
     """Decide how this run starts; raise UserError (nothing written) if it cannot."""
     if cfg.resume:
         path, ckpt, note = _resume_checkpoint(cfg.resume, out)
-        if path is not None:
+        if path is not None and ckpt is not None:  # (found together, or neither)
             if not ckpt.get("official"):  # a timm file has no recipe of ours to compare
                 check_resume(ckpt["config"], cfg, path)
             plan = StartPlan(Path(out) if out else path.parent, True, path, ckpt, note=note)
@@ -69,6 +69,7 @@ def plan_start(cfg: Config, out: str | Path | None) -> StartPlan:
         # resume=auto and the folder holds no checkpoint yet: start there (a run killed before
         # its first save, or a sweep's trial that never began)
     if cfg.resume == "auto":
+        assert out is not None  # _resume_checkpoint refused resume=auto without --out
         return _with_parent(cfg, StartPlan(Path(out), resuming=True))
     return _with_parent(cfg, StartPlan(Path(out) if out else _default_out(cfg)))
 

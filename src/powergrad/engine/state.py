@@ -60,7 +60,8 @@ class TrainingState:
     history: list[dict[str, Any]] = field(default_factory=list)
     best: dict[str, Any] = field(default_factory=dict)
     best_split: str = "test"  # which split's accuracy chose best.pt: val when there is one
-    skipped_updates: torch.Tensor | None = None  # fp16 steps the scaler skipped (a device counter)
+    # fp16 steps the scaler skipped (a device counter: new_state puts it on the run's device)
+    skipped_updates: torch.Tensor = field(default_factory=lambda: torch.zeros((), dtype=torch.long))
     wall_s_before: float = 0.0  # wall time of the processes that ran this run before this one
     class_names: list[str] | None = None
     parent: dict[str, Any] | None = None  # init_from: the run these weights came from
@@ -86,7 +87,7 @@ class TrainingState:
             "epoch_stats": self.epoch_stats, "epoch_lr": self.epoch_lr if mid_epoch else None,
             "history": self.history, "best": self.best, "best_split": self.best_split,
             "rng": rng_state(), "config": self.cfg.to_dict(), "world_size": self.world_size,
-            "fp16_skipped_updates": int(self.skipped_updates) if self.skipped_updates is not None else 0,
+            "fp16_skipped_updates": int(self.skipped_updates),
             "feature_alive": alive.cpu() if mid_epoch and alive is not None else None,
             "diagnostics": [d.to_dict() for d in self.monitor.diagnostics],
             "wall_s": self.wall_s, "class_names": self.class_names, "parent": self.parent,
@@ -115,8 +116,7 @@ class TrainingState:
         self.history, self.best = list(ckpt.get("history") or []), dict(ckpt.get("best") or {})
         self.best_split = str(ckpt.get("best_split") or self.best_split)
         set_rng_state(ckpt.get("rng"))
-        if self.skipped_updates is not None:
-            self.skipped_updates += int(ckpt.get("fp16_skipped_updates") or 0)
+        self.skipped_updates += int(ckpt.get("fp16_skipped_updates") or 0)
         alive = ckpt.get("feature_alive")
         if alive is not None and self.step_in_epoch:  # the epoch's feature mask so far
             self.monitor.feature_alive = alive.to(self.device)
@@ -161,10 +161,11 @@ def seed_everything(seed: int) -> None:
 
 
 def rng_state() -> dict[str, Any]:
+    mt19937 = np.random.get_state(legacy=False)["state"]  # the dict form: what the stubs type
     state = {
         "torch": torch.get_rng_state(),
-        "numpy": list(np.random.get_state()[1].tolist()),
-        "numpy_pos": int(np.random.get_state()[2]),
+        "numpy": list(mt19937["key"].tolist()),
+        "numpy_pos": int(mt19937["pos"]),
         "python": list(random.getstate()[1]),
     }
     if torch.cuda.is_available():

@@ -207,9 +207,9 @@ class Monitor:
         if len(history) < p + 1:
             return
         key = "val_loss" if history[-1].get("val_loss") is not None else "test_loss"
-        if any(r.get(key) is None or not math.isfinite(r[key]) for r in history):
+        held_out = [float(v) for v in (r.get(key) for r in history) if v is not None and math.isfinite(v)]
+        if len(held_out) < len(history):  # an epoch without a finite held-out loss
             return
-        held_out = [float(r[key]) for r in history]
         before = held_out[:-p]
         best_i = min(range(len(before)), key=lambda i: before[i])
         best = before[best_i]
