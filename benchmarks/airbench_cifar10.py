@@ -33,9 +33,19 @@ import powergrad
 from powergrad.data.folder import find_classes, load_images, scan_split
 
 RECIPE = [
-    "model=resnet20", "model_kwargs={depth: 56}", "dataset=imagefolder", "epochs=40", "batch_size=512",
-    "lr=0.4", "warmup_epochs=2", "weight_decay=5e-4", "label_smoothing=0.1", "amp=bf16",
-    "channels_last=true", "compile=true", "alpha=1",
+    "model=resnet20",
+    "model_kwargs={depth: 56}",
+    "dataset=imagefolder",
+    "epochs=40",
+    "batch_size=512",
+    "lr=0.4",
+    "warmup_epochs=2",
+    "weight_decay=5e-4",
+    "label_smoothing=0.1",
+    "amp=bf16",
+    "channels_last=true",
+    "compile=true",
+    "alpha=1",
 ]
 
 
@@ -44,9 +54,13 @@ def write_airbench_data(folder: Path, dest: Path) -> None:
     dest.mkdir(parents=True, exist_ok=True)
     classes = find_classes(folder / "train")
     for split in ("train", "test"):
-        x, y, _ = load_images(scan_split(folder / split, classes), 32, 2, False, f"imagefolder-{split}")
-        torch.save({"images": x.permute(0, 2, 3, 1).contiguous(), "labels": y, "classes": classes},
-                   dest / f"{split}.pt")
+        x, y, _ = load_images(
+            scan_split(folder / split, classes), 32, 2, False, f"imagefolder-{split}"
+        )
+        torch.save(
+            {"images": x.permute(0, 2, 3, 1).contiguous(), "labels": y, "classes": classes},
+            dest / f"{split}.pt",
+        )
 
 
 def run_airbench(workdir: Path) -> dict:
@@ -58,13 +72,21 @@ def run_airbench(workdir: Path) -> dict:
         airbench.warmup94()  # (verbose: the warm-up stops after one step only when verbose)
         # Timed as airbench times itself: training and the TTA evaluation, not its per-epoch
         # progress evaluations (verbose=False skips those where the release takes the argument).
-        quiet = {"verbose": False} if "verbose" in inspect.signature(airbench.train94).parameters else {}
+        quiet = (
+            {"verbose": False}
+            if "verbose" in inspect.signature(airbench.train94).parameters
+            else {}
+        )
         torch.cuda.synchronize()
         tic = time.perf_counter()
         out = airbench.train94(**quiet)
         if isinstance(out, dict):  # newer releases return their own accuracy and time
             torch.cuda.synchronize()
-            return {"test_acc": out.get("accuracy"), "seconds": time.perf_counter() - tic, "own_time_s": out.get("time")}
+            return {
+                "test_acc": out.get("accuracy"),
+                "seconds": time.perf_counter() - tic,
+                "own_time_s": out.get("time"),
+            }
         test = airbench.CifarLoader("cifar10", train=False, batch_size=2000)
         acc = airbench.evaluate(out, test, tta_level=2)
         torch.cuda.synchronize()
@@ -90,9 +112,19 @@ def main() -> None:
     if not args.skip_airbench:
         write_airbench_data(Path(args.data), work / "cifar10")
         res = run_airbench(work)
-        print(json.dumps({"benchmark": "cifar10_94", "impl": "airbench94", **res,
-                          "reached": (res["test_acc"] or 0) >= args.target, "device": device,
-                          "torch": torch.__version__}), flush=True)
+        print(
+            json.dumps(
+                {
+                    "benchmark": "cifar10_94",
+                    "impl": "airbench94",
+                    **res,
+                    "reached": (res["test_acc"] or 0) >= args.target,
+                    "device": device,
+                    "torch": torch.__version__,
+                }
+            ),
+            flush=True,
+        )
 
     overrides = dict(kv.split("=", 1) for kv in args.recipe)
     r = powergrad.train(overrides, work / "powergrad", data_dir=args.data)
@@ -102,11 +134,22 @@ def main() -> None:
         if row["test_acc"] >= args.target:
             reached_at = row["epoch"]
             break
-    print(json.dumps({"benchmark": "cifar10_94", "impl": "powergrad", "recipe": args.recipe,
-                      "reached": reached_at is not None, "epoch": reached_at,
-                      "seconds": round(seconds, 1) if reached_at else None,
-                      "best_test_acc": r.best.get("test_acc"), "train_s_total": round(sum(h["epoch_s"] for h in r.history), 1),
-                      "device": device, "torch": torch.__version__}))
+    print(
+        json.dumps(
+            {
+                "benchmark": "cifar10_94",
+                "impl": "powergrad",
+                "recipe": args.recipe,
+                "reached": reached_at is not None,
+                "epoch": reached_at,
+                "seconds": round(seconds, 1) if reached_at else None,
+                "best_test_acc": r.best.get("test_acc"),
+                "train_s_total": round(sum(h["epoch_s"] for h in r.history), 1),
+                "device": device,
+                "torch": torch.__version__,
+            }
+        )
+    )
 
 
 if __name__ == "__main__":

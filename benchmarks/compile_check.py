@@ -24,8 +24,11 @@ import torch
 import powergrad
 from powergrad.models import MODELS
 
-MODES = {"eager": {}, "channels_last": {"channels_last": True},
-         "compile_channels_last": {"compile": True, "channels_last": True}}
+MODES = {
+    "eager": {},
+    "channels_last": {"channels_last": True},
+    "compile_channels_last": {"compile": True, "channels_last": True},
+}
 
 
 def main() -> None:
@@ -40,20 +43,36 @@ def main() -> None:
     with tempfile.TemporaryDirectory(prefix="pg-compile-") as tmp:
         for name in names:
             for mode, keys in MODES.items():
-                recipe = {"model": name, "dataset": "synthetic", "img_size": 32, "epochs": 2,
-                          "batch_size": args.batch_size, "synthetic_size": args.batch_size * args.steps,
-                          "device": args.device, "lr": 0.01, **keys}
+                recipe = {
+                    "model": name,
+                    "dataset": "synthetic",
+                    "img_size": 32,
+                    "epochs": 2,
+                    "batch_size": args.batch_size,
+                    "synthetic_size": args.batch_size * args.steps,
+                    "device": args.device,
+                    "lr": 0.01,
+                    **keys,
+                }
                 row = {"benchmark": "compile_check", "model": name, "mode": mode}
                 tic = time.perf_counter()
                 try:
                     r = powergrad.train(recipe, Path(tmp) / f"{name}-{mode}", overwrite=True)
-                    row.update(ok=True, steps_per_s=round(args.steps / r.history[-1]["epoch_s"], 2),
-                               train_loss=round(r.final["train_loss"], 4))
+                    row.update(
+                        ok=True,
+                        steps_per_s=round(args.steps / r.history[-1]["epoch_s"], 2),
+                        train_loss=round(r.final["train_loss"], 4),
+                    )
                 except Exception as e:  # report and go on: the point is the list of what breaks
                     failed += 1
-                    row.update(ok=False, error=f"{type(e).__name__}: {str(e).splitlines()[0][:300]}")
-                row.update(wall_s=round(time.perf_counter() - tic, 1), device=args.device,
-                           torch=torch.__version__)
+                    row.update(
+                        ok=False, error=f"{type(e).__name__}: {str(e).splitlines()[0][:300]}"
+                    )
+                row.update(
+                    wall_s=round(time.perf_counter() - tic, 1),
+                    device=args.device,
+                    torch=torch.__version__,
+                )
                 print(json.dumps(row), flush=True)
     if failed:
         raise SystemExit(f"{failed} model/mode runs failed")

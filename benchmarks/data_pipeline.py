@@ -38,23 +38,43 @@ from torchvision.transforms import v2
 from powergrad.config import load_config
 from powergrad.data import create_loaders, folder
 
-CIFAR_MEAN, CIFAR_STD = (0.485, 0.456, 0.406), (0.229, 0.224, 0.225)  # what powergrad uses for folders
+CIFAR_MEAN, CIFAR_STD = (
+    (0.485, 0.456, 0.406),
+    (0.229, 0.224, 0.225),
+)  # what powergrad uses for folders
 
 
-def torchvision_loader(root: str, workers: int, batch_size: int, kind: str) -> torch.utils.data.DataLoader:
+def torchvision_loader(
+    root: str, workers: int, batch_size: int, kind: str
+) -> torch.utils.data.DataLoader:
     if kind == "v1":
-        tf = transforms.Compose([
-            transforms.RandomCrop(32, padding=4, padding_mode="reflect"), transforms.RandomHorizontalFlip(),
-            transforms.ToTensor(), transforms.Normalize(CIFAR_MEAN, CIFAR_STD),
-        ])
+        tf = transforms.Compose(
+            [
+                transforms.RandomCrop(32, padding=4, padding_mode="reflect"),
+                transforms.RandomHorizontalFlip(),
+                transforms.ToTensor(),
+                transforms.Normalize(CIFAR_MEAN, CIFAR_STD),
+            ]
+        )
     else:
-        tf = v2.Compose([
-            v2.PILToTensor(), v2.RandomCrop(32, padding=4, padding_mode="reflect"), v2.RandomHorizontalFlip(),
-            v2.ToDtype(torch.float32, scale=True), v2.Normalize(CIFAR_MEAN, CIFAR_STD),
-        ])
+        tf = v2.Compose(
+            [
+                v2.PILToTensor(),
+                v2.RandomCrop(32, padding=4, padding_mode="reflect"),
+                v2.RandomHorizontalFlip(),
+                v2.ToDtype(torch.float32, scale=True),
+                v2.Normalize(CIFAR_MEAN, CIFAR_STD),
+            ]
+        )
     ds = datasets.ImageFolder(os.path.join(root, "train"), transform=tf)
-    return torch.utils.data.DataLoader(ds, batch_size=batch_size, shuffle=True, num_workers=workers,
-                                       persistent_workers=workers > 0, drop_last=True)
+    return torch.utils.data.DataLoader(
+        ds,
+        batch_size=batch_size,
+        shuffle=True,
+        num_workers=workers,
+        persistent_workers=workers > 0,
+        drop_last=True,
+    )
 
 
 def time_epoch(loader, max_batches: int | None) -> tuple[int, float]:
@@ -68,20 +88,36 @@ def time_epoch(loader, max_batches: int | None) -> tuple[int, float]:
 
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    ap.add_argument("--data", default=os.environ.get("POWERGRAD_DATA"),
-                    help="folder with train/ and test/ (default: $POWERGRAD_DATA)")
+    ap.add_argument(
+        "--data",
+        default=os.environ.get("POWERGRAD_DATA"),
+        help="folder with train/ and test/ (default: $POWERGRAD_DATA)",
+    )
     ap.add_argument("--workers", type=int, default=2)
     ap.add_argument("--batch-size", type=int, default=128)
     ap.add_argument("--rounds", type=int, default=3)
-    ap.add_argument("--images", type=int, default=0, help="time the first N images of each epoch (0: all)")
-    ap.add_argument("--transforms", choices=("v1", "v2"), default="v1", help="torchvision's transforms API")
+    ap.add_argument(
+        "--images", type=int, default=0, help="time the first N images of each epoch (0: all)"
+    )
+    ap.add_argument(
+        "--transforms", choices=("v1", "v2"), default="v1", help="torchvision's transforms API"
+    )
     args = ap.parse_args()
     if not args.data:
         ap.error("--data PATH or POWERGRAD_DATA is required (a folder with train/ and test/)")
     max_batches = args.images // args.batch_size if args.images else None
 
-    cfg = load_config(None, {"dataset": "imagefolder", "data_dir": args.data, "workers": args.workers,
-                             "batch_size": args.batch_size, "augment": "cifar", "device": "cpu"})
+    cfg = load_config(
+        None,
+        {
+            "dataset": "imagefolder",
+            "data_dir": args.data,
+            "workers": args.workers,
+            "batch_size": args.batch_size,
+            "augment": "cifar",
+            "device": "cpu",
+        },
+    )
     # The first epoch twice, each with a fresh cache: JPEGs through torchvision's decoder (the
     # default) and through PIL alone (the decoder's effect). The Pool's workers are forked, so
     # they inherit the switch.
@@ -94,9 +130,16 @@ def main() -> None:
         tic = time.perf_counter()
         pg = create_loaders(cfg, torch.device("cpu"))
         setup_s = time.perf_counter() - tic
-        n, epoch_s = time_epoch(pg.train, None)  # always the whole first epoch: the decode is for all of it
-        firsts[decoder] = {"images": n, "setup_s": round(setup_s, 2), "epoch_s": round(epoch_s, 2),
-                           "img_per_s": round(n / (setup_s + epoch_s), 1), "jpeg_decoder": decoder}
+        n, epoch_s = time_epoch(
+            pg.train, None
+        )  # always the whole first epoch: the decode is for all of it
+        firsts[decoder] = {
+            "images": n,
+            "setup_s": round(setup_s, 2),
+            "epoch_s": round(epoch_s, 2),
+            "img_per_s": round(n / (setup_s + epoch_s), 1),
+            "jpeg_decoder": decoder,
+        }
     tic = time.perf_counter()
     create_loaders(cfg, torch.device("cpu"))  # the cache file is there now
     cache_load_s = time.perf_counter() - tic
@@ -112,20 +155,53 @@ def main() -> None:
         rates["powergrad"].append(n_pg / s_pg)
     cache.cleanup()
     med = {k: statistics.median(v) for k, v in rates.items()}
-    common = {"workers": args.workers, "batch_size": args.batch_size, "train_images": len(pg.train) * args.batch_size,
-              "timed_images_per_epoch": args.images or "all", "rounds": args.rounds,
-              "torchvision_transforms": args.transforms, "threads": torch.get_num_threads(),
-              "torch": torch.__version__}
-    print(json.dumps({"benchmark": "data_pipeline", "impl": "powergrad_cached", "vs": "torchvision_imagefolder",
-                      "ratio": round(med["powergrad"] / med["torchvision"], 2),
-                      "img_per_s": round(med["powergrad"], 1), "baseline_img_per_s": round(med["torchvision"], 1),
-                      **common}))
+    common = {
+        "workers": args.workers,
+        "batch_size": args.batch_size,
+        "train_images": len(pg.train) * args.batch_size,
+        "timed_images_per_epoch": args.images or "all",
+        "rounds": args.rounds,
+        "torchvision_transforms": args.transforms,
+        "threads": torch.get_num_threads(),
+        "torch": torch.__version__,
+    }
+    print(
+        json.dumps(
+            {
+                "benchmark": "data_pipeline",
+                "impl": "powergrad_cached",
+                "vs": "torchvision_imagefolder",
+                "ratio": round(med["powergrad"] / med["torchvision"], 2),
+                "img_per_s": round(med["powergrad"], 1),
+                "baseline_img_per_s": round(med["torchvision"], 1),
+                **common,
+            }
+        )
+    )
     for first in firsts.values():
-        print(json.dumps({"benchmark": "data_pipeline", "impl": "powergrad_first_epoch", "vs": "torchvision_imagefolder",
-                          "ratio": round(first["img_per_s"] / med["torchvision"], 2), **first,
-                          "baseline_img_per_s": round(med["torchvision"], 1), **common}))
-    print(json.dumps({"benchmark": "data_pipeline", "impl": "powergrad_cache_load",
-                      "seconds": round(cache_load_s, 2), **common}))
+        print(
+            json.dumps(
+                {
+                    "benchmark": "data_pipeline",
+                    "impl": "powergrad_first_epoch",
+                    "vs": "torchvision_imagefolder",
+                    "ratio": round(first["img_per_s"] / med["torchvision"], 2),
+                    **first,
+                    "baseline_img_per_s": round(med["torchvision"], 1),
+                    **common,
+                }
+            )
+        )
+    print(
+        json.dumps(
+            {
+                "benchmark": "data_pipeline",
+                "impl": "powergrad_cache_load",
+                "seconds": round(cache_load_s, 2),
+                **common,
+            }
+        )
+    )
 
 
 if __name__ == "__main__":

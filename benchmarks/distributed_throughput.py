@@ -21,8 +21,18 @@ import sys
 import tempfile
 from pathlib import Path
 
-RECIPE = ["digits", "dataset=synthetic", "model=resnet20", "img_size=32", "synthetic_size=1024",
-          "batch_size=128", "lr=0.05", "epochs=3", "device=cpu", "monitor.logit_stats=false"]
+RECIPE = [
+    "digits",
+    "dataset=synthetic",
+    "model=resnet20",
+    "img_size=32",
+    "synthetic_size=1024",
+    "batch_size=128",
+    "lr=0.05",
+    "epochs=3",
+    "device=cpu",
+    "monitor.logit_stats=false",
+]
 
 
 def run_once(recipe: list[str], nproc: int, cores: int, out: Path) -> float:
@@ -49,10 +59,21 @@ def main() -> None:
             for k in (1, a.nproc):  # alternate, so a change in the machine's load hits both sides
                 img_s = run_once(a.recipe, k, a.cores, Path(tmp) / f"r{r}_p{k}")
                 speeds[k].append(img_s)
-                print(json.dumps({"nproc": k, "round": r, "train_img_s": round(img_s, 1)}), flush=True)
+                print(
+                    json.dumps({"nproc": k, "round": r, "train_img_s": round(img_s, 1)}), flush=True
+                )
     one, many = statistics.median(speeds[1]), statistics.median(speeds[a.nproc])
-    print(json.dumps({"recipe": " ".join(a.recipe), "cores": a.cores, "img_s_1": round(one, 1),
-                      f"img_s_{a.nproc}": round(many, 1), "ratio": round(many / one, 3)}))
+    print(
+        json.dumps(
+            {
+                "recipe": " ".join(a.recipe),
+                "cores": a.cores,
+                "img_s_1": round(one, 1),
+                f"img_s_{a.nproc}": round(many, 1),
+                "ratio": round(many / one, 3),
+            }
+        )
+    )
 
 
 if __name__ == "__main__":

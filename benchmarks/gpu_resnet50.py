@@ -47,8 +47,9 @@ class Step:
         fmt = torch.channels_last if channels_last else torch.contiguous_format
         self.model = create_model(cfg, 1000, 3, args.img_size).to(device, memory_format=fmt)
         self.forward = torch.compile(self.model) if compile else self.model
-        self.opt = torch.optim.SGD(self.model.parameters(), lr=0.01, momentum=0.9, nesterov=True,
-                                   weight_decay=5e-5)
+        self.opt = torch.optim.SGD(
+            self.model.parameters(), lr=0.01, momentum=0.9, nesterov=True, weight_decay=5e-5
+        )
         self.loss = PowerGradLoss(0.3)
         g = torch.Generator(device="cpu").manual_seed(0)
         x = torch.randn(args.batch_size, 3, args.img_size, args.img_size, generator=g)
@@ -72,14 +73,29 @@ class Step:
         return time.perf_counter() - tic
 
 
-def trainer_img_per_s(args, device: torch.device, channels_last: bool = True, compile: bool = True) -> float:
+def trainer_img_per_s(
+    args, device: torch.device, channels_last: bool = True, compile: bool = True
+) -> float:
     with tempfile.TemporaryDirectory(prefix="pg-gpu-") as tmp:
-        r = powergrad.train({
-            "model": args.model, "dataset": "synthetic", "img_size": args.img_size, "num_classes": 1000,
-            "synthetic_size": args.batch_size * args.steps, "batch_size": args.batch_size, "epochs": 2,
-            "amp": args.amp, "channels_last": channels_last, "compile": compile, "device": str(device),
-            "alpha": 0.3, "lr": 0.01, "save_every": 2,
-        }, Path(tmp) / "run")
+        r = powergrad.train(
+            {
+                "model": args.model,
+                "dataset": "synthetic",
+                "img_size": args.img_size,
+                "num_classes": 1000,
+                "synthetic_size": args.batch_size * args.steps,
+                "batch_size": args.batch_size,
+                "epochs": 2,
+                "amp": args.amp,
+                "channels_last": channels_last,
+                "compile": compile,
+                "device": str(device),
+                "alpha": 0.3,
+                "lr": 0.01,
+                "save_every": 2,
+            },
+            Path(tmp) / "run",
+        )
     return r.history[-1]["train_img_s"]
 
 
@@ -99,8 +115,11 @@ def main() -> None:
     if device.type == "cuda":
         torch.backends.cudnn.benchmark = True  # fixed shapes: let cuDNN pick its fastest kernels
 
-    steps = {m: Step(args, device, channels_last=m != "eager", compile=m == "compile")
-             for m in modes if m in ("eager", "channels_last", "compile")}
+    steps = {
+        m: Step(args, device, channels_last=m != "eager", compile=m == "compile")
+        for m in modes
+        if m in ("eager", "channels_last", "compile")
+    }
     rates: dict[str, list[float]] = {m: [] for m in steps}
     for _ in range(args.rounds):
         for m, step in steps.items():
@@ -110,13 +129,25 @@ def main() -> None:
         med["trainer"] = trainer_img_per_s(args, device)
     name = torch.cuda.get_device_name(device) if device.type == "cuda" else "cpu"
     for m, v in med.items():
-        print(json.dumps({
-            "benchmark": "train_step_modes", "impl": m, "vs": "eager",
-            "ratio": round(v / med["eager"], 3) if "eager" in med else None, "img_per_s": round(v, 1),
-            "model": args.model, "batch_size": args.batch_size, "img_size": args.img_size, "amp": args.amp,
-            "steps": args.steps, "rounds": args.rounds if m != "trainer" else 1, "device": name,
-            "torch": torch.__version__,
-        }))
+        print(
+            json.dumps(
+                {
+                    "benchmark": "train_step_modes",
+                    "impl": m,
+                    "vs": "eager",
+                    "ratio": round(v / med["eager"], 3) if "eager" in med else None,
+                    "img_per_s": round(v, 1),
+                    "model": args.model,
+                    "batch_size": args.batch_size,
+                    "img_size": args.img_size,
+                    "amp": args.amp,
+                    "steps": args.steps,
+                    "rounds": args.rounds if m != "trainer" else 1,
+                    "device": name,
+                    "torch": torch.__version__,
+                }
+            )
+        )
 
 
 if __name__ == "__main__":

@@ -81,8 +81,16 @@ SRC = Path(powergrad.__file__).resolve().parents[1]  # subprocesses import this 
 SECTIONS = ("loss", "sync", "train", "resume", "nccl", "resnet50", "cifar94", "stream")
 # Seconds per section on one H100 (1,110 s in all, of the 20-minute bound); a section checks its
 # budget before each long step, and one 30 s past it is stopped and recorded as timed out.
-BUDGET_S = {"loss": 90, "sync": 60, "train": 210, "resume": 120, "nccl": 90, "resnet50": 240,
-            "cifar94": 210, "stream": 90}
+BUDGET_S = {
+    "loss": 90,
+    "sync": 60,
+    "train": 210,
+    "resume": 120,
+    "nccl": 90,
+    "resnet50": 240,
+    "cifar94": 210,
+    "stream": 90,
+}
 TOTAL_S = 1140  # leaves time for start-up, untarring, a section overrunning its budget (30 s at most) and the report
 
 
@@ -116,7 +124,9 @@ class Section:
         self.flush()
         return self.rows[-1]
 
-    def check(self, name: str, ok: bool | None, detail: str = "", kind: str = "correctness") -> bool:
+    def check(
+        self, name: str, ok: bool | None, detail: str = "", kind: str = "correctness"
+    ) -> bool:
         """kind: correctness (fails the suite) or target (a speed goal: reported, not failed).
         ok None: not judged (the reason in detail)."""
         self.checks.append({"name": name, "ok": ok, "kind": kind, "detail": detail})
@@ -172,7 +182,9 @@ class Ctx:
         """True if seconds remain for `what`; else a note says it was skipped."""
         if self.left() >= seconds:
             return True
-        self.rec.note(f"skipped {what}: {self.left():.0f} s of the section's budget left, it needs ~{seconds:.0f} s")
+        self.rec.note(
+            f"skipped {what}: {self.left():.0f} s of the section's budget left, it needs ~{seconds:.0f} s"
+        )
         return False
 
     @property
@@ -186,8 +198,11 @@ class Ctx:
 def subprocess_env(cuda: bool) -> dict[str, str]:
     """A subprocess imports this same powergrad; on the CPU it uses as many threads as this
     process, so that its float sums are ordered the same (a resumed run can then be bitwise)."""
-    env = {**os.environ, "PYTHONUNBUFFERED": "1",
-           "PYTHONPATH": os.pathsep.join([str(SRC), *filter(None, [os.environ.get("PYTHONPATH")])])}
+    env = {
+        **os.environ,
+        "PYTHONUNBUFFERED": "1",
+        "PYTHONPATH": os.pathsep.join([str(SRC), *filter(None, [os.environ.get("PYTHONPATH")])]),
+    }
     if not cuda:
         env["OMP_NUM_THREADS"] = str(torch.get_num_threads())
     return env
@@ -198,7 +213,9 @@ def sync(device: torch.device) -> None:
         torch.cuda.synchronize(device)
 
 
-def median_times(fns: dict[str, Callable[[], Any]], device: torch.device, rounds: int, warmup: int = 3) -> dict[str, float]:
+def median_times(
+    fns: dict[str, Callable[[], Any]], device: torch.device, rounds: int, warmup: int = 3
+) -> dict[str, float]:
     """Median seconds of each fn, interleaved (one of each per round) so drift hits all alike;
     CUDA events on a GPU, a synchronised host clock on the CPU."""
     for fn in fns.values():
@@ -209,7 +226,10 @@ def median_times(fns: dict[str, Callable[[], Any]], device: torch.device, rounds
     for _ in range(rounds):
         for name, fn in fns.items():
             if device.type == "cuda":
-                start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
+                start, end = (
+                    torch.cuda.Event(enable_timing=True),
+                    torch.cuda.Event(enable_timing=True),
+                )
                 start.record()
                 fn()
                 end.record()
@@ -237,7 +257,9 @@ def compile_for(ctx: Ctx) -> Iterator[None]:
         torch.compile = real
 
 
-def train_run(ctx: Ctx, name: str, recipe: str | None, overrides: dict[str, Any]) -> tuple[Any, float | None]:
+def train_run(
+    ctx: Ctx, name: str, recipe: str | None, overrides: dict[str, Any]
+) -> tuple[Any, float | None]:
     """powergrad.train into ctx.work/name: its RunResult and peak device memory in GiB."""
     if ctx.cuda:
         torch.cuda.reset_peak_memory_stats(ctx.device)
@@ -250,7 +272,9 @@ def train_run(ctx: Ctx, name: str, recipe: str | None, overrides: dict[str, Any]
 
 def run_cmd(ctx: Ctx, cmd: list[str], log: Path, timeout: float) -> subprocess.CompletedProcess:
     with open(log, "w") as f:
-        done = subprocess.run(cmd, env=ctx.env(), stdout=f, stderr=subprocess.STDOUT, timeout=max(timeout, 1))
+        done = subprocess.run(
+            cmd, env=ctx.env(), stdout=f, stderr=subprocess.STDOUT, timeout=max(timeout, 1)
+        )
     return done
 
 
@@ -275,14 +299,20 @@ def _write_jpegs(job: tuple[str, int, int, int, int]) -> None:
         small = rng.normal(0, 50, (max(2, h // 16), max(2, w // 16), 3)) + tint
         img = Image.fromarray(small.clip(0, 255).astype(np.uint8)).resize((w, h), Image.BICUBIC)
         noisy = np.asarray(img, dtype=np.int16) + rng.integers(-8, 9, (h, w, 3))
-        Image.fromarray(noisy.clip(0, 255).astype(np.uint8)).save(f"{folder}/{i:05d}.jpg", quality=90)
+        Image.fromarray(noisy.clip(0, 255).astype(np.uint8)).save(
+            f"{folder}/{i:05d}.jpg", quality=90
+        )
 
 
-def make_jpeg_folder(root: Path, classes: int, train_per_class: int, test_per_class: int, side: int,
-                     workers: int = 1) -> Path:
+def make_jpeg_folder(
+    root: Path, classes: int, train_per_class: int, test_per_class: int, side: int, workers: int = 1
+) -> Path:
     """root/train/cNN/*.jpg and root/test/cNN/*.jpg; the class sets a mean colour, so it is learnable."""
-    jobs = [(str(root / split / f"c{k:02d}"), k, n, side, 1000 * k + (split == "test"))
-            for split, n in (("train", train_per_class), ("test", test_per_class)) for k in range(classes)]
+    jobs = [
+        (str(root / split / f"c{k:02d}"), k, n, side, 1000 * k + (split == "test"))
+        for split, n in (("train", train_per_class), ("test", test_per_class))
+        for k in range(classes)
+    ]
     if workers > 1:
         import multiprocessing
 
@@ -318,7 +348,9 @@ def resolve_data(arg: str | None, work: Path) -> Path | None:
 # ----------------------------------------------------------------------------- 1. the loss
 
 
-def formula64(z: torch.Tensor, t: torch.Tensor, alpha: float, ls: float) -> tuple[float, torch.Tensor]:
+def formula64(
+    z: torch.Tensor, t: torch.Tensor, alpha: float, ls: float
+) -> tuple[float, torch.Tensor]:
     """The definition in float64: mean smoothed cross-entropy, and (softmax(alpha z) - q) / N."""
     z = z.double()
     n, c = z.shape
@@ -334,14 +366,21 @@ GRAD_TOL = {torch.float32: 1e-5, torch.bfloat16: 1e-2, torch.float16: 2e-3}
 LOSS_TOL = 1e-5
 
 
-def loss_steps(ctx: Ctx, z0: torch.Tensor, t: torch.Tensor, alpha: float, compiled: bool) -> dict[str, Callable[[], None]]:
+def loss_steps(
+    ctx: Ctx, z0: torch.Tensor, t: torch.Tensor, alpha: float, compiled: bool
+) -> dict[str, Callable[[], None]]:
     """Forward + backward of cross-entropy and of the tampered loss on fresh leaves of z0."""
-    losses = {"cross_entropy": lambda z: F.cross_entropy(z, t),
-              "power_grad": lambda z: power_grad_cross_entropy(z, t, alpha)}
+    losses = {
+        "cross_entropy": lambda z: F.cross_entropy(z, t),
+        "power_grad": lambda z: power_grad_cross_entropy(z, t, alpha),
+    }
     if compiled:
         with compile_for(ctx):
             losses = {k: torch.compile(f, dynamic=False) for k, f in losses.items()}
-    return {k: functools.partial(lambda f: f(z0.detach().requires_grad_()).backward(), f) for k, f in losses.items()}
+    return {
+        k: functools.partial(lambda f: f(z0.detach().requires_grad_()).backward(), f)
+        for k, f in losses.items()
+    }
 
 
 def sec_loss(ctx: Ctx) -> None:
@@ -360,12 +399,28 @@ def sec_loss(ctx: Ctx) -> None:
             grad = z.grad.double().cpu()
             grad_err = ((grad - want_grad).norm() / want_grad.norm()).item()
             name = str(dtype).removeprefix("torch.")
-            ok = (math.isfinite(loss_err) and loss_err <= LOSS_TOL and grad_err <= GRAD_TOL[dtype]
-                  and z.grad.dtype == dtype and bool(torch.isfinite(grad).all()))
-            ctx.rec.row(part="exactness", dtype=name, label_smoothing=ls, n=n, c=c, loss_rel_err=loss_err,
-                        grad_rel_err=grad_err, grad_dtype=str(z.grad.dtype).removeprefix("torch."))
-            ctx.rec.check(f"exact vs float64, {name}, ls {ls}", ok,
-                          f"loss {loss_err:.1e} (<= {LOSS_TOL:g}), grad {grad_err:.1e} (<= {GRAD_TOL[dtype]:g})")
+            ok = (
+                math.isfinite(loss_err)
+                and loss_err <= LOSS_TOL
+                and grad_err <= GRAD_TOL[dtype]
+                and z.grad.dtype == dtype
+                and bool(torch.isfinite(grad).all())
+            )
+            ctx.rec.row(
+                part="exactness",
+                dtype=name,
+                label_smoothing=ls,
+                n=n,
+                c=c,
+                loss_rel_err=loss_err,
+                grad_rel_err=grad_err,
+                grad_dtype=str(z.grad.dtype).removeprefix("torch."),
+            )
+            ctx.rec.check(
+                f"exact vs float64, {name}, ls {ls}",
+                ok,
+                f"loss {loss_err:.1e} (<= {LOSS_TOL:g}), grad {grad_err:.1e} (<= {GRAD_TOL[dtype]:g})",
+            )
 
     shapes = [(64, 10), (256, 10)] if ctx.tiny else [(4096, 1000), (65536, 1000)]
     rounds = 3 if ctx.tiny else 30
@@ -378,15 +433,29 @@ def sec_loss(ctx: Ctx) -> None:
             try:
                 med = median_times(loss_steps(ctx, z0, t, alpha, mode == "compile"), dev, rounds)
             except Exception as e:  # noqa: BLE001 - a compile failure is a finding: recorded, the rest goes on
-                ctx.rec.check(f"fwd+bwd runs, {mode}, {n} x {c}", False, f"{type(e).__name__}: {str(e)[:300]}")
+                ctx.rec.check(
+                    f"fwd+bwd runs, {mode}, {n} x {c}", False, f"{type(e).__name__}: {str(e)[:300]}"
+                )
                 continue
             ratio = med["power_grad"] / med["cross_entropy"]
-            ctx.rec.row(part="cost", mode=mode, n=n, c=c, dtype="float32", alpha=alpha,
-                        cross_entropy_ms=med["cross_entropy"] * 1e3, power_grad_ms=med["power_grad"] * 1e3,
-                        ratio=ratio, rounds=rounds)
-            ctx.rec.check(f"power_grad <= 1.0x cross_entropy, {mode}, {n} x {c}",
-                          None if ctx.tiny else ratio <= 1.0, f"{ratio:.3f}x" + (" (tiny: not judged)" if ctx.tiny else ""),
-                          kind="target")
+            ctx.rec.row(
+                part="cost",
+                mode=mode,
+                n=n,
+                c=c,
+                dtype="float32",
+                alpha=alpha,
+                cross_entropy_ms=med["cross_entropy"] * 1e3,
+                power_grad_ms=med["power_grad"] * 1e3,
+                ratio=ratio,
+                rounds=rounds,
+            )
+            ctx.rec.check(
+                f"power_grad <= 1.0x cross_entropy, {mode}, {n} x {c}",
+                None if ctx.tiny else ratio <= 1.0,
+                f"{ratio:.3f}x" + (" (tiny: not judged)" if ctx.tiny else ""),
+                kind="target",
+            )
 
 
 # ----------------------------------------------------------------------------- 2. no sync in a step
@@ -439,8 +508,11 @@ def tapped_train_loaders(tap: StepTap) -> Iterator[None]:
         loaders = real(*args, **kwargs)
         return dataclasses.replace(loaders, train=tap.wrap(loaders.train))
 
-    holders = [m for name, m in list(sys.modules.items())
-               if name.startswith("powergrad") and getattr(m, "create_loaders", None) is real]
+    holders = [
+        m
+        for name, m in list(sys.modules.items())
+        if name.startswith("powergrad") and getattr(m, "create_loaders", None) is real
+    ]
     for m in holders:
         m.create_loaders = create_loaders
     try:
@@ -466,12 +538,18 @@ def call_site() -> str:
     if frame is None:
         return "?"
     name, line = frame.f_code.co_filename, frame.f_lineno
-    where = name.split(f"{os.sep}powergrad{os.sep}", 1)[-1] if f"{os.sep}powergrad{os.sep}" in name else Path(name).name
+    where = (
+        name.split(f"{os.sep}powergrad{os.sep}", 1)[-1]
+        if f"{os.sep}powergrad{os.sep}" in name
+        else Path(name).name
+    )
     return f"{where}:{line} {frame.f_code.co_name}: {linecache.getline(name, line).strip()[:80]}"
 
 
 @contextlib.contextmanager
-def record_syncs(tap: StepTap, events: list[tuple[tuple[str, int, int], str]], cuda: bool) -> Iterator[None]:
+def record_syncs(
+    tap: StepTap, events: list[tuple[tuple[str, int, int], str]], cuda: bool
+) -> Iterator[None]:
     """Record (phase, call site) of every host-device sync. On CUDA: torch's sync debug mode
     ("warn"), each warning caught where it is raised. On the CPU (no syncs exist) the stand-in is
     every read of a tensor's value into Python (item, bool, int, float, tolist), which is what
@@ -525,8 +603,9 @@ def record_syncs(tap: StepTap, events: list[tuple[tuple[str, int, int], str]], c
                 setattr(torch.Tensor, n, v)
 
 
-def judge_syncs(events: list[tuple[tuple[str, int, int], str]], steps: Counter[int], every: int,
-                per_read: int) -> tuple[bool, str, dict[str, int]]:
+def judge_syncs(
+    events: list[tuple[tuple[str, int, int], str]], steps: Counter[int], every: int, per_read: int
+) -> tuple[bool, str, dict[str, int]]:
     """Steady state (epochs after the first): at most ceil(S / every) + 1 steps of an epoch's S
     may sync (the flag read, and the epoch's last step), each at most per_read times."""
     in_steps = [(ph, site) for ph, site in events if ph[0] == "step" and ph[1] >= 1]
@@ -538,8 +617,10 @@ def judge_syncs(events: list[tuple[tuple[str, int, int], str]], steps: Counter[i
         counts = [n for (e, _), n in by_step.items() if e == epoch]
         allowed = math.ceil(s / every) + 1
         if len(counts) > allowed or (counts and max(counts) > per_read):
-            worst.append(f"epoch {epoch + 1}: {len(counts)} of {s} steps synced (allowed {allowed}), "
-                         f"up to {max(counts)} syncs in one (allowed {per_read})")
+            worst.append(
+                f"epoch {epoch + 1}: {len(counts)} of {s} steps synced (allowed {allowed}), "
+                f"up to {max(counts)} syncs in one (allowed {per_read})"
+            )
     sites = Counter(site for _, site in in_steps)
     return not worst, "; ".join(worst) or "within the allowance", dict(sites.most_common())
 
@@ -549,7 +630,9 @@ def sec_sync(ctx: Ctx) -> None:
         from powergrad.engine.loop import SYNC_EVERY
     except ImportError:  # the loop was rebuilt without the name: the documented value
         SYNC_EVERY = 25
-    every = SYNC_EVERY if ctx.cuda else 1  # the loop reads its flags every step on the CPU (free there)
+    every = (
+        SYNC_EVERY if ctx.cuda else 1
+    )  # the loop reads its flags every step on the CPU (free there)
     steps, batch, epochs = (4, 4, 2) if ctx.tiny else (60, 128, 3)
     variants = [("fp32", "none", True), ("bf16", "bf16", True)]
     if ctx.cuda:  # GradScaler.step reads found_inf with .item() every step: reported, not judged
@@ -559,30 +642,68 @@ def sec_sync(ctx: Ctx) -> None:
             continue
         tap, events = StepTap(), []
         with tapped_train_loaders(tap), record_syncs(tap, events, ctx.cuda):
-            train_run(ctx, f"sync-{name}", None, {
-                "model": "resnet20", "model_kwargs": {"depth": 8 if ctx.tiny else 20}, "dataset": "synthetic",
-                "img_size": 8 if ctx.tiny else 32, "num_classes": 10, "synthetic_size": steps * batch,
-                "batch_size": batch, "epochs": epochs, "amp": amp, "lr": 0.05, "alpha": 0.3, "workers": 0})
+            train_run(
+                ctx,
+                f"sync-{name}",
+                None,
+                {
+                    "model": "resnet20",
+                    "model_kwargs": {"depth": 8 if ctx.tiny else 20},
+                    "dataset": "synthetic",
+                    "img_size": 8 if ctx.tiny else 32,
+                    "num_classes": 10,
+                    "synthetic_size": steps * batch,
+                    "batch_size": batch,
+                    "epochs": epochs,
+                    "amp": amp,
+                    "lr": 0.05,
+                    "alpha": 0.3,
+                    "workers": 0,
+                },
+            )
         if not tap.steps:
-            raise RuntimeError("the trainer's train loader was never iterated through the tap: "
-                               "powergrad.train no longer takes its loaders from powergrad.data.create_loaders")
+            raise RuntimeError(
+                "the trainer's train loader was never iterated through the tap: "
+                "powergrad.train no longer takes its loaders from powergrad.data.create_loaders"
+            )
         ok, detail, sites = judge_syncs(events, tap.steps, every, per_read=2)
         first = sum(1 for ph, _ in events if ph[0] == "step" and ph[1] == 0)
         outside = sum(1 for ph, _ in events if ph[0] != "step")
-        ctx.rec.row(amp=name, epochs=epochs, steps_per_epoch=steps, syncs_in_steps_after_epoch1=sum(sites.values()),
-                    syncs_in_epoch1_steps=first, syncs_outside_steps=outside, flag_read_every=every,
-                    sites=" | ".join(f"{n}x {s}" for s, n in sites.items()) or "none")
-        label = "host-device syncs" if ctx.cuda else "host reads of tensor values (the CPU stand-in for syncs)"
+        ctx.rec.row(
+            amp=name,
+            epochs=epochs,
+            steps_per_epoch=steps,
+            syncs_in_steps_after_epoch1=sum(sites.values()),
+            syncs_in_epoch1_steps=first,
+            syncs_outside_steps=outside,
+            flag_read_every=every,
+            sites=" | ".join(f"{n}x {s}" for s, n in sites.items()) or "none",
+        )
+        label = (
+            "host-device syncs"
+            if ctx.cuda
+            else "host reads of tensor values (the CPU stand-in for syncs)"
+        )
         if judged:
-            ctx.rec.check(f"{name}: {label} within the flag read's allowance (steps after epoch 1)", ok, detail)
+            ctx.rec.check(
+                f"{name}: {label} within the flag read's allowance (steps after epoch 1)",
+                ok,
+                detail,
+            )
         else:
-            ctx.rec.note(f"{name}: {detail} (not judged: torch's GradScaler reads its inf flag with .item() each step)")
-        if not ctx.cuda:  # the machinery itself: every step seen, and the flag read (every step here) in them
+            ctx.rec.note(
+                f"{name}: {detail} (not judged: torch's GradScaler reads its inf flag with .item() each step)"
+            )
+        if (
+            not ctx.cuda
+        ):  # the machinery itself: every step seen, and the flag read (every step here) in them
             judged_steps = steps * (epochs - 1)
-            ctx.rec.check(f"{name}: the tap saw every step and the loop's per-step flag read",
-                          all(n == steps for n in tap.steps.values()) and sum(sites.values()) >= judged_steps,
-                          f"steps per epoch {dict(tap.steps)}; reads in the {judged_steps} steps after epoch 1: "
-                          f"{sum(sites.values())}")
+            ctx.rec.check(
+                f"{name}: the tap saw every step and the loop's per-step flag read",
+                all(n == steps for n in tap.steps.values()) and sum(sites.values()) >= judged_steps,
+                f"steps per epoch {dict(tap.steps)}; reads in the {judged_steps} steps after epoch 1: "
+                f"{sum(sites.values())}",
+            )
 
 
 # ----------------------------------------------------------------------------- 3. train end to end
@@ -605,7 +726,12 @@ def cifar_like(ctx: Ctx) -> tuple[dict[str, Any], bool]:
         if not (folder / "train").is_dir():
             make_jpeg_folder(folder, classes=3, train_per_class=16, test_per_class=4, side=32)
         return {"dataset": "imagefolder", "data_dir": str(folder), "img_size": 32}, False
-    return {"dataset": "synthetic", "img_size": 32, "num_classes": 10, "synthetic_size": 50000}, False
+    return {
+        "dataset": "synthetic",
+        "img_size": 32,
+        "num_classes": 10,
+        "synthetic_size": 50000,
+    }, False
 
 
 def loader_epoch_s(ctx: Ctx, cfg_overrides: dict[str, Any], recipe: str) -> float:
@@ -629,10 +755,19 @@ def loader_epoch_s(ctx: Ctx, cfg_overrides: dict[str, Any], recipe: str) -> floa
 def sec_train(ctx: Ctx) -> None:
     data, real = cifar_like(ctx)
     if not real:
-        ctx.rec.note("no CIFAR-10 data (--data or POWERGRAD_DATA): generated images; accuracy not judged")
+        ctx.rec.note(
+            "no CIFAR-10 data (--data or POWERGRAD_DATA): generated images; accuracy not judged"
+        )
     epochs = 2 if ctx.tiny else 4
-    base = {**data, "epochs": epochs, "batch_size": 8 if ctx.tiny else 512, "lr": 0.4, "warmup_epochs": 1,
-            "warmup_lr": 0.04, "workers": 0 if ctx.tiny else min(16, os.cpu_count() or 1)}
+    base = {
+        **data,
+        "epochs": epochs,
+        "batch_size": 8 if ctx.tiny else 512,
+        "lr": 0.4,
+        "warmup_epochs": 1,
+        "warmup_lr": 0.04,
+        "workers": 0 if ctx.tiny else min(16, os.cpu_count() or 1),
+    }
     if ctx.tiny:
         base["model_kwargs"] = {"depth": 8}
     accs = {}
@@ -646,17 +781,35 @@ def sec_train(ctx: Ctx) -> None:
         last = result.history[-1]
         data_s = loader_epoch_s(ctx, cfg, "cifar10/resnet20-jpeg")
         accs[mode] = last["test_acc"]
-        ctx.rec.row(mode=mode, epochs=epochs, img_per_s=last["train_img_s"], first_epoch_s=result.history[0]["epoch_s"],
-                    epoch_s=last["epoch_s"], data_share=data_s / last["epoch_s"], peak_mem_gib=peak,
-                    train_loss=last["train_loss"], test_acc=last["test_acc"], wall_s=wall)
-        ctx.rec.check(f"{mode}: finite loss, {epochs} epochs", math.isfinite(last["train_loss"]) and len(result.history) == epochs)
+        ctx.rec.row(
+            mode=mode,
+            epochs=epochs,
+            img_per_s=last["train_img_s"],
+            first_epoch_s=result.history[0]["epoch_s"],
+            epoch_s=last["epoch_s"],
+            data_share=data_s / last["epoch_s"],
+            peak_mem_gib=peak,
+            train_loss=last["train_loss"],
+            test_acc=last["test_acc"],
+            wall_s=wall,
+        )
+        ctx.rec.check(
+            f"{mode}: finite loss, {epochs} epochs",
+            math.isfinite(last["train_loss"]) and len(result.history) == epochs,
+        )
         floor = 0.5
-        ctx.rec.check(f"{mode}: learns (test acc >= {floor} after {epochs} epochs)",
-                      last["test_acc"] >= floor if real else None,
-                      f"{last['test_acc']:.4f}" + ("" if real else " (generated data: not judged)"))
+        ctx.rec.check(
+            f"{mode}: learns (test acc >= {floor} after {epochs} epochs)",
+            last["test_acc"] >= floor if real else None,
+            f"{last['test_acc']:.4f}" + ("" if real else " (generated data: not judged)"),
+        )
     if real and "eager_fp32" in accs:
         worst = max(abs(a - accs["eager_fp32"]) for a in accs.values())
-        ctx.rec.check("the modes agree (test acc within 0.1 of eager fp32)", worst <= 0.1, f"largest gap {worst:.4f}")
+        ctx.rec.check(
+            "the modes agree (test acc within 0.1 of eager fp32)",
+            worst <= 0.1,
+            f"largest gap {worst:.4f}",
+        )
 
 
 # ----------------------------------------------------------------------------- 4. SIGKILL + resume
@@ -673,7 +826,9 @@ def _position(path: Path) -> tuple[int, int]:
 def _weights_diff(a: Path, b: Path) -> float:
     wa = torch.load(a / "last.pt", map_location="cpu", weights_only=True)["model"]
     wb = torch.load(b / "last.pt", map_location="cpu", weights_only=True)["model"]
-    return max(((wa[k].double() - wb[k].double()).abs().max().item() if wa[k].numel() else 0.0) for k in wa)
+    return max(
+        ((wa[k].double() - wb[k].double()).abs().max().item() if wa[k].numel() else 0.0) for k in wa
+    )
 
 
 TIMINGS = ("epoch_s", "train_img_s")
@@ -694,18 +849,40 @@ def _history_diff(a: list[dict], b: list[dict]) -> float:
 
 def sec_resume(ctx: Ctx) -> None:
     if ctx.tiny:
-        args = {"model": "mlp", "img_size": 8, "synthetic_size": 96, "batch_size": 4, "epochs": 3,
-                "checkpoint_every_steps": 3}
+        args = {
+            "model": "mlp",
+            "img_size": 8,
+            "synthetic_size": 96,
+            "batch_size": 4,
+            "epochs": 3,
+            "checkpoint_every_steps": 3,
+        }
     else:
-        args = {"model": "resnet20", "img_size": 32, "synthetic_size": 12800, "batch_size": 128, "epochs": 6,
-                "amp": "bf16", "checkpoint_every_steps": 10}
+        args = {
+            "model": "resnet20",
+            "img_size": 32,
+            "synthetic_size": 12800,
+            "batch_size": 128,
+            "epochs": 6,
+            "amp": "bf16",
+            "checkpoint_every_steps": 10,
+        }
     args = {"dataset": "synthetic", "num_classes": 10, "lr": 0.01, "workers": 0, **args}
     a, b, killed = ctx.work / "resume-a", ctx.work / "resume-b", ctx.work / "resume-killed"
     train_run(ctx, a.name, None, args)
     train_run(ctx, b.name, None, args)
 
-    cmd = [sys.executable, "-m", "powergrad", "train", *(f"{k}={v}" for k, v in args.items()),
-           f"device={ctx.device.type}", "--out", str(killed), "--overwrite"]
+    cmd = [
+        sys.executable,
+        "-m",
+        "powergrad",
+        "train",
+        *(f"{k}={v}" for k, v in args.items()),
+        f"device={ctx.device.type}",
+        "--out",
+        str(killed),
+        "--overwrite",
+    ]
     log = ctx.work / "resume-killed.log"
     with open(log, "w") as f:
         proc = subprocess.Popen(cmd, env=ctx.env(), stdout=f, stderr=subprocess.STDOUT)
@@ -723,42 +900,72 @@ def sec_resume(ctx: Ctx) -> None:
     at = _position(killed / "last.pt")
     before = read_metrics(killed)
     if proc.returncode != -signal.SIGKILL or at[1] <= 0:
-        raise RuntimeError(f"could not kill the run mid-epoch (exit {proc.returncode}, last checkpoint at "
-                           f"epoch {at[0]} step {at[1]}): {tail(log)}")
-    ctx.rec.check("killed mid-epoch", True, f"SIGKILL with last.pt at epoch {at[0] + 1}, step {at[1]}")
+        raise RuntimeError(
+            f"could not kill the run mid-epoch (exit {proc.returncode}, last checkpoint at "
+            f"epoch {at[0]} step {at[1]}): {tail(log)}"
+        )
+    ctx.rec.check(
+        "killed mid-epoch", True, f"SIGKILL with last.pt at epoch {at[0] + 1}, step {at[1]}"
+    )
 
     resumed, _ = train_run(ctx, killed.name, None, {**args, "resume": "auto"})
     after = read_metrics(killed)
     want = read_metrics(a)
     epochs = [r["epoch"] for r in after]
-    ctx.rec.check("resume=auto completes", resumed.status == "finished" and read_summary(killed)["status"] == "finished"
-                  and epochs == list(range(1, args["epochs"] + 1)), f"status {resumed.status}, epochs {epochs}")
+    ctx.rec.check(
+        "resume=auto completes",
+        resumed.status == "finished"
+        and read_summary(killed)["status"] == "finished"
+        and epochs == list(range(1, args["epochs"] + 1)),
+        f"status {resumed.status}, epochs {epochs}",
+    )
     kept = _history_diff(before, after[: len(before)]) == 0.0
-    ctx.rec.check("metrics continue: the rows before the kill are kept as they were", kept and len(before) >= 1,
-                  f"{len(before)} rows before the kill")
+    ctx.rec.check(
+        "metrics continue: the rows before the kill are kept as they were",
+        kept and len(before) >= 1,
+        f"{len(before)} rows before the kill",
+    )
 
     noise_w, resumed_w = _weights_diff(a, b), _weights_diff(a, killed)
     noise_h, resumed_h = _history_diff(read_metrics(a), read_metrics(b)), _history_diff(want, after)
-    ctx.rec.row(compare="uninterrupted B vs A", weights_max_abs_diff=noise_w, metrics_max_rel_diff=noise_h,
-                bitwise=noise_w == 0 and noise_h == 0)
-    ctx.rec.row(compare="killed + resumed vs A", weights_max_abs_diff=resumed_w, metrics_max_rel_diff=resumed_h,
-                bitwise=resumed_w == 0 and resumed_h == 0)
+    ctx.rec.row(
+        compare="uninterrupted B vs A",
+        weights_max_abs_diff=noise_w,
+        metrics_max_rel_diff=noise_h,
+        bitwise=noise_w == 0 and noise_h == 0,
+    )
+    ctx.rec.row(
+        compare="killed + resumed vs A",
+        weights_max_abs_diff=resumed_w,
+        metrics_max_rel_diff=resumed_h,
+        bitwise=resumed_w == 0 and resumed_h == 0,
+    )
     if noise_w == 0 and noise_h == 0:
-        ctx.rec.check("uninterrupted runs are bitwise equal, so the resumed one must be", resumed_w == 0 and resumed_h == 0,
-                      f"weights {resumed_w:.3g}, metrics {resumed_h:.3g}")
+        ctx.rec.check(
+            "uninterrupted runs are bitwise equal, so the resumed one must be",
+            resumed_w == 0 and resumed_h == 0,
+            f"weights {resumed_w:.3g}, metrics {resumed_h:.3g}",
+        )
     else:
         # Non-deterministic kernels (atomics in cuDNN's backward, autotuned algorithms) make two
         # uninterrupted runs differ; a correct resume differs from them by about as much.
         tol = max(0.05, 3 * noise_h)
         acc_gap = abs(after[-1]["test_acc"] - want[-1]["test_acc"])
-        loss_gap = abs(after[-1]["train_loss"] - want[-1]["train_loss"]) / max(abs(want[-1]["train_loss"]), 1e-12)
-        ctx.rec.check("resumed within tolerance of uninterrupted", acc_gap <= 0.05 and loss_gap <= tol,
-                      f"test acc gap {acc_gap:.4f} (<= 0.05), train loss rel gap {loss_gap:.3g} (<= {tol:.3g}); "
-                      f"two uninterrupted runs: weights {noise_w:.3g}, metrics {noise_h:.3g}")
-    ctx.rec.note("bitwise on any device: the records of the epochs before the kill, the data order and "
-                 "augmentation (seeded by seed, epoch, step), and the restored model/optimiser/RNG state; "
-                 "after the resume the result is bitwise only where the kernels are deterministic "
-                 "(the rows above say which case this device is)")
+        loss_gap = abs(after[-1]["train_loss"] - want[-1]["train_loss"]) / max(
+            abs(want[-1]["train_loss"]), 1e-12
+        )
+        ctx.rec.check(
+            "resumed within tolerance of uninterrupted",
+            acc_gap <= 0.05 and loss_gap <= tol,
+            f"test acc gap {acc_gap:.4f} (<= 0.05), train loss rel gap {loss_gap:.3g} (<= {tol:.3g}); "
+            f"two uninterrupted runs: weights {noise_w:.3g}, metrics {noise_h:.3g}",
+        )
+    ctx.rec.note(
+        "bitwise on any device: the records of the epochs before the kill, the data order and "
+        "augmentation (seeded by seed, epoch, step), and the restored model/optimiser/RNG state; "
+        "after the resume the result is bitwise only where the kernels are deterministic "
+        "(the rows above say which case this device is)"
+    )
 
 
 # ----------------------------------------------------------------------------- 5. torchrun / NCCL
@@ -775,8 +982,12 @@ def nccl_smoke(ctx: Ctx) -> float:
         sock.bind(("127.0.0.1", 0))
         port = sock.getsockname()[1]
     backend = "nccl" if ctx.cuda else "gloo"
-    device = torch.device("cuda", torch.cuda.current_device()) if ctx.cuda else None  # bound: an indexed device
-    dist.init_process_group(backend, init_method=f"tcp://127.0.0.1:{port}", rank=0, world_size=1, device_id=device)
+    device = (
+        torch.device("cuda", torch.cuda.current_device()) if ctx.cuda else None
+    )  # bound: an indexed device
+    dist.init_process_group(
+        backend, init_method=f"tcp://127.0.0.1:{port}", rank=0, world_size=1, device_id=device
+    )
     try:
         t = torch.full((4,), 2.0, device=ctx.device)
         dist.all_reduce(t)
@@ -791,32 +1002,66 @@ def sec_nccl(ctx: Ctx) -> None:
     ctx.rec.check(f"a {backend} process group initialises and all-reduces", nccl_smoke(ctx) == 8.0)
     # tests/test_distributed.py's recipe: digits, batch 4, an MLP (no batch norm, so one process
     # and several compute the same update); accum_steps=2 adds no_sync micro-batches.
-    args = {"epochs": 1 if ctx.tiny else 3, "batch_size": 16 if ctx.tiny else 4, "lr": 0.01, "seed": 1,
-            "accum_steps": 2}
+    args = {
+        "epochs": 1 if ctx.tiny else 3,
+        "batch_size": 16 if ctx.tiny else 4,
+        "lr": 0.01,
+        "seed": 1,
+        "accum_steps": 2,
+    }
     tic = time.perf_counter()
     train_run(ctx, "nccl-plain", "digits", args)
-    ctx.rec.row(run="plain process", processes=1, world_size=1, backend="none", wall_s=time.perf_counter() - tic)
+    ctx.rec.row(
+        run="plain process",
+        processes=1,
+        world_size=1,
+        backend="none",
+        wall_s=time.perf_counter() - tic,
+    )
     sizes = [1] if gpus < 2 else sorted({2, gpus})  # 2: the equivalence; all GPUs: one process each
     if gpus < 2:
-        ctx.rec.note(f"{gpus} GPU(s): torchrun ran one process (no process group forms for one; the "
-                     f"{backend} smoke test above covers the backend); the 2-vs-1 check needs 2 GPUs")
+        ctx.rec.note(
+            f"{gpus} GPU(s): torchrun ran one process (no process group forms for one; the "
+            f"{backend} smoke test above covers the backend); the 2-vs-1 check needs 2 GPUs"
+        )
     for nproc in sizes:
         if not ctx.enough(15, f"torchrun with {nproc} processes"):
             continue
         run_args = {**args, "batch_size": args["batch_size"] if nproc <= 2 else 2 * nproc}
         out, log = ctx.work / f"nccl-torchrun{nproc}", ctx.work / f"nccl-torchrun{nproc}.log"
-        cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", f"--nproc_per_node={nproc}",
-               "-m", "powergrad", "train", "digits", *(f"{k}={v}" for k, v in run_args.items()),
-               f"device={ctx.device.type}", "--out", str(out), "--overwrite"]
+        cmd = [
+            sys.executable,
+            "-m",
+            "torch.distributed.run",
+            "--standalone",
+            f"--nproc_per_node={nproc}",
+            "-m",
+            "powergrad",
+            "train",
+            "digits",
+            *(f"{k}={v}" for k, v in run_args.items()),
+            f"device={ctx.device.type}",
+            "--out",
+            str(out),
+            "--overwrite",
+        ]
         tic = time.perf_counter()
         done = run_cmd(ctx, cmd, log, ctx.left() - 5)
         ok = done.returncode == 0
         world = read_summary(out)["env"].get("world_size") if ok else None
-        ctx.rec.row(run=f"torchrun --nproc_per_node={nproc}", processes=nproc, world_size=world,
-                    backend=backend if nproc > 1 else "none (one process)", batch_size=run_args["batch_size"],
-                    wall_s=time.perf_counter() - tic)
-        ctx.rec.check(f"torchrun with {nproc} process(es) finishes, world size {nproc}", ok and world == nproc,
-                      "" if ok else f"exit {done.returncode}: {tail(log, 400)}")
+        ctx.rec.row(
+            run=f"torchrun --nproc_per_node={nproc}",
+            processes=nproc,
+            world_size=world,
+            backend=backend if nproc > 1 else "none (one process)",
+            batch_size=run_args["batch_size"],
+            wall_s=time.perf_counter() - tic,
+        )
+        ctx.rec.check(
+            f"torchrun with {nproc} process(es) finishes, world size {nproc}",
+            ok and world == nproc,
+            "" if ok else f"exit {done.returncode}: {tail(log, 400)}",
+        )
         if not ok or nproc > 2:
             continue
         one = ctx.work / "nccl-plain"
@@ -824,10 +1069,20 @@ def sec_nccl(ctx: Ctx) -> None:
         # One process's batch-4 matmuls against two processes' batch-2 ones plus an all-reduce:
         # the sums are ordered differently, so agreement is to float32 rounding, not bitwise.
         tol = 1e-4
-        name = "2 processes match 1" if nproc == 2 else "torchrun with 1 process matches a plain process"
-        ctx.rec.check(name, w <= tol and h <= tol, f"weights max abs diff {w:.2e}, metrics max rel diff {h:.2e} (<= {tol:g})")
+        name = (
+            "2 processes match 1"
+            if nproc == 2
+            else "torchrun with 1 process matches a plain process"
+        )
+        ctx.rec.check(
+            name,
+            w <= tol and h <= tol,
+            f"weights max abs diff {w:.2e}, metrics max rel diff {h:.2e} (<= {tol:g})",
+        )
     if gpus < 2:
-        ctx.rec.check(f"2 processes match 1 ({backend})", None, f"skipped: needs >= 2 GPUs, found {gpus}")
+        ctx.rec.check(
+            f"2 processes match 1 ({backend})", None, f"skipped: needs >= 2 GPUs, found {gpus}"
+        )
 
 
 # ----------------------------------------------------------------------------- 6. ResNet-50 modes
@@ -836,10 +1091,16 @@ def sec_nccl(ctx: Ctx) -> None:
 def sec_resnet50(ctx: Ctx) -> None:
     bench = _load_sibling("gpu_resnet50")
     if ctx.tiny:
-        args = argparse.Namespace(model="resnet20", img_size=16, batch_size=4, steps=1, rounds=1, amp="none")
+        args = argparse.Namespace(
+            model="resnet20", img_size=16, batch_size=4, steps=1, rounds=1, amp="none"
+        )
     else:
-        args = argparse.Namespace(model="resnet50", img_size=224, batch_size=256, steps=15, rounds=3, amp="bf16")
-        torch.backends.cudnn.benchmark = True  # fixed shapes: cuDNN picks its fastest kernels (bare and trainer alike)
+        args = argparse.Namespace(
+            model="resnet50", img_size=224, batch_size=256, steps=15, rounds=3, amp="bf16"
+        )
+        torch.backends.cudnn.benchmark = (
+            True  # fixed shapes: cuDNN picks its fastest kernels (bare and trainer alike)
+        )
     modes = {"eager": (False, False), "channels_last": (True, False), "compile": (True, True)}
     steps = {}
     for mode, (cl, comp) in modes.items():
@@ -858,20 +1119,40 @@ def sec_resnet50(ctx: Ctx) -> None:
         cl, comp = modes[best]
         # 40 steps an epoch (not 15): the epoch's fixed costs (its first batch, the flag read at
         # its end) would otherwise weigh on the trainer's images/s more than on a long epoch.
-        longer = argparse.Namespace(**{**vars(args), "steps": max(args.steps, 1 if ctx.tiny else 40)})
+        longer = argparse.Namespace(
+            **{**vars(args), "steps": max(args.steps, 1 if ctx.tiny else 40)}
+        )
         with compile_for(ctx):
-            med["trainer"] = bench.trainer_img_per_s(longer, ctx.device, channels_last=cl, compile=comp)
+            med["trainer"] = bench.trainer_img_per_s(
+                longer, ctx.device, channels_last=cl, compile=comp
+            )
     for m, v in med.items():
-        ctx.rec.row(mode=m if m != "trainer" else f"trainer ({best})", img_per_s=v,
-                    vs_eager=v / med["eager"] if "eager" in med else None, model=args.model,
-                    batch_size=args.batch_size, img_size=args.img_size, amp=args.amp)
+        ctx.rec.row(
+            mode=m if m != "trainer" else f"trainer ({best})",
+            img_per_s=v,
+            vs_eager=v / med["eager"] if "eager" in med else None,
+            model=args.model,
+            batch_size=args.batch_size,
+            img_size=args.img_size,
+            amp=args.amp,
+        )
     why = " (tiny: not judged)" if ctx.tiny else ""
     if "trainer" in med:
         r = med["trainer"] / med[best]
-        ctx.rec.check("trainer >= 0.97x the best bare mode", None if ctx.tiny else r >= 0.97, f"{r:.3f}x {best}{why}", kind="target")
+        ctx.rec.check(
+            "trainer >= 0.97x the best bare mode",
+            None if ctx.tiny else r >= 0.97,
+            f"{r:.3f}x {best}{why}",
+            kind="target",
+        )
     if "eager" in med and best:
         r = med[best] / med["eager"]
-        ctx.rec.check("best mode >= 1.3x eager", None if ctx.tiny else r >= 1.3, f"{best} {r:.3f}x{why}", kind="target")
+        ctx.rec.check(
+            "best mode >= 1.3x eager",
+            None if ctx.tiny else r >= 1.3,
+            f"{best} {r:.3f}x{why}",
+            kind="target",
+        )
 
 
 # ----------------------------------------------------------------------------- 7. CIFAR-10 to 94%
@@ -907,14 +1188,24 @@ def sec_cifar94(ctx: Ctx) -> None:
             ab.write_airbench_data(ctx.data, ctx.work / "airbench" / "cifar10")
             res = ab.run_airbench(ctx.work / "airbench")
             airbench_s = res["seconds"]
-            ctx.rec.row(impl="airbench94", seconds=res["seconds"], test_acc=res["test_acc"],
-                        reached=(res["test_acc"] or 0) >= target)
+            ctx.rec.row(
+                impl="airbench94",
+                seconds=res["seconds"],
+                test_acc=res["test_acc"],
+                reached=(res["test_acc"] or 0) >= target,
+            )
 
     recipe = "speed/cifar10-94"
     over = {**data}
     if ctx.tiny:
-        over.update(epochs=2, warmup_epochs=1, batch_size=8, amp="none", workers=0,
-                    model_kwargs={"widths": [8, 8, 16, 16], "tta_flip": True})
+        over.update(
+            epochs=2,
+            warmup_epochs=1,
+            batch_size=8,
+            amp="none",
+            workers=0,
+            model_kwargs={"widths": [8, 8, 16, 16], "tta_flip": True},
+        )
     if ctx.cuda and ctx.enough(90, "the warm-up run"):
         # As airbench's warmup94: compilation and cuDNN's choices cached before the timed run.
         train_run(ctx, "cifar94-warmup", recipe, {**over, "epochs": 1, "warmup_epochs": 0})
@@ -922,15 +1213,27 @@ def sec_cifar94(ctx: Ctx) -> None:
     result, peak = train_run(ctx, "cifar94", recipe, over)
     wall = time.perf_counter() - tic
     seconds, epoch = seconds_to(result.history, target)
-    ctx.rec.row(impl=recipe, seconds=seconds, epoch_reached=epoch, epochs=len(result.history),
-                best_test_acc=max(r["test_acc"] for r in result.history),
-                first_epoch_s=result.history[0]["epoch_s"], later_epoch_s=result.history[-1]["epoch_s"],
-                wall_s=wall, peak_mem_gib=peak, reached=seconds is not None)
+    ctx.rec.row(
+        impl=recipe,
+        seconds=seconds,
+        epoch_reached=epoch,
+        epochs=len(result.history),
+        best_test_acc=max(r["test_acc"] for r in result.history),
+        first_epoch_s=result.history[0]["epoch_s"],
+        later_epoch_s=result.history[-1]["epoch_s"],
+        wall_s=wall,
+        peak_mem_gib=peak,
+        reached=seconds is not None,
+    )
     if ctx.tiny or not real:
         ctx.rec.check(f"{recipe} reaches {target:.0%}", None, "tiny: not judged", kind="target")
         return
-    ctx.rec.check(f"{recipe} reaches {target:.0%}", seconds is not None,
-                  f"best {max(r['test_acc'] for r in result.history):.4f}", kind="target")
+    ctx.rec.check(
+        f"{recipe} reaches {target:.0%}",
+        seconds is not None,
+        f"best {max(r['test_acc'] for r in result.history):.4f}",
+        kind="target",
+    )
     if airbench_s and seconds:
         ratio = seconds / airbench_s
         ctx.rec.row(impl="ratio powergrad / airbench94", ratio=ratio)
@@ -943,13 +1246,20 @@ def sec_cifar94(ctx: Ctx) -> None:
 def _r50_step_rate(ctx: Ctx) -> tuple[float, str]:
     """Images/s the ResNet-50 step consumes: section resnet50's best bare mode, else measured here
     (eager channels-last, a few steps)."""
-    rows = [r for r in ctx.prior.get("resnet50", {}).get("rows", []) if not str(r.get("mode", "")).startswith("trainer")]
+    rows = [
+        r
+        for r in ctx.prior.get("resnet50", {}).get("rows", [])
+        if not str(r.get("mode", "")).startswith("trainer")
+    ]
     if rows and not ctx.tiny:
         best = max(rows, key=lambda r: r["img_per_s"])
         return best["img_per_s"], f"section resnet50, {best['mode']}"
     bench = _load_sibling("gpu_resnet50")
-    args = (argparse.Namespace(model="resnet20", img_size=16, batch_size=4, amp="none") if ctx.tiny
-            else argparse.Namespace(model="resnet50", img_size=224, batch_size=256, amp="bf16"))
+    args = (
+        argparse.Namespace(model="resnet20", img_size=16, batch_size=4, amp="none")
+        if ctx.tiny
+        else argparse.Namespace(model="resnet50", img_size=224, batch_size=256, amp="bf16")
+    )
     step = bench.Step(args, ctx.device, channels_last=True, compile=False)
     n = 2 if ctx.tiny else 10
     return args.batch_size * n / step(n), "measured here, channels_last eager"
@@ -961,12 +1271,21 @@ def sec_stream(ctx: Ctx) -> None:
     from powergrad.data import FileDataset, StreamLoader, TrainBatchSampler, stream_transform
     from powergrad.data.folder import IMAGENET_MEAN, IMAGENET_STD, find_classes, scan_split
 
-    cores = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else (os.cpu_count() or 1)
+    cores = (
+        len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else (os.cpu_count() or 1)
+    )
     side, classes, per_class, batch = (64, 2, 8, 4) if ctx.tiny else (224, 10, 256, 256)
     workers = 0 if ctx.tiny else max(1, min(16, cores) - 1)
     folder = ctx.work / "imagenet-like"
     if not (folder / "train").is_dir():
-        make_jpeg_folder(folder, classes, per_class, 1, int(side * 1.6), workers=1 if ctx.tiny else min(16, cores))
+        make_jpeg_folder(
+            folder,
+            classes,
+            per_class,
+            1,
+            int(side * 1.6),
+            workers=1 if ctx.tiny else min(16, cores),
+        )
     samples = scan_split(folder / "train", find_classes(folder / "train"))
     cfg = load_config(None, {"workers": workers, "channels_last": True, "seed": 0})
     ds = FileDataset(samples, stream_transform("imagenet", side, train=True), False)
@@ -984,8 +1303,14 @@ def sec_stream(ctx: Ctx) -> None:
     del loader
     step_rate, source = _r50_step_rate(ctx)
     bottleneck = "loader" if loader_rate < step_rate else "model"
-    ctx.rec.row(path="stream loader (PIL decode, RandomResizedCrop, workers)", img_per_s=loader_rate,
-                workers=workers, cpu_cores=cores, img_size=side, batch_size=batch)
+    ctx.rec.row(
+        path="stream loader (PIL decode, RandomResizedCrop, workers)",
+        img_per_s=loader_rate,
+        workers=workers,
+        cpu_cores=cores,
+        img_size=side,
+        batch_size=batch,
+    )
     ctx.rec.row(path=f"ResNet-50 step ({source})", img_per_s=step_rate)
 
     # Decoding on the device: file bytes read on the host, decode_jpeg in one batched call, then
@@ -1005,23 +1330,46 @@ def sec_stream(ctx: Ctx) -> None:
     for what, fn in {"decode_jpeg": decode, "decode_jpeg + RandomResizedCrop": decode_crop}.items():
         try:
             with warnings.catch_warnings():
-                warnings.simplefilter("ignore", DeprecationWarning)  # torchvision >= 0.29 points to TorchCodec
-                rates[what] = len(paths) / median_times({what: fn}, ctx.device, 1 if ctx.tiny else 5, warmup=1)[what]
+                warnings.simplefilter(
+                    "ignore", DeprecationWarning
+                )  # torchvision >= 0.29 points to TorchCodec
+                rates[what] = (
+                    len(paths)
+                    / median_times({what: fn}, ctx.device, 1 if ctx.tiny else 5, warmup=1)[what]
+                )
         except Exception as e:  # noqa: BLE001 - recorded; the loader's figures above stand
-            ctx.rec.check(f"{what} on {ctx.device.type} runs", False, f"{type(e).__name__}: {str(e)[:300]}")
+            ctx.rec.check(
+                f"{what} on {ctx.device.type} runs", False, f"{type(e).__name__}: {str(e)[:300]}"
+            )
             continue
-        ctx.rec.row(path=f"{what} (device={ctx.device.type}, file reads on the host)", img_per_s=rates[what],
-                    batch_size=len(paths))
+        ctx.rec.row(
+            path=f"{what} (device={ctx.device.type}, file reads on the host)",
+            img_per_s=rates[what],
+            batch_size=len(paths),
+        )
     best_device = max(rates.values(), default=None)
-    ctx.rec.row(path="verdict", bottleneck=bottleneck, loader_vs_step=loader_rate / step_rate,
-                device_decode_vs_step=best_device / step_rate if best_device else None)
-    ctx.rec.check("the stream loader delivers full batches", n == (len(samples) // batch) * batch,
-                  f"{n} images in epoch 2")
+    ctx.rec.row(
+        path="verdict",
+        bottleneck=bottleneck,
+        loader_vs_step=loader_rate / step_rate,
+        device_decode_vs_step=best_device / step_rate if best_device else None,
+    )
+    ctx.rec.check(
+        "the stream loader delivers full batches",
+        n == (len(samples) // batch) * batch,
+        f"{n} images in epoch 2",
+    )
 
 
 RUNNERS: dict[str, Callable[[Ctx], None]] = {
-    "loss": sec_loss, "sync": sec_sync, "train": sec_train, "resume": sec_resume, "nccl": sec_nccl,
-    "resnet50": sec_resnet50, "cifar94": sec_cifar94, "stream": sec_stream,
+    "loss": sec_loss,
+    "sync": sec_sync,
+    "train": sec_train,
+    "resume": sec_resume,
+    "nccl": sec_nccl,
+    "resnet50": sec_resnet50,
+    "cifar94": sec_cifar94,
+    "stream": sec_stream,
 }
 
 
@@ -1062,13 +1410,27 @@ def _descendants(pid: int) -> list[int]:
     return out
 
 
-def run_child(sid: str, args: argparse.Namespace, work: Path, data: Path | None, prior: dict, budget: float) -> Section:
+def run_child(
+    sid: str, args: argparse.Namespace, work: Path, data: Path | None, prior: dict, budget: float
+) -> Section:
     """Run a section in a fresh process (a crashed CUDA context or a hang stays there), killed at
     its budget; what it recorded so far is kept."""
     sink, prior_file = work / f"section-{sid}.json", work / f"prior-{sid}.json"
     prior_file.write_text(json.dumps(prior))
-    cmd = [sys.executable, str(Path(__file__).resolve()), "--child", sid, "--work", str(work),
-           "--prior", str(prior_file), "--budget", str(budget), "--out", str(args.out)]
+    cmd = [
+        sys.executable,
+        str(Path(__file__).resolve()),
+        "--child",
+        sid,
+        "--work",
+        str(work),
+        "--prior",
+        str(prior_file),
+        "--budget",
+        str(budget),
+        "--out",
+        str(args.out),
+    ]
     if data is not None:
         cmd += ["--data", str(data)]
     if args.dry_run:
@@ -1076,8 +1438,13 @@ def run_child(sid: str, args: argparse.Namespace, work: Path, data: Path | None,
     log = work / f"section-{sid}.log"
     tic = time.monotonic()
     with open(log, "w") as f:
-        proc = subprocess.Popen(cmd, stdout=f, stderr=subprocess.STDOUT, start_new_session=True,
-                                env=subprocess_env(cuda=not args.dry_run))
+        proc = subprocess.Popen(
+            cmd,
+            stdout=f,
+            stderr=subprocess.STDOUT,
+            start_new_session=True,
+            env=subprocess_env(cuda=not args.dry_run),
+        )
         try:
             proc.wait(timeout=budget + 30)  # the section's own checks stop it first, normally
             timed_out = False
@@ -1087,18 +1454,31 @@ def run_child(sid: str, args: argparse.Namespace, work: Path, data: Path | None,
                 with contextlib.suppress(ProcessLookupError):
                     os.kill(pid, signal.SIGKILL)
             proc.wait()
-    with open(Path(args.out) / "gpu_suite.log", "a") as f:  # the sections' output, for the post-mortem
-        f.write(f"\n===== {sid} (exit {proc.returncode}{', timed out' if timed_out else ''})\n{log.read_text(errors='replace')}")
+    with open(
+        Path(args.out) / "gpu_suite.log", "a"
+    ) as f:  # the sections' output, for the post-mortem
+        f.write(
+            f"\n===== {sid} (exit {proc.returncode}{', timed out' if timed_out else ''})\n{log.read_text(errors='replace')}"
+        )
     rec = Section(sid, budget_s=budget)
     if sink.is_file():
         rec = Section(**{**json.loads(sink.read_text()), "sink": None})
     rec.seconds = time.monotonic() - tic
     if timed_out:
-        rec.status, rec.error = "timeout", f"stopped after {rec.seconds:.0f} s (budget {budget:.0f} s)\n{tail(log, 1500)}"
+        rec.status, rec.error = (
+            "timeout",
+            f"stopped after {rec.seconds:.0f} s (budget {budget:.0f} s)\n{tail(log, 1500)}",
+        )
     elif rec.status == "running":  # it never finished its record: crashed, or killed from outside
-        rec.status, rec.error = "error", f"the section's process exited {proc.returncode} without finishing\n{tail(log, 1500)}"
+        rec.status, rec.error = (
+            "error",
+            f"the section's process exited {proc.returncode} without finishing\n{tail(log, 1500)}",
+        )
     elif proc.returncode != 0 and rec.status == "ok":
-        rec.status, rec.error = "error", f"the section's process exited {proc.returncode}\n{tail(log, 1500)}"
+        rec.status, rec.error = (
+            "error",
+            f"the section's process exited {proc.returncode}\n{tail(log, 1500)}",
+        )
     rec.finish()
     return rec
 
@@ -1108,12 +1488,25 @@ def child_main(args: argparse.Namespace) -> None:
     work = Path(args.work)
     rec = Section(sid, budget_s=args.budget, sink=work / f"section-{sid}.json")
     rec.flush()
-    ctx = make_ctx(args, work, Path(args.data) if args.data else None, json.loads(Path(args.prior).read_text()),
-                   args.budget, rec)
+    ctx = make_ctx(
+        args,
+        work,
+        Path(args.data) if args.data else None,
+        json.loads(Path(args.prior).read_text()),
+        args.budget,
+        rec,
+    )
     run_here(sid, ctx)
 
 
-def make_ctx(args: argparse.Namespace, work: Path, data: Path | None, prior: dict, budget: float, rec: Section) -> Ctx:
+def make_ctx(
+    args: argparse.Namespace,
+    work: Path,
+    data: Path | None,
+    prior: dict,
+    budget: float,
+    rec: Section,
+) -> Ctx:
     device = torch.device("cpu" if args.dry_run else "cuda")
     return Ctx(device, args.dry_run, work, data, prior, time.monotonic() + budget, rec)
 
@@ -1122,11 +1515,20 @@ def make_ctx(args: argparse.Namespace, work: Path, data: Path | None, prior: dic
 
 
 def device_info(dry_run: bool) -> dict[str, Any]:
-    info = {"torch": torch.__version__, "cuda": torch.version.cuda, "threads": torch.get_num_threads(),
-            "cpu_cores": os.cpu_count(), "gpus": torch.cuda.device_count() if torch.cuda.is_available() else 0}
+    info = {
+        "torch": torch.__version__,
+        "cuda": torch.version.cuda,
+        "threads": torch.get_num_threads(),
+        "cpu_cores": os.cpu_count(),
+        "gpus": torch.cuda.device_count() if torch.cuda.is_available() else 0,
+    }
     if not dry_run and torch.cuda.is_available():
         p = torch.cuda.get_device_properties(0)
-        info.update(device=p.name, memory_gib=round(p.total_memory / 2**30, 1), capability=f"{p.major}.{p.minor}")
+        info.update(
+            device=p.name,
+            memory_gib=round(p.total_memory / 2**30, 1),
+            capability=f"{p.major}.{p.minor}",
+        )
     else:
         info["device"] = "cpu (dry run)"
     with contextlib.suppress(OSError):
@@ -1144,18 +1546,28 @@ def _cell(v: Any) -> str:
 
 def markdown(report: dict[str, Any]) -> str:
     d = report["device"]
-    lines = [f"# powergrad GPU suite: {d['device']}", "",
-             f"{report['started']} UTC, torch {d['torch']} (CUDA {d['cuda']}), {d['gpus']} GPU(s), "
-             f"{d['cpu_cores']} CPU cores; `{report['command']}`; exit code {report['exit_code']}"
-             + ("; **dry run: tiny sizes on the CPU, no figure here is a GPU result**" if report["dry_run"] else ""),
-             "", "| section | status | seconds (budget) | checks passed | failed | targets missed |",
-             "| --- | --- | --- | --- | --- | --- |"]
+    lines = [
+        f"# powergrad GPU suite: {d['device']}",
+        "",
+        f"{report['started']} UTC, torch {d['torch']} (CUDA {d['cuda']}), {d['gpus']} GPU(s), "
+        f"{d['cpu_cores']} CPU cores; `{report['command']}`; exit code {report['exit_code']}"
+        + (
+            "; **dry run: tiny sizes on the CPU, no figure here is a GPU result**"
+            if report["dry_run"]
+            else ""
+        ),
+        "",
+        "| section | status | seconds (budget) | checks passed | failed | targets missed |",
+        "| --- | --- | --- | --- | --- | --- |",
+    ]
     for s in report["sections"]:
         passed = sum(c["ok"] is True for c in s["checks"])
         failed = [c["name"] for c in s["checks"] if c["ok"] is False and c["kind"] == "correctness"]
         missed = [c["name"] for c in s["checks"] if c["ok"] is False and c["kind"] == "target"]
-        lines.append(f"| {s['id']} | {s['status']} | {s['seconds']:.0f} ({s['budget_s']:.0f}) | {passed} | "
-                     f"{_cell('; '.join(failed))} | {_cell('; '.join(missed))} |")
+        lines.append(
+            f"| {s['id']} | {s['status']} | {s['seconds']:.0f} ({s['budget_s']:.0f}) | {passed} | "
+            f"{_cell('; '.join(failed))} | {_cell('; '.join(missed))} |"
+        )
     for s in report["sections"]:
         lines += ["", f"## {s['id']}: {s['status']}", ""]
         parts = dict.fromkeys(r.get("part") for r in s["rows"])  # one table per part of a section
@@ -1166,8 +1578,14 @@ def markdown(report: dict[str, Any]) -> str:
             lines += ["| " + " | ".join(_cell(r.get(k)) for k in keys) + " |" for r in rows]
             lines.append("")
         for c in s["checks"]:
-            mark = {True: "PASS", False: "FAIL" if c["kind"] == "correctness" else "MISSED", None: "not judged"}[c["ok"]]
-            lines.append(f"- {mark} ({c['kind']}): {c['name']}{': ' + c['detail'] if c['detail'] else ''}")
+            mark = {
+                True: "PASS",
+                False: "FAIL" if c["kind"] == "correctness" else "MISSED",
+                None: "not judged",
+            }[c["ok"]]
+            lines.append(
+                f"- {mark} ({c['kind']}): {c['name']}{': ' + c['detail'] if c['detail'] else ''}"
+            )
         lines += [f"- note: {n}" for n in s["notes"]]
         if s["error"]:
             lines += ["", "```", s["error"].strip()[-1500:], "```"]
@@ -1186,12 +1604,26 @@ def write_report(out: Path, report: dict[str, Any]) -> None:
 def parse(argv: list[str] | None = None) -> argparse.Namespace:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--out", required=True, help="folder for gpu_suite.json and gpu_suite.md")
-    ap.add_argument("--data", default=os.environ.get("POWERGRAD_DATA"),
-                    help="CIFAR-10 (JPEG): a folder with train/ and test/, a .tar of one, or a folder holding cifar10-jpeg.tar")
-    ap.add_argument("--sections", default=",".join(SECTIONS), help=f"comma-separated, of {', '.join(SECTIONS)}")
-    ap.add_argument("--dry-run", "--tiny", action="store_true", help="tiny sizes on the CPU: the suite's own test")
-    ap.add_argument("--isolate", action=argparse.BooleanOptionalAction, default=None,
-                    help="each section in its own process (default: on, except with --dry-run)")
+    ap.add_argument(
+        "--data",
+        default=os.environ.get("POWERGRAD_DATA"),
+        help="CIFAR-10 (JPEG): a folder with train/ and test/, a .tar of one, or a folder holding cifar10-jpeg.tar",
+    )
+    ap.add_argument(
+        "--sections", default=",".join(SECTIONS), help=f"comma-separated, of {', '.join(SECTIONS)}"
+    )
+    ap.add_argument(
+        "--dry-run",
+        "--tiny",
+        action="store_true",
+        help="tiny sizes on the CPU: the suite's own test",
+    )
+    ap.add_argument(
+        "--isolate",
+        action=argparse.BooleanOptionalAction,
+        default=None,
+        help="each section in its own process (default: on, except with --dry-run)",
+    )
     ap.add_argument("--time-limit", type=float, default=TOTAL_S, help="seconds for the whole suite")
     ap.add_argument("--work", help="scratch folder (default: a temporary one, removed at the end)")
     ap.add_argument("--child", choices=SECTIONS, help=argparse.SUPPRESS)
@@ -1226,12 +1658,24 @@ def run_suite(args: argparse.Namespace, argv: list[str] | None) -> int:
     isolate = (not args.dry_run) if args.isolate is None else args.isolate
     started = datetime.datetime.now(datetime.timezone.utc)
     end = time.monotonic() + args.time_limit
-    scratch = contextlib.nullcontext(args.work) if args.work else tempfile.TemporaryDirectory(prefix="pg-gpu-suite-")
+    scratch = (
+        contextlib.nullcontext(args.work)
+        if args.work
+        else tempfile.TemporaryDirectory(prefix="pg-gpu-suite-")
+    )
     report: dict[str, Any] = {
-        "suite": "powergrad gpu_suite", "version": 1, "started": started.strftime("%Y-%m-%d %H:%M"),
-        "command": " ".join(["python", "benchmarks/gpu_suite.py", *(argv if argv is not None else sys.argv[1:])]),
-        "dry_run": args.dry_run, "isolated": isolate, "device": device_info(args.dry_run),
-        "powergrad": powergrad.__version__, "sections": [], "exit_code": None,
+        "suite": "powergrad gpu_suite",
+        "version": 1,
+        "started": started.strftime("%Y-%m-%d %H:%M"),
+        "command": " ".join(
+            ["python", "benchmarks/gpu_suite.py", *(argv if argv is not None else sys.argv[1:])]
+        ),
+        "dry_run": args.dry_run,
+        "isolated": isolate,
+        "device": device_info(args.dry_run),
+        "powergrad": powergrad.__version__,
+        "sections": [],
+        "exit_code": None,
     }
     out = Path(args.out)
     out.mkdir(parents=True, exist_ok=True)
@@ -1246,14 +1690,25 @@ def run_suite(args: argparse.Namespace, argv: list[str] | None) -> int:
             # Each section gets its budget, or its share of what is left if that is less.
             later = sum(BUDGET_S[s] for s in args.sections[i + 1 :])
             # The CPU mode's budgets are 3x: a loaded 2-core machine is slower at tiny sizes than a GPU at full.
-            budget = 3 * BUDGET_S[sid] if args.dry_run else max(0.0, min(BUDGET_S[sid], end - time.monotonic() - 0.5 * later))
+            budget = (
+                3 * BUDGET_S[sid]
+                if args.dry_run
+                else max(0.0, min(BUDGET_S[sid], end - time.monotonic() - 0.5 * later))
+            )
             print(f"[gpu_suite] {sid}: budget {budget:.0f} s", flush=True)
             if budget < 10 and not args.dry_run:
-                rec = Section(sid, status="skipped", budget_s=budget, notes=["skipped: the suite's time limit is spent"])
+                rec = Section(
+                    sid,
+                    status="skipped",
+                    budget_s=budget,
+                    notes=["skipped: the suite's time limit is spent"],
+                )
             elif isolate:
                 rec = run_child(sid, args, work, data, prior, budget)
             else:
-                rec = run_here(sid, make_ctx(args, work, data, prior, budget, Section(sid, budget_s=budget)))
+                rec = run_here(
+                    sid, make_ctx(args, work, data, prior, budget, Section(sid, budget_s=budget))
+                )
             prior[sid] = rec.to_dict()
             report["sections"].append(prior[sid])
             print(f"[gpu_suite] {sid}: {rec.status} in {rec.seconds:.0f} s", flush=True)
@@ -1263,8 +1718,11 @@ def run_suite(args: argparse.Namespace, argv: list[str] | None) -> int:
     report["finished"] = datetime.datetime.now(datetime.timezone.utc).strftime("%Y-%m-%d %H:%M")
     write_report(out, report)
     print(markdown(report).split("\n## ")[0], flush=True)
-    print(f"[gpu_suite] wrote {out / 'gpu_suite.json'} and {out / 'gpu_suite.md'}; "
-          + (f"failed: {', '.join(bad)}" if bad else "every correctness check passed"), flush=True)
+    print(
+        f"[gpu_suite] wrote {out / 'gpu_suite.json'} and {out / 'gpu_suite.md'}; "
+        + (f"failed: {', '.join(bad)}" if bad else "every correctness check passed"),
+        flush=True,
+    )
     return report["exit_code"]
 
 

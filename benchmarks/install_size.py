@@ -58,14 +58,20 @@ def main() -> None:
     core = closure(project["dependencies"], extras)
     mb = 1024**2
     print(f"{'install':<32} {'packages':>8} {'MiB':>8} {'MiB over the loss':>18}")
-    print(f"{'pip install powergrad':<32} {len(core):>8} {sum(core.values()) / mb:>8.0f} {0:>18.0f}")
+    print(
+        f"{'pip install powergrad':<32} {len(core):>8} {sum(core.values()) / mb:>8.0f} {0:>18.0f}"
+    )
     for name in ("plot", "train", "sweep", "postgres", "all"):
         dists = closure(project["dependencies"] + extras[name], extras)
         extra_mb = sum(v for k, v in dists.items() if k not in core) / mb
-        print(f"{f'pip install powergrad[{name}]':<32} {len(dists):>8} {sum(dists.values()) / mb:>8.0f} {extra_mb:>18.0f}")
+        print(
+            f"{f'pip install powergrad[{name}]':<32} {len(dists):>8} {sum(dists.values()) / mb:>8.0f} {extra_mb:>18.0f}"
+        )
     torch = closure(["torch"], extras)
-    print(f"\n(torch and its own dependencies: {len(torch)} packages, {sum(torch.values()) / mb:.0f} MiB, "
-          f"this venv's build {metadata.version('torch')})")
+    print(
+        f"\n(torch and its own dependencies: {len(torch)} packages, {sum(torch.values()) / mb:.0f} MiB, "
+        f"this venv's build {metadata.version('torch')})"
+    )
 
 
 if __name__ == "__main__":

@@ -76,43 +76,73 @@ def run_case(n: int, c: int, ls: float, soft: bool, threads: int, args) -> list[
     times: dict[str, list[tuple[float, float]]] = {k: [] for k in fns}
     names = list(fns)
     for r in range(args.rounds):
-        for name in names[r % 3:] + names[:r % 3]:
+        for name in names[r % 3 :] + names[: r % 3]:
             times[name].append(sample(fns[name], z0, t, calls))
     med = {k: statistics.median(w for w, _ in v) for k, v in times.items()}
     cpu = {k: statistics.median(c for _, c in v) for k, v in times.items()}
     cpu_best = {k: min(c for _, c in v) for k, v in times.items()}
     base = med["cross_entropy"]
-    return [{
-        "benchmark": "loss_fwd_bwd", "impl": name, "vs": "cross_entropy",
-        "ratio": round(med[name] / base, 3), "median_ms": round(med[name] * 1e3, 4),
-        "baseline_median_ms": round(base * 1e3, 4),
-        "cpu_ratio": round(cpu[name] / cpu["cross_entropy"], 3),
-        "cpu_best_ratio": round(cpu_best[name] / cpu_best["cross_entropy"], 3),
-        "n": n, "c": c, "label_smoothing": ls,
-        "target": "soft" if soft else "index", "threads": threads, "alpha": args.alpha,
-        "rounds": args.rounds, "calls_per_sample": calls, "device": args.device,
-        "load_average": [round(x, 2) for x in os.getloadavg()], "torch": torch.__version__,
-    } for name in ("power_grad", "reference_hook")]
+    return [
+        {
+            "benchmark": "loss_fwd_bwd",
+            "impl": name,
+            "vs": "cross_entropy",
+            "ratio": round(med[name] / base, 3),
+            "median_ms": round(med[name] * 1e3, 4),
+            "baseline_median_ms": round(base * 1e3, 4),
+            "cpu_ratio": round(cpu[name] / cpu["cross_entropy"], 3),
+            "cpu_best_ratio": round(cpu_best[name] / cpu_best["cross_entropy"], 3),
+            "n": n,
+            "c": c,
+            "label_smoothing": ls,
+            "target": "soft" if soft else "index",
+            "threads": threads,
+            "alpha": args.alpha,
+            "rounds": args.rounds,
+            "calls_per_sample": calls,
+            "device": args.device,
+            "load_average": [round(x, 2) for x in os.getloadavg()],
+            "torch": torch.__version__,
+        }
+        for name in ("power_grad", "reference_hook")
+    ]
 
 
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    ap.add_argument("--sizes", type=parse_sizes, default=parse_sizes("4096x1000,256x10"),
-                    help="comma-separated NxC (default 4096x1000,256x10)")
+    ap.add_argument(
+        "--sizes",
+        type=parse_sizes,
+        default=parse_sizes("4096x1000,256x10"),
+        help="comma-separated NxC (default 4096x1000,256x10)",
+    )
     ap.add_argument("--rounds", type=int, default=30)
     ap.add_argument("--alpha", type=float, default=0.3)
-    ap.add_argument("--ls", type=float, default=0.1, help="the label smoothing of the smoothed cases")
-    ap.add_argument("--threads", default=None,
-                    help="comma-separated thread counts (default: the default count, then 1 and 2)")
+    ap.add_argument(
+        "--ls", type=float, default=0.1, help="the label smoothing of the smoothed cases"
+    )
+    ap.add_argument(
+        "--threads",
+        default=None,
+        help="comma-separated thread counts (default: the default count, then 1 and 2)",
+    )
     ap.add_argument("--device", default="cpu")
     args = ap.parse_args()
 
     default_threads = torch.get_num_threads()
-    threads = ([int(v) for v in args.threads.split(",")] if args.threads
-               else list(dict.fromkeys([default_threads, 1, 2])))
-    print(f"# load average {' '.join(f'{x:.2f}' for x in os.getloadavg())}, "
-          f"default threads {default_threads}, torch {torch.__version__}", flush=True)
-    for (n, c), soft, ls, nthreads in itertools.product(args.sizes, (False, True), (0.0, args.ls), threads):
+    threads = (
+        [int(v) for v in args.threads.split(",")]
+        if args.threads
+        else list(dict.fromkeys([default_threads, 1, 2]))
+    )
+    print(
+        f"# load average {' '.join(f'{x:.2f}' for x in os.getloadavg())}, "
+        f"default threads {default_threads}, torch {torch.__version__}",
+        flush=True,
+    )
+    for (n, c), soft, ls, nthreads in itertools.product(
+        args.sizes, (False, True), (0.0, args.ls), threads
+    ):
         for row in run_case(n, c, ls, soft, nthreads, args):
             print(json.dumps(row), flush=True)
     torch.set_num_threads(default_threads)

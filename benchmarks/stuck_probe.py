@@ -53,43 +53,83 @@ def main() -> None:
     args = ap.parse_args()
     logging.basicConfig(level=logging.WARNING, format="%(message)s")
 
-    cfg = load_config("digits", {
-        "dataset": args.dataset, "data_dir": args.data_dir, "img_size": args.img_size,
-        "model": args.model, "probe_layer": args.layer, "probe_pool": args.pool,
-        "batch_size": args.batch_size, "workers": 0,
-    })
+    cfg = load_config(
+        "digits",
+        {
+            "dataset": args.dataset,
+            "data_dir": args.data_dir,
+            "img_size": args.img_size,
+            "model": args.model,
+            "probe_layer": args.layer,
+            "probe_pool": args.pool,
+            "batch_size": args.batch_size,
+            "workers": 0,
+        },
+    )
     probe, loaders = _build(cfg, torch.device("cpu"))
     feats = _features(probe, loaders, cfg, torch.device("cpu"))
     tx, ty, vx, vy = feats["train_x"], feats["train_y"], feats["test_x"], feats["test_y"]
     mean, std = standardisation(tx)
     common = float(tx.double().mean(0).pow(2).sum())
     num_classes = loaders.info.num_classes
-    print(json.dumps({"features": tx.shape[1], "train": len(ty), "test": len(vy),
-                      "mean_abs_f": round(float(tx.abs().mean()), 4),
-                      "mean_sq_norm": round(float(tx.double().pow(2).sum(1).mean()), 1),
-                      "sq_norm_of_mean": round(common, 1), "lr_x_sq_norm_of_mean": round(args.lr * common, 1),
-                      "stuck_loss_at_10pct": round(math.log(math.e + 9) - 0.1, 4)}), flush=True)
+    print(
+        json.dumps(
+            {
+                "features": tx.shape[1],
+                "train": len(ty),
+                "test": len(vy),
+                "mean_abs_f": round(float(tx.abs().mean()), 4),
+                "mean_sq_norm": round(float(tx.double().pow(2).sum(1).mean()), 1),
+                "sq_norm_of_mean": round(common, 1),
+                "lr_x_sq_norm_of_mean": round(args.lr * common, 1),
+                "stuck_loss_at_10pct": round(math.log(math.e + 9) - 0.1, 4),
+            }
+        ),
+        flush=True,
+    )
 
-    options = dict(epochs=args.epochs, lr=args.lr, batch_size=args.batch_size, optimizer="sgd",
-                   momentum=0.0, weight_decay=0.0, sched="const", device="cpu", seed=0)
+    options = dict(
+        epochs=args.epochs,
+        lr=args.lr,
+        batch_size=args.batch_size,
+        optimizer="sgd",
+        momentum=0.0,
+        weight_decay=0.0,
+        sched="const",
+        device="cpu",
+        seed=0,
+    )
     for softmax in (True, False):
         for standardised in (False, True):
-            name = f"{'softmax' if softmax else 'logits'}-{'standardised' if standardised else 'raw'}"
+            name = (
+                f"{'softmax' if softmax else 'logits'}-{'standardised' if standardised else 'raw'}"
+            )
             a, b = ((tx - mean) / std, (vx - mean) / std) if standardised else (tx, vx)
             gen = torch.Generator().manual_seed(0)
-            train = DataLoader(TensorDataset(a, ty), batch_size=args.batch_size, shuffle=True,
-                               drop_last=True, generator=gen)
+            train = DataLoader(
+                TensorDataset(a, ty),
+                batch_size=args.batch_size,
+                shuffle=True,
+                drop_last=True,
+                generator=gen,
+            )
             test = DataLoader(TensorDataset(b, vy), batch_size=1024)
             torch.manual_seed(0)
             model = head(tx.shape[1], num_classes, softmax)
             r = fit(model, train, test, out=f"{args.out}/{name}", overwrite=True, **options)
             losses = [round(h["train_loss"], 4) for h in r.history]
-            print(json.dumps({
-                "variant": name, "train_loss_per_epoch": losses,
-                "final_train_acc": round(r.final["train_acc"], 4),
-                "final_test_acc": round(r.final["test_acc"], 4),
-                "diagnostics": [d["code"] for d in r.diagnostics],
-            }), flush=True)
+            print(
+                json.dumps(
+                    {
+                        "variant": name,
+                        "train_loss_per_epoch": losses,
+                        "final_train_acc": round(r.final["train_acc"], 4),
+                        "final_test_acc": round(r.final["test_acc"], 4),
+                        "diagnostics": [d["code"] for d in r.diagnostics],
+                    }
+                ),
+                flush=True,
+            )
 
 
 if __name__ == "__main__":

@@ -47,7 +47,12 @@ def bare_loop(recipe: dict, device: torch.device) -> tuple[list[float], float]:
     cfg = load_config(None, recipe)
     torch.manual_seed(cfg.seed)
     # The same tensors as powergrad's synthetic source (data/sources.py) draws from the seed.
-    k, s, n, m = cfg.num_classes or 10, cfg.img_size, cfg.synthetic_size, max(1, cfg.synthetic_size // 4)
+    k, s, n, m = (
+        cfg.num_classes or 10,
+        cfg.img_size,
+        cfg.synthetic_size,
+        max(1, cfg.synthetic_size // 4),
+    )
     g = torch.Generator().manual_seed(cfg.seed)
     x = torch.randint(0, 256, (n + m, 3, s, s), generator=g, dtype=torch.uint8).to(device)
     y = torch.randint(0, k, (n + m,), generator=g).to(device)
@@ -58,9 +63,15 @@ def bare_loop(recipe: dict, device: torch.device) -> tuple[list[float], float]:
     model = create_model(cfg, k, 3, s).to(device)
     decay = [p for p in model.parameters() if p.ndim > 1]
     no_decay = [p for p in model.parameters() if p.ndim <= 1]
-    opt = torch.optim.SGD([{"params": decay, "weight_decay": cfg.weight_decay},
-                           {"params": no_decay, "weight_decay": 0.0}],
-                          lr=cfg.lr, momentum=cfg.momentum, nesterov=True)
+    opt = torch.optim.SGD(
+        [
+            {"params": decay, "weight_decay": cfg.weight_decay},
+            {"params": no_decay, "weight_decay": 0.0},
+        ],
+        lr=cfg.lr,
+        momentum=cfg.momentum,
+        nesterov=True,
+    )
     steps = n // cfg.batch_size
     sched = torch.optim.lr_scheduler.CosineAnnealingLR(opt, T_max=cfg.epochs * steps)
     epoch_s = []
@@ -70,7 +81,7 @@ def bare_loop(recipe: dict, device: torch.device) -> tuple[list[float], float]:
         tic = time.perf_counter()
         perm = torch.randperm(n, device=device)
         for i in range(steps):
-            idx = perm[i * cfg.batch_size:(i + 1) * cfg.batch_size]
+            idx = perm[i * cfg.batch_size : (i + 1) * cfg.batch_size]
             xb = (train_x[idx].float() - mean) / std
             loss = F.cross_entropy(model(xb), train_y[idx])
             loss.backward()
@@ -81,8 +92,15 @@ def bare_loop(recipe: dict, device: torch.device) -> tuple[list[float], float]:
         epoch_s.append(time.perf_counter() - tic)
         model.eval()  # the same evaluation as the trainer's, outside the timed steps
         with torch.no_grad():
-            correct = sum(int((model((test_x[i:i + cfg.batch_size].float() - mean) / std).argmax(1)
-                               == test_y[i:i + cfg.batch_size]).sum()) for i in range(0, m, cfg.batch_size))
+            correct = sum(
+                int(
+                    (
+                        model((test_x[i : i + cfg.batch_size].float() - mean) / std).argmax(1)
+                        == test_y[i : i + cfg.batch_size]
+                    ).sum()
+                )
+                for i in range(0, m, cfg.batch_size)
+            )
         assert 0 <= correct <= m
     return epoch_s, time.perf_counter() - wall0
 
@@ -127,22 +145,40 @@ def main() -> None:
     ap.add_argument("--alphas", default="1,0.25")
     ap.add_argument("--device", default="cpu")
     ap.add_argument("--threads", type=int, default=0, help="torch CPU threads (0: torch's default)")
-    ap.add_argument("--only-bookkeeping", action="store_true", help="time only the loop's per-step work")
+    ap.add_argument(
+        "--only-bookkeeping", action="store_true", help="time only the loop's per-step work"
+    )
     args = ap.parse_args()
     if args.threads:
         torch.set_num_threads(args.threads)
     if args.only_bookkeeping:
-        print(json.dumps({"benchmark": "trainer_bookkeeping", "seconds_per_step": round(bookkeeping_s(args.batch_size), 6),
-                          "batch_size": args.batch_size, "threads": torch.get_num_threads()}))
+        print(
+            json.dumps(
+                {
+                    "benchmark": "trainer_bookkeeping",
+                    "seconds_per_step": round(bookkeeping_s(args.batch_size), 6),
+                    "batch_size": args.batch_size,
+                    "threads": torch.get_num_threads(),
+                }
+            )
+        )
         return
     if args.epochs < 2:
         ap.error("--epochs must be at least 2 (the first is warm-up)")
 
     device = torch.device(args.device)
     recipe = {
-        "model": args.model, "dataset": "synthetic", "synthetic_size": args.batch_size * args.steps,
-        "img_size": 32, "batch_size": args.batch_size, "epochs": args.epochs, "lr": 0.05,
-        "sched": "cosine", "device": args.device, "seed": 0, "save_every": args.epochs,
+        "model": args.model,
+        "dataset": "synthetic",
+        "synthetic_size": args.batch_size * args.steps,
+        "img_size": 32,
+        "batch_size": args.batch_size,
+        "epochs": args.epochs,
+        "lr": 0.05,
+        "sched": "cosine",
+        "device": args.device,
+        "seed": 0,
+        "save_every": args.epochs,
     }
     alphas = [float(a) for a in args.alphas.split(",")]
     tmp = tempfile.TemporaryDirectory(prefix="pg-overhead-")
@@ -151,7 +187,9 @@ def main() -> None:
     rate: dict[str, list[float]] = {k: [] for k in names}  # steps/s per round
     wall: dict[str, list[float]] = {k: [] for k in names}
     for r in range(args.rounds):
-        for name in names[r % len(names):] + names[:r % len(names)]:  # rotate: no variant always last
+        for name in (
+            names[r % len(names) :] + names[: r % len(names)]
+        ):  # rotate: no variant always last
             if name == "bare":
                 epoch_s, w = bare_loop(recipe, device)
             else:
@@ -162,25 +200,44 @@ def main() -> None:
     tmp.cleanup()
     med = {k: statistics.median(v) for k, v in rate.items()}
     book = bookkeeping_s(args.batch_size)
-    print(json.dumps({
-        "benchmark": "trainer_bookkeeping", "seconds_per_step": round(book, 6),
-        "share_of_bare_step": round(book * med["bare"], 5), "batch_size": args.batch_size,
-        "threads": torch.get_num_threads(),
-    }))
+    print(
+        json.dumps(
+            {
+                "benchmark": "trainer_bookkeeping",
+                "seconds_per_step": round(book, 6),
+                "share_of_bare_step": round(book * med["bare"], 5),
+                "batch_size": args.batch_size,
+                "threads": torch.get_num_threads(),
+            }
+        )
+    )
     for name in names[1:]:
         paired = [t / b for t, b in zip(rate[name], rate["bare"])]
-        print(json.dumps({
-            "benchmark": "trainer_overhead", "impl": name, "vs": "bare_loop",
-            "ratio": round(med[name] / med["bare"], 3),
-            "ratio_paired_median": round(statistics.median(paired), 3),
-            "steps_per_s": round(med[name], 3), "bare_steps_per_s": round(med["bare"], 3),
-            "img_per_s": round(med[name] * args.batch_size, 1),
-            "wall_ratio": round(statistics.median(wall["bare"]) / statistics.median(wall[name]), 3),
-            "spread": round((max(rate[name]) - min(rate[name])) / med[name], 3),
-            "timed": f"epochs 2..{args.epochs} of {args.steps} steps, eval excluded",
-            "model": args.model, "batch_size": args.batch_size, "rounds": args.rounds,
-            "device": str(device), "threads": torch.get_num_threads(), "torch": torch.__version__,
-        }))
+        print(
+            json.dumps(
+                {
+                    "benchmark": "trainer_overhead",
+                    "impl": name,
+                    "vs": "bare_loop",
+                    "ratio": round(med[name] / med["bare"], 3),
+                    "ratio_paired_median": round(statistics.median(paired), 3),
+                    "steps_per_s": round(med[name], 3),
+                    "bare_steps_per_s": round(med["bare"], 3),
+                    "img_per_s": round(med[name] * args.batch_size, 1),
+                    "wall_ratio": round(
+                        statistics.median(wall["bare"]) / statistics.median(wall[name]), 3
+                    ),
+                    "spread": round((max(rate[name]) - min(rate[name])) / med[name], 3),
+                    "timed": f"epochs 2..{args.epochs} of {args.steps} steps, eval excluded",
+                    "model": args.model,
+                    "batch_size": args.batch_size,
+                    "rounds": args.rounds,
+                    "device": str(device),
+                    "threads": torch.get_num_threads(),
+                    "torch": torch.__version__,
+                }
+            )
+        )
     if not all(math.isfinite(v) for v in med.values()):
         raise SystemExit("non-finite timing")
 

@@ -23,14 +23,19 @@ from powergrad.cli import main
 
 
 def snapshot(folder: Path) -> dict[str, tuple[bytes, int]]:
-    return {str(p.relative_to(folder)): (p.read_bytes(), p.stat().st_mtime_ns)
-            for p in sorted(folder.rglob("*")) if p.is_file()}
+    return {
+        str(p.relative_to(folder)): (p.read_bytes(), p.stat().st_mtime_ns)
+        for p in sorted(folder.rglob("*"))
+        if p.is_file()
+    }
 
 
 def _png(path: Path, seed: int) -> None:
     path.parent.mkdir(parents=True, exist_ok=True)
     g = torch.Generator().manual_seed(seed)
-    Image.fromarray(torch.randint(0, 256, (8, 8, 3), generator=g, dtype=torch.uint8).numpy()).save(path)
+    Image.fromarray(torch.randint(0, 256, (8, 8, 3), generator=g, dtype=torch.uint8).numpy()).save(
+        path
+    )
 
 
 def _folders(root: Path, train=("a", "b"), val=("a", "b"), per_class=2) -> Path:
@@ -63,9 +68,20 @@ def _not_writable(tmp: Path) -> str:
 def _rows():
     return [
         ("malformed YAML", lambda t: ["train", _write(t / "bad.yaml", "epochs: [1,\n")]),
-        ("YAML with a python tag", lambda t: ["train", _write(
-            t / "evil.yaml", f'epochs: !!python/object/apply:os.system ["touch {t}/PWNED"]\n')]),
-        ("recipe that is not a mapping", lambda t: ["train", _write(t / "list.yaml", "- 1\n- 2\n")]),
+        (
+            "YAML with a python tag",
+            lambda t: [
+                "train",
+                _write(
+                    t / "evil.yaml",
+                    f'epochs: !!python/object/apply:os.system ["touch {t}/PWNED"]\n',
+                ),
+            ],
+        ),
+        (
+            "recipe that is not a mapping",
+            lambda t: ["train", _write(t / "list.yaml", "- 1\n- 2\n")],
+        ),
         ("unknown recipe", lambda t: ["train", "digit"]),
         ("unknown key", lambda t: ["train", "alhpa=0.3"]),
         ("unknown nested key", lambda t: ["train", "monitor.stall_epoch=2"]),
@@ -76,42 +92,112 @@ def _rows():
         ("override without =", lambda t: ["train", "digits", "epochs"]),
         ("unknown model", lambda t: ["train", "model=resnet_9000", "epochs=1"]),
         ("unknown data set", lambda t: ["train", "dataset=imagenet22k", "epochs=1"]),
-        ("missing data", lambda t: ["train", "dataset=cifar10", f"data_dir={t}/nowhere", "epochs=1"]),
+        (
+            "missing data",
+            lambda t: ["train", "dataset=cifar10", f"data_dir={t}/nowhere", "epochs=1"],
+        ),
         ("image folder without data_dir", lambda t: ["train", "dataset=imagefolder", "epochs=1"]),
         ("image folder without val/", lambda t: _imagefolder(t, lambda r: _rm_tree(r / "val"))),
         ("empty class folder", lambda t: _imagefolder(t, lambda r: _rm_files(r / "train" / "b"))),
-        ("train/test classes differ", lambda t: ["train", "dataset=imagefolder", "epochs=1",
-                                                 f"data_dir={_folders(t / 'd', val=('a', 'c'))}"]),
-        ("corrupt image", lambda t: _imagefolder(t, lambda r: (r / "train" / "a" / "0.png").write_bytes(b"\x89PNG junk"))),
+        (
+            "train/test classes differ",
+            lambda t: [
+                "train",
+                "dataset=imagefolder",
+                "epochs=1",
+                f"data_dir={_folders(t / 'd', val=('a', 'c'))}",
+            ],
+        ),
+        (
+            "corrupt image",
+            lambda t: _imagefolder(
+                t, lambda r: (r / "train" / "a" / "0.png").write_bytes(b"\x89PNG junk")
+            ),
+        ),
         ("fraction out of range", lambda t: ["train", "val_fraction=1.5"]),
         ("checkpoint not found", lambda t: ["eval", "--checkpoint", t / "missing.pt"]),
-        ("truncated checkpoint", lambda t: ["eval", "--checkpoint", _write_bytes(
-            t / "trunc.pt", (t / "prev" / "last.pt").read_bytes()[:5000])]),
+        (
+            "truncated checkpoint",
+            lambda t: [
+                "eval",
+                "--checkpoint",
+                _write_bytes(t / "trunc.pt", (t / "prev" / "last.pt").read_bytes()[:5000]),
+            ],
+        ),
         ("not a checkpoint", lambda t: ["eval", "--checkpoint", _write(t / "notes.pt", "hello\n")]),
         ("checkpoint that would run code", lambda t: ["eval", "--checkpoint", _evil(t)]),
-        ("checkpoint for another model", lambda t: ["train", f"resume={t / 'prev' / 'last.pt'}", "model=convnet",
-                                                    "--out", t / "new"]),
-        ("checkpoint for another class count", lambda t: ["train", f"resume={_five_classes(t)}",
-                                                          "--out", t / "new"]),
-        ("weights for another model", lambda t: ["train", f"weights={t / 'prev' / 'last.pt'}", "model=convnet",
-                                                 "dataset=synthetic", "img_size=8", "epochs=1", "--out", t / "new"]),
+        (
+            "checkpoint for another model",
+            lambda t: [
+                "train",
+                f"resume={t / 'prev' / 'last.pt'}",
+                "model=convnet",
+                "--out",
+                t / "new",
+            ],
+        ),
+        (
+            "checkpoint for another class count",
+            lambda t: ["train", f"resume={_five_classes(t)}", "--out", t / "new"],
+        ),
+        (
+            "weights for another model",
+            lambda t: [
+                "train",
+                f"weights={t / 'prev' / 'last.pt'}",
+                "model=convnet",
+                "dataset=synthetic",
+                "img_size=8",
+                "epochs=1",
+                "--out",
+                t / "new",
+            ],
+        ),
         ("resume=auto without --out", lambda t: ["train", "resume=auto"]),
-        ("existing run directory without resume", lambda t: ["train", "epochs=1", "--out", t / "prev"]),
-        ("output path is a file", lambda t: ["train", "epochs=1", "--out", _write(t / "afile", "x")]),
+        (
+            "existing run directory without resume",
+            lambda t: ["train", "epochs=1", "--out", t / "prev"],
+        ),
+        (
+            "output path is a file",
+            lambda t: ["train", "epochs=1", "--out", _write(t / "afile", "x")],
+        ),
         ("output folder not writable", lambda t: ["train", "epochs=1", "--out", _not_writable(t)]),
         ("num_classes contradicting the data", lambda t: ["train", "num_classes=3", "epochs=1"]),
-        ("test_subset larger than the test split", lambda t: ["train", "test_subset=5000", "epochs=1"]),
+        (
+            "test_subset larger than the test split",
+            lambda t: ["train", "test_subset=5000", "epochs=1"],
+        ),
         ("not a number", lambda t: ["train", "lr=nan"]),
-        ("data_dir is a file", lambda t: ["train", "dataset=imagefolder", f"data_dir={_write(t / 'afile', 'x')}",
-                                          "epochs=1"]),
-        ("key given twice in a recipe", lambda t: ["train", _write(t / "dup.yaml", "lr: 0.1\nepochs: 1\nlr: 0.4\n")]),
+        (
+            "data_dir is a file",
+            lambda t: [
+                "train",
+                "dataset=imagefolder",
+                f"data_dir={_write(t / 'afile', 'x')}",
+                "epochs=1",
+            ],
+        ),
+        (
+            "key given twice in a recipe",
+            lambda t: ["train", _write(t / "dup.yaml", "lr: 0.1\nepochs: 1\nlr: 0.4\n")],
+        ),
         ("key given twice on the command line", lambda t: ["train", "lr=0.1", "lr=0.2"]),
         ("empty recipe", lambda t: ["train", _write(t / "empty.yaml", "")]),
         ("option-style key (timm's habit)", lambda t: ["train", "--epochs", "1"]),
-        ("option the command does not have", lambda t: ["eval", "--checkpoint", t / "prev" / "last.pt", "--out", "x"]),
-        ("checkpoint trained on other classes", lambda t: ["eval", "--checkpoint", _other_classes(t)]),
-        ("disk full while saving (file-size limit)", lambda t: ["train", "epochs=1", "--out", t / "new"],
-         "subprocess"),
+        (
+            "option the command does not have",
+            lambda t: ["eval", "--checkpoint", t / "prev" / "last.pt", "--out", "x"],
+        ),
+        (
+            "checkpoint trained on other classes",
+            lambda t: ["eval", "--checkpoint", _other_classes(t)],
+        ),
+        (
+            "disk full while saving (file-size limit)",
+            lambda t: ["train", "epochs=1", "--out", t / "new"],
+            "subprocess",
+        ),
     ]
 
 
@@ -140,7 +226,9 @@ def _five_classes(t: Path) -> Path:
     state = load_checkpoint(t / "prev" / "last.pt")
     last = [k for k in state["model"] if k.endswith(".weight")][-1]
     state["model"][last] = state["model"][last][:5]
-    state["model"][last.replace(".weight", ".bias")] = state["model"][last.replace(".weight", ".bias")][:5]
+    state["model"][last.replace(".weight", ".bias")] = state["model"][
+        last.replace(".weight", ".bias")
+    ][:5]
     torch.save(state, t / "five.pt")
     return t / "five.pt"
 
@@ -182,7 +270,9 @@ def prev_run(tmp_path_factory):
 
 def _limit_file_size():
     signal.signal(signal.SIGXFSZ, signal.SIG_IGN)  # write() fails with EFBIG instead of killing
-    resource.setrlimit(resource.RLIMIT_FSIZE, (100_000, resource.RLIM_INFINITY))  # a checkpoint is 173 kB
+    resource.setrlimit(
+        resource.RLIMIT_FSIZE, (100_000, resource.RLIM_INFINITY)
+    )  # a checkpoint is 173 kB
 
 
 @pytest.mark.parametrize("row", ROWS, ids=[r[0] for r in ROWS])
@@ -194,8 +284,13 @@ def test_bad_input_gives_one_line_exit_2(row, prev_run, tmp_path, capsys, monkey
     before = snapshot(prev_run)
     args = [str(a) for a in make(tmp_path)]
     if len(row) > 2 and row[2] == "subprocess":
-        proc = subprocess.run([sys.executable, "-m", "powergrad", *args], capture_output=True, text=True,
-                              timeout=300, preexec_fn=_limit_file_size)
+        proc = subprocess.run(
+            [sys.executable, "-m", "powergrad", *args],
+            capture_output=True,
+            text=True,
+            timeout=300,
+            preexec_fn=_limit_file_size,
+        )
         code, err = proc.returncode, proc.stderr
     else:
         code = main(args)

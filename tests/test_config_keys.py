@@ -39,14 +39,22 @@ def test_result_and_machinery_keys_split_the_config():
     assert set(result_keys()) | set(machinery_keys()) == top
     assert not set(result_keys()) & set(machinery_keys())
     assert {"alpha", "lr", "epochs", "seed", "model", "dataset"} <= set(result_keys())
-    assert {"workers", "resume", "nproc", "device", "save_every", "monitor"} <= set(machinery_keys())
+    assert {"workers", "resume", "nproc", "device", "save_every", "monitor"} <= set(
+        machinery_keys()
+    )
     assert MACHINERY == {*machinery_keys(), "seed"}  # the report's setting reads the same list
     assert "seed" in probe_feature_keys() and "alpha" not in probe_feature_keys()
 
 
 def test_config_hash_covers_exactly_the_result_keys():
     base = load_config("digits")
-    for k, v in {"workers": 7, "device": "cpu", "save_every": 3, "resume": "auto", "nproc": 2}.items():
+    for k, v in {
+        "workers": 7,
+        "device": "cpu",
+        "save_every": 3,
+        "resume": "auto",
+        "nproc": 2,
+    }.items():
         assert config_hash(dataclasses.replace(base, **{k: v})) == config_hash(base), k
     for k, v in {"alpha": 0.5, "lr": 0.01, "seed": 1, "epochs": 3}.items():
         assert config_hash(dataclasses.replace(base, **{k: v})) != config_hash(base), k
@@ -60,11 +68,14 @@ def test_report_groups_runs_by_result_keys_only():
     assert runs[0].setting == runs[1].setting != runs[2].setting
 
 
-@pytest.mark.parametrize("override, needle", [
-    ("optimizer=lamb", "optimizer: must be one of sgd, adamw"),
-    ("epochs=0", "epochs: must be > 0"),
-    ("workers=-1", "workers: must be >= 0"),
-])
+@pytest.mark.parametrize(
+    "override, needle",
+    [
+        ("optimizer=lamb", "optimizer: must be one of sgd, adamw"),
+        ("epochs=0", "epochs: must be > 0"),
+        ("workers=-1", "workers: must be >= 0"),
+    ],
+)
 def test_validation_reads_choices_and_bounds_from_the_fields(override, needle):
     with pytest.raises(UserError, match=needle):
         load_config("digits", [override])

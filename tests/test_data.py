@@ -54,11 +54,27 @@ def write_cifar10(root: Path, per_batch=8, n_test=10, seed=0):
     d.mkdir(parents=True)
     rng = np.random.default_rng(seed)
     for name, n in [*[(f"data_batch_{i}", per_batch) for i in range(1, 6)], ("test_batch", n_test)]:
-        entry = {"data": rng.integers(0, 256, (n, 3072), dtype=np.uint8),
-                 "labels": [int(v) for v in rng.integers(0, 10, n)], "batch_label": name}
+        entry = {
+            "data": rng.integers(0, 256, (n, 3072), dtype=np.uint8),
+            "labels": [int(v) for v in rng.integers(0, 10, n)],
+            "batch_label": name,
+        }
         (d / name).write_bytes(pickle.dumps(entry))
-    names = ["airplane", "automobile", "bird", "cat", "deer", "dog", "frog", "horse", "ship", "truck"]
-    (d / "batches.meta").write_bytes(pickle.dumps({"label_names": names, "num_cases_per_batch": per_batch}))
+    names = [
+        "airplane",
+        "automobile",
+        "bird",
+        "cat",
+        "deer",
+        "dog",
+        "frog",
+        "horse",
+        "ship",
+        "truck",
+    ]
+    (d / "batches.meta").write_bytes(
+        pickle.dumps({"label_names": names, "num_cases_per_batch": per_batch})
+    )
     return root
 
 
@@ -153,16 +169,28 @@ def test_unknown_dataset_and_augment_and_batch():
         create_loaders(cfg_of(augment="mixup"), CPU)
     with pytest.raises(UserError, match="divisible"):
         create_loaders(cfg_of(batch_size=63), CPU, rank=0, world_size=2)
-    assert {"digits", "cifar10", "cifar100", "mnist", "fashion_mnist", "imagefolder",
-            "tiny_imagenet", "synthetic"} <= set(DATASETS)
+    assert {
+        "digits",
+        "cifar10",
+        "cifar100",
+        "mnist",
+        "fashion_mnist",
+        "imagefolder",
+        "tiny_imagenet",
+        "synthetic",
+    } <= set(DATASETS)
 
 
 @pytest.mark.parametrize("augment", ["cifar", "imagenet", "flip", "none"])
 def test_epochs_deterministic_and_ranks_concatenate(augment):
-    kw = dict(dataset="synthetic", synthetic_size=100, img_size=16, batch_size=32, augment=augment, seed=3)
+    kw = dict(
+        dataset="synthetic", synthetic_size=100, img_size=16, batch_size=32, augment=augment, seed=3
+    )
     one = create_loaders(cfg_of(**kw), CPU)
     a, b = batches(one.train, 1), batches(one.train, 1)
-    assert len(a) == 3 and all(torch.equal(p[0], q[0]) and torch.equal(p[1], q[1]) for p, q in zip(a, b))
+    assert len(a) == 3 and all(
+        torch.equal(p[0], q[0]) and torch.equal(p[1], q[1]) for p, q in zip(a, b)
+    )
     assert not torch.equal(batches(one.train, 2)[0][1], a[0][1])
     again = create_loaders(cfg_of(**kw), CPU)
     assert torch.equal(batches(again.train, 1)[0][0], a[0][0])
@@ -179,7 +207,9 @@ def test_eval_shards_cover_test_once():
     kw = dict(dataset="synthetic", synthetic_size=88, batch_size=6)  # 22 test images
     full_x, full_y = cat(batches(create_loaders(cfg_of(**kw), CPU).test))
     assert full_x.shape[0] == 22
-    parts = [cat(batches(create_loaders(cfg_of(**kw), CPU, rank=r, world_size=3).test)) for r in range(3)]
+    parts = [
+        cat(batches(create_loaders(cfg_of(**kw), CPU, rank=r, world_size=3).test)) for r in range(3)
+    ]
     assert sum(p[0].shape[0] for p in parts) == 22
     merged = torch.empty_like(full_x)
     for r, (x, _) in enumerate(parts):
@@ -213,8 +243,17 @@ def test_small_train_set_gives_one_batch():
 
 
 def test_channels_last_and_synthetic_info():
-    ld = create_loaders(cfg_of(dataset="synthetic", synthetic_size=64, num_classes=7, img_size=12,
-                               channels_last=True, batch_size=16), CPU)
+    ld = create_loaders(
+        cfg_of(
+            dataset="synthetic",
+            synthetic_size=64,
+            num_classes=7,
+            img_size=12,
+            channels_last=True,
+            batch_size=16,
+        ),
+        CPU,
+    )
     x, y = next(iter(ld.train))
     assert x.is_contiguous(memory_format=torch.channels_last) and x.shape == (16, 3, 12, 12)
     assert ld.info.num_classes == 7 and ld.info.mean == (0.5,) * 3 and y.max() < 7
@@ -225,9 +264,17 @@ def test_channels_last_and_synthetic_info():
 
 def test_cifar10_pickle_batches(tmp_path):
     write_cifar10(tmp_path)
-    ld = create_loaders(cfg_of(dataset="cifar10", data_dir=str(tmp_path), batch_size=8, augment="none"), CPU)
+    ld = create_loaders(
+        cfg_of(dataset="cifar10", data_dir=str(tmp_path), batch_size=8, augment="none"), CPU
+    )
     info = ld.info
-    assert (info.num_classes, info.in_chans, info.img_size, info.num_train, info.num_test) == (10, 3, 32, 40, 10)
+    assert (info.num_classes, info.in_chans, info.img_size, info.num_train, info.num_test) == (
+        10,
+        3,
+        32,
+        40,
+        10,
+    )
     assert info.class_names[0] == "airplane" and len(ld.train) == 5
     x, y = cat(batches(ld.test))
     assert x.shape == (10, 3, 32, 32) and y.min() >= 0 and y.max() <= 9
@@ -273,7 +320,12 @@ def test_mnist_gz_and_fashion_raw(tmp_path):
     files = write_mnist(tmp_path, "MNIST", gz=True)
     write_mnist(tmp_path, "FashionMNIST", n_train=16, n_test=8, gz=False)
     ld = create_loaders(cfg_of(dataset="mnist", data_dir=str(tmp_path), batch_size=8), CPU)
-    assert (ld.info.in_chans, ld.info.img_size, ld.info.num_train, ld.info.num_test) == (1, 28, 24, 12)
+    assert (ld.info.in_chans, ld.info.img_size, ld.info.num_train, ld.info.num_test) == (
+        1,
+        28,
+        24,
+        12,
+    )
     x, y = cat(batches(ld.test))
     assert x.shape == (12, 1, 28, 28)
     assert torch.equal(y, torch.from_numpy(files["t10k-labels-idx1-ubyte"]).long())
@@ -294,7 +346,10 @@ def test_imagefolder_in_memory_and_cache(tmp_path, monkeypatch):
     ld = create_loaders(cfg, CPU)
     info = ld.info
     assert info.class_names == ["cat", "dog", "eel"] and (info.num_train, info.num_test) == (18, 9)
-    assert (info.in_chans, info.img_size) == (3, 20)  # the first (20x24) image sets it; 16x16 ones resized
+    assert (info.in_chans, info.img_size) == (
+        3,
+        20,
+    )  # the first (20x24) image sets it; 16x16 ones resized
     assert isinstance(ld.train, memory.MemoryTrainLoader)
     x, y = cat(batches(ld.test))
     assert x.shape == (9, 3, 20, 20) and y.tolist() == [0] * 3 + [1] * 3 + [2] * 3
@@ -316,19 +371,31 @@ def test_imagefolder_decodes_only_the_images_a_run_uses(tmp_path, monkeypatch):
     root = write_folder(tmp_path / "imgs")  # 18 train, 9 test images over 3 classes
     decoded = []
     real = folder.decode_image
-    monkeypatch.setattr(folder, "decode_image", lambda path, side: decoded.append(path) or real(path, side))
-    cfg = cfg_of(dataset="imagefolder", data_dir=str(root), batch_size=3, train_subset=6, test_subset=3,
-                 val_fraction=0.2)
+    monkeypatch.setattr(
+        folder, "decode_image", lambda path, side: decoded.append(path) or real(path, side)
+    )
+    cfg = cfg_of(
+        dataset="imagefolder",
+        data_dir=str(root),
+        batch_size=3,
+        train_subset=6,
+        test_subset=3,
+        val_fraction=0.2,
+    )
     ld = create_loaders(cfg, CPU)
     assert (ld.info.num_train, ld.info.num_test) == (6, 3)
     n_val = len(cat(batches(ld.val))[1])
     assert len(decoded) == 6 + n_val + 3  # not the 27 images of the folder
     assert sorted(cat(batches(ld.test))[1].tolist()) == [0, 1, 2]  # class-balanced
     entries = list_cache(tmp_path / "cache")
-    assert sorted(e.images for e in entries) == sorted([6, n_val, 3]) and {e.side for e in entries} == {20}
+    assert sorted(e.images for e in entries) == sorted([6, n_val, 3]) and {
+        e.side for e in entries
+    } == {20}
     # The same images as decoding the whole train folder and cutting afterwards gives.
     classes = folder.find_classes(root / "train")
-    all_x, all_y, _ = folder.load_images(folder.scan_split(root / "train", classes), 20, 0, False, "all")
+    all_x, all_y, _ = folder.load_images(
+        folder.scan_split(root / "train", classes), 20, 0, False, "all"
+    )
     train_idx, _ = sampling.split_train(all_y, cfg)
     expect = {tuple(r.tolist()) for r in all_x[train_idx].flatten(1)}
     got = {tuple(r.tolist()) for r in folder.build_imagefolder(cfg).train_x[:6].flatten(1)}
@@ -342,13 +409,17 @@ def test_test_subset_is_class_balanced_and_seeded():
     again = cat(batches(create_loaders(cfg_of(test_subset=100, batch_size=50), CPU).test))
     other = cat(batches(create_loaders(cfg_of(test_subset=100, batch_size=50, seed=1), CPU).test))
     assert torch.equal(again[1], y) and not torch.equal(again[0], other[0])
-    with pytest.raises(UserError, match="test_subset=361: must be between 1 and the 360 test examples"):
+    with pytest.raises(
+        UserError, match="test_subset=361: must be between 1 and the 360 test examples"
+    ):
         create_loaders(cfg_of(test_subset=361), CPU)
 
 
 def test_imagefolder_test_dir_and_img_size(tmp_path):
     root = write_folder(tmp_path / "imgs", test_name="test", n_train=2, n_test=1)
-    ld = create_loaders(cfg_of(dataset="imagefolder", data_dir=str(root), batch_size=3, img_size=24), CPU)
+    ld = create_loaders(
+        cfg_of(dataset="imagefolder", data_dir=str(root), batch_size=3, img_size=24), CPU
+    )
     assert ld.info.img_size == 24 and ld.info.num_test == 3
     assert next(iter(ld.train))[0].shape == (3, 3, 24, 24)
 
@@ -378,15 +449,21 @@ def test_jpeg_fast_decoder_gives_pils_pixels(tmp_path, monkeypatch):
     1 grey level is allowed). Grey, truncated and PNG files take PIL's path."""
     rng = np.random.default_rng(0)
     files = {}
-    for name, size, mode in (("a.jpg", (32, 32), "RGB"), ("b.jpg", (40, 48), "RGB"), ("c.jpg", (32, 32), "L"),
-                             ("d.png", (32, 32), "RGB")):
+    for name, size, mode in (
+        ("a.jpg", (32, 32), "RGB"),
+        ("b.jpg", (40, 48), "RGB"),
+        ("c.jpg", (32, 32), "L"),
+        ("d.png", (32, 32), "RGB"),
+    ):
         arr = rng.integers(0, 256, (size[1], size[0], 3), dtype=np.uint8)
         Image.fromarray(arr).convert(mode).save(tmp_path / name, quality=90)
         files[name] = str(tmp_path / name)
     full = (tmp_path / "a.jpg").read_bytes()
     (tmp_path / "cut.jpg").write_bytes(full[: len(full) // 2])
     fast = {name: folder.decode_image(path, 32) for name, path in files.items()}
-    assert folder._decode_jpeg_fast((tmp_path / "a.jpg").read_bytes()) is not None  # the fast path is taken here
+    assert (
+        folder._decode_jpeg_fast((tmp_path / "a.jpg").read_bytes()) is not None
+    )  # the fast path is taken here
     assert folder._decode_jpeg_fast((tmp_path / "d.png").read_bytes()) is None
     monkeypatch.setattr(folder, "_decode_jpeg_fast", lambda data: None)  # PIL alone
     for name, path in files.items():
@@ -416,7 +493,11 @@ def test_imagefolder_streaming(tmp_path, monkeypatch):
     one = create_loaders(cfg_of(**kw), CPU)
     assert isinstance(one.train, folder.StreamLoader) and one.info.img_size == 16
     a = batches(one.train, 1)
-    assert len(a) == len(one.train) == 3 and a[0][0].shape == (4, 3, 16, 16) and a[0][0].dtype == torch.float32
+    assert (
+        len(a) == len(one.train) == 3
+        and a[0][0].shape == (4, 3, 16, 16)
+        and a[0][0].dtype == torch.float32
+    )
     torch.manual_seed(123)
     assert torch.equal(batches(one.train, 1)[0][0], a[0][0])  # deterministic
     after = torch.rand(3)
@@ -438,13 +519,22 @@ def test_streaming_corrupt_image_from_a_worker(tmp_path, monkeypatch):
     monkeypatch.setattr(memory, "MEMORY_LIMIT_BYTES", 0)
     root = write_folder(tmp_path / "imgs", n_train=1, n_test=1)
     (root / "val" / "cat" / "0.jpg").write_bytes(b"garbage")
-    ld = create_loaders(cfg_of(dataset="imagefolder", data_dir=str(root), batch_size=3, img_size=16,
-                               workers=1), CPU)
+    ld = create_loaders(
+        cfg_of(dataset="imagefolder", data_dir=str(root), batch_size=3, img_size=16, workers=1), CPU
+    )
     with pytest.raises(UserError, match=r"cannot read image .*0\.jpg") as e:
         batches(ld.test)
     assert "\n" not in str(e.value) and "Traceback" not in str(e.value)
-    ok = create_loaders(cfg_of(dataset="imagefolder", data_dir=str(root), batch_size=3, img_size=16,
-                               skip_bad_images=True), CPU)
+    ok = create_loaders(
+        cfg_of(
+            dataset="imagefolder",
+            data_dir=str(root),
+            batch_size=3,
+            img_size=16,
+            skip_bad_images=True,
+        ),
+        CPU,
+    )
     assert cat(batches(ok.test))[0].shape[0] == 3
 
 
@@ -471,7 +561,9 @@ def test_cache_command_lists_and_clears_only_its_own_files(tmp_path, capsys):
     (tmp_path / "cache" / "notes.txt").write_text("mine")  # not the cache's: left alone
     assert main(["cache", "list"]) == 0
     out = capsys.readouterr().out.splitlines()
-    assert any(line.startswith("imagefolder-train-") and "18 images at 20 px" in line for line in out)
+    assert any(
+        line.startswith("imagefolder-train-") and "18 images at 20 px" in line for line in out
+    )
     assert out[-1].startswith(f"{tmp_path / 'cache'}: 2 cached splits")
     assert main(["cache", "clear"]) == 0
     assert "removed 2 cached splits" in capsys.readouterr().out

@@ -127,11 +127,20 @@ def test_sigterm_mid_epoch_saves_and_one_process_finishes(one_process, tmp_path)
     out = tmp_path / "preempted"
     # A mid-epoch save every 20 steps tells the test, without a race, that epoch 2 has begun and
     # has most of its steps still to run (a sleep raced a fast machine).
-    proc = subprocess.Popen([*POWERGRAD, "train", *ARGS, "nproc=2", "checkpoint_every_steps=20", "--out", str(out)],
-                            env=ENV, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    proc = subprocess.Popen(
+        [*POWERGRAD, "train", *ARGS, "nproc=2", "checkpoint_every_steps=20", "--out", str(out)],
+        env=ENV,
+        stdout=subprocess.PIPE,
+        stderr=subprocess.PIPE,
+        text=True,
+    )
     wait_for_line(proc, "epoch   1/3")
     deadline = time.time() + 60
-    while checkpoint_position(out / "last.pt") < (1, 1) and time.time() < deadline and proc.poll() is None:
+    while (
+        checkpoint_position(out / "last.pt") < (1, 1)
+        and time.time() < deadline
+        and proc.poll() is None
+    ):
         time.sleep(0.005)
     # As SLURM does at a time limit or pre-emption: every process of the job gets the signal.
     for pid in [proc.pid, *descendants(proc.pid)]:
@@ -165,10 +174,24 @@ def test_failing_rank_ends_the_run_in_one_line(tmp_path):
             (data / split / c).mkdir(parents=True)
             for i in range(n):
                 Image.new("RGB", (8, 8), (60 * i, 100, 200)).save(data / split / c / f"{i}.png")
-    script = ('d="$1"; [ "$RANK" = 1 ] && d=/nowhere; shift; '
-              'exec "$0" -m powergrad train dataset=imagefolder data_dir="$d" "$@"')
-    cmd = [*TORCHRUN, "--no-python", "sh", "-c", script, sys.executable, str(data),
-           "epochs=1", "batch_size=4", "device=cpu", "--out", str(tmp_path / "run")]
+    script = (
+        'd="$1"; [ "$RANK" = 1 ] && d=/nowhere; shift; '
+        'exec "$0" -m powergrad train dataset=imagefolder data_dir="$d" "$@"'
+    )
+    cmd = [
+        *TORCHRUN,
+        "--no-python",
+        "sh",
+        "-c",
+        script,
+        sys.executable,
+        str(data),
+        "epochs=1",
+        "batch_size=4",
+        "device=cpu",
+        "--out",
+        str(tmp_path / "run"),
+    ]
     proc = subprocess.Popen(cmd, env=ENV, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
     seen_error, lines = None, []
     for line in proc.stderr:
@@ -191,23 +214,51 @@ def test_failing_rank_with_nproc_is_one_line_and_its_exit_code(tmp_path):
     1 loses it mid-collective and stays quiet) or every rank does (no such data folder)."""
     out = tmp_path / "taken"
     out.mkdir()
-    (out / "config.yaml").write_text("epochs: 1\n")  # a run's record (a stray file would not take it)
-    one_rank = run([*POWERGRAD, "train", "digits", "epochs=1", "device=cpu", "nproc=2", "--out", str(out)])
-    every_rank = run([*POWERGRAD, "train", "digits", "dataset=imagefolder", f"data_dir={tmp_path / 'nowhere'}",
-                      "device=cpu", "nproc=2", "--out", str(tmp_path / "run")])
+    (out / "config.yaml").write_text(
+        "epochs: 1\n"
+    )  # a run's record (a stray file would not take it)
+    one_rank = run(
+        [*POWERGRAD, "train", "digits", "epochs=1", "device=cpu", "nproc=2", "--out", str(out)]
+    )
+    every_rank = run(
+        [
+            *POWERGRAD,
+            "train",
+            "digits",
+            "dataset=imagefolder",
+            f"data_dir={tmp_path / 'nowhere'}",
+            "device=cpu",
+            "nproc=2",
+            "--out",
+            str(tmp_path / "run"),
+        ]
+    )
     for r, words in ((one_rank, "--overwrite"), (every_rank, "does not exist")):
         assert r.returncode == 2, r.stderr
         lines = [ln for ln in r.stderr.splitlines() if ln.strip()]
-        assert len(lines) == 1 and lines[0].startswith("powergrad: error: ") and words in lines[0], r.stderr
+        assert (
+            len(lines) == 1 and lines[0].startswith("powergrad: error: ") and words in lines[0]
+        ), r.stderr
 
 
 def test_ranks_that_disagree_on_where_to_resume_stop_in_one_line(one_process, tmp_path):
     """resume=auto with the run directory on one node only: rank 0 finds the checkpoint, rank 1
     does not; training them together would put them out of step, so both stop at once."""
-    script = ('o="$1"; [ "$RANK" = 1 ] && o="$2"; shift 2; '
-              'exec "$0" -m powergrad train resume=auto epochs=4 "$@" --out "$o"')
-    cmd = [*TORCHRUN, "--no-python", "sh", "-c", script, sys.executable, str(one_process),
-           str(tmp_path / "node2-local"), "device=cpu"]
+    script = (
+        'o="$1"; [ "$RANK" = 1 ] && o="$2"; shift 2; '
+        'exec "$0" -m powergrad train resume=auto epochs=4 "$@" --out "$o"'
+    )
+    cmd = [
+        *TORCHRUN,
+        "--no-python",
+        "sh",
+        "-c",
+        script,
+        sys.executable,
+        str(one_process),
+        str(tmp_path / "node2-local"),
+        "device=cpu",
+    ]
     r = run(cmd)
     assert r.returncode != 0, r.stderr
     assert "powergrad: error: the 2 processes disagree (epoch from 0 to 3" in r.stderr, r.stderr

@@ -27,7 +27,14 @@ def test_train_writes_a_complete_run_directory(tmp_path, capsys):
     run = tmp_path / "run"
     code, out, err = run_cli(["train", "digits", *FAST, "alpha=0.25", "--out", str(run)], capsys)
     assert code == 0, err
-    for name in ("config.yaml", "metrics.csv", "summary.json", "last.pt", "best.pt", "plots/curves.png"):
+    for name in (
+        "config.yaml",
+        "metrics.csv",
+        "summary.json",
+        "last.pt",
+        "best.pt",
+        "plots/curves.png",
+    ):
         assert (run / name).is_file(), name
     assert any((run / "events").iterdir())
     rows = metrics_rows(run)
@@ -92,7 +99,9 @@ def test_existing_run_directory_is_not_overwritten(tmp_path, capsys):
     code, _, err = run_cli(["train", "epochs=1", "--out", str(run)], capsys)
     assert code == 2 and "already holds a run" in err
     assert (run / "metrics.csv").read_text() == before
-    assert run_cli(["train", "epochs=1", "lr=0.01", "--out", str(run), "--overwrite"], capsys)[0] == 0
+    assert (
+        run_cli(["train", "epochs=1", "lr=0.01", "--out", str(run), "--overwrite"], capsys)[0] == 0
+    )
 
 
 @pytest.mark.parametrize(
@@ -130,9 +139,20 @@ def test_bad_yaml_recipe(tmp_path, capsys):
 def test_divergence_exits_3_naming_the_step(tmp_path):
     run = tmp_path / "run"
     proc = subprocess.run(
-        [sys.executable, "-m", "powergrad", "train", "epochs=3", "lr=1e12", "momentum=0.99",
-         "--out", str(run)],
-        capture_output=True, text=True, timeout=120,
+        [
+            sys.executable,
+            "-m",
+            "powergrad",
+            "train",
+            "epochs=3",
+            "lr=1e12",
+            "momentum=0.99",
+            "--out",
+            str(run),
+        ],
+        capture_output=True,
+        text=True,
+        timeout=120,
     )
     assert proc.returncode == 3, proc.stderr
     assert "non-finite loss at step" in proc.stderr
@@ -148,8 +168,17 @@ def test_recipes_lists_the_default(capsys):
 
 
 def test_config_overrides_coerce_types():
-    cfg = load_config(None, ["epochs=3", "nesterov=false", "decay_milestones=30,60,90",
-                             "model_kwargs.hidden=32", "monitor.stall_epochs=5", "weights=none"])
+    cfg = load_config(
+        None,
+        [
+            "epochs=3",
+            "nesterov=false",
+            "decay_milestones=30,60,90",
+            "model_kwargs.hidden=32",
+            "monitor.stall_epochs=5",
+            "weights=none",
+        ],
+    )
     assert cfg.epochs == 3 and cfg.nesterov is False and cfg.decay_milestones == [30, 60, 90]
     assert cfg.model_kwargs == {"hidden": "32"} and cfg.monitor.stall_epochs == 5
     assert cfg.weights is None

@@ -20,16 +20,38 @@ def _fake_run(folder: Path, alpha: float, seed: int, epochs: int = 4, val: bool 
     rows = []
     for e in range(1, epochs + 1):
         acc = 0.5 + 0.1 * e - 0.02 * alpha + 0.005 * seed
-        row = {"epoch": e, "lr": 0.1, "train_loss": 1.0 / e + 0.01 * seed, "train_acc": acc, "test_loss": 1.1 / e,
-               "test_acc": acc - 0.05, "test_top5": 1.0, "gap": 0.05, "logit_norm": 10 * e / alpha + seed,
-               "logit_mean": 0.01, "logit_max": 5.0 * e, "logit_var": 2.0 * e}
+        row = {
+            "epoch": e,
+            "lr": 0.1,
+            "train_loss": 1.0 / e + 0.01 * seed,
+            "train_acc": acc,
+            "test_loss": 1.1 / e,
+            "test_acc": acc - 0.05,
+            "test_top5": 1.0,
+            "gap": 0.05,
+            "logit_norm": 10 * e / alpha + seed,
+            "logit_mean": 0.01,
+            "logit_max": 5.0 * e,
+            "logit_var": 2.0 * e,
+        }
         if val:
             row.update(val_loss=1.05 / e, val_acc=acc - 0.03)
         rows.append(row)
-    lines = [",".join(METRIC_COLUMNS)] + [",".join(str(r.get(k, "")) for k in METRIC_COLUMNS) for r in rows]
+    lines = [",".join(METRIC_COLUMNS)] + [
+        ",".join(str(r.get(k, "")) for k in METRIC_COLUMNS) for r in rows
+    ]
     (folder / "metrics.csv").write_text("\n".join(lines) + "\n")
-    summary = {"status": "finished", "final": rows[-1],
-               "config": {"model": "mlp", "dataset": "digits", "alpha": alpha, "seed": seed, "epochs": epochs}}
+    summary = {
+        "status": "finished",
+        "final": rows[-1],
+        "config": {
+            "model": "mlp",
+            "dataset": "digits",
+            "alpha": alpha,
+            "seed": seed,
+            "epochs": epochs,
+        },
+    }
     (folder / "summary.json").write_text(json.dumps(summary))
 
 
@@ -86,7 +108,9 @@ def test_one_run_figures_say_a_curve_needs_a_sweep(tmp_path, drawn):
     ax = drawn["accuracy_vs_alpha.png"].axes[0]
     assert any("a curve needs a sweep" in t.get_text() for t in ax.texts)
     assert "one run each" in ax.get_title()
-    assert not any("val" in line.get_label() for line in drawn["accuracy_loglog.png"].axes[0].get_lines())
+    assert not any(
+        "val" in line.get_label() for line in drawn["accuracy_loglog.png"].axes[0].get_lines()
+    )
     assert "no line" in drawn["loss_vs_logit_norm.png"].axes[0].get_title()
 
     figures.make_figures([tmp_path / "run", tmp_path / "run2"], tmp_path / "figs2")
@@ -120,4 +144,6 @@ def test_drawing_leaves_the_users_matplotlib_backend_alone(tmp_path):
     out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=120)
     assert out.returncode == 0, out.stderr[-2000:]
     assert out.stdout.strip() == "svg"
-    assert (run / "figures" / "accuracy_loglog.png").is_file() and (run / "plots" / "curves.png").is_file()
+    assert (run / "figures" / "accuracy_loglog.png").is_file() and (
+        run / "plots" / "curves.png"
+    ).is_file()

@@ -21,7 +21,9 @@ def test_with_timm_mixup_optimizer_scheduler_and_bf16_the_logits_get_the_tampere
     model = timm.create_model("test_resnet", num_classes=classes)
     mixup = Mixup(mixup_alpha=0.8, cutmix_alpha=1.0, label_smoothing=0.1, num_classes=classes)
     optimizer = create_optimizer_v2(model, "adamw", lr=1e-3, weight_decay=0.05)
-    scheduler, _ = create_scheduler_v2(optimizer, sched="cosine", num_epochs=epochs, warmup_epochs=1)
+    scheduler, _ = create_scheduler_v2(
+        optimizer, sched="cosine", num_epochs=epochs, warmup_epochs=1
+    )
     # What train.py's loss set-up becomes: Mixup already smoothed the targets.
     train_loss_fn = PowerGradLoss(alpha=alpha)
     images, labels = torch.randn(n, 3, 64, 64), torch.arange(n) % classes
@@ -41,7 +43,9 @@ def test_with_timm_mixup_optimizer_scheduler_and_bf16_the_logits_get_the_tampere
             loss.backward()
 
             z = logits.detach().float()
-            torch.testing.assert_close(loss, SoftTargetCrossEntropy()(z, q))  # the value: cross-entropy
+            torch.testing.assert_close(
+                loss, SoftTargetCrossEntropy()(z, q)
+            )  # the value: cross-entropy
             tampered = (torch.softmax(alpha * z, -1) - q) / n
             plain = (torch.softmax(z, -1) - q) / n
             grad = logits.grad.float()
@@ -56,4 +60,6 @@ def test_with_timm_mixup_optimizer_scheduler_and_bf16_the_logits_get_the_tampere
         logits = model(images)
     z = logits.detach().float().requires_grad_()
     train_loss_fn(z, labels).backward()
-    torch.testing.assert_close(z.grad, (torch.softmax(z.detach(), -1) - F.one_hot(labels, classes)) / n)
+    torch.testing.assert_close(
+        z.grad, (torch.softmax(z.detach(), -1) - F.one_hot(labels, classes)) / n
+    )

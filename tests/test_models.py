@@ -49,7 +49,9 @@ def cfg(**kw) -> Config:
     return Config(**kw)
 
 
-def one_step(model: nn.Module, num_classes: int, in_chans: int, img_size: int, recipe: Config | None = None) -> None:
+def one_step(
+    model: nn.Module, num_classes: int, in_chans: int, img_size: int, recipe: Config | None = None
+) -> None:
     """A forward, backward and SGD step; the logits have the right shape and the weights move."""
     set_train_mode(model, recipe or cfg())
     x = torch.randn(2, in_chans, img_size, img_size)
@@ -110,7 +112,9 @@ def test_resnet20_is_the_paper_net():
 
 
 def test_resnet9_flip_averages_logits_in_eval_only():
-    model = create_model(cfg(model="resnet9", model_kwargs={"widths": [8, 8, 16, 16], "tta_flip": True}), 10, 3, 16)
+    model = create_model(
+        cfg(model="resnet9", model_kwargs={"widths": [8, 8, 16, 16], "tta_flip": True}), 10, 3, 16
+    )
     x = torch.randn(4, 3, 16, 16)
     model.eval()
     with torch.no_grad():
@@ -145,7 +149,9 @@ def _fake_tv_hub(monkeypatch, arch: str) -> dict[str, torch.Tensor]:
     return sd
 
 
-@pytest.mark.parametrize("arch,head", [("alexnet", "classifier.6"), ("vgg16", "classifier.6"), ("resnet18", "fc")])
+@pytest.mark.parametrize(
+    "arch,head", [("alexnet", "classifier.6"), ("vgg16", "classifier.6"), ("resnet18", "fc")]
+)
 def test_tv_pretrained_head_replaced(monkeypatch, caplog, arch, head):
     sd = _fake_tv_hub(monkeypatch, arch)
     with caplog.at_level(logging.INFO, logger="powergrad"):
@@ -193,8 +199,10 @@ def test_pretrained_offline_is_one_line_user_error(monkeypatch, name):
         create_model(cfg(model=name, pretrained=True), 10, 3, 32)
     msg = str(e.value)
     assert "\n" not in msg
-    assert msg == (f"cannot download pretrained weights for {name} (offline?); "
-                   "pass weights=PATH with a local copy")
+    assert msg == (
+        f"cannot download pretrained weights for {name} (offline?); "
+        "pass weights=PATH with a local copy"
+    )
 
 
 @pytest.mark.parametrize("name", ["resnet20", "seresnet18"])
@@ -258,7 +266,12 @@ def test_mismatched_weights_are_a_user_error(tmp_path):
         create_model(cfg(model="resnet20", weights=str(path)), 10, 3, 32)
     assert str(path) in str(e.value) and "missing" in str(e.value) and "unexpected" in str(e.value)
     with pytest.raises(UserError, match="shape mismatch: features.0.weight"):  # other widths
-        create_model(cfg(model="convnet", model_kwargs={"widths": [16, 64, 128]}, weights=str(path)), 10, 3, 32)
+        create_model(
+            cfg(model="convnet", model_kwargs={"widths": [16, 64, 128]}, weights=str(path)),
+            10,
+            3,
+            32,
+        )
 
 
 @pytest.mark.parametrize(
@@ -303,7 +316,13 @@ def test_malicious_pickle_is_refused(tmp_path, how):
 
 
 @pytest.mark.parametrize(
-    "name,suggestion", [("resnet_18", "'resnet18'"), ("alexnet", "'tv/alexnet'"), ("tv/vgg61", "'tv/vgg16'"), ("resnet2O", "'resnet20'")]
+    "name,suggestion",
+    [
+        ("resnet_18", "'resnet18'"),
+        ("alexnet", "'tv/alexnet'"),
+        ("tv/vgg61", "'tv/vgg16'"),
+        ("resnet2O", "'resnet20'"),
+    ],
 )
 def test_unknown_model_suggests(name, suggestion):
     with pytest.raises(UserError, match="unknown model") as e:
@@ -371,7 +390,9 @@ def test_param_groups_decay_and_head_lr():
     torch.optim.SGD(list(groups.values()), lr=0.1)  # the groups are valid optimiser input
 
 
-@pytest.mark.parametrize("layer,features", [("layer4", 512), ("layer2", 128), ("input", 3 * 32 * 32)])
+@pytest.mark.parametrize(
+    "layer,features", [("layer4", 512), ("layer2", 128), ("input", 3 * 32 * 32)]
+)
 def test_probe_layer(layer, features):
     model = create_probe(cfg(model="resnet18", probe_layer=layer), 10, 3, 32)
     name, head = get_head(model)

@@ -17,8 +17,22 @@ import powergrad
 
 ROOT = Path(__file__).resolve().parents[1]
 # Every third-party module powergrad imports but torch (and what the extras bring with them).
-OPTIONAL = ("numpy", "timm", "torchvision", "optuna", "tensorboard", "matplotlib", "sklearn", "scipy",
-            "yaml", "PIL", "safetensors", "sqlalchemy", "psycopg", "psycopg2")
+OPTIONAL = (
+    "numpy",
+    "timm",
+    "torchvision",
+    "optuna",
+    "tensorboard",
+    "matplotlib",
+    "sklearn",
+    "scipy",
+    "yaml",
+    "PIL",
+    "safetensors",
+    "sqlalchemy",
+    "psycopg",
+    "psycopg2",
+)
 
 # Runs the rest of the command line's script with OPTIONAL unimportable, as on `pip install powergrad`.
 HIDE = f"""
@@ -72,9 +86,17 @@ print("ok")
 
 def _python(source: str, *args: str, cwd: Path | None = None) -> subprocess.CompletedProcess:
     # This powergrad, from whatever folder the child runs in (PYTHONPATH=src is relative).
-    path = os.pathsep.join([str(Path(powergrad.__file__).parents[1]), os.environ.get("PYTHONPATH", "")])
-    return subprocess.run([sys.executable, "-c", source, *args], capture_output=True, text=True, timeout=300,
-                          cwd=cwd, env={**os.environ, "PYTHONPATH": path})
+    path = os.pathsep.join(
+        [str(Path(powergrad.__file__).parents[1]), os.environ.get("PYTHONPATH", "")]
+    )
+    return subprocess.run(
+        [sys.executable, "-c", source, *args],
+        capture_output=True,
+        text=True,
+        timeout=300,
+        cwd=cwd,
+        env={**os.environ, "PYTHONPATH": path},
+    )
 
 
 def test_the_loss_imports_and_runs_with_every_optional_dependency_hidden():
@@ -82,31 +104,48 @@ def test_the_loss_imports_and_runs_with_every_optional_dependency_hidden():
     assert proc.returncode == 0 and proc.stdout.strip() == "ok", proc.stderr[-3000:]
 
 
-@pytest.mark.parametrize("args, extra", [
-    (["train", "epochs=1"], "train"),
-    (["recipes"], "train"),
-    (["sweep", "digits", "alpha=1,0.5", "--out", "sw"], "sweep"),
-    (["report", "runs"], "plot"),
-    (["plot", "runs"], "plot"),
-])
+@pytest.mark.parametrize(
+    "args, extra",
+    [
+        (["train", "epochs=1"], "train"),
+        (["recipes"], "train"),
+        (["sweep", "digits", "alpha=1,0.5", "--out", "sw"], "sweep"),
+        (["report", "runs"], "plot"),
+        (["plot", "runs"], "plot"),
+    ],
+)
 def test_a_command_whose_extra_is_missing_is_one_line_naming_it(args, extra, tmp_path):
     # numpy stays: without it torch itself warns on stderr ("Failed to initialize NumPy").
     hide = HIDE.replace(repr(OPTIONAL), repr(OPTIONAL[1:]))
-    proc = _python(hide + "from powergrad.cli import main\nsys.exit(main(sys.argv[1:]))", *args, cwd=tmp_path)
+    proc = _python(
+        hide + "from powergrad.cli import main\nsys.exit(main(sys.argv[1:]))", *args, cwd=tmp_path
+    )
     assert proc.returncode == 2
-    assert proc.stderr.count("\n") == 1 and proc.stderr.startswith("powergrad: error: no module named"), proc.stderr
+    assert proc.stderr.count("\n") == 1 and proc.stderr.startswith(
+        "powergrad: error: no module named"
+    ), proc.stderr
     assert proc.stderr.rstrip().endswith(f"pip install 'powergrad[{extra}]'")
     assert not list(tmp_path.iterdir())  # nothing made
 
 
 def test_a_postgresql_storage_without_its_driver_names_the_extra(tmp_path):
     hide_driver = HIDE.replace(repr(OPTIONAL), repr(("psycopg", "psycopg2")))
-    proc = _python(hide_driver + "from powergrad.cli import main\nsys.exit(main(sys.argv[1:]))",
-                   "sweep", "digits", "alpha=1,0.5", "--out", "sw", "--storage", "postgresql://me:secret@127.0.0.1:1/db",
-                   cwd=tmp_path)
+    proc = _python(
+        hide_driver + "from powergrad.cli import main\nsys.exit(main(sys.argv[1:]))",
+        "sweep",
+        "digits",
+        "alpha=1,0.5",
+        "--out",
+        "sw",
+        "--storage",
+        "postgresql://me:secret@127.0.0.1:1/db",
+        cwd=tmp_path,
+    )
     assert proc.returncode == 2
-    assert proc.stderr == ("powergrad: error: no module named 'psycopg' (sweeps on PostgreSQL need it): "
-                           "pip install 'powergrad[postgres]'\n")
+    assert proc.stderr == (
+        "powergrad: error: no module named 'psycopg' (sweeps on PostgreSQL need it): "
+        "pip install 'powergrad[postgres]'\n"
+    )
     assert not list(tmp_path.iterdir())
 
 
@@ -115,40 +154,74 @@ def test_the_wheel_installed_outside_the_source_tree_runs_the_demo(tmp_path):
     # Build from a copy, so that nothing is written into the checkout; without isolation, so that
     # nothing is downloaded (the venv's setuptools builds it).
     tree = tmp_path / "tree"
-    shutil.copytree(ROOT / "src", tree / "src", ignore=shutil.ignore_patterns("__pycache__", "*.egg-info"))
+    shutil.copytree(
+        ROOT / "src", tree / "src", ignore=shutil.ignore_patterns("__pycache__", "*.egg-info")
+    )
     for name in ("pyproject.toml", "README.md", "LICENSE"):
         shutil.copy(ROOT / name, tree / name)
     dist = tmp_path / "dist"
     run = dict(capture_output=True, text=True, timeout=600)
-    built = subprocess.run([sys.executable, "-m", "build", "--no-isolation", "--outdir", str(dist), str(tree)], **run)
+    built = subprocess.run(
+        [sys.executable, "-m", "build", "--no-isolation", "--outdir", str(dist), str(tree)], **run
+    )
     assert built.returncode == 0, built.stdout[-2000:] + built.stderr[-2000:]
     wheel, sdist = next(dist.glob("*.whl")), next(dist.glob("*.tar.gz"))
     version = f"powergrad-{powergrad.__version__}"
     assert wheel.name == f"{version}-py3-none-any.whl"
-    checked = subprocess.run([sys.executable, "-m", "twine", "check", "--strict", str(wheel), str(sdist)], **run)
+    checked = subprocess.run(
+        [sys.executable, "-m", "twine", "check", "--strict", str(wheel), str(sdist)], **run
+    )
     assert checked.returncode == 0, checked.stdout + checked.stderr
 
-    recipes = {p.relative_to(ROOT / "src").as_posix() for p in (ROOT / "src/powergrad/recipes").rglob("*.yaml")}
+    recipes = {
+        p.relative_to(ROOT / "src").as_posix()
+        for p in (ROOT / "src/powergrad/recipes").rglob("*.yaml")
+    }
     assert len(recipes) > 10
     assert recipes <= set(zipfile.ZipFile(wheel).namelist())
     with tarfile.open(sdist) as tar:
         assert {f"{version}/src/{r}" for r in recipes} <= set(tar.getnames())
     metadata = zipfile.ZipFile(wheel).read(f"{version}.dist-info/METADATA").decode()
-    requires = [ln for ln in metadata.splitlines() if ln.startswith("Requires-Dist:") and "extra ==" not in ln]
+    requires = [
+        ln
+        for ln in metadata.splitlines()
+        if ln.startswith("Requires-Dist:") and "extra ==" not in ln
+    ]
     assert requires == ["Requires-Dist: torch>=2.4"]  # the loss needs torch alone
 
     # Installed into a folder of its own, the venv's packages as its dependencies.
     site = tmp_path / "site"
-    installed = subprocess.run([sys.executable, "-m", "pip", "install", "--no-deps", "--no-index", "--target",
-                                str(site), str(wheel)], **run)
+    installed = subprocess.run(
+        [
+            sys.executable,
+            "-m",
+            "pip",
+            "install",
+            "--no-deps",
+            "--no-index",
+            "--target",
+            str(site),
+            str(wheel),
+        ],
+        **run,
+    )
     assert installed.returncode == 0, installed.stderr[-2000:]
     cwd = tmp_path / "elsewhere"
     cwd.mkdir()
     env = {**os.environ, "PYTHONPATH": str(site)}  # not src/: the wheel's copy, nothing else
-    where = subprocess.run([sys.executable, "-c", "import powergrad; print(powergrad.__file__)"], cwd=cwd, env=env, **run)
+    where = subprocess.run(
+        [sys.executable, "-c", "import powergrad; print(powergrad.__file__)"],
+        cwd=cwd,
+        env=env,
+        **run,
+    )
     assert Path(where.stdout.strip()).is_relative_to(site), where.stdout + where.stderr
-    demo = subprocess.run([str(site / "bin" / "powergrad"), "demo", "--epochs", "2", "--out", "demo"],
-                          cwd=cwd, env=env, **run)
+    demo = subprocess.run(
+        [str(site / "bin" / "powergrad"), "demo", "--epochs", "2", "--out", "demo"],
+        cwd=cwd,
+        env=env,
+        **run,
+    )
     assert demo.returncode == 0, demo.stderr[-3000:]
     assert "== comparison" in demo.stdout and (cwd / "demo" / "compare.png").is_file()
     assert (cwd / "demo" / "alpha0.25" / "summary.json").is_file()

@@ -31,8 +31,15 @@ from powergrad.rundir import TIMING_COLUMNS
 PACKAGE = Path(powergrad.__file__).parent
 # 3 epochs of 44 steps, last.pt every 5 steps and at each epoch end: 27 saves a run. Small
 # batches, so that steps and saves, not evaluation and records, fill most of a run's time.
-KILL_ARGS = ["train", "digits", "epochs=3", "batch_size=32", "alpha=0.5", "checkpoint_every_steps=5",
-             "resume=auto"]
+KILL_ARGS = [
+    "train",
+    "digits",
+    "epochs=3",
+    "batch_size=32",
+    "alpha=0.5",
+    "checkpoint_every_steps=5",
+    "resume=auto",
+]
 MIN_KILLS = 20
 SLOW_FSYNC_S = 0.06  # widens each save so that random kills land inside saves too (about 1 in 4)
 
@@ -47,8 +54,11 @@ def metrics(run: Path) -> list[dict[str, str]]:
 
 def snapshot(folder: Path) -> dict[str, tuple[bytes, int]]:
     """Every file under a folder with its bytes and mtime: to prove nothing changed."""
-    return {str(p.relative_to(folder)): (p.read_bytes(), p.stat().st_mtime_ns)
-            for p in sorted(folder.rglob("*")) if p.is_file()}
+    return {
+        str(p.relative_to(folder)): (p.read_bytes(), p.stat().st_mtime_ns)
+        for p in sorted(folder.rglob("*"))
+        if p.is_file()
+    }
 
 
 def _train_child(argv: list[str], log: str, slow_fsync: float) -> None:
@@ -73,9 +83,18 @@ def _train_child(argv: list[str], log: str, slow_fsync: float) -> None:
 @pytest.fixture(scope="module")
 def forkserver():
     ctx = multiprocessing.get_context("forkserver")
-    ctx.set_forkserver_preload(["torch", "powergrad.cli", "powergrad.engine", "powergrad.data",
-                                "powergrad.models", "powergrad.report.plots",
-                                "torch.utils.tensorboard", "sklearn.datasets"])
+    ctx.set_forkserver_preload(
+        [
+            "torch",
+            "powergrad.cli",
+            "powergrad.engine",
+            "powergrad.data",
+            "powergrad.models",
+            "powergrad.report.plots",
+            "torch.utils.tensorboard",
+            "sklearn.datasets",
+        ]
+    )
     warm = ctx.Process(target=time.sleep, args=(0,))  # starts the server: imports happen here
     warm.start()
     warm.join()
@@ -107,7 +126,11 @@ def classify_kill(run: Path) -> str:
     if not (run / "last.pt").is_file():
         return "before the first checkpoint"
     state = load_checkpoint(run / "last.pt")
-    return "after a mid-epoch checkpoint" if state["step_in_epoch"] else "after an epoch-end checkpoint"
+    return (
+        "after a mid-epoch checkpoint"
+        if state["step_in_epoch"]
+        else "after an epoch-end checkpoint"
+    )
 
 
 # ----------------------------------------------------------------------------- 1, 2: kill anywhere, resume exactly
@@ -158,9 +181,11 @@ def test_sigkill_at_random_moments_then_resume_is_exact(tmp_path, forkserver):
         assert not list(run.glob(".*.tmp")) and not list(run.glob("*.tmp"))
         assert json.loads((run / "summary.json").read_text())["status"] == "finished"
 
-    print(f"\nkill test: {kills} SIGKILLs over {chains} runs ({attempts} processes), all recovered "
-          f"with metrics equal to the uninterrupted run; reference run {full_s:.2f}s "
-          f"({startup_s:.2f}s start-up); where: {kinds}")
+    print(
+        f"\nkill test: {kills} SIGKILLs over {chains} runs ({attempts} processes), all recovered "
+        f"with metrics equal to the uninterrupted run; reference run {full_s:.2f}s "
+        f"({startup_s:.2f}s start-up); where: {kinds}"
+    )
     assert kinds.get("during a checkpoint save", 0) >= 1, kinds
     assert kinds.get("after a mid-epoch checkpoint", 0) >= 1, kinds
 
@@ -200,8 +225,17 @@ def test_preempted_mid_epoch_resumes_exactly(tmp_path, capsys):
 @pytest.fixture(scope="module")
 def finished_run(tmp_path_factory):
     run = tmp_path_factory.mktemp("finished") / "run"
-    code = main(["train", "digits", "epochs=2", "batch_size=128", "keep_checkpoints=true",
-                 "--out", str(run)])
+    code = main(
+        [
+            "train",
+            "digits",
+            "epochs=2",
+            "batch_size=128",
+            "keep_checkpoints=true",
+            "--out",
+            str(run),
+        ]
+    )
     assert code == 0
     return run
 
@@ -218,7 +252,10 @@ CORRUPTIONS = {
 def test_corrupt_checkpoint_is_one_line_naming_the_file(kind, finished_run, tmp_path, capsys):
     bad = tmp_path / "bad.pt"
     bad.write_bytes(CORRUPTIONS[kind]((finished_run / "last.pt").read_bytes()))
-    for args in (["eval", "--checkpoint", bad], ["train", f"resume={bad}", "--out", tmp_path / "r"]):
+    for args in (
+        ["eval", "--checkpoint", bad],
+        ["train", f"resume={bad}", "--out", tmp_path / "r"],
+    ):
         code, _, err = run_cli(args, capsys)
         assert code == 2 and "Traceback" not in err
         assert len(err.splitlines()) == 1 and str(bad) in err, err
@@ -229,7 +266,10 @@ def test_state_dict_is_not_a_checkpoint(tmp_path, capsys):
     sd = tmp_path / "weights.pt"
     torch.save({"fc.weight": torch.zeros(2, 2)}, sd)
     code, _, err = run_cli(["eval", "--checkpoint", sd], capsys)
-    assert code == 2 and err.strip() == f"powergrad: error: {sd}: not a powergrad checkpoint (no 'model' entry)"
+    assert (
+        code == 2
+        and err.strip() == f"powergrad: error: {sd}: not a powergrad checkpoint (no 'model' entry)"
+    )
 
 
 def test_resume_auto_falls_back_past_a_corrupt_last_pt(finished_run, tmp_path, capsys):
@@ -291,7 +331,14 @@ def test_pickle_that_runs_code_is_refused_and_nothing_runs(where, tmp_path, caps
         "resume": ["train", f"resume={evil}", "--out", tmp_path / "r"],
         "eval": ["eval", "--checkpoint", evil],
         "weights": ["train", f"weights={evil}", "epochs=1", "--out", tmp_path / "r"],
-        "cifar10": ["train", "dataset=cifar10", f"data_dir={tmp_path}", "epochs=1", "--out", tmp_path / "r"],
+        "cifar10": [
+            "train",
+            "dataset=cifar10",
+            f"data_dir={tmp_path}",
+            "epochs=1",
+            "--out",
+            tmp_path / "r",
+        ],
     }[where]
     if where == "cifar10":
         d = tmp_path / "cifar-10-batches-py"
@@ -317,8 +364,13 @@ def test_yaml_with_python_tags_is_refused_and_nothing_runs(tmp_path, capsys):
 def _calls(tree: ast.AST, dotted: str):
     mod, name = dotted.split(".")
     for node in ast.walk(tree):
-        if (isinstance(node, ast.Call) and isinstance(node.func, ast.Attribute) and node.func.attr == name
-                and isinstance(node.func.value, ast.Name) and node.func.value.id == mod):
+        if (
+            isinstance(node, ast.Call)
+            and isinstance(node.func, ast.Attribute)
+            and node.func.attr == name
+            and isinstance(node.func.value, ast.Name)
+            and node.func.value.id == mod
+        ):
             yield node
 
 
@@ -336,13 +388,22 @@ def test_every_load_in_the_package_is_safe():
         for call in _calls(tree, "torch.load"):
             torch_loads += 1
             kw = {k.arg: k.value for k in call.keywords}
-            assert isinstance(kw.get("weights_only"), ast.Constant) and kw["weights_only"].value is True, \
-                f"{path}:{call.lineno}: torch.load without weights_only=True"
+            assert (
+                isinstance(kw.get("weights_only"), ast.Constant)
+                and kw["weights_only"].value is True
+            ), f"{path}:{call.lineno}: torch.load without weights_only=True"
         for call in _calls(tree, "np.load"):
             allow = {k.arg: k.value for k in call.keywords}.get("allow_pickle")  # default False
-            assert allow is None or (isinstance(allow, ast.Constant) and allow.value is False), \
+            assert allow is None or (isinstance(allow, ast.Constant) and allow.value is False), (
                 f"{path}:{call.lineno}: np.load with allow_pickle"
-        for bad in ("pickle.load", "pickle.loads", "yaml.load", "yaml.unsafe_load", "yaml.full_load"):
+            )
+        for bad in (
+            "pickle.load",
+            "pickle.loads",
+            "yaml.load",
+            "yaml.unsafe_load",
+            "yaml.full_load",
+        ):
             assert not list(_calls(tree, bad)), f"{path}: {bad}"
     assert torch_loads >= 2  # engine/checkpoint.py and models/weights.py at least
 
@@ -354,15 +415,30 @@ def test_divergence_exits_3_and_keeps_the_last_checkpoint(tmp_path, capsys):
     run = tmp_path / "run"
     # A schedule that multiplies lr by 1e13 after epoch 1: a resume may not change the recipe
     # (engine/resume.py), only extend it, so the recipe itself must blow up in epoch 2.
-    recipe = ["train", "digits", "batch_size=128", "sched=step", "decay_milestones=[1]", "decay_rate=1e13"]
+    recipe = [
+        "train",
+        "digits",
+        "batch_size=128",
+        "sched=step",
+        "decay_milestones=[1]",
+        "decay_rate=1e13",
+    ]
     assert run_cli([*recipe, "epochs=1", "--out", run], capsys)[0] == 0
-    before = {n: ((run / n).read_bytes(), (run / n).stat().st_mtime_ns) for n in ("last.pt", "best.pt")}
+    before = {
+        n: ((run / n).read_bytes(), (run / n).stat().st_mtime_ns) for n in ("last.pt", "best.pt")
+    }
     code, _, err = run_cli([*recipe, "epochs=3", "resume=auto", "--out", run], capsys)
     assert code == 3, err
     line = err.strip().splitlines()[-1]
-    assert "non-finite loss at step" in line and "(epoch 2)" in line and "learning rate too high" in line
+    assert (
+        "non-finite loss at step" in line
+        and "(epoch 2)" in line
+        and "learning rate too high" in line
+    )
     assert "Traceback" not in err
-    after = {n: ((run / n).read_bytes(), (run / n).stat().st_mtime_ns) for n in ("last.pt", "best.pt")}
+    after = {
+        n: ((run / n).read_bytes(), (run / n).stat().st_mtime_ns) for n in ("last.pt", "best.pt")
+    }
     assert after == before
     assert json.loads((run / "summary.json").read_text())["status"] == "diverged"
 
@@ -381,7 +457,7 @@ class _ScaledLoader:
 
     def __iter__(self):
         for i in range(0, len(self.y), self.batch):
-            yield self.x[i:i + self.batch], self.y[i:i + self.batch]
+            yield self.x[i : i + self.batch], self.y[i : i + self.batch]
 
 
 def test_fp16_skipped_steps_are_counted_not_divergence(tmp_path):
@@ -389,8 +465,16 @@ def test_fp16_skipped_steps_are_counted_not_divergence(tmp_path):
     summary.json, match the drop of its scale, and do not stop the run."""
     torch.manual_seed(0)
     model = torch.nn.Sequential(torch.nn.Linear(32, 64), torch.nn.ReLU(), torch.nn.Linear(64, 4))
-    res = powergrad.fit(model, _ScaledLoader(), _ScaledLoader(seed=1), out=tmp_path / "run",
-                        epochs=2, lr=1e-4, amp="fp16", device="cpu")
+    res = powergrad.fit(
+        model,
+        _ScaledLoader(),
+        _ScaledLoader(seed=1),
+        out=tmp_path / "run",
+        epochs=2,
+        lr=1e-4,
+        amp="fp16",
+        device="cpu",
+    )
     assert res.status == "finished"
     summary = json.loads((tmp_path / "run" / "summary.json").read_text())
     skipped = summary["fp16_skipped_updates"]
@@ -406,6 +490,7 @@ def _limit_file_size(limit: int):
     def preexec():
         signal.signal(signal.SIGXFSZ, signal.SIG_IGN)  # get EFBIG from write() instead of dying
         resource.setrlimit(resource.RLIMIT_FSIZE, (limit, resource.RLIM_INFINITY))
+
     return preexec
 
 
@@ -419,7 +504,10 @@ def test_full_disk_while_saving_keeps_the_previous_checkpoint(finished_run, tmp_
     before = (run / "last.pt").read_bytes()
     proc = subprocess.run(
         [sys.executable, "-m", "powergrad", "train", "resume=auto", "epochs=3", "--out", str(run)],
-        capture_output=True, text=True, timeout=300, preexec_fn=_limit_file_size(100_000),
+        capture_output=True,
+        text=True,
+        timeout=300,
+        preexec_fn=_limit_file_size(100_000),
     )
     assert proc.returncode == 2, proc.stderr
     assert proc.stderr.splitlines() == [
@@ -441,7 +529,10 @@ def test_save_failure_midway_keeps_the_previous_file(tmp_path, monkeypatch):
         raise OSError(28, "No space left on device")
 
     monkeypatch.setattr(os, "fsync", full)
-    with pytest.raises(powergrad.UserError, match="No space left on device; the previous last.pt, if any, is intact"):
+    with pytest.raises(
+        powergrad.UserError,
+        match="No space left on device; the previous last.pt, if any, is intact",
+    ):
         save_checkpoint({"model": {"w": torch.zeros(3)}}, path)
     assert path.read_bytes() == before and os.listdir(tmp_path) == ["last.pt"]
 
@@ -482,7 +573,7 @@ class _RssLoader:
     def __iter__(self):
         for i in range(0, len(self.y), self.batch):
             self.samples.append(_rss_kb())
-            yield self.x[i:i + self.batch], self.y[i:i + self.batch]
+            yield self.x[i : i + self.batch], self.y[i : i + self.batch]
 
 
 @pytest.mark.skipif(not Path("/proc/self/status").exists(), reason="reads VmRSS from /proc")
@@ -491,11 +582,21 @@ def test_memory_stays_flat_over_hundreds_of_steps(tmp_path):
     torch.manual_seed(0)
     model = torch.nn.Sequential(torch.nn.Linear(64, 256), torch.nn.ReLU(), torch.nn.Linear(256, 10))
     test = _RssLoader([], steps=4)
-    powergrad.fit(model, _RssLoader(samples), test, out=tmp_path / "run", epochs=4, lr=0.05,
-                  device="cpu", checkpoint_every_steps=50)
+    powergrad.fit(
+        model,
+        _RssLoader(samples),
+        test,
+        out=tmp_path / "run",
+        epochs=4,
+        lr=0.05,
+        device="cpu",
+        checkpoint_every_steps=50,
+    )
     assert len(samples) == 400
     warm = samples[100:]  # after the first epochs have allocated what they keep
     growth_mb = (max(warm[-50:]) - min(warm[:50])) / 1024
-    print(f"\nRSS over steps 100-400: first {warm[0] / 1024:.1f} MB, last {warm[-1] / 1024:.1f} MB, "
-          f"growth {growth_mb:+.2f} MB")
+    print(
+        f"\nRSS over steps 100-400: first {warm[0] / 1024:.1f} MB, last {warm[-1] / 1024:.1f} MB, "
+        f"growth {growth_mb:+.2f} MB"
+    )
     assert growth_mb < 8, samples[::20]

@@ -28,7 +28,9 @@ def table_after(lines: list[str], i: int) -> str:
 
 def doc_tables(command: re.Pattern[str]) -> list[tuple[re.Match[str], str]]:
     lines = DOC.read_text().splitlines()
-    return [(m, table_after(lines, i)) for i, line in enumerate(lines) if (m := command.fullmatch(line))]
+    return [
+        (m, table_after(lines, i)) for i, line in enumerate(lines) if (m := command.fullmatch(line))
+    ]
 
 
 def load_analyze():
@@ -49,7 +51,9 @@ def test_every_report_table_in_the_doc_is_what_report_prints(monkeypatch):
 def test_the_paired_table_against_the_warm_up_control_is_what_analyze_prints(monkeypatch):
     monkeypatch.chdir(ROOT)
     analyze = load_analyze()
-    command = re.compile(r"`\.venv/bin/python studies/analyze\.py (results/[\w.-]+) --baseline (results/[\w.-]+)`")
+    command = re.compile(
+        r"`\.venv/bin/python studies/analyze\.py (results/[\w.-]+) --baseline (results/[\w.-]+)`"
+    )
     tables = doc_tables(command)
     if not tables:
         pytest.fail("docs/results.md has no `studies/analyze.py ... --baseline ...` table")

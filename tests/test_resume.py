@@ -38,8 +38,11 @@ def run_cli(args, capsys):
 
 
 def snapshot(folder: Path) -> dict[str, tuple[bytes, int]]:
-    return {str(p.relative_to(folder)): (p.read_bytes(), p.stat().st_mtime_ns)
-            for p in sorted(folder.rglob("*")) if p.is_file()}
+    return {
+        str(p.relative_to(folder)): (p.read_bytes(), p.stat().st_mtime_ns)
+        for p in sorted(folder.rglob("*"))
+        if p.is_file()
+    }
 
 
 def metrics(run: Path) -> list[dict[str, str]]:
@@ -74,7 +77,9 @@ def two_epochs(tmp_path_factory) -> Path:
 # ----------------------------------------------------------------------------- 1: which checkpoint
 
 
-def test_a_copied_finished_run_with_a_newer_best_pt_is_complete_and_untouched(finished, tmp_path, capsys):
+def test_a_copied_finished_run_with_a_newer_best_pt_is_complete_and_untouched(
+    finished, tmp_path, capsys
+):
     run = copy_run(finished, tmp_path / "copy")
     (run / "best.pt").touch()  # the newest file by far: the old resume took it and retrained
     before = snapshot(run)
@@ -84,7 +89,9 @@ def test_a_copied_finished_run_with_a_newer_best_pt_is_complete_and_untouched(fi
     assert lines[-1].startswith(f"{run} is already complete (3 of 3 epochs, last.pt)")
     # One line besides the command line's own start (issue 13: the folder, then the settings,
     # before any import), and none from reading data.
-    assert len(lines) == 3 and lines[0] == f"run folder: {run}" and lines[1].startswith("settings (")
+    assert (
+        len(lines) == 3 and lines[0] == f"run folder: {run}" and lines[1].startswith("settings (")
+    )
     assert err == ""
     assert snapshot(run) == before
 
@@ -106,7 +113,9 @@ def test_resume_takes_the_most_progress_not_the_newest_file(two_epochs, tmp_path
 def test_best_pt_is_taken_when_named(two_epochs, tmp_path, capsys):
     run = copy_run(two_epochs, tmp_path / "run")
     best = load_checkpoint(run / "best.pt")
-    code, out, err = run_cli(["train", f"resume={run / 'best.pt'}", "epochs=3", "--out", run], capsys)
+    code, out, err = run_cli(
+        ["train", f"resume={run / 'best.pt'}", "epochs=3", "--out", run], capsys
+    )
     assert code == 0, err
     assert f"resumed from {run / 'best.pt'} at epoch {best['epoch'] + 1}" in out
 
@@ -120,15 +129,30 @@ def test_resume_with_other_result_settings_exits_2_naming_each(two_epochs, tmp_p
     code, out, err = run_cli(["train", "resume=auto", "alpha=0.25", "lr=0.1", "--out", run], capsys)
     assert code == 2
     assert len(err.splitlines()) == 1
-    assert "alpha: checkpoint 1.0, this command 0.25" in err and "lr: checkpoint 0.05, this command 0.1" in err
+    assert (
+        "alpha: checkpoint 1.0, this command 0.25" in err
+        and "lr: checkpoint 0.05, this command 0.1" in err
+    )
     assert snapshot(run) == before
     assert "alpha: 1.0" in (run / "config.yaml").read_text()
 
 
 def test_resume_may_change_machinery_and_raise_epochs(two_epochs, tmp_path, capsys):
     run = copy_run(two_epochs, tmp_path / "run")
-    code, _, err = run_cli(["train", *RECIPE, "resume=auto", "epochs=3", "workers=0", "save_every=2",
-                            "device=cpu", "--out", run], capsys)
+    code, _, err = run_cli(
+        [
+            "train",
+            *RECIPE,
+            "resume=auto",
+            "epochs=3",
+            "workers=0",
+            "save_every=2",
+            "device=cpu",
+            "--out",
+            run,
+        ],
+        capsys,
+    )
     assert code == 0, err
     assert json.loads((run / "summary.json").read_text())["epochs_done"] == 3
 
@@ -146,32 +170,52 @@ def test_another_runs_finished_checkpoint_into_a_new_folder_says_so(finished, tm
 
 def test_another_runs_checkpoint_past_epochs_is_refused(finished, tmp_path, capsys):
     new = tmp_path / "new"
-    code, _, err = run_cli(["train", *RECIPE, "epochs=1", f"resume={finished / 'last.pt'}", "--out", new], capsys)
+    code, _, err = run_cli(
+        ["train", *RECIPE, "epochs=1", f"resume={finished / 'last.pt'}", "--out", new], capsys
+    )
     assert code == 2 and "has 3 epochs done, more than epochs=1" in err and "init_from=" in err
     assert not new.exists()
 
 
 def test_init_from_starts_a_new_run_from_the_weights(finished, tmp_path, capsys):
     new = tmp_path / "child"
-    code, out, err = run_cli(["train", *RECIPE, "epochs=1", "alpha=0.5", f"init_from={finished / 'last.pt'}",
-                              "--out", new], capsys)
+    code, out, err = run_cli(
+        [
+            "train",
+            *RECIPE,
+            "epochs=1",
+            "alpha=0.5",
+            f"init_from={finished / 'last.pt'}",
+            "--out",
+            new,
+        ],
+        capsys,
+    )
     assert code == 0, err
     summary = json.loads((new / "summary.json").read_text())
     assert summary["epochs_done"] == 1 and summary["config"]["alpha"] == 0.5
     parent = json.loads((finished / "summary.json").read_text())
-    assert summary["parent"] == {"checkpoint": str(finished / "last.pt"), "epochs_done": 3,
-                                 "config_hash": parent["config_hash"]}
+    assert summary["parent"] == {
+        "checkpoint": str(finished / "last.pt"),
+        "epochs_done": 3,
+        "config_hash": parent["config_hash"],
+    }
     # It starts from the parent's weights: far above a fresh 1-epoch run's first epoch.
     assert float(metrics(new)[0]["train_acc"]) > float(metrics(finished)[0]["train_acc"])
     assert load_checkpoint(new / "last.pt")["epoch"] == 1
     # ... and it is a new run: its folder is refused to a second init_from.
-    assert run_cli(["train", *RECIPE, f"init_from={finished / 'last.pt'}", "--out", new], capsys)[0] == 2
+    assert (
+        run_cli(["train", *RECIPE, f"init_from={finished / 'last.pt'}", "--out", new], capsys)[0]
+        == 2
+    )
 
 
 # ----------------------------------------------------------------------------- 5: lr and wall time
 
 
-def test_first_epoch_after_extending_shows_the_lr_used_and_wall_time_adds_up(two_epochs, tmp_path, capsys):
+def test_first_epoch_after_extending_shows_the_lr_used_and_wall_time_adds_up(
+    two_epochs, tmp_path, capsys
+):
     run = copy_run(two_epochs, tmp_path / "run")
     wall_before = json.loads((run / "summary.json").read_text())["wall_s"]
     code, out, err = run_cli(["train", "resume=auto", "epochs=4", "--out", run], capsys)
@@ -180,7 +224,9 @@ def test_first_epoch_after_extending_shows_the_lr_used_and_wall_time_adds_up(two
     # The lr of a 4-epoch cosine schedule at the start of epoch 3 (the 2-epoch one had reached 0).
     cfg = load_config("digits", {"batch_size": 128, "epochs": 4})
     steps = load_checkpoint(run / "epoch2.pt")["global_step"]
-    sched = create_scheduler(create_optimizer([torch.nn.Parameter(torch.zeros(1))], cfg), cfg, steps // 2)
+    sched = create_scheduler(
+        create_optimizer([torch.nn.Parameter(torch.zeros(1))], cfg), cfg, steps // 2
+    )
     sched.step_update(steps)
     want = sched.optimizer.param_groups[0]["lr"]
     assert want > 0.01
@@ -204,8 +250,10 @@ def test_sweep_and_plot_refuse_a_run_folder(finished, tmp_path, capsys):
 
 def test_a_failed_resume_leaves_no_trace_in_out(finished, tmp_path, capsys):
     new = tmp_path / "new"
-    code, _, err = run_cli(["train", f"resume={finished / 'last.pt'}", "epochs=5", "model=convnet",
-                            "--out", new], capsys)
+    code, _, err = run_cli(
+        ["train", f"resume={finished / 'last.pt'}", "epochs=5", "model=convnet", "--out", new],
+        capsys,
+    )
     assert code == 2 and "model: checkpoint 'mlp', this command 'convnet'" in err
     assert not new.exists()
 
@@ -214,12 +262,27 @@ def test_a_failed_resume_leaves_no_trace_in_out(finished, tmp_path, capsys):
 
 
 def test_best_split_is_named_and_the_epoch_line_shows_validation(tmp_path, capsys):
-    code, out, err = run_cli(["train", "digits", "epochs=1", "batch_size=128", "val_fraction=0.2",
-                              "--out", tmp_path / "val"], capsys)
+    code, out, err = run_cli(
+        [
+            "train",
+            "digits",
+            "epochs=1",
+            "batch_size=128",
+            "val_fraction=0.2",
+            "--out",
+            tmp_path / "val",
+        ],
+        capsys,
+    )
     assert code == 0, err
     assert "val loss" in out.split("epoch   1/1", 1)[1].splitlines()[0]
     assert json.loads((tmp_path / "val" / "summary.json").read_text())["best_split"] == "val"
-    assert run_cli(["train", "digits", "epochs=1", "batch_size=128", "--out", tmp_path / "test"], capsys)[0] == 0
+    assert (
+        run_cli(
+            ["train", "digits", "epochs=1", "batch_size=128", "--out", tmp_path / "test"], capsys
+        )[0]
+        == 0
+    )
     assert json.loads((tmp_path / "test" / "summary.json").read_text())["best_split"] == "test"
 
 
@@ -248,9 +311,16 @@ def _state(cfg):
 
     model = torch.nn.Linear(4, 3)
     opt = create_optimizer(list(model.parameters()), cfg)
-    return TrainingState(model=model, optimizer=opt, scheduler=create_scheduler(opt, cfg, 10),
-                         scaler=torch.amp.GradScaler("cpu", enabled=False), monitor=Monitor(cfg.monitor, 3),
-                         cfg=cfg, device=torch.device("cpu"), skipped_updates=torch.zeros((), dtype=torch.long))
+    return TrainingState(
+        model=model,
+        optimizer=opt,
+        scheduler=create_scheduler(opt, cfg, 10),
+        scaler=torch.amp.GradScaler("cpu", enabled=False),
+        monitor=Monitor(cfg.monitor, 3),
+        cfg=cfg,
+        device=torch.device("cpu"),
+        skipped_updates=torch.zeros((), dtype=torch.long),
+    )
 
 
 def test_checkpoint_keys_and_from_checkpoint_do_not_drift_apart():

@@ -35,7 +35,9 @@ def _server_binaries() -> Path | None:
     on_path = shutil.which("initdb")
     if on_path and shutil.which("pg_ctl"):
         return Path(on_path).parent
-    found = sorted(glob.glob("/usr/lib/postgresql/*/bin/initdb"), key=lambda p: int(Path(p).parts[-3]))
+    found = sorted(
+        glob.glob("/usr/lib/postgresql/*/bin/initdb"), key=lambda p: int(Path(p).parts[-3])
+    )
     return Path(found[-1]).parent if found else None
 
 
@@ -56,14 +58,18 @@ def _as_server_user() -> dict:
         except KeyError:
             continue
         return {"user": pw.pw_uid, "group": pw.pw_gid, "extra_groups": []}
-    pytest.skip("running as root with neither a `postgres` nor a `nobody` account to run PostgreSQL as")
+    pytest.skip(
+        "running as root with neither a `postgres` nor a `nobody` account to run PostgreSQL as"
+    )
 
 
 @pytest.fixture
 def postgres_url() -> Iterator[str]:
     bin_dir = _server_binaries()
     if bin_dir is None:
-        pytest.skip("PostgreSQL server binaries (initdb, pg_ctl) not found; install PostgreSQL to run this test")
+        pytest.skip(
+            "PostgreSQL server binaries (initdb, pg_ctl) not found; install PostgreSQL to run this test"
+        )
     who = _as_server_user()
     folder = Path(tempfile.mkdtemp(prefix="powergrad-pg-"))  # not under tmp_path: root-only there
     if who:
@@ -75,25 +81,60 @@ def postgres_url() -> Iterator[str]:
         assert proc.returncode == 0, f"{cmd[0]} failed:\n{proc.stdout}\n{proc.stderr}"
 
     try:
-        run(str(bin_dir / "initdb"), "-D", str(data), "-U", "powergrad", "--auth=trust", "-E", "UTF8", "--no-sync")
+        run(
+            str(bin_dir / "initdb"),
+            "-D",
+            str(data),
+            "-U",
+            "powergrad",
+            "--auth=trust",
+            "-E",
+            "UTF8",
+            "--no-sync",
+        )
         port = _free_port()
-        options = f"-c listen_addresses=127.0.0.1 -p {port} -c unix_socket_directories='' -c fsync=off"
-        run(str(bin_dir / "pg_ctl"), "-D", str(data), "-l", str(log), "-o", options, "-w", "-t", "60", "start")
+        options = (
+            f"-c listen_addresses=127.0.0.1 -p {port} -c unix_socket_directories='' -c fsync=off"
+        )
+        run(
+            str(bin_dir / "pg_ctl"),
+            "-D",
+            str(data),
+            "-l",
+            str(log),
+            "-o",
+            options,
+            "-w",
+            "-t",
+            "60",
+            "start",
+        )
         yield f"postgresql://powergrad@127.0.0.1:{port}/postgres"
     finally:
         if (data / "postmaster.pid").exists():
-            subprocess.run([str(bin_dir / "pg_ctl"), "-D", str(data), "-m", "immediate", "-w", "stop"],
-                           cwd=folder, capture_output=True, timeout=60, **who)
+            subprocess.run(
+                [str(bin_dir / "pg_ctl"), "-D", str(data), "-m", "immediate", "-w", "stop"],
+                cwd=folder,
+                capture_output=True,
+                timeout=60,
+                **who,
+            )
         shutil.rmtree(folder, ignore_errors=True)
 
 
 def _sweep(args: list[str], source: str | None = None) -> subprocess.Popen:
     code = ["-c", source] if source else ["-m", "powergrad"]
-    return subprocess.Popen([sys.executable, *code, *args], stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    return subprocess.Popen(
+        [sys.executable, *code, *args], stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True
+    )
 
 
 def _finished(folder: Path) -> dict[str, Path]:
-    return {p.parent.name: p.parent for p in folder.glob("*/summary.json") if '"finished"' in p.read_text()}
+    return {
+        p.parent.name: p.parent
+        for p in folder.glob("*/summary.json")
+        if '"finished"' in p.read_text()
+    }
 
 
 def test_two_workers_share_a_sweep_on_postgresql_and_a_killed_trial_resumes(postgres_url, tmp_path):
@@ -127,24 +168,46 @@ def test_two_workers_share_a_sweep_on_postgresql_and_a_killed_trial_resumes(post
     again = _sweep([*grid, "--out", str(a_out)])
     stdout, stderr = again.communicate(timeout=600)
     assert again.returncode == 0, stderr[-2000:]
-    assert re.search(rf"resumed from {re.escape(str(killed[0]))}/\w+\.pt at epoch 2,", stdout), stdout
+    assert re.search(rf"resumed from {re.escape(str(killed[0]))}/\w+\.pt at epoch 2,", stdout), (
+        stdout
+    )
     full = EPOCHS * 4
-    assert (f"epochs trained {full} of the full grid's {full}: {EPOCHS} in trials this command ran, "
-            f"{full - EPOCHS} by other or earlier workers; 0 saved by pruning; 0 not done") in stdout, stdout
+    assert (
+        f"epochs trained {full} of the full grid's {full}: {EPOCHS} in trials this command ran, "
+        f"{full - EPOCHS} by other or earlier workers; 0 saved by pruning; 0 not done"
+    ) in stdout, stdout
 
     # Every point x seed completed exactly once, in one of the two machines' folders.
     runs = {**_finished(a_out), **_finished(b_out)}
     assert len(runs) == 4 and set(_finished(a_out)) == {point} and set(b_points).isdisjoint({point})
     rows = (killed[0] / "metrics.csv").read_text().splitlines()[1:]
     assert len(rows) == EPOCHS and rows[0] == epoch1  # epoch 1 (and its timing) not trained again
-    study = optuna.load_study(study_name="powergrad-sweep", storage=postgres_url.replace("postgresql:", "postgresql+psycopg:"))
+    study = optuna.load_study(
+        study_name="powergrad-sweep",
+        storage=postgres_url.replace("postgresql:", "postgresql+psycopg:"),
+    )
     complete = [t for t in study.trials if t.state == optuna.trial.TrialState.COMPLETE]
-    assert sorted((t.params["alpha"], t.params["seed"]) for t in complete) == [("0.5", 0), ("0.5", 1), ("1", 0), ("1", 1)]
+    assert sorted((t.params["alpha"], t.params["seed"]) for t in complete) == [
+        ("0.5", 0),
+        ("0.5", 1),
+        ("1", 0),
+        ("1", 1),
+    ]
     failed = [t for t in study.trials if t.state == optuna.trial.TrialState.FAIL]
-    assert len(study.trials) == 5 and len(failed) == 1 and failed[0].user_attrs["error"].startswith("interrupted")
+    assert (
+        len(study.trials) == 5
+        and len(failed) == 1
+        and failed[0].user_attrs["error"].startswith("interrupted")
+    )
 
     # The two folders report as one sweep.
-    report = subprocess.run([sys.executable, "-m", "powergrad", "report", str(a_out), str(b_out)],
-                            capture_output=True, text=True, timeout=300)
+    report = subprocess.run(
+        [sys.executable, "-m", "powergrad", "report", str(a_out), str(b_out)],
+        capture_output=True,
+        text=True,
+        timeout=300,
+    )
     rows = [ln for ln in report.stdout.splitlines() if ln.startswith("| mlp")]
-    assert report.returncode == 0 and len(rows) == 2 and all("| 2 |" in r for r in rows), report.stdout
+    assert report.returncode == 0 and len(rows) == 2 and all("| 2 |" in r for r in rows), (
+        report.stdout
+    )

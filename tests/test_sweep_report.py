@@ -18,14 +18,29 @@ from powergrad.report.tables import load_runs, results_table
 from powergrad.sweep import parse_grid, run_sweep
 
 # A small conv net on digits (so the filter-norm figures have convs), 2 epochs on 300 images.
-TINY = ["model=convnet", "model_kwargs={widths: [4, 8], hidden: 16}", "epochs=2", "train_subset=300",
-        "monitor.filter_norms=true", "monitor.filter_norms_every=5"]
-FIGURES = ["transformed_distribution.png", "accuracy_loglog.png", "loss_curves.png", "accuracy_vs_alpha.png",
-           "logit_stats.png", "logit_stats_vs_alpha.png", "loss_vs_logit_norm.png"]
+TINY = [
+    "model=convnet",
+    "model_kwargs={widths: [4, 8], hidden: 16}",
+    "epochs=2",
+    "train_subset=300",
+    "monitor.filter_norms=true",
+    "monitor.filter_norms_every=5",
+]
+FIGURES = [
+    "transformed_distribution.png",
+    "accuracy_loglog.png",
+    "loss_curves.png",
+    "accuracy_vs_alpha.png",
+    "logit_stats.png",
+    "logit_stats_vs_alpha.png",
+    "loss_vs_logit_norm.png",
+]
 
 
 def _study(out: Path) -> optuna.Study:
-    return optuna.load_study(study_name="powergrad-sweep", storage=f"sqlite:///{out.resolve() / 'study.db'}")
+    return optuna.load_study(
+        study_name="powergrad-sweep", storage=f"sqlite:///{out.resolve() / 'study.db'}"
+    )
 
 
 def _finished(out: Path) -> list[Path]:
@@ -33,11 +48,16 @@ def _finished(out: Path) -> list[Path]:
 
 
 def _mid_trial(out: Path) -> bool:
-    return any((d / "metrics.csv").is_file() and not (d / "summary.json").is_file() for d in out.glob("*=*"))
+    return any(
+        (d / "metrics.csv").is_file() and not (d / "summary.json").is_file()
+        for d in out.glob("*=*")
+    )
 
 
 def test_parse_grid_splits_axes_from_fixed_keys():
-    recipe, axes, fixed = parse_grid(["digits", "alpha=1,0.5", "decay_milestones=3,6", "model_kwargs={a: [1, 2]}", "lr=0.1"])
+    recipe, axes, fixed = parse_grid(
+        ["digits", "alpha=1,0.5", "decay_milestones=3,6", "model_kwargs={a: [1, 2]}", "lr=0.1"]
+    )
     assert recipe == "digits" and axes == {"alpha": ["1", "0.5"]}
     assert fixed == {"decay_milestones": "3,6", "model_kwargs": "{a: [1, 2]}", "lr": "0.1"}
 
@@ -49,7 +69,12 @@ KILL_IN_THIRD_TRIAL = sweep_killed_in_trial(3)
 def test_digits_sweep_interrupted_continued_then_report_and_plot(tmp_path, capsys):
     out = tmp_path / "sweep"
     args = ["sweep", "digits", "alpha=1,0.5,0.25", *TINY, "--seeds", "2", "--out", str(out)]
-    proc = subprocess.run([sys.executable, "-c", KILL_IN_THIRD_TRIAL, *args], capture_output=True, text=True, timeout=300)
+    proc = subprocess.run(
+        [sys.executable, "-c", KILL_IN_THIRD_TRIAL, *args],
+        capture_output=True,
+        text=True,
+        timeout=300,
+    )
     assert proc.returncode == -9, proc.stderr[-2000:]
     done_before = {p: p.stat().st_mtime_ns for p in _finished(out)}
     assert len(done_before) == 2 and _mid_trial(out)
@@ -83,21 +108,33 @@ def test_digits_sweep_interrupted_continued_then_report_and_plot(tmp_path, capsy
 
 def test_two_workers_share_a_sweep_and_failed_trials_are_recorded(tmp_path):
     out = tmp_path / "sweep"
-    result = run_sweep("digits", {"alpha": ["1", "0.5"], "model": ["mlp", "no_such_model"]}, out,
-                       fixed={"epochs": 1, "train_subset": 200}, workers=2)
+    result = run_sweep(
+        "digits",
+        {"alpha": ["1", "0.5"], "model": ["mlp", "no_such_model"]},
+        out,
+        fixed={"epochs": 1, "train_subset": 200},
+        workers=2,
+    )
     study = _study(out)
     assert len(study.trials) == 4  # no point ran twice
     states = {(t.params["alpha"], t.params["model"]): t.state.name for t in study.trials}
     assert states[("1", "mlp")] == states[("0.5", "mlp")] == "COMPLETE"
     failed = [t for t in study.trials if t.state == optuna.trial.TrialState.FAIL]
-    assert len(failed) == 2 and all("UserError: unknown model" in t.user_attrs["error"] for t in failed)
+    assert len(failed) == 2 and all(
+        "UserError: unknown model" in t.user_attrs["error"] for t in failed
+    )
     assert sorted(r["state"] for r in result.trials) == ["COMPLETE", "COMPLETE", "FAIL", "FAIL"]
     assert len({t.user_attrs["run_dir"] for t in study.trials}) == 4
 
 
 def test_prune_stops_a_clearly_worse_trial(tmp_path):
-    result = run_sweep("digits", {"lr": ["0.05", "0.04", "0.03", "1e-5"]}, tmp_path / "sweep",
-                       fixed={"epochs": 4, "train_subset": 200}, prune=True)
+    result = run_sweep(
+        "digits",
+        {"lr": ["0.05", "0.04", "0.03", "1e-5"]},
+        tmp_path / "sweep",
+        fixed={"epochs": 4, "train_subset": 200},
+        prune=True,
+    )
     by_point = {r["point"]: r for r in result.trials}
     worst = by_point["lr=1e-5,seed=0"]
     assert worst["state"] == "PRUNED" and worst["epochs_done"] < 4
@@ -114,12 +151,30 @@ def test_sweep_refuses_bad_values_and_another_grid_before_running(tmp_path, caps
     assert os.path.isdir(out / "alpha=1,seed=0")
 
 
-def _write_run(folder: Path, alpha: float, seed: int, test_acc: float, val_acc: float | None = None) -> None:
+def _write_run(
+    folder: Path, alpha: float, seed: int, test_acc: float, val_acc: float | None = None
+) -> None:
     folder.mkdir(parents=True)
-    final = {"epoch": 4, "train_acc": 0.5, "train_loss": 1.0, "test_acc": test_acc, "val_acc": val_acc}
-    summary = {"status": "finished", "final": final,
-               "config": {"model": "resnet20", "dataset": "cifar10", "sched": "cosine", "epochs": 4,
-                          "label_smoothing": 0.0, "alpha": alpha, "seed": seed}}
+    final = {
+        "epoch": 4,
+        "train_acc": 0.5,
+        "train_loss": 1.0,
+        "test_acc": test_acc,
+        "val_acc": val_acc,
+    }
+    summary = {
+        "status": "finished",
+        "final": final,
+        "config": {
+            "model": "resnet20",
+            "dataset": "cifar10",
+            "sched": "cosine",
+            "epochs": 4,
+            "label_smoothing": 0.0,
+            "alpha": alpha,
+            "seed": seed,
+        },
+    }
     (folder / "summary.json").write_text(json.dumps(summary))
 
 
@@ -130,7 +185,9 @@ def test_report_pairs_seeds_with_a_t_interval(tmp_path, capsys):
     for seed, acc in enumerate(base):
         _write_run(tmp_path / f"a1-s{seed}", 1.0, seed, acc, val_acc=acc)
         _write_run(tmp_path / f"a0.5-s{seed}", 0.5, seed, acc + (seed + 1) / 100, val_acc=acc)
-    _write_run(tmp_path / "a0.5-s7", 0.5, 7, 0.9)  # no alpha = 1 partner: in the mean, not in the pairs
+    _write_run(
+        tmp_path / "a0.5-s7", 0.5, 7, 0.9
+    )  # no alpha = 1 partner: in the mean, not in the pairs
     rows = {r["alpha"]: r for r in results_table(load_runs([tmp_path])[0])}
     assert rows[1.0]["d_test_paired"] is None and rows[1.0]["pairs"] == 0
     row = rows[0.5]

@@ -259,7 +259,9 @@ def hand_formula(z, target, alpha, weight, ls, ignore_index):
     valid = (target != ignore_index).double()
     safe = target.clamp_min(0) * (target != ignore_index)
     w_y = w[safe] * valid
-    u = ((1 - ls) * w_y.unsqueeze(1) * F.one_hot(safe, c).double() + ls / c * w) * valid.unsqueeze(1)
+    u = ((1 - ls) * w_y.unsqueeze(1) * F.one_hot(safe, c).double() + ls / c * w) * valid.unsqueeze(
+        1
+    )
     m = u.sum(1, keepdim=True)
     return (m * p - u) / w_y.sum()
 
@@ -337,23 +339,34 @@ def test_unbatched_logits(reduction, soft):
     z = torch.randn(7, generator=g) * 2
     t = torch.softmax(torch.randn(7, generator=g), 0) if soft else torch.tensor(4)
     weight = torch.rand(7, generator=g) + 0.5
-    for loss_fn in (PowerGradLoss(0.3, 0.1, reduction, weight=weight),
-                    lambda x, y: power_grad_cross_entropy(x, y, 0.3, 0.1, reduction, weight=weight)):
+    for loss_fn in (
+        PowerGradLoss(0.3, 0.1, reduction, weight=weight),
+        lambda x, y: power_grad_cross_entropy(x, y, 0.3, 0.1, reduction, weight=weight),
+    ):
         a = z.clone().requires_grad_(True)
         loss = loss_fn(a, t)
         want_loss = F.cross_entropy(z, t, weight=weight, label_smoothing=0.1, reduction=reduction)
         assert loss.shape == () and torch.equal(loss.detach(), want_loss)
         loss.backward()
-        want = tampered_oracle(z.unsqueeze(0), t.unsqueeze(0) if soft else t.reshape(1), 0.3,
-                               weight=weight, label_smoothing=0.1, reduction=reduction)
+        want = tampered_oracle(
+            z.unsqueeze(0),
+            t.unsqueeze(0) if soft else t.reshape(1),
+            0.3,
+            weight=weight,
+            label_smoothing=0.1,
+            reduction=reduction,
+        )
         assert a.grad.shape == (7,) and (a.grad.double() - want[0]).abs().max() < 1e-7
 
 
 class HostReads(TorchDispatchMode):
     """Records every op that copies a value from the device to the host (or sizes a tensor by its data)."""
 
-    READS = (torch.ops.aten._local_scalar_dense.default, torch.ops.aten.nonzero.default,
-             torch.ops.aten.masked_select.default)
+    READS = (
+        torch.ops.aten._local_scalar_dense.default,
+        torch.ops.aten.nonzero.default,
+        torch.ops.aten.masked_select.default,
+    )
 
     def __init__(self) -> None:
         super().__init__()

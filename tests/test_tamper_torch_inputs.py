@@ -19,7 +19,9 @@ import torch.nn.functional as F
 
 from powergrad import PowerGradLoss
 
-pytest.importorskip("expecttest", reason="torch.testing._internal needs expecttest (pip install -e '.[test]')")
+pytest.importorskip(
+    "expecttest", reason="torch.testing._internal needs expecttest (pip install -e '.[test]')"
+)
 
 DUMP = """
 import sys, torch
@@ -62,22 +64,32 @@ def test_every_cross_entropy_module_input_passes(torch_cases):
         plain = torch.nn.CrossEntropyLoss(*case["args"], **case["kwargs"])
         want_loss, want_grad = run(plain, logits, target, case["input_kwargs"])
         for alpha in (1.0, 0.5):
-            loss, grad = run(PowerGradLoss(alpha, *case["args"], **case["kwargs"]), logits, target,
-                             case["input_kwargs"])
+            loss, grad = run(
+                PowerGradLoss(alpha, *case["args"], **case["kwargs"]),
+                logits,
+                target,
+                case["input_kwargs"],
+            )
             if not identical(loss, want_loss):
                 failures.append(f"{case['desc']} alpha={alpha}: loss {loss} != {want_loss}")
             if alpha == 1.0 and not identical(grad, want_grad):
                 failures.append(f"{case['desc']} alpha=1: gradient differs from cross-entropy's")
             if alpha == 0.5:
                 x = (logits.detach().double() * alpha).requires_grad_(True)
-                kwargs = {k: v.double() if torch.is_tensor(v) else v for k, v in case["kwargs"].items()}
+                kwargs = {
+                    k: v.double() if torch.is_tensor(v) else v for k, v in case["kwargs"].items()
+                }
                 t = target.double() if target.is_floating_point() else target
                 ce = F.cross_entropy(x, t, **kwargs)
                 ce.backward(torch.ones_like(ce))
                 # float32: module_db weights and unnormalised targets make m * p' and u ~10, which
                 # cancel; 1e-5 is a few roundings at that size (float64: 1e-12).
                 tol = 1e-12 if logits.dtype == torch.float64 else 1e-5
-                err = ((grad.double() - x.grad).abs() / (1 + x.grad.abs())).max()  # relative above 1
+                err = (
+                    (grad.double() - x.grad).abs() / (1 + x.grad.abs())
+                ).max()  # relative above 1
                 if not err < tol:
-                    failures.append(f"{case['desc']} alpha=0.5: gradient is not s * (m * p' - u): {err}")
+                    failures.append(
+                        f"{case['desc']} alpha=0.5: gradient is not s * (m * p' - u): {err}"
+                    )
     assert failures == [], "\n".join(failures)

@@ -21,14 +21,24 @@ from powergrad.rundir import read_metrics
 
 QUIET = dict(epochs=3, batch_size=64, workers=0, device="cpu")
 # A small backbone on digits: ResNet-8 at 8x8 px, random weights (no network in tests).
-PROBE = dict(QUIET, model="resnet20", model_kwargs={"depth": 8}, lr=0.5, sched="const", momentum=0.0, weight_decay=0.0)
+PROBE = dict(
+    QUIET,
+    model="resnet20",
+    model_kwargs={"depth": 8},
+    lr=0.5,
+    sched="const",
+    momentum=0.0,
+    weight_decay=0.0,
+)
 
 
 def digits_tensors():
     """Digits as float tensors (normalised by the data module), for fit() with own loaders."""
-    loaders = create_loaders(load_config("digits", {"batch_size": 2000, "augment": "none"}), torch.device("cpu"))
-    (tx, ty), = list(loaders.train)
-    (vx, vy), = list(loaders.test)
+    loaders = create_loaders(
+        load_config("digits", {"batch_size": 2000, "augment": "none"}), torch.device("cpu")
+    )
+    ((tx, ty),) = list(loaders.train)
+    ((vx, vy),) = list(loaders.test)
     return tx, ty, vx, vy
 
 
@@ -37,8 +47,9 @@ def digits_tensors():
 
 def test_probe_trains_caches_and_its_checkpoint_evaluates(tmp_path):
     cache = tmp_path / "feats.pt"
-    run = powergrad.train("digits", out=tmp_path / "probe", probe_layer="layer3",
-                          probe_cache=str(cache), **PROBE)
+    run = powergrad.train(
+        "digits", out=tmp_path / "probe", probe_layer="layer3", probe_cache=str(cache), **PROBE
+    )
     assert run.final["test_acc"] > 0.75, run.final  # chance: 0.1
     assert run.diagnostics == []
     summary = json.loads((run.run_dir / "summary.json").read_text())
@@ -48,8 +59,9 @@ def test_probe_trains_caches_and_its_checkpoint_evaluates(tmp_path):
     result = evaluate(run.run_dir / "last.pt")
     assert abs(result["top1"] - run.final["test_acc"]) < 1e-6
     # Read back from the cache, a second run is the same run.
-    again = powergrad.train("digits", out=tmp_path / "again", probe_layer="layer3",
-                            probe_cache=str(cache), **PROBE)
+    again = powergrad.train(
+        "digits", out=tmp_path / "again", probe_layer="layer3", probe_cache=str(cache), **PROBE
+    )
     assert [r["train_loss"] for r in again.history] == [r["train_loss"] for r in run.history]
 
 
@@ -57,7 +69,9 @@ def test_probe_resume_continues_the_same_run(tmp_path):
     probe = dict(PROBE, probe_layer="input")  # no backbone pass: the cheapest probe
     full = powergrad.train("digits", out=tmp_path / "full", **probe)
     powergrad.train("digits", out=tmp_path / "part", **{**probe, "epochs": 2})
-    resumed = powergrad.train("digits", out=tmp_path / "part", resume=str(tmp_path / "part" / "last.pt"), **probe)
+    resumed = powergrad.train(
+        "digits", out=tmp_path / "part", resume=str(tmp_path / "part" / "last.pt"), **probe
+    )
     assert len(resumed.history) == 3
     for a, b in zip(full.history, resumed.history):
         assert a["train_loss"] == pytest.approx(b["train_loss"], rel=1e-6)
@@ -72,13 +86,21 @@ def test_probe_on_the_input_is_softmax_regression_on_pixels(tmp_path):
 
 
 def test_wrong_probe_layer_lists_the_valid_names(tmp_path):
-    with pytest.raises(UserError, match=r"did you mean 'layer2'.*valid names: input, conv1, bn1, layer1"):
+    with pytest.raises(
+        UserError, match=r"did you mean 'layer2'.*valid names: input, conv1, bn1, layer1"
+    ):
         powergrad.train("digits", out=tmp_path / "bad", probe_layer="layer_2", **PROBE)
 
 
 def test_unscaled_features_are_standardised_by_default(tmp_path):
     """Seed 002's failure in miniature: flattened layer3 features, unscaled, at a high lr."""
-    big = dict(PROBE, lr=0.5, probe_layer="layer3", probe_pool="flatten", probe_cache=str(tmp_path / "f.pt"))
+    big = dict(
+        PROBE,
+        lr=0.5,
+        probe_layer="layer3",
+        probe_pool="flatten",
+        probe_cache=str(tmp_path / "f.pt"),
+    )
     good = powergrad.train("digits", out=tmp_path / "std", **big)
     raw = powergrad.train("digits", out=tmp_path / "raw", probe_standardize=False, **big)
     assert good.final["test_acc"] > 0.9
@@ -91,8 +113,15 @@ def test_unscaled_features_are_standardised_by_default(tmp_path):
 
 def test_fine_tune_from_local_weights_with_a_frozen_backbone(tmp_path):
     pre = powergrad.train("digits", out=tmp_path / "pre", model="mlp", **{**QUIET, "epochs": 2})
-    tuned = powergrad.train("digits", out=tmp_path / "tuned", model="mlp", weights=str(pre.run_dir / "last.pt"),
-                            freeze="backbone", head_lr=0.1, **{**QUIET, "epochs": 1})
+    tuned = powergrad.train(
+        "digits",
+        out=tmp_path / "tuned",
+        model="mlp",
+        weights=str(pre.run_dir / "last.pt"),
+        freeze="backbone",
+        head_lr=0.1,
+        **{**QUIET, "epochs": 1},
+    )
     # Started from the pretrained weights: already past where a fresh net is after one epoch.
     fresh = powergrad.train("digits", out=tmp_path / "fresh", model="mlp", **{**QUIET, "epochs": 1})
     assert tuned.final["test_acc"] >= pre.final["test_acc"] - 0.02
@@ -103,7 +132,11 @@ def test_fine_tune_from_local_weights_with_a_frozen_backbone(tmp_path):
 
 
 def test_every_seed_recipe_validates():
-    names = [n for n in list_recipes() if n.startswith(("seed002/", "seed003/")) and not n.endswith("_base")]
+    names = [
+        n
+        for n in list_recipes()
+        if n.startswith(("seed002/", "seed003/")) and not n.endswith("_base")
+    ]
     assert len(names) == 8
     for name in names:
         cfg = load_config(name)
@@ -126,13 +159,27 @@ def test_a_model_ending_in_softmax_on_large_positive_features_is_reported(tmp_pa
     a large common positive part (as ReLU features have) into a model that ends in softmax."""
     tx, ty, vx, vy = digits_tensors()
     feats = lambda x: (x.flatten(1) + 2) * 20  # noqa: E731 - pixels are ~N(0, 1) after normalising
-    train = DataLoader(TensorDataset(feats(tx), ty), batch_size=256, shuffle=True,
-                       generator=torch.Generator().manual_seed(0))
+    train = DataLoader(
+        TensorDataset(feats(tx), ty),
+        batch_size=256,
+        shuffle=True,
+        generator=torch.Generator().manual_seed(0),
+    )
     test = DataLoader(TensorDataset(feats(vx), vy), batch_size=512)
     torch.manual_seed(0)
     model = nn.Sequential(nn.Linear(64, 10), nn.Softmax(dim=1))
-    run = powergrad.fit(model, train, test, out=tmp_path / "stuck", lr=0.05, momentum=0.0,
-                        sched="const", epochs=3, batch_size=256, device="cpu")
+    run = powergrad.fit(
+        model,
+        train,
+        test,
+        out=tmp_path / "stuck",
+        lr=0.05,
+        momentum=0.0,
+        sched="const",
+        epochs=3,
+        batch_size=256,
+        device="cpu",
+    )
     codes = {d["code"]: d for d in run.diagnostics}
     assert "probabilities_as_logits" in codes and codes["probabilities_as_logits"]["epoch"] == 1
     assert "stalled" in codes and "log(e + 9)" in codes["stalled"]["message"]
@@ -141,9 +188,20 @@ def test_a_model_ending_in_softmax_on_large_positive_features_is_reported(tmp_pa
     assert {d["code"] for d in summary["diagnostics"]} == set(codes)
 
     # The diagnostics travel in the checkpoint: a resumed run still reports them, once each.
-    again = powergrad.fit(model, train, test, out=tmp_path / "stuck", lr=0.05, momentum=0.0, sched="const",
-                          epochs=4, batch_size=256, device="cpu", resume="auto")
-    assert [d["code"] for d in again.diagnostics][:len(codes)] == list(codes)
+    again = powergrad.fit(
+        model,
+        train,
+        test,
+        out=tmp_path / "stuck",
+        lr=0.05,
+        momentum=0.0,
+        sched="const",
+        epochs=4,
+        batch_size=256,
+        device="cpu",
+        resume="auto",
+    )
+    assert [d["code"] for d in again.diagnostics][: len(codes)] == list(codes)
     assert len({d["code"] for d in again.diagnostics}) == len(again.diagnostics)
 
 
@@ -157,7 +215,9 @@ def _overfit_diagnostics(losses: list[tuple[float, float]], **cfg) -> list:
     monitor = Monitor(MonitorConfig(**cfg), num_classes=10)
     history = []
     for epoch, (train_loss, test_loss) in enumerate(losses, 1):
-        history.append({"epoch": epoch, "train_loss": train_loss, "train_acc": 0.5, "test_loss": test_loss})
+        history.append(
+            {"epoch": epoch, "train_loss": train_loss, "train_acc": 0.5, "test_loss": test_loss}
+        )
         monitor.after_epoch(history, nn.Linear(2, 2))
     return monitor.diagnostics
 
@@ -171,7 +231,14 @@ def test_overfitting_names_the_epoch_it_started():
 
 def test_overfitting_ignores_wobble_and_short_bumps():
     # The demo's false alarm: 0.0904 -> 0.0922 (2%) with train loss falling.
-    demo = [(0.30, 0.0950), (0.20, 0.0910), (0.15, 0.0904), (0.12, 0.0915), (0.10, 0.0922), (0.09, 0.0921)]
+    demo = [
+        (0.30, 0.0950),
+        (0.20, 0.0910),
+        (0.15, 0.0904),
+        (0.12, 0.0915),
+        (0.10, 0.0922),
+        (0.09, 0.0921),
+    ]
     assert _overfit_diagnostics(demo) == []
     # A big rise that lasts only two epochs, then recovers: not sustained over the window.
     bump = [(2.0, 1.0), (1.5, 0.8), (1.2, 1.2), (1.0, 1.3), (0.8, 0.85), (0.7, 0.82)]
@@ -187,8 +254,15 @@ def test_overfitting_reads_validation_loss_when_recorded():
     monitor = Monitor(MonitorConfig(), num_classes=10)
     history = []
     for epoch, val in enumerate([1.0, 0.9, 1.2, 1.3, 1.4], 1):
-        history.append({"epoch": epoch, "train_loss": 2.0 - 0.2 * epoch, "train_acc": 0.5,
-                        "test_loss": 0.9, "val_loss": val})
+        history.append(
+            {
+                "epoch": epoch,
+                "train_loss": 2.0 - 0.2 * epoch,
+                "train_acc": 0.5,
+                "test_loss": 0.9,
+                "val_loss": val,
+            }
+        )
         monitor.after_epoch(history, nn.Linear(2, 2))
     (d,) = monitor.diagnostics
     assert d.message.startswith("validation loss has risen since epoch 2")

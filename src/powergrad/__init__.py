@@ -27,7 +27,11 @@ if TYPE_CHECKING:
 __version__ = "0.1.0"
 # Only what imports with torch alone, so that `from powergrad import *` works on any install.
 __all__ = [
-    "DivergenceError", "MissingExtraError", "PowerGradLoss", "UserError", "power_grad_cross_entropy",
+    "DivergenceError",
+    "MissingExtraError",
+    "PowerGradLoss",
+    "UserError",
+    "power_grad_cross_entropy",
     "__version__",
 ]
 
@@ -35,9 +39,16 @@ __all__ = [
 # answer without torch (about 4 s on a loaded machine) and `from powergrad import PowerGradLoss`
 # needs torch alone (not timm, torchvision or PyYAML). `from powergrad import *` goes through
 # __getattr__ as well.
-_LAZY = {"PowerGradLoss": "tamper", "power_grad_cross_entropy": "tamper", "Config": "config",
-         "load_config": "config", "train": "workflows", "fit": "workflows", "evaluate": "workflows",
-         "RunResult": "engine"}
+_LAZY = {
+    "PowerGradLoss": "tamper",
+    "power_grad_cross_entropy": "tamper",
+    "Config": "config",
+    "load_config": "config",
+    "train": "workflows",
+    "fit": "workflows",
+    "evaluate": "workflows",
+    "RunResult": "engine",
+}
 
 
 def __getattr__(name: str) -> Any:

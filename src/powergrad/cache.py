@@ -39,7 +39,9 @@ class CacheEntry:
     side: int | None
 
     def line(self) -> str:
-        what = f"{self.images} images at {self.side} px" if self.images is not None else "unreadable"
+        what = (
+            f"{self.images} images at {self.side} px" if self.images is not None else "unreadable"
+        )
         when = time.strftime("%Y-%m-%d %H:%M", time.localtime(self.modified))
         return f"{self.path.name}  {what}  {_size(self.bytes)}  {when}"
 
@@ -51,7 +53,11 @@ def _header(path: Path) -> tuple[int | None, int | None]:
     try:
         with zipfile.ZipFile(path) as z, z.open("x.npy") as f:
             version = npformat.read_magic(f)
-            read = npformat.read_array_header_1_0 if version == (1, 0) else npformat.read_array_header_2_0
+            read = (
+                npformat.read_array_header_1_0
+                if version == (1, 0)
+                else npformat.read_array_header_2_0
+            )
             shape, _, _ = read(f)
         return int(shape[0]), int(shape[-1])
     except (OSError, KeyError, ValueError, zipfile.BadZipFile):

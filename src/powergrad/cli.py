@@ -55,9 +55,15 @@ def _unrecognised(extra: list[str], argv: list[str], command: str) -> UserError:
         if tok.startswith("--") and key in keys:
             if not eq and tok in argv:
                 i = argv.index(tok)
-                value = argv[i + 1] if i + 1 < len(argv) and not argv[i + 1].startswith("-") else "VALUE"
-            return UserError(f"{command}: unrecognised option {tok}: recipe keys are written key=value; "
-                             f"did you mean `{key}={value}`?")
+                value = (
+                    argv[i + 1]
+                    if i + 1 < len(argv) and not argv[i + 1].startswith("-")
+                    else "VALUE"
+                )
+            return UserError(
+                f"{command}: unrecognised option {tok}: recipe keys are written key=value; "
+                f"did you mean `{key}={value}`?"
+            )
     return UserError(f"{command}: unrecognised arguments: {' '.join(extra)}")
 
 
@@ -115,16 +121,29 @@ def _print_start(cfg, folder: Path | None) -> None:
     if folder is not None:
         print(f"run folder: {folder}", flush=True)
     defaults, now = Config().to_dict(), cfg.to_dict()
-    changed = [f"{k}={json.dumps(v) if isinstance(v, (dict, list)) else v}"
-               for k, v in now.items() if k not in ("monitor", "description") and v != defaults[k]]
-    changed += [f"monitor.{k}={v}" for k, v in now["monitor"].items() if v != defaults["monitor"][k]]
-    print(textwrap.fill("settings (besides the defaults): " + (" ".join(changed) or "none"), width=100,
-                        subsequent_indent="  "), flush=True)
+    changed = [
+        f"{k}={json.dumps(v) if isinstance(v, (dict, list)) else v}"
+        for k, v in now.items()
+        if k not in ("monitor", "description") and v != defaults[k]
+    ]
+    changed += [
+        f"monitor.{k}={v}" for k, v in now["monitor"].items() if v != defaults["monitor"][k]
+    ]
+    print(
+        textwrap.fill(
+            "settings (besides the defaults): " + (" ".join(changed) or "none"),
+            width=100,
+            subsequent_indent="  ",
+        ),
+        flush=True,
+    )
 
 
 def cmd_train(ns: argparse.Namespace) -> int:
     cfg = _resolve(ns)
-    if ns.out is None and not cfg.resume:  # named now: the first thing printed, one name for all ranks
+    if (
+        ns.out is None and not cfg.resume
+    ):  # named now: the first thing printed, one name for all ranks
         from .rundir import new_run_name
 
         ns.out = str(Path("runs") / new_run_name(cfg.model, cfg.dataset, cfg.alpha))
@@ -198,8 +217,16 @@ def cmd_sweep(ns: argparse.Namespace) -> int:
     from .sweep import format_result, parse_grid, run_sweep
 
     recipe, axes, fixed = parse_grid(ns.args)
-    result = run_sweep(recipe, axes, ns.out, seeds=ns.seeds, fixed=fixed, workers=ns.workers,
-                       storage=ns.storage, prune=ns.prune)
+    result = run_sweep(
+        recipe,
+        axes,
+        ns.out,
+        seeds=ns.seeds,
+        fixed=fixed,
+        workers=ns.workers,
+        storage=ns.storage,
+        prune=ns.prune,
+    )
     print(format_result(result))
     return 0
 
@@ -231,8 +258,10 @@ def cmd_cache(ns: argparse.Namespace) -> int:
     for e in entries:
         print(e.line())
     total = sum(e.bytes for e in entries) / 1024**2
-    print(f"{folder}: {len(entries)} cached splits, {total:.1f} MB (move it with {CACHE_ENV}=DIR; "
-          "empty it with `powergrad cache clear`)")
+    print(
+        f"{folder}: {len(entries)} cached splits, {total:.1f} MB (move it with {CACHE_ENV}=DIR; "
+        "empty it with `powergrad cache clear`)"
+    )
     return 0
 
 
@@ -244,7 +273,11 @@ def _type_name(tp) -> str:
     args = typing.get_args(tp)
     optional = typing.get_origin(tp) in (typing.Union, types.UnionType) and type(None) in args
     base = next(a for a in args if a is not type(None)) if optional else tp
-    name = getattr(base, "__name__", str(base)) if not typing.get_args(base) else str(base).replace("typing.", "")
+    name = (
+        getattr(base, "__name__", str(base))
+        if not typing.get_args(base)
+        else str(base).replace("typing.", "")
+    )
     return f"{name}?" if optional else name
 
 
@@ -252,16 +285,31 @@ def keys_help() -> str:
     """Every recipe key by group, one line each: key=default, type, help (from the fields)."""
     from .config import field_groups
 
-    lines = ["recipe keys (key=value after the recipe; monitor.NAME=value for the nested ones;",
-             "? = may be null; `powergrad config RECIPE key=value ...` prints the resolved config):"]
+    lines = [
+        "recipe keys (key=value after the recipe; monitor.NAME=value for the nested ones;",
+        "? = may be null; `powergrad config RECIPE key=value ...` prints the resolved config):",
+    ]
     for group, infos in field_groups().items():
         lines.append(f"\n{group}:")
         for i in infos:
             if i.name == "monitor":
                 continue  # its keys follow as monitor.*
-            default = '""' if i.default == "" else "{}" if i.default == {} else ("null" if i.default is None else str(i.default).lower()
-                                                    if isinstance(i.default, bool) else str(i.default))
-            extra = f" [{'|'.join(i.choices)}]" if i.choices else (f" ({i.bound})" if i.bound else "")
+            default = (
+                '""'
+                if i.default == ""
+                else "{}"
+                if i.default == {}
+                else (
+                    "null"
+                    if i.default is None
+                    else str(i.default).lower()
+                    if isinstance(i.default, bool)
+                    else str(i.default)
+                )
+            )
+            extra = (
+                f" [{'|'.join(i.choices)}]" if i.choices else (f" ({i.bound})" if i.bound else "")
+            )
             lines.append(f"  {i.name + '=' + default:<34} {_type_name(i.type):<10} {i.help}{extra}")
     return "\n".join(lines)
 
@@ -269,20 +317,28 @@ def keys_help() -> str:
 def build_parser() -> argparse.ArgumentParser:
     from . import __version__
 
-    p = _Parser(prog="powergrad", description="Softmax Gradient Tampering: train, evaluate, sweep, report.")
+    p = _Parser(
+        prog="powergrad", description="Softmax Gradient Tampering: train, evaluate, sweep, report."
+    )
     p.add_argument("--version", action="version", version=f"powergrad {__version__}")
     sub = p.add_subparsers(dest="command", required=True, parser_class=_Parser)
 
-    t = sub.add_parser("train", help="train a recipe (YAML file or built-in name) with key=value overrides",
-                       formatter_class=argparse.RawDescriptionHelpFormatter)
+    t = sub.add_parser(
+        "train",
+        help="train a recipe (YAML file or built-in name) with key=value overrides",
+        formatter_class=argparse.RawDescriptionHelpFormatter,
+    )
     t.lazy_epilog = keys_help
     t.add_argument("args", nargs="*", metavar="RECIPE|key=value")
     t.add_argument("--out", help="run directory (default: a new folder under runs/)")
     t.add_argument("--overwrite", action="store_true", help="replace an existing run directory")
     t.set_defaults(fn=cmd_train)
 
-    cf = sub.add_parser("config", help="print the resolved config as YAML and check its paths; trains nothing",
-                        epilog="The keys are listed by `powergrad train --help`.")
+    cf = sub.add_parser(
+        "config",
+        help="print the resolved config as YAML and check its paths; trains nothing",
+        epilog="The keys are listed by `powergrad train --help`.",
+    )
     cf.add_argument("args", nargs="*", metavar="RECIPE|key=value")
     cf.add_argument("--out", help="the run directory (for resume=auto)")
     cf.set_defaults(fn=cmd_config)
@@ -292,7 +348,9 @@ def build_parser() -> argparse.ArgumentParser:
     e.add_argument("args", nargs="*", metavar="key=value")
     e.set_defaults(fn=cmd_eval)
 
-    r = sub.add_parser("recipes", help="list the built-in recipes, or show one (what it is and what it sets)")
+    r = sub.add_parser(
+        "recipes", help="list the built-in recipes, or show one (what it is and what it sets)"
+    )
     r.add_argument("name", nargs="?", metavar="NAME", help="a built-in recipe name or a YAML file")
     r.set_defaults(fn=cmd_recipes)
 
@@ -301,26 +359,46 @@ def build_parser() -> argparse.ArgumentParser:
     d.add_argument("--epochs", type=int, default=None)
     d.set_defaults(fn=cmd_demo)
 
-    s = sub.add_parser("sweep", help="grid over recipe keys (key=v1,v2) x seeds as an Optuna study; one run dir per trial")
+    s = sub.add_parser(
+        "sweep",
+        help="grid over recipe keys (key=v1,v2) x seeds as an Optuna study; one run dir per trial",
+    )
     s.add_argument("args", nargs="+", metavar="RECIPE|key=v1,v2")
     s.add_argument("--out", required=True, help="sweep folder (run dirs, study.db, sweep.json)")
-    s.add_argument("--seeds", type=int, default=1, help="seeds per grid point (recipe seed, +1, ...)")
-    s.add_argument("--workers", type=int, default=1, help="local worker processes sharing the sweep")
-    s.add_argument("--storage", help="Optuna storage URL shared by several machines (default sqlite in --out)")
-    s.add_argument("--prune", action="store_true", help="stop trials in the bottom quarter at an epoch early")
+    s.add_argument(
+        "--seeds", type=int, default=1, help="seeds per grid point (recipe seed, +1, ...)"
+    )
+    s.add_argument(
+        "--workers", type=int, default=1, help="local worker processes sharing the sweep"
+    )
+    s.add_argument(
+        "--storage", help="Optuna storage URL shared by several machines (default sqlite in --out)"
+    )
+    s.add_argument(
+        "--prune", action="store_true", help="stop trials in the bottom quarter at an epoch early"
+    )
     s.set_defaults(fn=cmd_sweep)
 
-    rp = sub.add_parser("report", help="the paper's table (mean ± std over seeds, Δ from alpha=1) from run dirs")
-    rp.add_argument("paths", nargs="+", metavar="PATH", help="run directories or folders holding them")
+    rp = sub.add_parser(
+        "report", help="the paper's table (mean ± std over seeds, Δ from alpha=1) from run dirs"
+    )
+    rp.add_argument(
+        "paths", nargs="+", metavar="PATH", help="run directories or folders holding them"
+    )
     rp.add_argument("--format", choices=("md", "csv", "json"), default="md")
     rp.set_defaults(fn=cmd_report)
 
     pl = sub.add_parser("plot", help="the paper's figures (PNG) from run dirs")
-    pl.add_argument("paths", nargs="+", metavar="PATH", help="run directories or folders holding them")
+    pl.add_argument(
+        "paths", nargs="+", metavar="PATH", help="run directories or folders holding them"
+    )
     pl.add_argument("--out", help="folder for the PNGs (default: PATH/figures)")
     pl.set_defaults(fn=cmd_plot)
 
-    c = sub.add_parser("cache", help="list or clear the decoded-image cache ($POWERGRAD_CACHE, else ~/.cache/powergrad)")
+    c = sub.add_parser(
+        "cache",
+        help="list or clear the decoded-image cache ($POWERGRAD_CACHE, else ~/.cache/powergrad)",
+    )
     c.add_argument("action", choices=("list", "clear"), nargs="?", default="list")
     c.set_defaults(fn=cmd_cache)
 
@@ -378,7 +456,9 @@ def _main(argv: list[str]) -> int:
         sys.stdout.flush()  # here, where a closed pipe is caught, not at exit
         return code
     except UserError as e:
-        if not (isinstance(e, PeerFailedError) and os.environ.get(ONCE_DIR_ENV)):  # nproc=K: the launcher sees every exit
+        if not (
+            isinstance(e, PeerFailedError) and os.environ.get(ONCE_DIR_ENV)
+        ):  # nproc=K: the launcher sees every exit
             print_once(f"powergrad: error: {_one_line(e)}")
         return 2
     except DivergenceError as e:
@@ -406,12 +486,16 @@ def _kept(folders: list[Path]) -> str:
     if not folders:
         return ""
     run = folders[-1]
-    saved = sorted((p for p in (run / "last.pt", run / "preempt.pt") if p.is_file()),
-                   key=lambda p: p.stat().st_mtime)
+    saved = sorted(
+        (p for p in (run / "last.pt", run / "preempt.pt") if p.is_file()),
+        key=lambda p: p.stat().st_mtime,
+    )
     if not saved:
         return f"; {run} holds no checkpoint yet (the first is saved at the end of epoch 1)"
-    return (f"; the last checkpoint is kept: {saved[-1]} (continue with "
-            f"`powergrad train resume=auto --out {run}`)")
+    return (
+        f"; the last checkpoint is kept: {saved[-1]} (continue with "
+        f"`powergrad train resume=auto --out {run}`)"
+    )
 
 
 def _one_line(e: Exception) -> str:

@@ -26,8 +26,19 @@ with extra("train"):
     import yaml
 
 __all__ = [
-    "Config", "MonitorConfig", "FieldInfo", "GROUPS", "load_config", "list_recipes", "config_hash",
-    "field_info", "field_groups", "result_keys", "machinery_keys", "probe_feature_keys", "resume_differences",
+    "Config",
+    "MonitorConfig",
+    "FieldInfo",
+    "GROUPS",
+    "load_config",
+    "list_recipes",
+    "config_hash",
+    "field_info",
+    "field_groups",
+    "result_keys",
+    "machinery_keys",
+    "probe_feature_keys",
+    "resume_differences",
     "check_resume",
 ]
 
@@ -35,9 +46,17 @@ __all__ = [
 GROUPS = ("model", "data", "optimisation", "tampering", "checkpoints", "machinery")
 
 
-def _key(default: Any = dataclasses.MISSING, *, help: str, group: str, affects_result: bool = True,
-        choices: tuple[str, ...] | None = None, bound: str | None = None, probe_feature: bool = False,
-        factory: Any = dataclasses.MISSING) -> Any:
+def _key(
+    default: Any = dataclasses.MISSING,
+    *,
+    help: str,
+    group: str,
+    affects_result: bool = True,
+    choices: tuple[str, ...] | None = None,
+    bound: str | None = None,
+    probe_feature: bool = False,
+    factory: Any = dataclasses.MISSING,
+) -> Any:
     """A Config field that describes itself: the one home of a key's facts.
 
     ``help`` is the one-line description (``powergrad train --help``), ``group`` one of
@@ -48,8 +67,14 @@ def _key(default: Any = dataclasses.MISSING, *, help: str, group: str, affects_r
     """
     if group not in GROUPS:
         raise ValueError(f"group {group!r} is not one of {GROUPS}")
-    meta = {"help": help, "group": group, "affects_result": affects_result, "choices": choices,
-            "bound": bound, "probe_feature": probe_feature}
+    meta = {
+        "help": help,
+        "group": group,
+        "affects_result": affects_result,
+        "choices": choices,
+        "bound": bound,
+        "probe_feature": probe_feature,
+    }
     if factory is not dataclasses.MISSING:
         return field(default_factory=factory, metadata=meta)
     return field(default=default, metadata=meta)
@@ -60,133 +85,343 @@ class MonitorConfig:
     """Thresholds of the training-pathology checks (see powergrad.monitor). They change what is
     reported, never what is learned."""
 
-    stall_epochs: int = _key(3, help="judge 'stalled' after this many epochs", group="machinery", affects_result=False)
-    stall_loss_change: float = _key(0.01, help="relative train-loss change below which loss is 'frozen'",
-                                   group="machinery", affects_result=False)
-    stall_acc_margin: float = _key(0.02, help="accuracy within this of chance counts as 'at chance'",
-                                  group="machinery", affects_result=False)
-    dead_filter_norm: float = _key(1e-3, help="a conv filter whose weight norm falls below this is dead",
-                                  group="machinery", affects_result=False)
-    dead_filter_share: float = _key(0.05, help="warn when more than this share of filters is dead",
-                                   group="machinery", affects_result=False)
-    overfit_patience: int = _key(3, help="epochs the held-out loss must stay risen before 'overfitting'",
-                                 group="machinery", affects_result=False)
-    overfit_rise: float = _key(0.2, help="how far above its lowest (a share) the held-out loss must stay",
-                               group="machinery", affects_result=False)
-    filter_norms: bool = _key(False, help="record per-filter L2 norms of every conv layer",
-                             group="machinery", affects_result=False)
-    filter_norms_every: int = _key(100, help="steps between filter-norm records (0: at epoch ends only)",
-                                  group="machinery", affects_result=False)
-    logit_stats: bool = _key(True, help="record logit norm, mean, max and variance each epoch",
-                            group="machinery", affects_result=False)
+    stall_epochs: int = _key(
+        3, help="judge 'stalled' after this many epochs", group="machinery", affects_result=False
+    )
+    stall_loss_change: float = _key(
+        0.01,
+        help="relative train-loss change below which loss is 'frozen'",
+        group="machinery",
+        affects_result=False,
+    )
+    stall_acc_margin: float = _key(
+        0.02,
+        help="accuracy within this of chance counts as 'at chance'",
+        group="machinery",
+        affects_result=False,
+    )
+    dead_filter_norm: float = _key(
+        1e-3,
+        help="a conv filter whose weight norm falls below this is dead",
+        group="machinery",
+        affects_result=False,
+    )
+    dead_filter_share: float = _key(
+        0.05,
+        help="warn when more than this share of filters is dead",
+        group="machinery",
+        affects_result=False,
+    )
+    overfit_patience: int = _key(
+        3,
+        help="epochs the held-out loss must stay risen before 'overfitting'",
+        group="machinery",
+        affects_result=False,
+    )
+    overfit_rise: float = _key(
+        0.2,
+        help="how far above its lowest (a share) the held-out loss must stay",
+        group="machinery",
+        affects_result=False,
+    )
+    filter_norms: bool = _key(
+        False,
+        help="record per-filter L2 norms of every conv layer",
+        group="machinery",
+        affects_result=False,
+    )
+    filter_norms_every: int = _key(
+        100,
+        help="steps between filter-norm records (0: at epoch ends only)",
+        group="machinery",
+        affects_result=False,
+    )
+    logit_stats: bool = _key(
+        True,
+        help="record logit norm, mean, max and variance each epoch",
+        group="machinery",
+        affects_result=False,
+    )
 
 
 @dataclass
 class Config:
     """Every key of a recipe. ``batch_size`` is the global batch over all processes."""
 
-    description: str = _key("", help="one line saying what the recipe is for", group="machinery", affects_result=False)
+    description: str = _key(
+        "", help="one line saying what the recipe is for", group="machinery", affects_result=False
+    )
     # what and on what
-    model: str = _key("mlp", help="model name: a local one (mlp, convnet, resnet20, ...), tv/NAME or a timm name",
-                     group="model", probe_feature=True)
-    model_kwargs: dict = _key(factory=dict, help="extra keyword arguments for the model's constructor",
-                             group="model", probe_feature=True)
-    pretrained: bool = _key(False, help="start from the model's published pretrained weights", group="model",
-                           probe_feature=True)
-    weights: str | None = _key(None, help="start from the weights in this file (a state dict or checkpoint)",
-                              group="model", probe_feature=True)
-    freeze: str = _key("none", help="what does not train: none, or backbone (only the head trains)", group="model",
-                      choices=("none", "backbone"))
-    head_lr: float | None = _key(None, help="learning rate of the head (default: lr)", group="optimisation")
-    probe_layer: str | None = _key(None, help="train a linear probe on the frozen features of this layer (or input)",
-                                  group="model", probe_feature=True)
+    model: str = _key(
+        "mlp",
+        help="model name: a local one (mlp, convnet, resnet20, ...), tv/NAME or a timm name",
+        group="model",
+        probe_feature=True,
+    )
+    model_kwargs: dict = _key(
+        factory=dict,
+        help="extra keyword arguments for the model's constructor",
+        group="model",
+        probe_feature=True,
+    )
+    pretrained: bool = _key(
+        False,
+        help="start from the model's published pretrained weights",
+        group="model",
+        probe_feature=True,
+    )
+    weights: str | None = _key(
+        None,
+        help="start from the weights in this file (a state dict or checkpoint)",
+        group="model",
+        probe_feature=True,
+    )
+    freeze: str = _key(
+        "none",
+        help="what does not train: none, or backbone (only the head trains)",
+        group="model",
+        choices=("none", "backbone"),
+    )
+    head_lr: float | None = _key(
+        None, help="learning rate of the head (default: lr)", group="optimisation"
+    )
+    probe_layer: str | None = _key(
+        None,
+        help="train a linear probe on the frozen features of this layer (or input)",
+        group="model",
+        probe_feature=True,
+    )
     # auto = average 4-D maps over space (3-D token maps over tokens), flatten the raw input;
     # flatten keeps every number (layer3 of ResNet-18 at 224 px is 50,176 numbers an image)
-    probe_pool: str = _key("auto", help="probe features: auto, avg (over space), or flatten", group="model",
-                          choices=("auto", "avg", "flatten"), probe_feature=True)
-    probe_standardize: bool = _key(True, help="probe features minus train mean, over train std", group="model")
-    probe_cache: str | None = _key(None, help="a .pt file for probe features: read if it matches, else written",
-                                  group="machinery", affects_result=False)
-    dataset: str = _key("digits", help="data set: digits, synthetic, cifar10, cifar100, mnist, imagefolder, ...",
-                       group="data", probe_feature=True)
+    probe_pool: str = _key(
+        "auto",
+        help="probe features: auto, avg (over space), or flatten",
+        group="model",
+        choices=("auto", "avg", "flatten"),
+        probe_feature=True,
+    )
+    probe_standardize: bool = _key(
+        True, help="probe features minus train mean, over train std", group="model"
+    )
+    probe_cache: str | None = _key(
+        None,
+        help="a .pt file for probe features: read if it matches, else written",
+        group="machinery",
+        affects_result=False,
+    )
+    dataset: str = _key(
+        "digits",
+        help="data set: digits, synthetic, cifar10, cifar100, mnist, imagefolder, ...",
+        group="data",
+        probe_feature=True,
+    )
     # The features depend on where the images are read from, the result (by the report's
     # grouping) does not: a run moved to another disk is the same run.
-    data_dir: str | None = _key(None, help="where the data set lives", group="data", affects_result=False,
-                               probe_feature=True)
-    download: bool = _key(False, help="download the data set if it is missing", group="data", affects_result=False)
-    img_size: int | None = _key(None, help="image side in pixels (default: the data set's)", group="data",
-                               probe_feature=True)
-    augment: str = _key("auto", help="training augmentation (auto: the data set's usual one; none)", group="data")
-    train_subset: int | None = _key(None, help="train on N images (class-balanced, seeded)", group="data",
-                                   probe_feature=True)
-    test_subset: int | None = _key(None, help="evaluate on N test images (class-balanced, seeded)", group="data",
-                                  probe_feature=True)
-    val_fraction: float = _key(0.0, help="share of the training set held out for validation (and best.pt)",
-                              group="data", probe_feature=True)
-    skip_bad_images: bool = _key(False, help="skip images that fail to decode (counted in summary.json)",
-                                group="data")
-    num_classes: int | None = _key(None, help="classes of dataset=synthetic; elsewhere read from the data "
-                                   "(a different value is an error)", group="data", probe_feature=True)
-    synthetic_size: int = _key(1024, help="images in dataset=synthetic", group="data", bound=">0", probe_feature=True)
+    data_dir: str | None = _key(
+        None,
+        help="where the data set lives",
+        group="data",
+        affects_result=False,
+        probe_feature=True,
+    )
+    download: bool = _key(
+        False, help="download the data set if it is missing", group="data", affects_result=False
+    )
+    img_size: int | None = _key(
+        None,
+        help="image side in pixels (default: the data set's)",
+        group="data",
+        probe_feature=True,
+    )
+    augment: str = _key(
+        "auto", help="training augmentation (auto: the data set's usual one; none)", group="data"
+    )
+    train_subset: int | None = _key(
+        None, help="train on N images (class-balanced, seeded)", group="data", probe_feature=True
+    )
+    test_subset: int | None = _key(
+        None,
+        help="evaluate on N test images (class-balanced, seeded)",
+        group="data",
+        probe_feature=True,
+    )
+    val_fraction: float = _key(
+        0.0,
+        help="share of the training set held out for validation (and best.pt)",
+        group="data",
+        probe_feature=True,
+    )
+    skip_bad_images: bool = _key(
+        False, help="skip images that fail to decode (counted in summary.json)", group="data"
+    )
+    num_classes: int | None = _key(
+        None,
+        help="classes of dataset=synthetic; elsewhere read from the data "
+        "(a different value is an error)",
+        group="data",
+        probe_feature=True,
+    )
+    synthetic_size: int = _key(
+        1024, help="images in dataset=synthetic", group="data", bound=">0", probe_feature=True
+    )
     # optimisation
-    epochs: int = _key(10, help="epochs to train (raise it on resume to extend a run)", group="optimisation",
-                      bound=">0")
-    batch_size: int = _key(128, help="global batch size over all processes", group="optimisation", bound=">0")
+    epochs: int = _key(
+        10,
+        help="epochs to train (raise it on resume to extend a run)",
+        group="optimisation",
+        bound=">0",
+    )
+    batch_size: int = _key(
+        128, help="global batch size over all processes", group="optimisation", bound=">0"
+    )
     lr: float = _key(0.1, help="peak learning rate", group="optimisation", bound=">0")
     optimizer: str = _key("sgd", help="optimiser", group="optimisation", choices=("sgd", "adamw"))
-    momentum: float = _key(0.9, help="SGD momentum (AdamW: beta1)", group="optimisation", bound=">=0")
+    momentum: float = _key(
+        0.9, help="SGD momentum (AdamW: beta1)", group="optimisation", bound=">=0"
+    )
     nesterov: bool = _key(True, help="Nesterov momentum (SGD)", group="optimisation")
-    weight_decay: float = _key(5e-4, help="weight decay (not on biases and norm weights)", group="optimisation",
-                              bound=">=0")
-    sched: str = _key("cosine", help="learning-rate schedule", group="optimisation",
-                     choices=("cosine", "step", "exp", "const"))
-    warmup_epochs: int = _key(0, help="linear warm-up epochs from warmup_lr", group="optimisation", bound=">=0")
-    warmup_lr: float = _key(1e-4, help="learning rate at the start of the warm-up", group="optimisation",
-                           bound=">=0")
-    decay_epochs: float = _key(30.0, help="step/exp schedules: epochs between decays", group="optimisation")
-    decay_milestones: list[int] | None = _key(None, help="step schedule: epochs at which lr is multiplied by "
-                                             "decay_rate", group="optimisation")
-    decay_rate: float = _key(0.1, help="step/exp schedules: the factor of each decay", group="optimisation",
-                            bound=">=0")
-    min_lr: float = _key(0.0, help="lowest learning rate of the schedule", group="optimisation", bound=">=0")
-    cooldown_epochs: int = _key(0, help="epochs at min_lr after the schedule", group="optimisation", bound=">=0")
-    accum_steps: int = _key(1, help="micro-batches per optimiser step (same global batch)", group="optimisation",
-                           bound=">0")
+    weight_decay: float = _key(
+        5e-4,
+        help="weight decay (not on biases and norm weights)",
+        group="optimisation",
+        bound=">=0",
+    )
+    sched: str = _key(
+        "cosine",
+        help="learning-rate schedule",
+        group="optimisation",
+        choices=("cosine", "step", "exp", "const"),
+    )
+    warmup_epochs: int = _key(
+        0, help="linear warm-up epochs from warmup_lr", group="optimisation", bound=">=0"
+    )
+    warmup_lr: float = _key(
+        1e-4, help="learning rate at the start of the warm-up", group="optimisation", bound=">=0"
+    )
+    decay_epochs: float = _key(
+        30.0, help="step/exp schedules: epochs between decays", group="optimisation"
+    )
+    decay_milestones: list[int] | None = _key(
+        None,
+        help="step schedule: epochs at which lr is multiplied by decay_rate",
+        group="optimisation",
+    )
+    decay_rate: float = _key(
+        0.1, help="step/exp schedules: the factor of each decay", group="optimisation", bound=">=0"
+    )
+    min_lr: float = _key(
+        0.0, help="lowest learning rate of the schedule", group="optimisation", bound=">=0"
+    )
+    cooldown_epochs: int = _key(
+        0, help="epochs at min_lr after the schedule", group="optimisation", bound=">=0"
+    )
+    accum_steps: int = _key(
+        1,
+        help="micro-batches per optimiser step (same global batch)",
+        group="optimisation",
+        bound=">0",
+    )
     # the tampering
-    alpha: float = _key(1.0, help="PowerGrad exponent on the softmax in the gradient (1 = cross-entropy)",
-                       group="tampering", bound=">=0")
+    alpha: float = _key(
+        1.0,
+        help="PowerGrad exponent on the softmax in the gradient (1 = cross-entropy)",
+        group="tampering",
+        bound=">=0",
+    )
     label_smoothing: float = _key(0.0, help="label smoothing in [0, 1)", group="tampering")
-    clip: str = _key("none", help="gradient clipping", group="optimisation", choices=("none", "norm", "value", "agc"))
-    clip_value: float = _key(1.0, help="threshold of the gradient clipping", group="optimisation", bound=">=0")
+    clip: str = _key(
+        "none",
+        help="gradient clipping",
+        group="optimisation",
+        choices=("none", "norm", "value", "agc"),
+    )
+    clip_value: float = _key(
+        1.0, help="threshold of the gradient clipping", group="optimisation", bound=">=0"
+    )
     # checkpoints
-    resume: str | None = _key(None, help="continue a run: auto (the run in --out), a run folder or a checkpoint",
-                             group="checkpoints", affects_result=False)
-    init_from: str | None = _key(None, help="start a NEW run from another run's checkpoint (weights only; "
-                                 "the parent is recorded in summary.json)", group="checkpoints")
-    save_every: int = _key(1, help="save last.pt (and best.pt) every N epochs", group="checkpoints",
-                          affects_result=False, bound=">0")
+    resume: str | None = _key(
+        None,
+        help="continue a run: auto (the run in --out), a run folder or a checkpoint",
+        group="checkpoints",
+        affects_result=False,
+    )
+    init_from: str | None = _key(
+        None,
+        help="start a NEW run from another run's checkpoint (weights only; "
+        "the parent is recorded in summary.json)",
+        group="checkpoints",
+    )
+    save_every: int = _key(
+        1,
+        help="save last.pt (and best.pt) every N epochs",
+        group="checkpoints",
+        affects_result=False,
+        bound=">0",
+    )
     # Bounds what a kill loses on long epochs (ImageNet: 5,005 steps an epoch at batch 256).
-    checkpoint_every_steps: int = _key(0, help="also save last.pt every N optimiser steps inside an epoch "
-                                      "(0: only at epoch ends)", group="checkpoints", affects_result=False,
-                                      bound=">=0")
-    keep_checkpoints: bool = _key(False, help="also keep epoch{N}.pt for every saved epoch", group="checkpoints",
-                                 affects_result=False)
+    checkpoint_every_steps: int = _key(
+        0,
+        help="also save last.pt every N optimiser steps inside an epoch (0: only at epoch ends)",
+        group="checkpoints",
+        affects_result=False,
+        bound=">=0",
+    )
+    keep_checkpoints: bool = _key(
+        False,
+        help="also keep epoch{N}.pt for every saved epoch",
+        group="checkpoints",
+        affects_result=False,
+    )
     # machinery
-    seed: int = _key(0, help="seed of the data order, split and initial weights", group="machinery", bound=">=0",
-                    probe_feature=True)
-    device: str = _key("auto", help="where to train", group="machinery", affects_result=False,
-                      choices=("auto", "cpu", "cuda"))
-    amp: str = _key("none", help="mixed precision", group="machinery", choices=("none", "bf16", "fp16"))
-    channels_last: bool = _key(False, help="channels-last memory format (faster convolutions on GPUs)",
-                              group="machinery", affects_result=False)
-    compile: bool = _key(False, help="torch.compile the model", group="machinery", affects_result=False)
-    workers: int = _key(2, help="data-loading worker processes", group="machinery", affects_result=False,
-                       bound=">=0")
-    sync_bn: bool = _key(False, help="synchronise BatchNorm statistics across processes", group="machinery")
-    nproc: int = _key(1, help="processes on this machine (torchrun); the batch stays global", group="machinery",
-                     affects_result=False, bound=">0")
-    monitor: MonitorConfig = _key(factory=MonitorConfig, help="thresholds of the training-pathology checks "
-                                 "(monitor.KEY)", group="machinery", affects_result=False)
+    seed: int = _key(
+        0,
+        help="seed of the data order, split and initial weights",
+        group="machinery",
+        bound=">=0",
+        probe_feature=True,
+    )
+    device: str = _key(
+        "auto",
+        help="where to train",
+        group="machinery",
+        affects_result=False,
+        choices=("auto", "cpu", "cuda"),
+    )
+    amp: str = _key(
+        "none", help="mixed precision", group="machinery", choices=("none", "bf16", "fp16")
+    )
+    channels_last: bool = _key(
+        False,
+        help="channels-last memory format (faster convolutions on GPUs)",
+        group="machinery",
+        affects_result=False,
+    )
+    compile: bool = _key(
+        False, help="torch.compile the model", group="machinery", affects_result=False
+    )
+    workers: int = _key(
+        2,
+        help="data-loading worker processes",
+        group="machinery",
+        affects_result=False,
+        bound=">=0",
+    )
+    sync_bn: bool = _key(
+        False, help="synchronise BatchNorm statistics across processes", group="machinery"
+    )
+    nproc: int = _key(
+        1,
+        help="processes on this machine (torchrun); the batch stays global",
+        group="machinery",
+        affects_result=False,
+        bound=">0",
+    )
+    monitor: MonitorConfig = _key(
+        factory=MonitorConfig,
+        help="thresholds of the training-pathology checks (monitor.KEY)",
+        group="machinery",
+        affects_result=False,
+    )
 
     def to_dict(self) -> dict[str, Any]:
         return dataclasses.asdict(self)
@@ -219,8 +454,19 @@ def _infos(cls: type, prefix: str = "") -> list[FieldInfo]:
     for f in dataclasses.fields(cls):
         m = f.metadata
         default = f.default if f.default_factory is dataclasses.MISSING else f.default_factory()
-        out.append(FieldInfo(prefix + f.name, hints[f.name], default, m["help"], m["group"],
-                             m["affects_result"], m["choices"], m["bound"], m["probe_feature"]))
+        out.append(
+            FieldInfo(
+                prefix + f.name,
+                hints[f.name],
+                default,
+                m["help"],
+                m["group"],
+                m["affects_result"],
+                m["choices"],
+                m["bound"],
+                m["probe_feature"],
+            )
+        )
     return out
 
 
@@ -322,7 +568,9 @@ def _coerce(key: str, value: Any, tp: Any) -> Any:
                 raise ValueError
             if isinstance(value, float) and not value.is_integer():
                 raise ValueError
-            return int(float(value)) if isinstance(value, str) and "e" in value.lower() else int(value)
+            return (
+                int(float(value)) if isinstance(value, str) and "e" in value.lower() else int(value)
+            )
         if base is float:
             if isinstance(value, bool):
                 raise ValueError
@@ -362,7 +610,9 @@ def _all_keys() -> list[str]:
 
 def _unknown(key: str) -> UserError:
     close = difflib.get_close_matches(key, _all_keys(), n=1, cutoff=0.5)
-    hint = f"; did you mean {close[0]!r}?" if close else "; `powergrad train --help` lists every key"
+    hint = (
+        f"; did you mean {close[0]!r}?" if close else "; `powergrad train --help` lists every key"
+    )
     return UserError(f"unknown key {key!r}{hint}")
 
 
@@ -439,7 +689,11 @@ def list_recipes() -> dict[str, str]:
     for path in sorted(root.rglob("*.yaml")):
         name = path.relative_to(root).with_suffix("").as_posix()
         data = _read_yaml(path)
-        out[name] = str(data.get("description", "")).strip().splitlines()[0] if data.get("description") else ""
+        out[name] = (
+            str(data.get("description", "")).strip().splitlines()[0]
+            if data.get("description")
+            else ""
+        )
     return out
 
 
@@ -453,7 +707,9 @@ class _UniqueKeyLoader(yaml.SafeLoader):
             key = self.construct_object(key_node, deep=deep)
             line = key_node.start_mark.line + 1
             if key in seen:
-                raise UserError(f"{self.name}: key {key!r} is given twice (lines {seen[key]} and {line})")
+                raise UserError(
+                    f"{self.name}: key {key!r} is given twice (lines {seen[key]} and {line})"
+                )
             seen[key] = line
         return super().construct_mapping(node, deep=deep)
 
@@ -476,7 +732,9 @@ def _read_yaml(path: Path) -> dict[str, Any]:
         # safe_load builds plain values only: a tag such as !!python/object/apply is refused.
         mark = getattr(e, "problem_mark", None)
         where = f" (line {mark.line + 1})" if mark is not None else ""
-        raise UserError(f"{path}: refused: {e.problem}{where}; a recipe holds plain values only") from None
+        raise UserError(
+            f"{path}: refused: {e.problem}{where}; a recipe holds plain values only"
+        ) from None
     except yaml.YAMLError as e:
         mark = getattr(e, "problem_mark", None)
         where = f" (line {mark.line + 1})" if mark is not None else ""
@@ -484,7 +742,9 @@ def _read_yaml(path: Path) -> dict[str, Any]:
     except OSError as e:
         raise UserError(f"{path}: cannot read ({e.strerror})") from None
     if data is None:
-        raise UserError(f"{path}: the recipe is empty; give at least one key (base: digits to start from one)")
+        raise UserError(
+            f"{path}: the recipe is empty; give at least one key (base: digits to start from one)"
+        )
     if not isinstance(data, dict):
         raise UserError(f"{path}: a recipe must be a YAML mapping of key: value")
     return data
@@ -512,18 +772,26 @@ def describe_recipe(recipe: str) -> list[str]:
     own = _read_yaml(path)
     raw = _load_raw(recipe)
     defaults = {i.name: i.default for i in field_info()}
-    lines = [f"{recipe}: {str(raw.get('description', '')).strip() or '(no description)'}", f"file: {path}"]
+    lines = [
+        f"{recipe}: {str(raw.get('description', '')).strip() or '(no description)'}",
+        f"file: {path}",
+    ]
     if own.get("base"):
         lines.append(f"base: {own['base']}")
     lines.append("sets:")
     for key, value in raw.items():
         if key == "description":
             continue
-        for name, v in (value.items() if isinstance(value, dict) and key == "monitor" else [(None, value)]):
+        for name, v in (
+            value.items() if isinstance(value, dict) and key == "monitor" else [(None, value)]
+        ):
             full = f"{key}.{name}" if name else key
             default = defaults.get(full)
             same = v == default or (name is None and key == "model_kwargs" and not v)
-            lines.append(f"  {full}: {json.dumps(v)}" + ("" if same else f"  (default {json.dumps(default)})"))
+            lines.append(
+                f"  {full}: {json.dumps(v)}"
+                + ("" if same else f"  (default {json.dumps(default)})")
+            )
     return lines
 
 
@@ -569,7 +837,9 @@ def _parse_overrides(args: list[str]) -> list[tuple[str, Any]]:
         key, value = arg.split("=", 1)
         key = key.strip()
         if key in out:  # the last would win silently: say which one was meant
-            raise UserError(f"{key} is given twice ({key}={out[key]} and {key}={value}); give it once")
+            raise UserError(
+                f"{key} is given twice ({key}={out[key]} and {key}={value}); give it once"
+            )
         out[key] = value
     return list(out.items())
 
@@ -578,15 +848,21 @@ def warnings_for(cfg: Config) -> list[str]:
     """Settings that are allowed but rarely meant: one line each, for the start of a run."""
     out = []
     if cfg.alpha == 0:
-        out.append("alpha=0: the gradient is 1/C - q for every example, whatever the model predicts "
-                   "(the paper's range is 0 < alpha <= 1)")
+        out.append(
+            "alpha=0: the gradient is 1/C - q for every example, whatever the model predicts "
+            "(the paper's range is 0 < alpha <= 1)"
+        )
     elif cfg.alpha > 1:
-        out.append(f"alpha={cfg.alpha:g} > 1 sharpens the softmax in the gradient: outside the paper's "
-                   "range (0 < alpha <= 1), untested by it")
+        out.append(
+            f"alpha={cfg.alpha:g} > 1 sharpens the softmax in the gradient: outside the paper's "
+            "range (0 < alpha <= 1), untested by it"
+        )
     return out
 
 
 def config_hash(cfg: Config) -> str:
     """A short, stable hash of the settings that change the result (:func:`result_keys`)."""
     d = cfg.to_dict()
-    return hashlib.sha256(json.dumps({k: d[k] for k in result_keys()}, sort_keys=True).encode()).hexdigest()[:12]
+    return hashlib.sha256(
+        json.dumps({k: d[k] for k in result_keys()}, sort_keys=True).encode()
+    ).hexdigest()[:12]

@@ -29,7 +29,9 @@ def data_root(cfg: Config) -> Path:
 
 def data_dir_required(cfg: Config) -> Path:
     if not cfg.data_dir:
-        raise UserError(f"dataset {cfg.dataset!r} needs data_dir=PATH (the folder holding train/ and val/)")
+        raise UserError(
+            f"dataset {cfg.dataset!r} needs data_dir=PATH (the folder holding train/ and val/)"
+        )
     root = data_root(cfg)
     if not root.is_dir():
         raise UserError(f"data_dir {root} does not exist (dataset {cfg.dataset!r})")
@@ -50,8 +52,11 @@ def imagefolder_dirs(root: Path) -> tuple[Path, Path]:
             f"(or {root}/test/<class>/); found no {'train' if not train_dir.is_dir() else 'val or test'} folder"
         )
     if len(present) == 2:
-        log.warning("warning: %s holds both val/ and test/: evaluating on val/, test/ is not used "
-                    "(remove or rename val/ to evaluate on test/)", root)
+        log.warning(
+            "warning: %s holds both val/ and test/: evaluating on val/, test/ is not used "
+            "(remove or rename val/ to evaluate on test/)",
+            root,
+        )
     return train_dir, present[0]
 
 
@@ -64,14 +69,22 @@ def check_paths(cfg: Config) -> list[str]:
         if cfg.dataset == "imagefolder":
             train_dir, eval_dir = imagefolder_dirs(root)
             classes = sorted(e.name for e in os.scandir(train_dir) if e.is_dir())
-            found.append(f"data: {train_dir} ({len(classes)} class folders), evaluated on {eval_dir}")
+            found.append(
+                f"data: {train_dir} ({len(classes)} class folders), evaluated on {eval_dir}"
+            )
         else:
             found.append(f"data: {root}")
     elif cfg.dataset not in ("digits", "synthetic"):
         root = data_root(cfg)
-        state = "exists" if root.is_dir() else ("missing; download=true fetches it" if cfg.download else "missing")
+        state = (
+            "exists"
+            if root.is_dir()
+            else ("missing; download=true fetches it" if cfg.download else "missing")
+        )
         if not root.is_dir() and not cfg.download:
-            raise UserError(f"data_dir {root} does not exist (dataset {cfg.dataset!r}); set download=true to fetch it")
+            raise UserError(
+                f"data_dir {root} does not exist (dataset {cfg.dataset!r}); set download=true to fetch it"
+            )
         found.append(f"data: {root} ({state})")
     for key in ("weights", "resume"):
         value = getattr(cfg, key)

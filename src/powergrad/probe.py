@@ -35,18 +35,21 @@ log = logging.getLogger("powergrad")
 FEATURE_LIMIT_BYTES = 4 * 1024**3
 
 
-
 class _NoTransform:
     """The memory loaders' transform interface, for features that need none."""
 
     def draw(self, gen: torch.Generator, n: int, side: int) -> dict[str, torch.Tensor]:
         return {}
 
-    def __call__(self, x: torch.Tensor, params: dict[str, torch.Tensor] | None = None) -> torch.Tensor:
+    def __call__(
+        self, x: torch.Tensor, params: dict[str, torch.Tensor] | None = None
+    ) -> torch.Tensor:
         return x
 
 
-def train_probe(cfg: Config, out: str | Path | None = None, *, overwrite: bool = False, **loop_options: Any):
+def train_probe(
+    cfg: Config, out: str | Path | None = None, *, overwrite: bool = False, **loop_options: Any
+):
     """Train a linear probe on ``cfg.model``'s frozen features at ``cfg.probe_layer``.
 
     ``loop_options`` go to :func:`run_training` as they do from :func:`powergrad.workflows.train`."""
@@ -57,7 +60,9 @@ def train_probe(cfg: Config, out: str | Path | None = None, *, overwrite: bool =
     dist = init_distributed(cfg.device)
     try:
         if dist.enabled:
-            raise UserError("probe_layer trains in one process (its head is one linear layer): drop nproc")
+            raise UserError(
+                "probe_layer trains in one process (its head is one linear layer): drop nproc"
+            )
         probe, loaders = _build(cfg, dist.device)
         feats = _features(probe, loaders, cfg, dist.device)
         mean, std = standardisation(feats["train_x"]) if cfg.probe_standardize else (None, None)
@@ -70,14 +75,32 @@ def train_probe(cfg: Config, out: str | Path | None = None, *, overwrite: bool =
         b = cfg.batch_size
         train = MemoryTrainLoader(feats["train_x"], feats["train_y"], none, b, cfg.seed)
         test = MemoryEvalLoader(feats["test_x"], feats["test_y"], none, b)
-        val = MemoryEvalLoader(feats["val_x"], feats["val_y"], none, b) if "val_x" in feats else None
-        extra = {"probe": {"layer": cfg.probe_layer, "features": int(feats["train_x"].shape[1]),
-                           "train_examples": int(len(feats["train_y"])),
-                           "standardized": cfg.probe_standardize}}
+        val = (
+            MemoryEvalLoader(feats["val_x"], feats["val_y"], none, b) if "val_x" in feats else None
+        )
+        extra = {
+            "probe": {
+                "layer": cfg.probe_layer,
+                "features": int(feats["train_x"].shape[1]),
+                "train_examples": int(len(feats["train_y"])),
+                "standardized": cfg.probe_standardize,
+            }
+        }
         # The head's input is standardised features, not activations: no dead-feature watch.
-        return run_training(head, train, test, cfg, dist, out=out, overwrite=overwrite, val_loader=val,
-                            extra_summary=extra, watch_features=False,
-                            class_names=list(loaders.info.class_names), **loop_options)
+        return run_training(
+            head,
+            train,
+            test,
+            cfg,
+            dist,
+            out=out,
+            overwrite=overwrite,
+            val_loader=val,
+            extra_summary=extra,
+            watch_features=False,
+            class_names=list(loaders.info.class_names),
+            **loop_options,
+        )
     finally:
         cleanup(dist)
 
@@ -92,8 +115,10 @@ def evaluate_probe(cfg: Config, state: dict[str, Any], checkpoint: str | Path) -
     try:
         probe, loaders = _build(cfg, device)
     except UserError as e:
-        raise UserError(f"{e} (a probe checkpoint holds only the head; its backbone comes from "
-                        "the recipe's pretrained / weights)") from None
+        raise UserError(
+            f"{e} (a probe checkpoint holds only the head; its backbone comes from "
+            "the recipe's pretrained / weights)"
+        ) from None
     load_model_state(probe.head_module(), state["model"], checkpoint)
     return evaluate_loader(probe, loaders.test, cfg, DistInfo(device=device))
 
@@ -118,13 +143,19 @@ def create_probe(cfg: Config, num_classes: int, in_chans: int, img_size: int):
 
     if cfg.probe_layer is None:
         raise ValueError("create_probe: cfg.probe_layer names no layer to probe")
-    backbone = create_model(dataclasses.replace(cfg, probe_layer=None, freeze="none"), num_classes, in_chans,
-                            img_size)
+    backbone = create_model(
+        dataclasses.replace(cfg, probe_layer=None, freeze="none"), num_classes, in_chans, img_size
+    )
     if not (cfg.weights or cfg.pretrained):
         log.warning("probe_layer with neither pretrained nor weights: probing a random network")
     probe = Probe(backbone, cfg.probe_layer, num_classes, in_chans, img_size, cfg.probe_pool)
-    log.info("linear probe on %s at layer %s: %d features -> %d classes (backbone frozen)",
-             cfg.model, cfg.probe_layer, probe.fc.in_features, num_classes)
+    log.info(
+        "linear probe on %s at layer %s: %d features -> %d classes (backbone frozen)",
+        cfg.model,
+        cfg.probe_layer,
+        probe.fc.in_features,
+        num_classes,
+    )
     return probe
 
 
@@ -142,7 +173,9 @@ def _build(cfg: Config, device: torch.device):
 
 
 def _features(probe, loaders, cfg: Config, device: torch.device) -> dict[str, torch.Tensor]:
-    key = {k: getattr(cfg, k) for k in probe_feature_keys()}  # a cache made with others is recomputed
+    key = {
+        k: getattr(cfg, k) for k in probe_feature_keys()
+    }  # a cache made with others is recomputed
     cache = Path(cfg.probe_cache) if cfg.probe_cache else None
     if cache is not None and cache.is_file():
         try:
@@ -167,8 +200,13 @@ def _features(probe, loaders, cfg: Config, device: torch.device) -> dict[str, to
     for split, loader in (("train", train), ("test", loaders.test), ("val", loaders.val)):
         if loader is not None:
             feats[f"{split}_x"], feats[f"{split}_y"] = _extract(probe, loader, n_total, cfg)
-    log.info("probe features at %s: %d train and %d test examples x %d", cfg.probe_layer,
-             len(feats["train_y"]), len(feats["test_y"]), feats["train_x"].shape[1])
+    log.info(
+        "probe features at %s: %d train and %d test examples x %d",
+        cfg.probe_layer,
+        len(feats["train_y"]),
+        len(feats["test_y"]),
+        feats["train_x"].shape[1],
+    )
     if cache is not None:
         cache.parent.mkdir(parents=True, exist_ok=True)
         torch.save({"key": key, **{k: v.cpu() for k, v in feats.items()}}, cache)
@@ -177,7 +215,9 @@ def _features(probe, loaders, cfg: Config, device: torch.device) -> dict[str, to
 
 
 @torch.no_grad()
-def _extract(probe, loader: Iterable, n_total: int, cfg: Config) -> tuple[torch.Tensor, torch.Tensor]:
+def _extract(
+    probe, loader: Iterable, n_total: int, cfg: Config
+) -> tuple[torch.Tensor, torch.Tensor]:
     xs: list[torch.Tensor] = []
     ys: list[torch.Tensor] = []
     for x, y in loader:
@@ -186,7 +226,8 @@ def _extract(probe, loader: Iterable, n_total: int, cfg: Config) -> tuple[torch.
             raise UserError(
                 f"probe features at {cfg.probe_layer} have {f.shape[1]} numbers per image: "
                 f"{n_total * f.shape[1] * 4 / 1e9:.1f} GB for the data set; use probe_pool=avg or a "
-                "smaller img_size")
+                "smaller img_size"
+            )
         xs.append(f)
         ys.append(y)
     return torch.cat(xs), torch.cat(ys)
@@ -202,11 +243,19 @@ def _log_scale(train_x: torch.Tensor, cfg: Config) -> None:
     """
     x = train_x.double()
     common = float(x.mean(0).pow(2).sum())
-    log.info("probe features (raw): mean |f| %.3g, max %.3g, mean ||f||^2 %.3g, ||mean f||^2 %.3g; "
-             "lr * ||mean f||^2 = %.3g%s", float(x.abs().mean()), float(x.max()),
-             float(x.pow(2).sum(1).mean()), common, cfg.lr * common,
-             " (standardised before training)" if cfg.probe_standardize else " (not standardised)")
+    log.info(
+        "probe features (raw): mean |f| %.3g, max %.3g, mean ||f||^2 %.3g, ||mean f||^2 %.3g; "
+        "lr * ||mean f||^2 = %.3g%s",
+        float(x.abs().mean()),
+        float(x.max()),
+        float(x.pow(2).sum(1).mean()),
+        common,
+        cfg.lr * common,
+        " (standardised before training)" if cfg.probe_standardize else " (not standardised)",
+    )
     if not cfg.probe_standardize and cfg.lr * common > 10:
-        log.warning("probe_standardize=false with lr * ||mean f||^2 = %.3g: the first steps will push "
-                    "every image to one class (seed 002's stuck probe); standardise or lower lr",
-                    cfg.lr * common)
+        log.warning(
+            "probe_standardize=false with lr * ||mean f||^2 = %.3g: the first steps will push "
+            "every image to one class (seed 002's stuck probe); standardise or lower lr",
+            cfg.lr * common,
+        )

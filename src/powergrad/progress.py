@@ -64,8 +64,16 @@ def clock(seconds: float) -> str:
 def _bar(total: int | None, desc: str, unit: str, initial: int = 0) -> Any:
     from tqdm import tqdm
 
-    return tqdm(total=total, desc=desc, unit=unit, initial=initial, leave=False, file=_terminal(),
-                dynamic_ncols=True, mininterval=BAR_REFRESH_S)
+    return tqdm(
+        total=total,
+        desc=desc,
+        unit=unit,
+        initial=initial,
+        leave=False,
+        file=_terminal(),
+        dynamic_ncols=True,
+        mininterval=BAR_REFRESH_S,
+    )
 
 
 class StepProgress:
@@ -75,14 +83,25 @@ class StepProgress:
     steps of the run after this epoch (for the run's ETA).
     """
 
-    def __init__(self, epoch: int, epochs: int, steps: int, batch_size: int, *, first: int = 0,
-                 steps_left_after: int = 0, enabled: bool = True) -> None:
+    def __init__(
+        self,
+        epoch: int,
+        epochs: int,
+        steps: int,
+        batch_size: int,
+        *,
+        first: int = 0,
+        steps_left_after: int = 0,
+        enabled: bool = True,
+    ) -> None:
         self.epoch, self.epochs, self.steps, self.batch_size = epoch, epochs, steps, batch_size
         self.first, self.done, self.after = first, first, steps_left_after
         self.mode = mode() if enabled else "off"
         self.every = every_s()
         self.t0 = self.last = time.perf_counter()
-        self.bar = _bar(steps, f"epoch {epoch}/{epochs}", "step", first) if self.mode == "bar" else None
+        self.bar = (
+            _bar(steps, f"epoch {epoch}/{epochs}", "step", first) if self.mode == "bar" else None
+        )
 
     def step(self, loss: Any, lr: float) -> None:
         self.done += 1
@@ -101,9 +120,11 @@ class StepProgress:
     def line(self, loss: float, lr: float, now: float) -> str:
         rate = (self.done - self.first) / max(now - self.t0, 1e-9)  # steps/s this epoch
         left = self.steps - self.done
-        return (f"epoch {self.epoch}/{self.epochs}  step {self.done}/{self.steps}  loss {loss:.4f}  "
-                f"lr {lr:.4g}  {rate * self.batch_size:.0f} img/s  eta {clock(left / rate)} "
-                f"(run {clock((left + self.after) / rate)})")
+        return (
+            f"epoch {self.epoch}/{self.epochs}  step {self.done}/{self.steps}  loss {loss:.4f}  "
+            f"lr {lr:.4g}  {rate * self.batch_size:.0f} img/s  eta {clock(left / rate)} "
+            f"(run {clock((left + self.after) / rate)})"
+        )
 
     def close(self) -> None:
         if self.bar is not None:
@@ -111,8 +132,13 @@ class StepProgress:
             self.bar = None
 
 
-def track(items: Iterable[T], desc: str, total: int | None = None, unit: str = "batch",
-          enabled: bool = True) -> Iterator[T]:
+def track(
+    items: Iterable[T],
+    desc: str,
+    total: int | None = None,
+    unit: str = "batch",
+    enabled: bool = True,
+) -> Iterator[T]:
     """``items`` as they come, with a bar (terminal) or a line every PROGRESS_EVERY_S seconds
     (elsewhere) saying how far, at what rate, and how long is left."""
     how = mode() if enabled else "off"

@@ -1,12 +1,12 @@
 """The run directory, the unit of record: config, metrics, summary, checkpoints, events, plots.
 
-    RUN/config.yaml      the resolved config (feed it back as a recipe)
-    RUN/metrics.csv      one row per finished epoch
-    RUN/summary.json     final and best metrics, wall time, environment, diagnostics
-    RUN/last.pt best.pt  checkpoints
-    RUN/train.log        everything the run printed (stdout and stderr), appended on resume
-    RUN/events/          TensorBoard events
-    RUN/plots/           curves.png
+RUN/config.yaml      the resolved config (feed it back as a recipe)
+RUN/metrics.csv      one row per finished epoch
+RUN/summary.json     final and best metrics, wall time, environment, diagnostics
+RUN/last.pt best.pt  checkpoints
+RUN/train.log        everything the run printed (stdout and stderr), appended on resume
+RUN/events/          TensorBoard events
+RUN/plots/           curves.png
 """
 
 from __future__ import annotations
@@ -30,23 +30,60 @@ if TYPE_CHECKING:
     from torch.utils.tensorboard import SummaryWriter
 
 __all__ = [
-    "RunDir", "METRIC_COLUMNS", "read_metrics", "read_summary", "environment", "holds_run", "refuse_run_dir",
+    "RunDir",
+    "METRIC_COLUMNS",
+    "read_metrics",
+    "read_summary",
+    "environment",
+    "holds_run",
+    "refuse_run_dir",
 ]
 
 METRIC_COLUMNS = [
-    "epoch", "lr", "train_loss", "train_acc", "test_loss", "test_acc", "test_top5", "gap",
-    "val_loss", "val_acc", "logit_norm", "logit_mean", "logit_max", "logit_var",
-    "dead_filter_share", "dead_feature_share",
-    "epoch_s", "train_img_s",
+    "epoch",
+    "lr",
+    "train_loss",
+    "train_acc",
+    "test_loss",
+    "test_acc",
+    "test_top5",
+    "gap",
+    "val_loss",
+    "val_acc",
+    "logit_norm",
+    "logit_mean",
+    "logit_max",
+    "logit_var",
+    "dead_filter_share",
+    "dead_feature_share",
+    "epoch_s",
+    "train_img_s",
 ]
 TIMING_COLUMNS = ("epoch_s", "train_img_s")
 TB_STEP_EVERY = 50  # optimiser steps between per-step TensorBoard records (timm's log_interval)
-HPARAM_METRICS = ("train_loss", "train_acc", "val_loss", "val_acc", "test_loss", "test_acc", "test_top5")
+HPARAM_METRICS = (
+    "train_loss",
+    "train_acc",
+    "val_loss",
+    "val_acc",
+    "test_loss",
+    "test_acc",
+    "test_top5",
+)
 # metrics.csv column -> TensorBoard tag: one section per group.
-_TAG_PREFIXES = (("train_", "train/"), ("val_", "val/"), ("test_", "test/"), ("logit_", "logits/"),
-                 ("dead_", "monitor/dead_"))
-_TAGS = {"lr": "train/lr", "gap": "test/gap_train_minus_test", "epoch_s": "time/epoch_s",
-         "train_img_s": "time/train_img_per_s"}
+_TAG_PREFIXES = (
+    ("train_", "train/"),
+    ("val_", "val/"),
+    ("test_", "test/"),
+    ("logit_", "logits/"),
+    ("dead_", "monitor/dead_"),
+)
+_TAGS = {
+    "lr": "train/lr",
+    "gap": "test/gap_train_minus_test",
+    "epoch_s": "time/epoch_s",
+    "train_img_s": "time/train_img_per_s",
+}
 
 
 def tensorboard_tag(column: str) -> str:
@@ -54,7 +91,7 @@ def tensorboard_tag(column: str) -> str:
         return _TAGS[column]
     for prefix, group in _TAG_PREFIXES:
         if column.startswith(prefix):
-            return group + column[len(prefix):]
+            return group + column[len(prefix) :]
     return f"other/{column}"
 
 
@@ -71,13 +108,17 @@ RUN_FILES = ("config.yaml", "metrics.csv", "summary.json", "last.pt", "best.pt",
 def holds_run(path: str | Path) -> bool:
     """True if ``path`` is a folder holding a powergrad run's record."""
     path = Path(path)
-    return path.is_dir() and (any((path / n).exists() for n in RUN_FILES) or any(path.glob("epoch*.pt")))
+    return path.is_dir() and (
+        any((path / n).exists() for n in RUN_FILES) or any(path.glob("epoch*.pt"))
+    )
 
 
 def refuse_run_dir(path: str | Path, what: str) -> None:
     """No command writes into a run's folder unless it is resuming that run."""
     if holds_run(path):
-        raise UserError(f"{path} holds a training run; {what} writes elsewhere: choose another --out")
+        raise UserError(
+            f"{path} holds a training run; {what} writes elsewhere: choose another --out"
+        )
 
 
 class _LogSink:
@@ -167,16 +208,27 @@ class RunDir:
             probe.write_text("")
             probe.unlink()
         except OSError as e:
-            raise UserError(f"cannot write to output folder {self.path}: {e.strerror or e}") from None
+            raise UserError(
+                f"cannot write to output folder {self.path}: {e.strerror or e}"
+            ) from None
         if overwrite and not resume:
-            for name in ("metrics.csv", "summary.json", "last.pt", "best.pt", "preempt.pt", "train.log"):
+            for name in (
+                "metrics.csv",
+                "summary.json",
+                "last.pt",
+                "best.pt",
+                "preempt.pt",
+                "train.log",
+            ):
                 (self.path / name).unlink(missing_ok=True)
         # A process killed while saving leaves its temporary file; the save itself never landed.
         for name in ("config.yaml.tmp", "metrics.csv.tmp", "summary.json.tmp"):
             (self.path / name).unlink(missing_ok=True)
         self._tb: SummaryWriter | None = None
         self._step_mark: tuple[int, float] | None = None  # (step, time) of the last step record
-        self._log: AbstractContextManager[_LogSink] | None = None  # the teed output of a run started from Python (the CLI tees its own)
+        self._log: AbstractContextManager[_LogSink] | None = (
+            None  # the teed output of a run started from Python (the CLI tees its own)
+        )
         if isinstance(sys.stdout, Tee):
             sys.stdout.sink.attach(self.path / "train.log")
         else:
@@ -247,20 +299,30 @@ class RunDir:
         tb = self._writer()
         tb.add_scalar("step/loss", float(loss), step)
         tb.add_scalar("step/lr", lr, step)
-        tb.add_scalar("step/img_per_s", (step - last_step) * batch_size / max(now - last_t, 1e-9), step)
+        tb.add_scalar(
+            "step/img_per_s", (step - last_step) * batch_size / max(now - last_t, 1e-9), step
+        )
 
     def hparams(self, config: dict[str, Any], final: dict[str, Any], best: dict[str, Any]) -> None:
         """The config as TensorBoard hparams, with the run's final (and best) metrics, so that
         the HPARAMS tab compares the runs of a sweep."""
         flat = {}
         for k, v in config.items():
-            for name, value in (v.items() if isinstance(v, dict) and k == "monitor" else [(k, v)]):
+            for name, value in v.items() if isinstance(v, dict) and k == "monitor" else [(k, v)]:
                 key = f"monitor.{name}" if k == "monitor" else name
                 flat[key] = value if isinstance(value, (int, float, str, bool)) else str(value)
-        metrics = {f"final/{tensorboard_tag(k)}": v for k, v in final.items()
-                   if k in HPARAM_METRICS and isinstance(v, (int, float)) and math.isfinite(v)}
-        metrics.update({f"best/{tensorboard_tag(k)}": v for k, v in best.items()
-                        if k in HPARAM_METRICS and isinstance(v, (int, float)) and math.isfinite(v)})
+        metrics = {
+            f"final/{tensorboard_tag(k)}": v
+            for k, v in final.items()
+            if k in HPARAM_METRICS and isinstance(v, (int, float)) and math.isfinite(v)
+        }
+        metrics.update(
+            {
+                f"best/{tensorboard_tag(k)}": v
+                for k, v in best.items()
+                if k in HPARAM_METRICS and isinstance(v, (int, float)) and math.isfinite(v)
+            }
+        )
         self._writer().add_hparams(flat, metrics, run_name=".")
 
     def write_summary(self, summary: dict[str, Any]) -> None:
@@ -345,7 +407,10 @@ def environment(device: str) -> dict[str, Any]:
 def git_commit() -> str | None:
     try:
         out = subprocess.run(
-            ["git", "rev-parse", "HEAD"], capture_output=True, text=True, timeout=5,
+            ["git", "rev-parse", "HEAD"],
+            capture_output=True,
+            text=True,
+            timeout=5,
             cwd=Path(__file__).parent,
         )
     except (OSError, subprocess.TimeoutExpired):

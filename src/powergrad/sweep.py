@@ -100,7 +100,11 @@ def parse_grid(args: list[str]) -> tuple[str | None, dict[str, list[str]], dict[
     List- and dict-valued keys (``decay_milestones=30,60,90``, ``model_kwargs={...}``) are never
     split: they are fixed.
     """
-    list_keys = {k for k, tp in typing.get_type_hints(Config).items() if "list" in str(tp) or "dict" in str(tp)}
+    list_keys = {
+        k
+        for k, tp in typing.get_type_hints(Config).items()
+        if "list" in str(tp) or "dict" in str(tp)
+    }
     recipe, axes, fixed = None, {}, {}
     for a in args:
         if "=" not in a:
@@ -120,7 +124,9 @@ def parse_grid(args: list[str]) -> tuple[str | None, dict[str, list[str]], dict[
     return recipe, axes, fixed
 
 
-def _seed_values(axes: dict[str, list[str]], fixed: dict[str, str], base: Config, seeds: int) -> list[int]:
+def _seed_values(
+    axes: dict[str, list[str]], fixed: dict[str, str], base: Config, seeds: int
+) -> list[int]:
     if "seed" in axes:
         if seeds > 1:
             raise UserError("give either --seeds N or seed=a,b,..., not both")
@@ -166,24 +172,34 @@ def shown_url(url: str) -> str:
 def _driver_url(url: str) -> str:
     """``postgresql://`` means psycopg 3, the driver of the ``postgres`` extra, whatever
     SQLAlchemy's default for the bare scheme (psycopg2 before 2.1)."""
-    return "postgresql+psycopg://" + url[len("postgresql://"):] if url.startswith("postgresql://") else url
+    return (
+        "postgresql+psycopg://" + url[len("postgresql://") :]
+        if url.startswith("postgresql://")
+        else url
+    )
 
 
 def _storage(url: str) -> optuna.storages.RDBStorage:
     engine_kwargs = {"connect_args": {"timeout": 120}} if url.startswith("sqlite") else {}
     try:
         return optuna.storages.RDBStorage(
-            _driver_url(url), heartbeat_interval=HEARTBEAT_S, grace_period=GRACE_S,
+            _driver_url(url),
+            heartbeat_interval=HEARTBEAT_S,
+            grace_period=GRACE_S,
             engine_kwargs=engine_kwargs,
         )
     except ImportError as e:  # SQLAlchemy has no driver for the URL's database
         missing = getattr(e.__cause__, "name", None) or "its database driver"
         if missing == "psycopg":  # what postgresql:// uses; the postgres extra brings it
             raise MissingExtraError(missing, "postgres") from None
-        raise UserError(f"cannot open sweep storage {shown_url(url)}: no module named {missing!r} "
-                        "(the database driver the URL names)") from None
+        raise UserError(
+            f"cannot open sweep storage {shown_url(url)}: no module named {missing!r} "
+            "(the database driver the URL names)"
+        ) from None
     except Exception as e:  # bad URL, unreachable server
-        raise UserError(f"cannot open sweep storage {shown_url(url)}: {str(e).splitlines()[0][:200]}") from None
+        raise UserError(
+            f"cannot open sweep storage {shown_url(url)}: {str(e).splitlines()[0][:200]}"
+        ) from None
 
 
 class _GridQueueSampler(optuna.samplers.GridSampler):
@@ -195,11 +211,16 @@ class _GridQueueSampler(optuna.samplers.GridSampler):
         return None
 
 
-def _open_queue(url: str, space: dict[str, list], pruner: optuna.pruners.BasePruner | None) -> Queue:
+def _open_queue(
+    url: str, space: dict[str, list], pruner: optuna.pruners.BasePruner | None
+) -> Queue:
     optuna.logging.set_verbosity(optuna.logging.WARNING)
     storage = _storage(url)
     study = optuna.create_study(
-        study_name=STUDY_NAME, storage=storage, load_if_exists=True, direction="maximize",
+        study_name=STUDY_NAME,
+        storage=storage,
+        load_if_exists=True,
+        direction="maximize",
         sampler=_GridQueueSampler(space, seed=0),
         pruner=pruner or optuna.pruners.NopPruner(),
     )
@@ -210,7 +231,9 @@ def _pruner(prune: bool, epochs: int) -> optuna.pruners.BasePruner | None:
     if not prune:
         return None
     # Bottom quarter at an epoch = clearly worse; judge after a quarter of the budget and 3 trials.
-    return optuna.pruners.PercentilePruner(25.0, n_startup_trials=3, n_warmup_steps=max(1, epochs // 4))
+    return optuna.pruners.PercentilePruner(
+        25.0, n_startup_trials=3, n_warmup_steps=max(1, epochs // 4)
+    )
 
 
 def _pid_alive(pid: int) -> bool:
@@ -225,7 +248,9 @@ def _pid_alive(pid: int) -> bool:
 
 def _worker_gone(t: FrozenTrial) -> bool:
     """The trial's worker ran on this host and its process has ended."""
-    return t.user_attrs.get("host") == socket.gethostname() and not _pid_alive(int(t.user_attrs.get("pid", -1)))
+    return t.user_attrs.get("host") == socket.gethostname() and not _pid_alive(
+        int(t.user_attrs.get("pid", -1))
+    )
 
 
 def _fail_dead_trials(q: Queue) -> None:
@@ -233,7 +258,9 @@ def _fail_dead_trials(q: Queue) -> None:
     for t in q.study.get_trials(deepcopy=False, states=(TrialState.RUNNING,)):
         if _worker_gone(t):
             q.storage.set_trial_user_attr(
-                q.trial_id(t.number), "error", f"interrupted: worker pid {t.user_attrs.get('pid')} ended"
+                q.trial_id(t.number),
+                "error",
+                f"interrupted: worker pid {t.user_attrs.get('pid')} ended",
             )
             q.study.tell(t.number, state=TrialState.FAIL, skip_if_finished=True)
     optuna.storages.fail_stale_trials(q.study)  # other hosts: no heartbeat for GRACE_S
@@ -306,8 +333,11 @@ def _sweep_progress(q: Queue, spec: dict[str, Any], params: dict[str, Any]) -> s
     for values in spec["space"].values():
         total *= len(values)
     done = q.study.get_trials(deepcopy=False, states=DONE)
-    took = [(t.datetime_complete - t.datetime_start).total_seconds() for t in done
-            if t.datetime_complete is not None and t.datetime_start is not None]
+    took = [
+        (t.datetime_complete - t.datetime_start).total_seconds()
+        for t in done
+        if t.datetime_complete is not None and t.datetime_start is not None
+    ]
     running = max(1, len(q.study.get_trials(deepcopy=False, states=(TrialState.RUNNING,))))
     eta = f", eta {clock(sum(took) / len(took) * (total - len(done)) / running)}" if took else ""
     return f"sweep: {run_name(params)} ({len(done)} of {total} points done{eta})"
@@ -375,7 +405,11 @@ def _is_duplicate(q: Queue, trial: optuna.Trial, trial_id: int) -> bool:
     trial of a point that is done or running gives way (FAIL, 'duplicate of trial N')."""
     key = _point(q.storage.get_trial(trial_id))
     for t in q.study.get_trials(deepcopy=False, states=(*DONE, TrialState.RUNNING)):
-        if _point(t) == key and t.number != trial.number and (t.state in DONE or t.number < trial.number):
+        if (
+            _point(t) == key
+            and t.number != trial.number
+            and (t.state in DONE or t.number < trial.number)
+        ):
             trial.set_user_attr("error", f"duplicate of trial {t.number}")
             q.study.tell(trial, state=TrialState.FAIL)
             return True
@@ -421,15 +455,27 @@ def run_sweep(
     q = _open_queue(url, space, _pruner(prune, base.epochs))  # a bad URL or driver: nothing made
     _make_folder(out)
     spec = {
-        "recipe": recipe, "fixed": fixed, "space": space, "grid_space": space, "out": str(out),
-        "storage": url, "prune": prune, "epochs": base.epochs,
+        "recipe": recipe,
+        "fixed": fixed,
+        "space": space,
+        "grid_space": space,
+        "out": str(out),
+        "storage": url,
+        "prune": prune,
+        "epochs": base.epochs,
     }
     _check_same_sweep(q.study, recipe, space, fixed)
     _fail_dead_trials(q)
     _enqueue_missing(q.study, points)
     todo = len(q.study.get_trials(deepcopy=False, states=(TrialState.WAITING,)))
-    log.info("sweep %s: %d points, %d to run, %d worker(s), storage %s",
-             out, len(points), todo, workers, shown_url(url))
+    log.info(
+        "sweep %s: %d points, %d to run, %d worker(s), storage %s",
+        out,
+        len(points),
+        todo,
+        workers,
+        shown_url(url),
+    )
     host = socket.gethostname()
     mine: set[tuple[str, int | None]] = {(host, os.getpid())}
     if workers == 1:
@@ -468,7 +514,11 @@ def _check_same_sweep(study: optuna.Study, recipe: str | None, space: dict, fixe
 
 
 def summarize(
-    study: optuna.Study, points: list[dict[str, Any]], epochs: int, out: Path, url: str,
+    study: optuna.Study,
+    points: list[dict[str, Any]],
+    epochs: int,
+    out: Path,
+    url: str,
     mine: set[tuple[str, int | None]] | None = None,
 ) -> SweepResult:
     """One row per point from its latest trial, as the storage has it: state, value, epochs
@@ -498,17 +548,36 @@ def summarize(
 
 def _row(t: FrozenTrial | None, mine: set[tuple[str, int | None]]) -> dict[str, Any]:
     if t is None:
-        return {"state": "MISSING", "value": None, "trial": None, "epochs_done": None, "worker": None,
-                "here": False, "run_dir": None, "metric": None, "error": None}
+        return {
+            "state": "MISSING",
+            "value": None,
+            "trial": None,
+            "epochs_done": None,
+            "worker": None,
+            "here": False,
+            "run_dir": None,
+            "metric": None,
+            "error": None,
+        }
     host, pid = t.user_attrs.get("host"), t.user_attrs.get("pid")
     # A finished trial records its epochs; a running one has reported this many so far.
-    done = t.user_attrs.get("epochs_done", len(t.intermediate_values) if t.state == TrialState.RUNNING else None)
+    done = t.user_attrs.get(
+        "epochs_done", len(t.intermediate_values) if t.state == TrialState.RUNNING else None
+    )
     error = t.user_attrs.get("error")
     if t.state == TrialState.RUNNING and _worker_gone(t):
         error = "its worker has ended: re-run the sweep to resume it"
-    return {"state": t.state.name, "value": t.value, "trial": t.number, "epochs_done": done,
-            "worker": f"{host}:{pid}" if host else None, "here": (host, pid) in mine,
-            "run_dir": t.user_attrs.get("run_dir"), "metric": t.user_attrs.get("metric"), "error": error}
+    return {
+        "state": t.state.name,
+        "value": t.value,
+        "trial": t.number,
+        "epochs_done": done,
+        "worker": f"{host}:{pid}" if host else None,
+        "here": (host, pid) in mine,
+        "run_dir": t.user_attrs.get("run_dir"),
+        "metric": t.user_attrs.get("metric"),
+        "error": error,
+    }
 
 
 def _rank(t: FrozenTrial) -> tuple[bool, int]:
@@ -526,8 +595,10 @@ def format_result(result: SweepResult) -> str:
         value = f"{r['value']:.4f}" if r["value"] is not None else "-"
         worker = "here" if r["here"] else r["worker"] or "-"
         which = f"  ({r['metric']})" if label == "value" and r.get("metric") else ""
-        lines.append(f"{r['point']:<40} {r['state']:<9} {value:>8} {r['epochs_done'] or '-':>6}  "
-                     f"{worker:<20} {r['error'] or ''}{which}")
+        lines.append(
+            f"{r['point']:<40} {r['state']:<9} {value:>8} {r['epochs_done'] or '-':>6}  "
+            f"{worker:<20} {r['error'] or ''}{which}"
+        )
     not_run = result.epochs_full - result.epochs_run - result.epochs_pruned
     lines.append(
         f"epochs trained {result.epochs_run} of the full grid's {result.epochs_full}: "
@@ -535,7 +606,9 @@ def format_result(result: SweepResult) -> str:
         f"by other or earlier workers; {result.epochs_pruned} saved by pruning; {not_run} not done"
     )
     if result.running_elsewhere:
-        lines.append(f"still running on other workers: {result.running_elsewhere} trial(s), "
-                     f"{result.epochs_running} epochs so far; `powergrad report` when they end")
+        lines.append(
+            f"still running on other workers: {result.running_elsewhere} trial(s), "
+            f"{result.epochs_running} epochs so far; `powergrad report` when they end"
+        )
     lines.append(f"storage {result.storage}")
     return "\n".join(lines)

@@ -105,8 +105,15 @@ def _row_scale(grad_out: Tensor, reduction: str, counted: Tensor, total: Tensor 
     return s.unsqueeze(1)
 
 
-def _index_target_grad(p: Tensor, target: Tensor, weight: Tensor | None, ls: float,
-                       ignore_index: int, grad_out: Tensor, reduction: str) -> Tensor:
+def _index_target_grad(
+    p: Tensor,
+    target: Tensor,
+    weight: Tensor | None,
+    ls: float,
+    ignore_index: int,
+    grad_out: Tensor,
+    reduction: str,
+) -> Tensor:
     """s * (m * p' - u) for class indices, in place on p = p' (see the module docstring)."""
     c = p.shape[1]
     valid = target != ignore_index
@@ -114,14 +121,17 @@ def _index_target_grad(p: Tensor, target: Tensor, weight: Tensor | None, ls: flo
     safe = target.where(valid, 0).unsqueeze(1)
     if weight is None:  # m = 1, u = (1 - e) * onehot + e / C
         # W = number of counted rows; none counted: zero gradient, as PyTorch (a tensor op: no sync).
-        s = _row_scale(grad_out, reduction, valid,
-                       valid.sum().clamp_min(1) if reduction == "mean" else 1)
+        s = _row_scale(
+            grad_out, reduction, valid, valid.sum().clamp_min(1) if reduction == "mean" else 1
+        )
         p.mul_(s)
         if ls:
             p.sub_(s * (ls / c))
         return p.scatter_add_(1, safe, s * -(1.0 - ls))
     w_y = weight[safe.squeeze(1)] * valid
-    total = w_y.sum()  # W; 0 only if no counted row has weight: divide by 1 then, as when unweighted
+    total = (
+        w_y.sum()
+    )  # W; 0 only if no counted row has weight: divide by 1 then, as when unweighted
     s = _row_scale(grad_out, reduction, valid, total + (total == 0))
     hot = (1.0 - ls) * w_y.unsqueeze(1)
     p.mul_(s * (hot + (ls / c) * weight.sum()))  # s * m
@@ -130,12 +140,18 @@ def _index_target_grad(p: Tensor, target: Tensor, weight: Tensor | None, ls: flo
     return p.scatter_add_(1, safe, -(s * hot))
 
 
-def _prob_target_grad(p: Tensor, q: Tensor, weight: Tensor | None, ls: float,
-                      grad_out: Tensor, reduction: str) -> Tensor:
+def _prob_target_grad(
+    p: Tensor, q: Tensor, weight: Tensor | None, ls: float, grad_out: Tensor, reduction: str
+) -> Tensor:
     """s * (m * p' - u) for target distributions, in place on p = p'."""
     rows, c = p.shape
-    s = (grad_out.reshape(-1, 1) if reduction == "none"
-         else grad_out / rows if reduction == "mean" else grad_out)
+    s = (
+        grad_out.reshape(-1, 1)
+        if reduction == "none"
+        else grad_out / rows
+        if reduction == "mean"
+        else grad_out
+    )
     if weight is not None:
         u = (q if not ls else q * (1.0 - ls) + ls / c) * weight
         return p.mul_(u.sum(1, keepdim=True) * s).addcmul_(u, s, value=-1.0)
@@ -165,8 +181,14 @@ class _PowerGradCrossEntropy(torch.autograd.Function):
         # Nothing but the inputs is saved: the backward needs no (N, C) array of the forward.
         ctx.save_for_backward(logits, target, weight)
         ctx.options = (alpha, label_smoothing, reduction, ignore_index)
-        return F.cross_entropy(logits, target, weight, ignore_index=ignore_index,
-                               reduction=reduction, label_smoothing=label_smoothing)
+        return F.cross_entropy(
+            logits,
+            target,
+            weight,
+            ignore_index=ignore_index,
+            reduction=reduction,
+            label_smoothing=label_smoothing,
+        )
 
     @staticmethod
     def backward(ctx, grad_out):
@@ -175,10 +197,13 @@ class _PowerGradCrossEntropy(torch.autograd.Function):
         z = _as_rows(logits, classes=True)
         p = _tampered_softmax(z, alpha)
         if target.is_floating_point():
-            grad = _prob_target_grad(p, _as_rows(target, classes=True), weight, ls, grad_out, reduction)
+            grad = _prob_target_grad(
+                p, _as_rows(target, classes=True), weight, ls, grad_out, reduction
+            )
         else:
-            grad = _index_target_grad(p, _as_rows(target, classes=False), weight, ls, ignore_index,
-                                      grad_out, reduction)
+            grad = _index_target_grad(
+                p, _as_rows(target, classes=False), weight, ls, ignore_index, grad_out, reduction
+            )
         if logits.dim() > 2:  # back to (N, C, d...)
             grad = grad.reshape(logits.shape[0], *logits.shape[2:], logits.shape[1]).movedim(-1, 1)
         return grad.reshape(logits.shape), None, None, None, None, None, None
@@ -218,7 +243,9 @@ def power_grad_cross_entropy(
     if not 0.0 <= label_smoothing <= 1.0:
         raise ValueError(f"label_smoothing must be in [0, 1], got {label_smoothing!r}")
     if logits.dim() < 1:
-        raise ValueError(f"logits must have shape (C,), (N, C) or (N, C, ...), got {tuple(logits.shape)}")
+        raise ValueError(
+            f"logits must have shape (C,), (N, C) or (N, C, ...), got {tuple(logits.shape)}"
+        )
     # fp32 inside for bf16/fp16 logits (autograd casts the gradient back); autocast is switched
     # off so that it cannot re-cast them.
     z = logits.float() if logits.dtype in (torch.float16, torch.bfloat16) else logits
@@ -230,12 +257,20 @@ def power_grad_cross_entropy(
     return _cross_entropy(z, t, w, alpha, float(label_smoothing), reduction, ignore_index)
 
 
-def _cross_entropy(z: Tensor, t: Tensor, w: Tensor | None, alpha: float, ls: float,
-                   reduction: str, ignore_index: int) -> Tensor:
+def _cross_entropy(
+    z: Tensor,
+    t: Tensor,
+    w: Tensor | None,
+    alpha: float,
+    ls: float,
+    reduction: str,
+    ignore_index: int,
+) -> Tensor:
     if alpha == 1.0 or not (z.requires_grad and torch.is_grad_enabled()):
         # Exactly plain cross-entropy (or no gradient wanted): let PyTorch do it.
-        return F.cross_entropy(z, t, w, ignore_index=ignore_index, reduction=reduction,
-                               label_smoothing=ls)
+        return F.cross_entropy(
+            z, t, w, ignore_index=ignore_index, reduction=reduction, label_smoothing=ls
+        )
     return _PowerGradCrossEntropy.apply(z, t, w, alpha, ls, reduction, ignore_index)
 
 
@@ -266,9 +301,13 @@ class PowerGradLoss(nn.Module):
 
     def forward(self, logits: Tensor, target: Tensor) -> Tensor:
         return power_grad_cross_entropy(
-            logits, target, alpha=self.alpha if self.training else 1.0,
-            label_smoothing=self.label_smoothing, reduction=self.reduction,
-            ignore_index=self.ignore_index, weight=self.weight,
+            logits,
+            target,
+            alpha=self.alpha if self.training else 1.0,
+            label_smoothing=self.label_smoothing,
+            reduction=self.reduction,
+            ignore_index=self.ignore_index,
+            weight=self.weight,
         )
 
     def extra_repr(self) -> str:

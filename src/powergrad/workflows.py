@@ -43,7 +43,9 @@ def train(
     cfg = as_config(config, overrides, out)
     plan = plan_start(cfg, out)  # a resume that cannot go on stops here, before any data is read
     if plan.own_folder and check_progress(plan, cfg) == "complete":  # (another run's file must
-        return already_complete(plan, cfg)  # still fit the model: run_training checks, then says so)
+        return already_complete(
+            plan, cfg
+        )  # still fit the model: run_training checks, then says so)
     if cfg.probe_layer:  # features computed once, then the loop on the head
         from .probe import train_probe
 
@@ -61,9 +63,18 @@ def train(
         seed_everything(cfg.seed)  # the model's initial weights do not depend on the data code
         model = create_model(cfg, info.num_classes, info.in_chans, info.img_size)
         return run_training(
-            model, loaders.train, loaders.test, cfg, dist, out=out, overwrite=overwrite,
-            val_loader=loaders.val, extra_summary={"bad_images": info.bad_images},
-            on_epoch=on_epoch, class_names=list(info.class_names), plan=plan,
+            model,
+            loaders.train,
+            loaders.test,
+            cfg,
+            dist,
+            out=out,
+            overwrite=overwrite,
+            val_loader=loaders.val,
+            extra_summary={"bad_images": info.bad_images},
+            on_epoch=on_epoch,
+            class_names=list(info.class_names),
+            plan=plan,
         )
     except RuntimeError as e:
         raise_if_peer_failed(e, dist)
@@ -90,7 +101,9 @@ def fit(
     dist = init_distributed(cfg.device)
     try:
         seed_everything(cfg.seed)
-        return run_training(model, train_loader, test_loader, cfg, dist, out=out, overwrite=overwrite)
+        return run_training(
+            model, train_loader, test_loader, cfg, dist, out=out, overwrite=overwrite
+        )
     except RuntimeError as e:
         raise_if_peer_failed(e, dist)
         raise
@@ -121,8 +134,11 @@ def evaluate(checkpoint: str | Path, overrides: list[str] | dict | None = None) 
     return evaluate_loader(model, loaders.test, cfg, dist)
 
 
-def as_config(config: Config | dict | str | Path | None, overrides: dict[str, Any],
-              out: str | Path | None = None) -> Config:
+def as_config(
+    config: Config | dict | str | Path | None,
+    overrides: dict[str, Any],
+    out: str | Path | None = None,
+) -> Config:
     """A Config from what train() was given; a checkpoint named by resume= / init_from= fills in
     what the recipe leaves open (engine/resume.py: resolve_config)."""
     if isinstance(config, Config):

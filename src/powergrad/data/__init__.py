@@ -48,7 +48,15 @@ with extra("train"):  # numpy, torchvision, PIL, scikit-learn
         build_tiny_imagenet,
     )
 
-__all__ = ["DATASETS", "DataInfo", "Loaders", "TrainLoader", "EvalLoader", "create_loaders", "check_checkpoint_classes"]
+__all__ = [
+    "DATASETS",
+    "DataInfo",
+    "Loaders",
+    "TrainLoader",
+    "EvalLoader",
+    "create_loaders",
+    "check_checkpoint_classes",
+]
 
 log = logging.getLogger("powergrad")
 
@@ -89,8 +97,10 @@ class DataInfo:
     def describe(self, dataset: str) -> str:
         """One line for the start of a run: what the model will see."""
         val = f", {self.num_val} validation" if self.num_val else ""
-        return (f"data: {dataset}, {self.num_classes} classes, {self.in_chans}x{self.img_size}x{self.img_size}: "
-                f"{self.num_train} train{val}, {self.num_test} test images")
+        return (
+            f"data: {dataset}, {self.num_classes} classes, {self.in_chans}x{self.img_size}x{self.img_size}: "
+            f"{self.num_train} train{val}, {self.num_test} test images"
+        )
 
 
 @dataclass
@@ -101,7 +111,9 @@ class Loaders:
     info: DataInfo
 
 
-def create_loaders(cfg: Config, device: torch.device, rank: int = 0, world_size: int = 1) -> Loaders:
+def create_loaders(
+    cfg: Config, device: torch.device, rank: int = 0, world_size: int = 1
+) -> Loaders:
     """Build the train, test (and val) loaders of cfg.dataset for process `rank` of `world_size`."""
     if cfg.dataset not in DATASETS:
         raise UserError(f"unknown dataset {cfg.dataset!r}; valid: {', '.join(sorted(DATASETS))}")
@@ -111,16 +123,24 @@ def create_loaders(cfg: Config, device: torch.device, rank: int = 0, world_size:
     device = torch.device(device)
     source = DATASETS[cfg.dataset](cfg)
     found = len(source.class_names)
-    if cfg.num_classes is not None and cfg.num_classes != found:  # synthetic makes num_classes classes
-        raise UserError(f"num_classes={cfg.num_classes} contradicts the data: {cfg.dataset} has {found} classes; "
-                        "drop num_classes (it is read from the data)")
+    if (
+        cfg.num_classes is not None and cfg.num_classes != found
+    ):  # synthetic makes num_classes classes
+        raise UserError(
+            f"num_classes={cfg.num_classes} contradicts the data: {cfg.dataset} has {found} classes; "
+            "drop num_classes (it is read from the data)"
+        )
     if isinstance(source, Folders):
         loaders = _stream_loaders(source, cfg, device, rank, world_size)
     else:
         loaders = _memory_loaders(source, cfg, device, rank, world_size)
     if loaders.info.num_train < cfg.batch_size and rank == 0:
-        log.warning("warning: batch_size=%d is larger than the %d training images: each epoch is one step of %d",
-                    cfg.batch_size, loaders.info.num_train, loaders.info.num_train)
+        log.warning(
+            "warning: batch_size=%d is larger than the %d training images: each epoch is one step of %d",
+            cfg.batch_size,
+            loaders.info.num_train,
+            loaders.info.num_train,
+        )
     return loaders
 
 
@@ -130,21 +150,31 @@ def check_checkpoint_classes(saved: list[str] | None, found: list[str], checkpoi
     if saved is None or list(saved) == list(found):
         return
     if sorted(saved) == sorted(found):
-        raise UserError(f"{checkpoint}: the data's classes are the checkpoint's in another order "
-                        f"(first difference at label {next(i for i, (a, b) in enumerate(zip(saved, found)) if a != b)})")
+        raise UserError(
+            f"{checkpoint}: the data's classes are the checkpoint's in another order "
+            f"(first difference at label {next(i for i, (a, b) in enumerate(zip(saved, found)) if a != b)})"
+        )
     only_ckpt, only_data = sorted(set(saved) - set(found))[:3], sorted(set(found) - set(saved))[:3]
-    raise UserError(f"{checkpoint}: trained on other classes than the data's ({len(saved)} vs {len(found)}; "
-                    f"only in the checkpoint {only_ckpt}, only in the data {only_data})")
+    raise UserError(
+        f"{checkpoint}: trained on other classes than the data's ({len(saved)} vs {len(found)}; "
+        f"only in the checkpoint {only_ckpt}, only in the data {only_data})"
+    )
 
 
-def _memory_loaders(src: Arrays, cfg: Config, device: torch.device, rank: int, world_size: int) -> Loaders:
+def _memory_loaders(
+    src: Arrays, cfg: Config, device: torch.device, rank: int, world_size: int
+) -> Loaders:
     b = sampling.per_rank_batch(cfg.batch_size, world_size)
     if src.used is not None:  # the builder decoded only these (and the test subset)
         (train_idx, val_idx), test_x, test_y = src.used, src.test_x, src.test_y
     else:
         train_idx, val_idx = sampling.split_train(src.train_y, cfg)
         test_idx = sampling.subset_test(src.test_y, cfg)
-        test_x, test_y = (src.test_x, src.test_y) if test_idx is None else (src.test_x[test_idx], src.test_y[test_idx])
+        test_x, test_y = (
+            (src.test_x, src.test_y)
+            if test_idx is None
+            else (src.test_x[test_idx], src.test_y[test_idx])
+        )
     n, chans, native = len(src.train_y) + len(test_y), src.train_x.shape[1], src.train_x.shape[-1]
     out = cfg.img_size or native
     tx, vx = src.train_x, test_x
@@ -158,32 +188,68 @@ def _memory_loaders(src: Arrays, cfg: Config, device: torch.device, rank: int, w
     def on_device(idx: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         return tx[idx].to(device), src.train_y[idx].to(device)
 
-    train = MemoryTrainLoader(*on_device(train_idx), train_tf, cfg.batch_size, cfg.seed, rank, world_size)
+    train = MemoryTrainLoader(
+        *on_device(train_idx), train_tf, cfg.batch_size, cfg.seed, rank, world_size
+    )
     test = MemoryEvalLoader(vx.to(device), test_y.to(device), eval_tf, b, rank, world_size)
-    val = None if val_idx is None else MemoryEvalLoader(*on_device(val_idx), eval_tf, b, rank, world_size)
-    info = DataInfo(len(src.class_names), chans, out, tuple(src.mean), tuple(src.std), list(src.class_names),
-                    len(train_idx), len(test_y), src.bad_images, 0 if val_idx is None else len(val_idx))
+    val = (
+        None
+        if val_idx is None
+        else MemoryEvalLoader(*on_device(val_idx), eval_tf, b, rank, world_size)
+    )
+    info = DataInfo(
+        len(src.class_names),
+        chans,
+        out,
+        tuple(src.mean),
+        tuple(src.std),
+        list(src.class_names),
+        len(train_idx),
+        len(test_y),
+        src.bad_images,
+        0 if val_idx is None else len(val_idx),
+    )
     return Loaders(train, test, val, info)
 
 
-def _stream_loaders(src: Folders, cfg: Config, device: torch.device, rank: int, world_size: int) -> Loaders:
+def _stream_loaders(
+    src: Folders, cfg: Config, device: torch.device, rank: int, world_size: int
+) -> Loaders:
     b = sampling.per_rank_batch(cfg.batch_size, world_size)
     labels = torch.tensor([lab for _, lab in src.train], dtype=torch.int64)
     train_idx, val_idx = sampling.split_train(labels, cfg)
     train_set = [src.train[i] for i in train_idx.tolist()]
-    test_idx = sampling.subset_test(torch.tensor([lab for _, lab in src.test], dtype=torch.int64), cfg)
+    test_idx = sampling.subset_test(
+        torch.tensor([lab for _, lab in src.test], dtype=torch.int64), cfg
+    )
     test_set = src.test if test_idx is None else [src.test[i] for i in test_idx.tolist()]
     augment = "imagenet" if cfg.augment == "auto" else cfg.augment
 
     def eval_loader(samples: list[tuple[str, int]]) -> StreamLoader:
-        ds = FileDataset(samples, stream_transform("none", src.img_size, train=False), cfg.skip_bad_images)
-        return StreamLoader(ds, EvalBatchSampler(len(samples), b, rank, world_size), cfg, src.mean, src.std, device)
+        ds = FileDataset(
+            samples, stream_transform("none", src.img_size, train=False), cfg.skip_bad_images
+        )
+        return StreamLoader(
+            ds, EvalBatchSampler(len(samples), b, rank, world_size), cfg, src.mean, src.std, device
+        )
 
-    train_ds = FileDataset(train_set, stream_transform(augment, src.img_size, train=True), cfg.skip_bad_images)
+    train_ds = FileDataset(
+        train_set, stream_transform(augment, src.img_size, train=True), cfg.skip_bad_images
+    )
     sampler = TrainBatchSampler(len(train_set), cfg.batch_size, cfg.seed, rank, world_size)
     train = StreamLoader(train_ds, sampler, cfg, src.mean, src.std, device)
     val = None if val_idx is None else eval_loader([src.train[i] for i in val_idx.tolist()])
     # Unreadable files are found only when read (and replaced then), so bad_images stays 0 here.
-    info = DataInfo(len(src.class_names), 3, src.img_size, tuple(src.mean), tuple(src.std),
-                    list(src.class_names), len(train_set), len(test_set), 0, 0 if val_idx is None else len(val_idx))
+    info = DataInfo(
+        len(src.class_names),
+        3,
+        src.img_size,
+        tuple(src.mean),
+        tuple(src.std),
+        list(src.class_names),
+        len(train_set),
+        len(test_set),
+        0,
+        0 if val_idx is None else len(val_idx),
+    )
     return Loaders(train, eval_loader(test_set), val, info)

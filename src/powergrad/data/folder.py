@@ -65,7 +65,9 @@ def find_classes(split_dir: Path) -> list[str]:
     """Sorted class folder names, as torchvision's ImageFolder finds them."""
     classes = sorted(e.name for e in os.scandir(split_dir) if e.is_dir())
     if not classes:
-        raise UserError(f"no class folders in {split_dir}: expected {split_dir}/<class>/<image>.jpg")
+        raise UserError(
+            f"no class folders in {split_dir}: expected {split_dir}/<class>/<image>.jpg"
+        )
     return classes
 
 
@@ -74,7 +76,11 @@ def list_images(folder: Path) -> list[str]:
     out = []
     for dirpath, dirnames, filenames in os.walk(folder, followlinks=True):
         dirnames.sort()
-        out += [os.path.join(dirpath, f) for f in sorted(filenames) if f.lower().endswith(IMG_EXTENSIONS)]
+        out += [
+            os.path.join(dirpath, f)
+            for f in sorted(filenames)
+            if f.lower().endswith(IMG_EXTENSIONS)
+        ]
     return out
 
 
@@ -83,7 +89,9 @@ def scan_split(split_dir: Path, classes: list[str]) -> list[Sample]:
     for label, name in enumerate(classes):
         files = list_images(split_dir / name)
         if not files:
-            raise UserError(f"class folder {split_dir / name} has no images ({', '.join(IMG_EXTENSIONS)})")
+            raise UserError(
+                f"class folder {split_dir / name} has no images ({', '.join(IMG_EXTENSIONS)})"
+            )
         samples += [(f, label) for f in files]
     return samples
 
@@ -116,7 +124,9 @@ def _decode_jpeg_fast(data: bytes) -> np.ndarray | None:
     if decode_jpeg is None or data[:2] != b"\xff\xd8":
         return None
     try:
-        img = decode_jpeg(torch.frombuffer(bytearray(data), dtype=torch.uint8), mode=ImageReadMode.RGB)
+        img = decode_jpeg(
+            torch.frombuffer(bytearray(data), dtype=torch.uint8), mode=ImageReadMode.RGB
+        )
     except RuntimeError:
         return None
     return img.numpy()
@@ -133,14 +143,20 @@ def decode_image(path: str, side: int) -> np.ndarray | None:
     if fast is not None and fast.shape[1:] == (side, side):
         return fast
     try:
-        im = Image.fromarray(fast.transpose(1, 2, 0)) if fast is not None else _open_rgb(io.BytesIO(data))
+        im = (
+            Image.fromarray(fast.transpose(1, 2, 0))
+            if fast is not None
+            else _open_rgb(io.BytesIO(data))
+        )
     except (OSError, ValueError, SyntaxError, Image.DecompressionBombError):
         return None
     w, h = im.size
     if (w, h) != (side, side):
         s = side / min(w, h)
         nw, nh = max(side, round(w * s)), max(side, round(h * s))
-        im = im.resize((nw, nh), Image.Resampling.BILINEAR)  # PIL's bilinear antialiases when shrinking
+        im = im.resize(
+            (nw, nh), Image.Resampling.BILINEAR
+        )  # PIL's bilinear antialiases when shrinking
         left, top = (nw - side) // 2, (nh - side) // 2
         im = im.crop((left, top, left + side, top + side))
     return np.asarray(im, dtype=np.uint8).transpose(2, 0, 1)
@@ -165,8 +181,9 @@ def _cache_key(samples: list[Sample], side: int) -> str:
     return h.hexdigest()[:20]
 
 
-def load_images(samples: list[Sample], side: int, workers: int, skip_bad: bool,
-                tag: str) -> tuple[torch.Tensor, torch.Tensor, int]:
+def load_images(
+    samples: list[Sample], side: int, workers: int, skip_bad: bool, tag: str
+) -> tuple[torch.Tensor, torch.Tensor, int]:
     """Decode (or read from the cache) a split into uint8 (N, 3, side, side) and int64 labels.
 
     Returns (images, labels, number of unreadable images skipped). An unreadable image is a
@@ -194,9 +211,11 @@ def load_images(samples: list[Sample], side: int, workers: int, skip_bad: bool,
 DECODE_CHUNK = 256  # images per task: one pickled array back per chunk, not one per image
 
 
-def _decode_all(samples: list[Sample], side: int, workers: int) -> tuple[np.ndarray, np.ndarray, list[str]]:
+def _decode_all(
+    samples: list[Sample], side: int, workers: int
+) -> tuple[np.ndarray, np.ndarray, list[str]]:
     paths = [p for p, _ in samples]
-    chunks = [paths[i:i + DECODE_CHUNK] for i in range(0, len(paths), DECODE_CHUNK)]
+    chunks = [paths[i : i + DECODE_CHUNK] for i in range(0, len(paths), DECODE_CHUNK)]
     x = np.empty((len(paths), 3, side, side), dtype=np.uint8)
     keep: list[int] = []
     bad: list[str] = []
@@ -206,7 +225,13 @@ def _decode_all(samples: list[Sample], side: int, workers: int) -> tuple[np.ndar
             results = pool.imap(partial(_decode_chunk, side=side), chunks)
             _collect(track(results, desc, len(chunks), "chunk"), chunks, x, keep, bad)
     else:
-        _collect(track((_decode_chunk(c, side) for c in chunks), desc, len(chunks), "chunk"), chunks, x, keep, bad)
+        _collect(
+            track((_decode_chunk(c, side) for c in chunks), desc, len(chunks), "chunk"),
+            chunks,
+            x,
+            keep,
+            bad,
+        )
     return x[: len(keep)], np.array(keep, dtype=np.int64), bad
 
 
@@ -221,19 +246,34 @@ def _decode_chunk(paths: list[str], side: int) -> tuple[np.ndarray, np.ndarray]:
     return out, ok
 
 
-def _collect(results: Iterator[tuple[np.ndarray, np.ndarray]], chunks: list[list[str]], x: np.ndarray,
-             keep: list[int], bad: list[str]) -> None:
+def _collect(
+    results: Iterator[tuple[np.ndarray, np.ndarray]],
+    chunks: list[list[str]],
+    x: np.ndarray,
+    keep: list[int],
+    bad: list[str],
+) -> None:
     start = 0
     for chunk, (imgs, ok) in zip(chunks, results):
         n = len(keep)
-        x[n:n + int(ok.sum())] = imgs[ok]
+        x[n : n + int(ok.sum())] = imgs[ok]
         keep += [start + i for i in np.flatnonzero(ok).tolist()]
         bad += [chunk[i] for i in np.flatnonzero(~ok).tolist()]
         start += len(chunk)
 
 
-def decode_used(train: list[Sample], test: list[Sample], side: int, cfg: Config, tag: str, *,
-                class_names: list[str], mean: tuple[float, ...], std: tuple[float, ...], augment: str) -> Arrays:
+def decode_used(
+    train: list[Sample],
+    test: list[Sample],
+    side: int,
+    cfg: Config,
+    tag: str,
+    *,
+    class_names: list[str],
+    mean: tuple[float, ...],
+    std: tuple[float, ...],
+    augment: str,
+) -> Arrays:
     """Decode (or read from the cache) only the images this run uses: its train_subset and
     val_fraction of ``train``, its test_subset of ``test``; the other arguments are the
     :class:`Arrays` fields of the data set."""
@@ -246,14 +286,30 @@ def decode_used(train: list[Sample], test: list[Sample], side: int, cfg: Config,
     for split, idx, samples in parts:
         if split == "val" and idx is None:
             continue
-        chosen = samples if idx is None or len(idx) == len(samples) else [samples[i] for i in idx.tolist()]
-        decoded[split] = load_images(chosen, side, cfg.workers, cfg.skip_bad_images, f"{tag}-{split}")
+        chosen = (
+            samples
+            if idx is None or len(idx) == len(samples)
+            else [samples[i] for i in idx.tolist()]
+        )
+        decoded[split] = load_images(
+            chosen, side, cfg.workers, cfg.skip_bad_images, f"{tag}-{split}"
+        )
     (tx, ty, bad_tr), (ex, ey, bad_te) = decoded["train"], decoded["test"]
     vx, vy, bad_va = decoded.get("val", (tx[:0], ty[:0], 0))
     n_tr, n_va = len(ty), len(vy)
     used = (torch.arange(n_tr), torch.arange(n_tr, n_tr + n_va) if "val" in decoded else None)
-    return Arrays(torch.cat([tx, vx]), torch.cat([ty, vy]), ex, ey, class_names, mean, std, augment,
-                  bad_images=bad_tr + bad_va + bad_te, used=used)
+    return Arrays(
+        torch.cat([tx, vx]),
+        torch.cat([ty, vy]),
+        ex,
+        ey,
+        class_names,
+        mean,
+        std,
+        augment,
+        bad_images=bad_tr + bad_va + bad_te,
+        used=used,
+    )
 
 
 # ---------------------------------------------------------------- the imagefolder data set
@@ -269,8 +325,17 @@ def build_imagefolder(cfg: Config) -> Arrays | Folders:
     if not fits_in_memory(len(train) + len(test), 3, side):
         return Folders(train, test, classes, cfg.img_size or 224)
     # Photos above 64 px get ImageNet-style crops; CIFAR-sized ones the pad-and-crop recipe.
-    return decode_used(train, test, side, cfg, "imagefolder", class_names=classes, mean=IMAGENET_MEAN,
-                       std=IMAGENET_STD, augment="cifar" if side <= 64 else "imagenet")
+    return decode_used(
+        train,
+        test,
+        side,
+        cfg,
+        "imagefolder",
+        class_names=classes,
+        mean=IMAGENET_MEAN,
+        std=IMAGENET_STD,
+        augment="cifar" if side <= 64 else "imagenet",
+    )
 
 
 # ---------------------------------------------------------------- streaming
@@ -279,11 +344,17 @@ def build_imagefolder(cfg: Config) -> Arrays | Folders:
 def stream_transform(augment: str, size: int, train: bool) -> v2.Compose:
     """PIL image -> uint8 (3, size, size) tensor; normalisation happens later, on the device."""
     if not train or augment == "none":
-        return v2.Compose([v2.Resize(int(size / 0.875), antialias=True), v2.CenterCrop(size),
-                           v2.PILToTensor()])
+        return v2.Compose(
+            [v2.Resize(int(size / 0.875), antialias=True), v2.CenterCrop(size), v2.PILToTensor()]
+        )
     if augment == "imagenet":
-        return v2.Compose([v2.RandomResizedCrop(size, antialias=True), v2.RandomHorizontalFlip(),
-                           v2.PILToTensor()])
+        return v2.Compose(
+            [
+                v2.RandomResizedCrop(size, antialias=True),
+                v2.RandomHorizontalFlip(),
+                v2.PILToTensor(),
+            ]
+        )
     steps = [v2.Resize(size, antialias=True), v2.CenterCrop(size)]
     if augment == "cifar":
         steps.append(v2.RandomCrop(size, padding=max(1, size // 8), padding_mode="reflect"))
@@ -308,7 +379,9 @@ class FileDataset(torch.utils.data.Dataset):
                 img = _open_rgb(path)
             except (OSError, ValueError, SyntaxError) as e:
                 if not self.skip_bad:
-                    raise UserError(f"cannot read image {path} ({e}); set skip_bad_images=true to skip it") from None
+                    raise UserError(
+                        f"cannot read image {path} ({e}); set skip_bad_images=true to skip it"
+                    ) from None
                 continue
             if seed is None:
                 return self.transform(img), label
@@ -325,7 +398,13 @@ class TrainBatchSampler:
     """Yields this rank's (index, augmentation seed) slice of each global batch."""
 
     def __init__(self, n: int, batch_size: int, seed: int, rank: int, world_size: int) -> None:
-        self.n, self.batch_size, self.seed, self.rank, self.world_size = n, batch_size, seed, rank, world_size
+        self.n, self.batch_size, self.seed, self.rank, self.world_size = (
+            n,
+            batch_size,
+            seed,
+            rank,
+            world_size,
+        )
         self.epoch = 0
 
     def set_epoch(self, epoch: int) -> None:
@@ -335,11 +414,15 @@ class TrainBatchSampler:
         return sampling.steps_per_epoch(self.n, self.batch_size)
 
     def __iter__(self) -> Iterator[list[tuple[int, int]]]:
-        batches = sampling.global_batches(self.n, self.batch_size, self.seed, self.epoch, self.world_size)
+        batches = sampling.global_batches(
+            self.n, self.batch_size, self.seed, self.epoch, self.world_size
+        )
         for step, gidx in enumerate(batches):
             sl = sampling.rank_slice(len(gidx), self.rank, self.world_size)
             base = sampling.step_seed(self.seed, self.epoch, step) * len(gidx)
-            yield [(int(i), (base + sl.start + j) & ((1 << 63) - 1)) for j, i in enumerate(gidx[sl])]
+            yield [
+                (int(i), (base + sl.start + j) & ((1 << 63) - 1)) for j, i in enumerate(gidx[sl])
+            ]
 
 
 class EvalBatchSampler:
@@ -358,12 +441,22 @@ class EvalBatchSampler:
 class StreamLoader:
     """A DataLoader of uint8 batches, moved to the device and normalised there."""
 
-    def __init__(self, dataset: FileDataset, batch_sampler: TrainBatchSampler | EvalBatchSampler,
-                 cfg: Config, mean: tuple[float, ...], std: tuple[float, ...], device: torch.device) -> None:
+    def __init__(
+        self,
+        dataset: FileDataset,
+        batch_sampler: TrainBatchSampler | EvalBatchSampler,
+        cfg: Config,
+        mean: tuple[float, ...],
+        std: tuple[float, ...],
+        device: torch.device,
+    ) -> None:
         self.batch_sampler = batch_sampler
         self.loader = torch.utils.data.DataLoader(
-            dataset, batch_sampler=batch_sampler, num_workers=cfg.workers,
-            pin_memory=device.type == "cuda", persistent_workers=cfg.workers > 0,
+            dataset,
+            batch_sampler=batch_sampler,
+            num_workers=cfg.workers,
+            pin_memory=device.type == "cuda",
+            persistent_workers=cfg.workers > 0,
             # Its own generator: the DataLoader draws worker seeds from it, not the global RNG.
             generator=torch.Generator().manual_seed(cfg.seed),
         )

@@ -47,8 +47,13 @@ def resize_uint8(x: torch.Tensor, size: int, chunk: int = 1024) -> torch.Tensor:
     """Bilinear, antialiased resize of uint8 (N, C, H, W) images, in chunks to bound memory."""
     out = torch.empty((x.shape[0], x.shape[1], size, size), dtype=torch.uint8, device=x.device)
     for i in range(0, x.shape[0], chunk):
-        xf = F.interpolate(x[i : i + chunk].float(), size=(size, size), mode="bilinear",
-                           antialias=True, align_corners=False)
+        xf = F.interpolate(
+            x[i : i + chunk].float(),
+            size=(size, size),
+            mode="bilinear",
+            antialias=True,
+            align_corners=False,
+        )
         out[i : i + chunk] = xf.round_().clamp_(0, 255).to(torch.uint8)
     return out
 
@@ -62,14 +67,23 @@ class Transform(Protocol):
 
     def draw(self, gen: torch.Generator, n: int, side: int) -> dict[str, torch.Tensor]: ...
 
-    def __call__(self, x: torch.Tensor, params: dict[str, torch.Tensor] | None = None) -> torch.Tensor: ...
+    def __call__(
+        self, x: torch.Tensor, params: dict[str, torch.Tensor] | None = None
+    ) -> torch.Tensor: ...
 
 
 class BatchTransform:
     """uint8 batch -> augmented, resized, normalised float32 batch, all as batch tensor ops."""
 
-    def __init__(self, augment: str, out_size: int, mean: tuple[float, ...], std: tuple[float, ...],
-                 channels_last: bool, device: torch.device) -> None:
+    def __init__(
+        self,
+        augment: str,
+        out_size: int,
+        mean: tuple[float, ...],
+        std: tuple[float, ...],
+        channels_last: bool,
+        device: torch.device,
+    ) -> None:
         self.augment = augment
         self.out_size = out_size
         # Normalise in 0..255 units: one subtract and one divide on the uint8-valued floats.
@@ -99,7 +113,9 @@ class BatchTransform:
             p["cy"] = (torch.rand(n, generator=gen) * 2 - 1) * (1 - h)
         return p
 
-    def __call__(self, x: torch.Tensor, params: dict[str, torch.Tensor] | None = None) -> torch.Tensor:
+    def __call__(
+        self, x: torch.Tensor, params: dict[str, torch.Tensor] | None = None
+    ) -> torch.Tensor:
         if params:
             params = {k: v.to(x.device, non_blocking=True) for k, v in params.items()}
             if "dx" in params:
@@ -110,8 +126,13 @@ class BatchTransform:
         if params and "w" in params:
             xf = _resized_crop(xf, params, self.out_size)
         elif xf.shape[-1] != self.out_size or xf.shape[-2] != self.out_size:
-            xf = F.interpolate(xf, size=(self.out_size, self.out_size), mode="bilinear",
-                               antialias=True, align_corners=False)
+            xf = F.interpolate(
+                xf,
+                size=(self.out_size, self.out_size),
+                mode="bilinear",
+                antialias=True,
+                align_corners=False,
+            )
         xf = (xf - self.mean) / self.std
         if self.channels_last:
             xf = xf.contiguous(memory_format=torch.channels_last)
@@ -144,8 +165,16 @@ def _resized_crop(x: torch.Tensor, p: dict[str, torch.Tensor], size: int) -> tor
 class MemoryTrainLoader:
     """Shuffled, augmented batches of this rank's slice of each global batch."""
 
-    def __init__(self, x: torch.Tensor, y: torch.Tensor, transform: Transform, batch_size: int,
-                 seed: int, rank: int = 0, world_size: int = 1) -> None:
+    def __init__(
+        self,
+        x: torch.Tensor,
+        y: torch.Tensor,
+        transform: Transform,
+        batch_size: int,
+        seed: int,
+        rank: int = 0,
+        world_size: int = 1,
+    ) -> None:
         self.x, self.y, self.transform = x, y, transform
         self.batch_size, self.seed, self.rank, self.world_size = batch_size, seed, rank, world_size
         self.epoch = 0
@@ -157,8 +186,9 @@ class MemoryTrainLoader:
         return sampling.steps_per_epoch(len(self.y), self.batch_size)
 
     def __iter__(self) -> Iterator[tuple[torch.Tensor, torch.Tensor]]:
-        batches = sampling.global_batches(len(self.y), self.batch_size, self.seed, self.epoch,
-                                          self.world_size)
+        batches = sampling.global_batches(
+            len(self.y), self.batch_size, self.seed, self.epoch, self.world_size
+        )
         for step, gidx in enumerate(batches):
             sl = sampling.rank_slice(len(gidx), self.rank, self.world_size)
             gen = torch.Generator().manual_seed(sampling.step_seed(self.seed, self.epoch, step))
@@ -171,8 +201,15 @@ class MemoryTrainLoader:
 class MemoryEvalLoader:
     """This rank's indices r::world_size of an eval split, in order, no augmentation."""
 
-    def __init__(self, x: torch.Tensor, y: torch.Tensor, transform: Transform, batch_size: int,
-                 rank: int = 0, world_size: int = 1) -> None:
+    def __init__(
+        self,
+        x: torch.Tensor,
+        y: torch.Tensor,
+        transform: Transform,
+        batch_size: int,
+        rank: int = 0,
+        world_size: int = 1,
+    ) -> None:
         self.x, self.y, self.transform, self.batch_size = x, y, transform, batch_size
         self.idx = sampling.eval_indices(len(y), rank, world_size).to(x.device)
 

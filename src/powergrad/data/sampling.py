@@ -35,7 +35,9 @@ def per_rank_batch(batch_size: int, world_size: int) -> int:
     return batch_size // world_size
 
 
-def global_batches(n: int, batch_size: int, seed: int, epoch: int, world_size: int) -> list[torch.Tensor]:
+def global_batches(
+    n: int, batch_size: int, seed: int, epoch: int, world_size: int
+) -> list[torch.Tensor]:
     """The epoch's global batches of indices into 0..n-1 (last partial batch dropped).
 
     A train set smaller than one global batch gives one smaller batch, trimmed to a multiple of
@@ -45,7 +47,9 @@ def global_batches(n: int, batch_size: int, seed: int, epoch: int, world_size: i
     if n < batch_size:
         keep = n - n % world_size
         if keep == 0:
-            raise UserError(f"the training set ({n} examples) is smaller than the {world_size} processes")
+            raise UserError(
+                f"the training set ({n} examples) is smaller than the {world_size} processes"
+            )
         return [perm[:keep]]
     return list(perm[: n - n % batch_size].view(-1, batch_size))
 
@@ -82,7 +86,9 @@ def subset_test(labels: torch.Tensor, cfg: Config) -> torch.Tensor | None:
     if cfg.test_subset is None:
         return None
     if not 0 < cfg.test_subset <= len(labels):
-        raise UserError(f"test_subset={cfg.test_subset}: must be between 1 and the {len(labels)} test examples")
+        raise UserError(
+            f"test_subset={cfg.test_subset}: must be between 1 and the {len(labels)} test examples"
+        )
     order = _balanced_order(labels, torch.Generator().manual_seed(epoch_seed(cfg.seed, -3)))
     return order[: cfg.test_subset].sort().values
 
@@ -99,7 +105,9 @@ def split_train(labels: torch.Tensor, cfg: Config) -> tuple[torch.Tensor, torch.
     if cfg.val_fraction > 0:
         n_val = max(1, round(n * cfg.val_fraction))
         if n_val >= n:
-            raise UserError(f"val_fraction={cfg.val_fraction} leaves no training examples out of {n}")
+            raise UserError(
+                f"val_fraction={cfg.val_fraction} leaves no training examples out of {n}"
+            )
         order = _balanced_order(labels, torch.Generator().manual_seed(epoch_seed(cfg.seed, -1)))
         val, idx = order[:n_val].sort().values, order[n_val:].sort().values
     if cfg.train_subset is not None:
@@ -107,6 +115,8 @@ def split_train(labels: torch.Tensor, cfg: Config) -> tuple[torch.Tensor, torch.
             raise UserError(
                 f"train_subset={cfg.train_subset}: must be between 1 and the {len(idx)} training examples"
             )
-        order = _balanced_order(labels[idx], torch.Generator().manual_seed(epoch_seed(cfg.seed, -2)))
+        order = _balanced_order(
+            labels[idx], torch.Generator().manual_seed(epoch_seed(cfg.seed, -2))
+        )
         idx = idx[order[: cfg.train_subset].sort().values]
     return idx, val

@@ -52,7 +52,9 @@ def build_digits(cfg: Config) -> Arrays:
     y = torch.from_numpy(d.target.astype(np.int64))
     tr, te = train_test_split(np.arange(len(y)), test_size=0.2, stratify=d.target, random_state=0)
     tr, te = torch.from_numpy(tr), torch.from_numpy(te)
-    return Arrays(x[tr], y[tr], x[te], y[te], [str(i) for i in range(10)], DIGITS_MEAN, DIGITS_STD, "none")
+    return Arrays(
+        x[tr], y[tr], x[te], y[te], [str(i) for i in range(10)], DIGITS_MEAN, DIGITS_STD, "none"
+    )
 
 
 # ---------------------------------------------------------------- CIFAR
@@ -84,7 +86,9 @@ class _DataUnpickler(pickle.Unpickler):
     def find_class(self, module: str, name: str) -> object:
         fn = self.allowed.get((module, name))
         if fn is None:
-            raise pickle.UnpicklingError(f"refused: it names {module}.{name}, which a data batch never needs")
+            raise pickle.UnpicklingError(
+                f"refused: it names {module}.{name}, which a data batch never needs"
+            )
         return fn
 
 
@@ -129,16 +133,22 @@ def _cifar(cfg: Config, cls: type[Any], mean: tuple[float, ...], std: tuple[floa
         vx, vy = _read_cifar_batches(folder, [f for f, _ in cls.test_list])
         classes = list(load_data_pickle(folder / cls.meta["filename"])[cls.meta["key"]])
     except (OSError, EOFError, KeyError, ValueError, pickle.UnpicklingError) as e:
-        raise UserError(f"{name}: cannot read the batches in {folder} ({type(e).__name__}: {e})") from None
+        raise UserError(
+            f"{name}: cannot read the batches in {folder} ({type(e).__name__}: {e})"
+        ) from None
     return Arrays(tx, ty, vx, vy, classes, mean, std, "cifar")
 
 
 def build_cifar10(cfg: Config) -> Arrays:
-    return _cifar(cfg, torchvision.datasets.CIFAR10, (0.4914, 0.4822, 0.4465), (0.2470, 0.2435, 0.2616))
+    return _cifar(
+        cfg, torchvision.datasets.CIFAR10, (0.4914, 0.4822, 0.4465), (0.2470, 0.2435, 0.2616)
+    )
 
 
 def build_cifar100(cfg: Config) -> Arrays:
-    return _cifar(cfg, torchvision.datasets.CIFAR100, (0.5071, 0.4865, 0.4409), (0.2673, 0.2564, 0.2762))
+    return _cifar(
+        cfg, torchvision.datasets.CIFAR100, (0.5071, 0.4865, 0.4409), (0.2673, 0.2564, 0.2762)
+    )
 
 
 # ---------------------------------------------------------------- MNIST and Fashion-MNIST
@@ -164,9 +174,19 @@ def _mnist(cfg: Config, cls: type[Any], mean: float, std: float) -> Arrays:
     try:
         tr, te = cls(str(root), train=True), cls(str(root), train=False)
     except (OSError, RuntimeError, ValueError, AssertionError) as e:
-        raise UserError(f"{name}: cannot read the IDX files in {raw} ({type(e).__name__}: {e})") from None
-    return Arrays(tr.data.unsqueeze(1).to(torch.uint8), tr.targets.long(), te.data.unsqueeze(1).to(torch.uint8),
-                  te.targets.long(), list(cls.classes), (mean,), (std,), "none")
+        raise UserError(
+            f"{name}: cannot read the IDX files in {raw} ({type(e).__name__}: {e})"
+        ) from None
+    return Arrays(
+        tr.data.unsqueeze(1).to(torch.uint8),
+        tr.targets.long(),
+        te.data.unsqueeze(1).to(torch.uint8),
+        te.targets.long(),
+        list(cls.classes),
+        (mean,),
+        (std,),
+        "none",
+    )
 
 
 def build_mnist(cfg: Config) -> Arrays:
@@ -207,15 +227,28 @@ def build_tiny_imagenet(cfg: Config) -> Arrays:
             continue
         parts = line.split("\t")
         if len(parts) < 2 or parts[1] not in label:
-            raise UserError(f"{ann}:{n}: expected 'file<TAB>wnid...' with a wnid of the train classes, got {line!r}")
+            raise UserError(
+                f"{ann}:{n}: expected 'file<TAB>wnid...' with a wnid of the train classes, got {line!r}"
+            )
         test.append((str(root / "val" / "images" / parts[0]), label[parts[1]]))
     missing = [p for p, _ in test if not os.path.exists(p)]
     if missing and not cfg.skip_bad_images:
-        raise UserError(f"tiny_imagenet: {missing[0]} is listed in {ann} but missing ({len(missing)} in all)")
+        raise UserError(
+            f"tiny_imagenet: {missing[0]} is listed in {ann} but missing ({len(missing)} in all)"
+        )
     gone = set(missing)
     test = [s for s in test if s[0] not in gone]
-    arrays = decode_used(train, test, 64, cfg, "tiny_imagenet", class_names=wnids, mean=IMAGENET_MEAN,
-                         std=IMAGENET_STD, augment="cifar")
+    arrays = decode_used(
+        train,
+        test,
+        64,
+        cfg,
+        "tiny_imagenet",
+        class_names=wnids,
+        mean=IMAGENET_MEAN,
+        std=IMAGENET_STD,
+        augment="cifar",
+    )
     arrays.bad_images += len(missing)
     return arrays
 
@@ -230,4 +263,6 @@ def build_synthetic(cfg: Config) -> Arrays:
     g = torch.Generator().manual_seed(cfg.seed)
     x = torch.randint(0, 256, (n + m, 3, s, s), generator=g, dtype=torch.uint8)
     y = torch.randint(0, k, (n + m,), generator=g)
-    return Arrays(x[:n], y[:n], x[n:], y[n:], [str(i) for i in range(k)], (0.5,) * 3, (0.25,) * 3, "none")
+    return Arrays(
+        x[:n], y[:n], x[n:], y[n:], [str(i) for i in range(k)], (0.5,) * 3, (0.25,) * 3, "none"
+    )

@@ -41,7 +41,9 @@ def save_checkpoint(state: dict[str, Any], path: str | Path) -> None:
     try:
         with os.fdopen(fd, "wb") as f:
             writer = _Writer(f)
-            torch.save({**state, "format_version": FORMAT_VERSION}, cast(IO[bytes], writer))  # write() is all it uses
+            torch.save(
+                {**state, "format_version": FORMAT_VERSION}, cast(IO[bytes], writer)
+            )  # write() is all it uses
             f.flush()
             os.fsync(f.fileno())
         os.replace(tmp, path)
@@ -122,7 +124,9 @@ def load_checkpoint(path: str | Path) -> dict[str, Any]:
         if isinstance(e, (PermissionError, IsADirectoryError)):
             raise UserError(f"{path}: cannot read checkpoint ({e.strerror})") from None
         # A cut-off zip gives OSError(EINVAL), RuntimeError or BadZipFile, garbage IndexError...
-        raise UserError(f"{path}: cannot read checkpoint (truncated or not a checkpoint file)") from None
+        raise UserError(
+            f"{path}: cannot read checkpoint (truncated or not a checkpoint file)"
+        ) from None
     if not isinstance(state, dict) or "model" not in state:
         raise UserError(f"{path}: not a powergrad checkpoint (no 'model' entry)")
     version = state.get("format_version", FORMAT_VERSION)

@@ -20,12 +20,21 @@ import torch
 import torch.distributed as dist
 
 __all__ = [
-    "DistInfo", "init_distributed", "all_reduce_sum", "all_reduce_max", "cleanup",
-    "check_same_everywhere", "raise_if_peer_failed", "launch_local", "PREEMPTION_SIGNALS",
+    "DistInfo",
+    "init_distributed",
+    "all_reduce_sum",
+    "all_reduce_max",
+    "cleanup",
+    "check_same_everywhere",
+    "raise_if_peer_failed",
+    "launch_local",
+    "PREEMPTION_SIGNALS",
 ]
 
 # How clusters warn a job: SIGTERM (pre-emption, time limit) and SIGUSR1 (SLURM --signal=USR1@T).
-PREEMPTION_SIGNALS = tuple(s for s in (getattr(signal, "SIGTERM", None), getattr(signal, "SIGUSR1", None)) if s)
+PREEMPTION_SIGNALS = tuple(
+    s for s in (getattr(signal, "SIGTERM", None), getattr(signal, "SIGUSR1", None)) if s
+)
 
 # Words with which gloo reports that another process went away mid-collective.
 _PEER_GONE = ("Connection closed by peer", "Connection reset by peer", "Broken pipe")
@@ -71,7 +80,9 @@ def init_distributed(device: str = "auto") -> DistInfo:
         # minutes). torchrun usually ends the group sooner: it stops every worker as soon as one
         # exits non-zero. A whole ImageNet eval pass sits between two collectives, so not seconds.
         timeout = datetime.timedelta(seconds=int(os.environ.get("POWERGRAD_DIST_TIMEOUT", "300")))
-        dist.init_process_group(backend, timeout=timeout, device_id=dev if dev.type == "cuda" else None)
+        dist.init_process_group(
+            backend, timeout=timeout, device_id=dev if dev.type == "cuda" else None
+        )
     if world > 1 and rank != 0:  # one copy of the progress lines: rank 0's; warnings from all
         logging.getLogger("powergrad").setLevel(logging.WARNING)
     return DistInfo(rank=rank, world_size=world, local_rank=local, device=dev)
@@ -109,7 +120,11 @@ def check_same_everywhere(values: dict[str, int], info: DistInfo) -> None:
     low, high = t.clone(), t.clone()
     dist.all_reduce(low, op=dist.ReduceOp.MIN)
     dist.all_reduce(high, op=dist.ReduceOp.MAX)
-    differ = [f"{k} from {lo:g} to {hi:g}" for k, lo, hi in zip(values, low.tolist(), high.tolist()) if lo != hi]
+    differ = [
+        f"{k} from {lo:g} to {hi:g}"
+        for k, lo, hi in zip(values, low.tolist(), high.tolist())
+        if lo != hi
+    ]
     if differ:
         from ..errors import UserError
 
@@ -160,10 +175,16 @@ def launch_local(nproc: int, argv: list[str]) -> int:
     from ..errors import ONCE_DIR_ENV
 
     # torchrun keeps SIGINT (Ctrl-C), SIGHUP and SIGQUIT: it passes them on and stops the workers.
-    args = parse_args([
-        "--standalone", f"--nproc_per_node={nproc}", "--signals_to_handle=SIGINT,SIGHUP,SIGQUIT",
-        "-m", "powergrad", *argv,
-    ])
+    args = parse_args(
+        [
+            "--standalone",
+            f"--nproc_per_node={nproc}",
+            "--signals_to_handle=SIGINT,SIGHUP,SIGQUIT",
+            "-m",
+            "powergrad",
+            *argv,
+        ]
+    )
     # The workers share the cores (torchrun would set 1 thread and warn about it).
     os.environ.setdefault("OMP_NUM_THREADS", str(max(1, (os.cpu_count() or 1) // nproc)))
     # torchrun's agent logs each stop and failure; the summary below says it in one line.
@@ -178,14 +199,22 @@ def launch_local(nproc: int, argv: list[str]) -> int:
     except ChildFailedError as e:
         codes = {r: f.exitcode for r, f in sorted(e.failures.items())}
         stopped_by_peer = -int(signal.SIGTERM)  # torchrun stops the others after a failure
-        if any(c in (2, 3) for c in codes.values()) and all(c in (2, 3, stopped_by_peer) for c in codes.values()):
+        if any(c in (2, 3) for c in codes.values()) and all(
+            c in (2, 3, stopped_by_peer) for c in codes.values()
+        ):
             return max(codes.values())  # the worker's own line is above, once
         # Which rank torchrun saw first is a race (the one that failed, or a peer that lost it),
         # so name them all; each one's own message is above.
-        how = [f"rank {r} " + (f"killed by {f.signal_name()}" if f.exitcode < 0 else f"exit code {f.exitcode}")
-               for r, f in sorted(e.failures.items())]
-        print(f"powergrad: error: {len(how)} of {nproc} processes failed ({', '.join(how)}); torchrun "
-              "stopped the run (each process's own message is above)", file=sys.stderr)
+        how = [
+            f"rank {r} "
+            + (f"killed by {f.signal_name()}" if f.exitcode < 0 else f"exit code {f.exitcode}")
+            for r, f in sorted(e.failures.items())
+        ]
+        print(
+            f"powergrad: error: {len(how)} of {nproc} processes failed ({', '.join(how)}); torchrun "
+            "stopped the run (each process's own message is above)",
+            file=sys.stderr,
+        )
         code = e.get_first_failure()[1].exitcode
         return code if code > 0 else 128 - code
     except SignalException as e:

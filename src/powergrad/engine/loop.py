@@ -124,17 +124,33 @@ def run_training(
     """
     steps_per_epoch = len(train_loader)
     if steps_per_epoch == 0:
-        raise UserError("the training set gives no batches: batch_size is larger than the data set?")
+        raise UserError(
+            "the training set gives no batches: batch_size is larger than the data set?"
+        )
     plan = plan or plan_start(cfg, out)  # which checkpoint, which folder: decided before any write
     complete = check_progress(plan, cfg) == "complete"
     state = new_state(model, cfg, dist, steps_per_epoch, class_names, val_loader is not None)
-    restore(state, plan, steps_per_epoch, quiet=complete)  # a finished run's file must fit the model too
+    restore(
+        state, plan, steps_per_epoch, quiet=complete
+    )  # a finished run's file must fit the model too
     if complete:
         return already_complete(plan, cfg)
     check_same_everywhere(  # else the processes fall out of step and wait forever
-        {"epoch": state.epoch, "step": state.step_in_epoch, "steps_per_epoch": steps_per_epoch}, dist)
+        {"epoch": state.epoch, "step": state.step_in_epoch, "steps_per_epoch": steps_per_epoch},
+        dist,
+    )
     run = open_record(plan, cfg, dist, overwrite, state)
-    t = make_trainer(state, cfg, dist, run, train_loader, test_loader, val_loader, steps_per_epoch, watch_features)
+    t = make_trainer(
+        state,
+        cfg,
+        dist,
+        run,
+        train_loader,
+        test_loader,
+        val_loader,
+        steps_per_epoch,
+        watch_features,
+    )
     if on_step is not None:
         t.step_hooks.append(on_step)
 
@@ -169,22 +185,35 @@ def train_one_epoch(t: Trainer, epoch: int) -> tuple[dict[str, float], float, fl
     state, cfg, device = t.state, t.cfg, t.dist.device
     first = state.step_in_epoch
     stats = begin_epoch(t, epoch)
-    lr_at_start = state.epoch_lr = state.epoch_lr if first and state.epoch_lr is not None else state.lr
+    lr_at_start = state.epoch_lr = (
+        state.epoch_lr if first and state.epoch_lr is not None else state.lr
+    )
     tic = time.perf_counter()
     batches = islice(t.train_loader, first, None) if first else t.train_loader
-    progress = StepProgress(epoch + 1, cfg.epochs, t.steps_per_epoch, cfg.batch_size, first=first,
-                            steps_left_after=(cfg.epochs - epoch - 1) * t.steps_per_epoch, enabled=t.dist.is_main)
+    progress = StepProgress(
+        epoch + 1,
+        cfg.epochs,
+        t.steps_per_epoch,
+        cfg.batch_size,
+        first=first,
+        steps_left_after=(cfg.epochs - epoch - 1) * t.steps_per_epoch,
+        enabled=t.dist.is_main,
+    )
     try:
         for step, (x, y) in enumerate(batches, start=first):
             x, y = _to_device(x, y, device, cfg.channels_last)
             scale = _scale(state.scaler, device) if cfg.amp == "fp16" else None
-            loss, logits = _train_step(t.forward, t.criterion, state.optimizer, state.scaler, x, y, cfg, t.net)
+            loss, logits = _train_step(
+                t.forward, t.criterion, state.optimizer, state.scaler, x, y, cfg, t.net
+            )
             if scale is not None:  # the scaler lowers its scale exactly when it skips a step
                 state.skipped_updates += _scale(state.scaler, device) < scale
             if state.global_step == 0 and step == 0:
                 state.monitor.check_outputs(logits, epoch + 1)
             stats.update(loss, logits, y)
-            t.bad_step = torch.where((t.bad_step < 0) & ~torch.isfinite(loss.detach()), state.global_step, t.bad_step)
+            t.bad_step = torch.where(
+                (t.bad_step < 0) & ~torch.isfinite(loss.detach()), state.global_step, t.bad_step
+            )
             state.global_step += 1
             state.scheduler.step_update(state.global_step)
             progress.step(loss, state.lr)
@@ -228,16 +257,23 @@ def _train_step(forward, criterion, optimizer, scaler, x, y, cfg: Config, net: n
     return total_loss, logits
 
 
-def evaluate_epoch(t: Trainer, epoch: int, train_stats: dict[str, float], epoch_s: float, lr: float) -> dict[str, Any]:
+def evaluate_epoch(
+    t: Trainer, epoch: int, train_stats: dict[str, float], epoch_s: float, lr: float
+) -> dict[str, Any]:
     """The epoch's row: its training numbers, then test (and validation) accuracy and loss."""
     t.criterion.eval()
     test = evaluate_loader(t.net, t.test_loader, t.cfg, t.dist)
     row: dict[str, Any] = {
-        "epoch": epoch + 1, "lr": lr,
-        "train_loss": train_stats["train_loss"], "train_acc": train_stats["train_acc"],
-        "test_loss": test["loss"], "test_acc": test["top1"], "test_top5": test["top5"],
+        "epoch": epoch + 1,
+        "lr": lr,
+        "train_loss": train_stats["train_loss"],
+        "train_acc": train_stats["train_acc"],
+        "test_loss": test["loss"],
+        "test_acc": test["top1"],
+        "test_top5": test["top5"],
         "gap": train_stats["train_acc"] - test["top1"],
-        "epoch_s": epoch_s, "train_img_s": train_stats["n"] / max(epoch_s, 1e-9),
+        "epoch_s": epoch_s,
+        "train_img_s": train_stats["n"] / max(epoch_s, 1e-9),
     }
     for k in ("logit_norm", "logit_mean", "logit_max", "logit_var"):
         row[k] = train_stats.get(k)
@@ -284,12 +320,14 @@ def evaluate_loader(
         hard = y.argmax(1) if y.is_floating_point() else y
         k = min(5, logits.shape[1])
         topk = logits.topk(k, dim=1).indices
-        sums += torch.stack([
-            F.cross_entropy(logits, y, reduction="sum").double(),
-            (topk[:, 0] == hard).sum().double(),
-            (topk == hard.unsqueeze(1)).any(1).sum().double(),
-            torch.tensor(float(len(hard)), dtype=torch.float64, device=device),
-        ])
+        sums += torch.stack(
+            [
+                F.cross_entropy(logits, y, reduction="sum").double(),
+                (topk[:, 0] == hard).sum().double(),
+                (topk == hard.unsqueeze(1)).any(1).sum().double(),
+                torch.tensor(float(len(hard)), dtype=torch.float64, device=device),
+            ]
+        )
     loss, top1, top5, n = all_reduce_sum(sums, dist).tolist()
     n = max(n, 1.0)
     return {"loss": loss / n, "top1": top1 / n, "top5": top5 / n, "n": int(n)}
@@ -298,8 +336,14 @@ def evaluate_loader(
 # ----------------------------------------------------------------------------- set-up
 
 
-def new_state(model: nn.Module, cfg: Config, dist: DistInfo, steps_per_epoch: int,
-              class_names: list[str] | None, has_val: bool) -> TrainingState:
+def new_state(
+    model: nn.Module,
+    cfg: Config,
+    dist: DistInfo,
+    steps_per_epoch: int,
+    class_names: list[str] | None,
+    has_val: bool,
+) -> TrainingState:
     """Model on the device, optimiser, schedule, scaler and monitor, at epoch 0."""
     model.to(dist.device)
     if cfg.channels_last:
@@ -308,15 +352,23 @@ def new_state(model: nn.Module, cfg: Config, dist: DistInfo, steps_per_epoch: in
         model = nn.SyncBatchNorm.convert_sync_batchnorm(model)
     optimizer = create_optimizer(_param_groups(model, cfg), cfg)
     return TrainingState(
-        model=model, optimizer=optimizer, scheduler=create_scheduler(optimizer, cfg, steps_per_epoch),
+        model=model,
+        optimizer=optimizer,
+        scheduler=create_scheduler(optimizer, cfg, steps_per_epoch),
         scaler=torch.amp.GradScaler(dist.device.type, enabled=cfg.amp == "fp16"),
-        monitor=Monitor(cfg.monitor, num_classes=_num_classes(model)), cfg=cfg, device=dist.device,
-        world_size=dist.world_size, best_split="val" if has_val else "test", class_names=class_names,
+        monitor=Monitor(cfg.monitor, num_classes=_num_classes(model)),
+        cfg=cfg,
+        device=dist.device,
+        world_size=dist.world_size,
+        best_split="val" if has_val else "test",
+        class_names=class_names,
         skipped_updates=torch.zeros((), dtype=torch.long, device=dist.device),
     )
 
 
-def restore(state: TrainingState, plan: StartPlan, steps_per_epoch: int, quiet: bool = False) -> None:
+def restore(
+    state: TrainingState, plan: StartPlan, steps_per_epoch: int, quiet: bool = False
+) -> None:
     """Load what the plan starts from into the state: a resume's checkpoint (all of it, a timm
     one's weights and momentum), or init_from's weights (and nothing else: a new run)."""
     ckpt, path, cfg = plan.checkpoint, plan.checkpoint_path, state.cfg
@@ -327,8 +379,12 @@ def restore(state: TrainingState, plan: StartPlan, steps_per_epoch: int, quiet: 
 
         load_model_state(state.model, ckpt["model"], path)
         state.parent = parent_record(plan)
-        log.info("init_from %s: a new run from its weights (%d epochs done there); optimiser, schedule "
-                 "and epochs start fresh", path, int(ckpt.get("epoch", 0)))
+        log.info(
+            "init_from %s: a new run from its weights (%d epochs done there); optimiser, schedule "
+            "and epochs start fresh",
+            path,
+            int(ckpt.get("epoch", 0)),
+        )
         return
     say = log.debug if quiet else log.info  # a run with nothing left to do says so in one line
     if plan.note:
@@ -338,11 +394,18 @@ def restore(state: TrainingState, plan: StartPlan, steps_per_epoch: int, quiet: 
         say("official checkpoint %s: arch %s, %d epochs done", path, ckpt.get("arch"), state.epoch)
     else:
         saved_epochs = int((ckpt.get("config") or {}).get("epochs", cfg.epochs))
-        extended = saved_epochs != cfg.epochs  # the schedule is the longer run's (docs/reliability.md)
+        extended = (
+            saved_epochs != cfg.epochs
+        )  # the schedule is the longer run's (docs/reliability.md)
         state.from_checkpoint({**ckpt, "scheduler": None} if extended else ckpt, path)
         if extended:
-            say("epochs %d -> %d: from epoch %d the learning rate follows a %d-epoch schedule",
-                     saved_epochs, cfg.epochs, state.epoch + 1, cfg.epochs)
+            say(
+                "epochs %d -> %d: from epoch %d the learning rate follows a %d-epoch schedule",
+                saved_epochs,
+                cfg.epochs,
+                state.epoch + 1,
+                cfg.epochs,
+            )
     # The lr this step has on the schedule: what the first epoch line shows and trains with.
     state.scheduler.step_update(state.global_step)
     say("resumed from %s at epoch %d, step %d", path, state.epoch + 1, state.step_in_epoch)
@@ -354,30 +417,56 @@ def already_complete(plan: StartPlan, cfg: Config) -> RunResult:
     assert path is not None  # check_progress says "complete" only of a checkpoint
     done = f"{int(ckpt.get('epoch', 0))} of {cfg.epochs} epochs"
     if plan.own_folder:
-        log.info("%s is already complete (%s, %s); nothing to do (raise epochs= to extend it)", plan.run_path,
-                 done, path.name)
+        log.info(
+            "%s is already complete (%s, %s); nothing to do (raise epochs= to extend it)",
+            plan.run_path,
+            done,
+            path.name,
+        )
     else:
-        log.info("%s is a finished run (%s): nothing to train into %s; raise epochs= to extend it there, or "
-                 "use init_from= to start a new run from its weights", path, done, plan.run_path)
+        log.info(
+            "%s is a finished run (%s): nothing to train into %s; raise epochs= to extend it there, or "
+            "use init_from= to start a new run from its weights",
+            path,
+            done,
+            plan.run_path,
+        )
     history = list(ckpt.get("history") or [])
-    return RunResult(run_dir=None, status="finished", final=history[-1] if history else {},
-                     best=dict(ckpt.get("best") or {}), history=history,
-                     diagnostics=list(ckpt.get("diagnostics") or []), wall_s=float(ckpt.get("wall_s") or 0.0))
+    return RunResult(
+        run_dir=None,
+        status="finished",
+        final=history[-1] if history else {},
+        best=dict(ckpt.get("best") or {}),
+        history=history,
+        diagnostics=list(ckpt.get("diagnostics") or []),
+        wall_s=float(ckpt.get("wall_s") or 0.0),
+    )
 
 
-def open_record(plan: StartPlan, cfg: Config, dist: DistInfo, overwrite: bool, state: TrainingState) -> RunDir | None:
+def open_record(
+    plan: StartPlan, cfg: Config, dist: DistInfo, overwrite: bool, state: TrainingState
+) -> RunDir | None:
     """The run folder, on the main process, once the start can no longer fail on its input."""
     if not dist.is_main:
         return None
     run = RunDir(plan.run_path, resume=plan.resuming, overwrite=overwrite)
     run.write_config(cfg.to_yaml())
     if plan.resuming:  # the checkpoint's history is the record up to where it stopped
-        run.rewrite_metrics(state.history[:state.epoch])
+        run.rewrite_metrics(state.history[: state.epoch])
     return run
 
 
-def make_trainer(state: TrainingState, cfg: Config, dist: DistInfo, run: RunDir | None, train_loader: Any,
-                 test_loader: Any, val_loader: Any, steps_per_epoch: int, watch_features: bool) -> Trainer:
+def make_trainer(
+    state: TrainingState,
+    cfg: Config,
+    dist: DistInfo,
+    run: RunDir | None,
+    train_loader: Any,
+    test_loader: Any,
+    val_loader: Any,
+    steps_per_epoch: int,
+    watch_features: bool,
+) -> Trainer:
     """Wrap the model (DDP, compile), hook the monitor, open the saver: ready for the first epoch."""
     device, model = dist.device, state.model
     ids = [device.index] if device.type == "cuda" else None
@@ -390,13 +479,25 @@ def make_trainer(state: TrainingState, cfg: Config, dist: DistInfo, run: RunDir 
     hooks: list[StepHook] = []
     if run is not None:
         remove_stale_temporaries(run.path)  # a save a kill cut short never landed
-        hooks.append(lambda s, loss: run.after_step(s.global_step, loss, s.lr, cfg.batch_size))  # TensorBoard
+        hooks.append(
+            lambda s, loss: run.after_step(s.global_step, loss, s.lr, cfg.batch_size)
+        )  # TensorBoard
     return Trainer(
-        cfg=cfg, dist=dist, state=state, net=net, forward=torch.compile(net) if cfg.compile else net,
-        criterion=PowerGradLoss(cfg.alpha, cfg.label_smoothing), train_loader=train_loader,
-        test_loader=test_loader, val_loader=val_loader, run=run, saver=saver,
-        filters=_filter_recorder(model, cfg, run, state.global_step), stopper=PreemptionFlag(),
-        steps_per_epoch=steps_per_epoch, bad_step=torch.full((), -1, dtype=torch.long, device=device),
+        cfg=cfg,
+        dist=dist,
+        state=state,
+        net=net,
+        forward=torch.compile(net) if cfg.compile else net,
+        criterion=PowerGradLoss(cfg.alpha, cfg.label_smoothing),
+        train_loader=train_loader,
+        test_loader=test_loader,
+        val_loader=val_loader,
+        run=run,
+        saver=saver,
+        filters=_filter_recorder(model, cfg, run, state.global_step),
+        stopper=PreemptionFlag(),
+        steps_per_epoch=steps_per_epoch,
+        bad_step=torch.full((), -1, dtype=torch.long, device=device),
         step_hooks=hooks,
     )
 
@@ -463,7 +564,9 @@ def stop_requested(t: Trainer, row: dict[str, Any], on_epoch: Callable | None) -
 
 def record_divergence(t: Trainer, e: DivergenceError, extra_summary: dict[str, Any] | None) -> None:
     if t.run:
-        t.state.monitor.diagnostics.append(Diagnostic("non_finite", len(t.state.history) + 1, str(e)))
+        t.state.monitor.diagnostics.append(
+            Diagnostic("non_finite", len(t.state.history) + 1, str(e))
+        )
         t.run.write_summary(_summary(t, "diverged", extra_summary))
         t.run.close()
 
@@ -473,8 +576,12 @@ def finish(t: Trainer, status: str, extra_summary: dict[str, Any] | None) -> Run
     state, run = t.state, t.run
     history = state.history
     result = RunResult(
-        run_dir=run.path if run else None, status=status, final=history[-1] if history else {},
-        best=state.best, history=history, diagnostics=[d.to_dict() for d in state.monitor.diagnostics],
+        run_dir=run.path if run else None,
+        status=status,
+        final=history[-1] if history else {},
+        best=state.best,
+        history=history,
+        diagnostics=[d.to_dict() for d in state.monitor.diagnostics],
         wall_s=state.wall_s,
     )
     if run:
@@ -490,8 +597,11 @@ def finish(t: Trainer, status: str, extra_summary: dict[str, Any] | None) -> Run
 
             plot_curves(run.path)
         if status == "preempted":
-            print(f"pre-empted: checkpoint saved to {run.path / 'last.pt'}; continue with "
-                  f"resume={run.path / 'last.pt'}", file=sys.stderr)
+            print(
+                f"pre-empted: checkpoint saved to {run.path / 'last.pt'}; continue with "
+                f"resume={run.path / 'last.pt'}",
+                file=sys.stderr,
+            )
     return result
 
 
@@ -517,7 +627,9 @@ def _scale(scaler: torch.amp.GradScaler, device: torch.device) -> torch.Tensor:
     return scaler._scale.clone()
 
 
-def _global_epoch_stats(stats: EpochStats, monitor: Monitor, dist: DistInfo) -> dict[str, torch.Tensor]:
+def _global_epoch_stats(
+    stats: EpochStats, monitor: Monitor, dist: DistInfo
+) -> dict[str, torch.Tensor]:
     """The epoch's running sums over all processes, for a mid-epoch checkpoint that any number
     of processes can resume (rank 0 loads them, the others start from zero)."""
     state = stats.state_dict()
@@ -539,7 +651,8 @@ def _share_feature_mask(monitor: Monitor, dist: DistInfo) -> None:
 def _divergence_message(step: int, epoch: int, cfg: Config) -> str:
     cause = (
         "fp16 overflow (try amp=bf16) or a learning rate too high"
-        if cfg.amp == "fp16" else f"a learning rate too high (lr={cfg.lr:g})"
+        if cfg.amp == "fp16"
+        else f"a learning rate too high (lr={cfg.lr:g})"
     )
     return (
         f"training diverged: non-finite loss at step {step} (epoch {epoch + 1}); likely cause: "
@@ -570,7 +683,11 @@ def _summary(t: Trainer, status: str, extra: dict[str, Any] | None) -> dict[str,
 
 
 def _print_epoch(row: dict[str, Any], epochs: int) -> None:
-    val = f"val loss {row['val_loss']:.4f} acc {row['val_acc']:.4f}  " if row.get("val_acc") is not None else ""
+    val = (
+        f"val loss {row['val_loss']:.4f} acc {row['val_acc']:.4f}  "
+        if row.get("val_acc") is not None
+        else ""
+    )
     print(
         f"epoch {row['epoch']:>3}/{epochs}  lr {row['lr']:.4g}  "
         f"train loss {row['train_loss']:.4f} acc {row['train_acc']:.4f}  {val}"

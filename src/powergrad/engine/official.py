@@ -33,7 +33,11 @@ def _load(path: Path) -> Any:
         with torch.serialization.safe_globals(ALLOWED_GLOBALS):
             return torch.load(path, map_location="cpu", weights_only=True)
     except pickle.UnpicklingError as e:
-        what = str(e).split("Unsupported global:")[-1].split(".")[0].strip() if "Unsupported global" in str(e) else ""
+        what = (
+            str(e).split("Unsupported global:")[-1].split(".")[0].strip()
+            if "Unsupported global" in str(e)
+            else ""
+        )
         detail = f" ({what})" if what else ""
         raise UserError(
             f"{path}: refused: the file asks to build objects other than tensors, plain values and "
@@ -66,14 +70,23 @@ def read_official(path: str | Path) -> dict[str, Any] | None:
     args = vars(args) if isinstance(args, argparse.Namespace) else dict(args or {})
     arch = str(state["arch"])
     config: dict[str, Any] = {"model": ARCH_NAMES.get(arch, arch), "dataset": "imagefolder"}
-    for ours, theirs in (("img_size", "img_size"), ("num_classes", "num_classes"),
-                         ("alpha", "modify_softmax"), ("label_smoothing", "smoothing")):
+    for ours, theirs in (
+        ("img_size", "img_size"),
+        ("num_classes", "num_classes"),
+        ("alpha", "modify_softmax"),
+        ("label_smoothing", "smoothing"),
+    ):
         if args.get(theirs) is not None:
             config[ours] = args[theirs]
     epoch = int(state.get("epoch", -1)) + 1
     return {
-        "official": True, "model": state["state_dict"], "optimizer": state.get("optimizer"),
-        "epoch": epoch, "config": config, "metric": state.get("metric"), "arch": arch,
+        "official": True,
+        "model": state["state_dict"],
+        "optimizer": state.get("optimizer"),
+        "epoch": epoch,
+        "config": config,
+        "metric": state.get("metric"),
+        "arch": arch,
     }
 
 
@@ -88,7 +101,15 @@ def load_optimizer_where_it_fits(optimizer: torch.optim.Optimizer, saved: dict |
         return False
     ours = optimizer.state_dict()
     saved_state = saved.get("state", {})
-    shapes = lambda ids, st: [tuple(st[i]["momentum_buffer"].shape) if i in st and st[i].get("momentum_buffer") is not None else None for i in ids]  # noqa: E731
+
+    def shapes(ids: list[int], st: dict[int, Any]) -> list[tuple[int, ...] | None]:
+        return [
+            tuple(st[i]["momentum_buffer"].shape)
+            if i in st and st[i].get("momentum_buffer") is not None
+            else None
+            for i in ids
+        ]
+
     own_shapes = [[tuple(p.shape) for p in g["params"]] for g in optimizer.param_groups]
     new_state: dict[int, Any] = {}
     used: set[int] = set()
@@ -96,11 +117,17 @@ def load_optimizer_where_it_fits(optimizer: torch.optim.Optimizer, saved: dict |
         match = None
         for j, sg in enumerate(saved["param_groups"]):
             got = shapes(sg["params"], saved_state)
-            if j not in used and len(got) == len(own) and all(s is None or s == o for s, o in zip(got, own)):
+            if (
+                j not in used
+                and len(got) == len(own)
+                and all(s is None or s == o for s, o in zip(got, own))
+            ):
                 match = j
                 break
         if match is None:
-            log.warning("official optimizer state does not fit this model's groups: momentum starts fresh")
+            log.warning(
+                "official optimizer state does not fit this model's groups: momentum starts fresh"
+            )
             return False
         used.add(match)
         for ours_id, theirs_id in zip(og["params"], saved["param_groups"][match]["params"]):

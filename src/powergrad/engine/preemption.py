@@ -14,7 +14,9 @@ __all__ = ["PreemptionFlag"]
 
 
 class PreemptionFlag:
-    SIGNALS = tuple(s for s in (getattr(signal, "SIGTERM", None), getattr(signal, "SIGUSR1", None)) if s)
+    SIGNALS = tuple(
+        s for s in (getattr(signal, "SIGTERM", None), getattr(signal, "SIGUSR1", None)) if s
+    )
 
     def __init__(self) -> None:
         self.requested = False

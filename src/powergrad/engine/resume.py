@@ -106,7 +106,9 @@ def _resume_checkpoint(resume: str, out: str | Path | None) -> tuple[Path | None
     return path, read_checkpoint(path), f"resume: {path}, named on the command line"
 
 
-def choose_checkpoint(run_dir: str | Path, warn: bool = True) -> tuple[Path | None, dict[str, Any] | None, str]:
+def choose_checkpoint(
+    run_dir: str | Path, warn: bool = True
+) -> tuple[Path | None, dict[str, Any] | None, str]:
     """The checkpoint of ``run_dir`` with the most progress recorded inside it, or (None, None, "");
     the third item says why it was taken and the others not (for the log, once the run goes on).
 
@@ -130,20 +132,27 @@ def choose_checkpoint(run_dir: str | Path, warn: bool = True) -> tuple[Path | No
         if problems:
             raise UserError(f"no loadable checkpoint in {run_dir}: {problems[0][1]}")
         if (run_dir / "best.pt").is_file():
-            raise UserError(f"{run_dir} holds only best.pt, which resume takes only when named: "
-                            f"resume={run_dir / 'best.pt'}")
+            raise UserError(
+                f"{run_dir} holds only best.pt, which resume takes only when named: "
+                f"resume={run_dir / 'best.pt'}"
+            )
         return None, None, ""
     for _, problem in problems if warn else ():  # (when none loads, the error says it once)
         log.warning("skipping %s", problem)
     taken, ckpt = max(loaded, key=lambda pc: _progress(pc[1]))  # max keeps the first of equals
-    others = [f"{p.name} ({_where(c)}: {'less progress' if _progress(c) < _progress(ckpt) else 'the same'})"
-              for p, c in loaded if p != taken]
+    others = [
+        f"{p.name} ({_where(c)}: {'less progress' if _progress(c) < _progress(ckpt) else 'the same'})"
+        for p, c in loaded
+        if p != taken
+    ]
     others += [f"{p.name} (does not load)" for p, _ in problems]
     if (run_dir / "best.pt").is_file():
         others.append("best.pt (taken only when named: resume=RUN/best.pt)")
     note = f"resume: {taken}, the most progress recorded that loads ({_where(ckpt)})"
     note += f"; not taken: {', '.join(others)}" if others else ""
-    if problems and warn:  # after a file that does not load, the choice is a warning: the user should know
+    if (
+        problems and warn
+    ):  # after a file that does not load, the choice is a warning: the user should know
         log.warning("%s", note)
         note = ""
     return taken, ckpt, note
@@ -203,7 +212,9 @@ def read_checkpoint(path: str | Path) -> dict[str, Any]:
         return state
 
 
-def resolve_config(recipe: str | None, overrides: dict[str, Any], out: str | Path | None = None) -> Config:
+def resolve_config(
+    recipe: str | None, overrides: dict[str, Any], out: str | Path | None = None
+) -> Config:
     """The config a ``train`` command means: recipe, then what a checkpoint says, then overrides.
 
     - ``resume=`` without a recipe continues with the checkpoint's own config;
@@ -223,7 +234,10 @@ def resolve_config(recipe: str | None, overrides: dict[str, Any], out: str | Pat
     if ckpt.get("official"):
         official = {k: v for k, v in ckpt["config"].items() if k not in overrides}
         applied = ", ".join(f"{k}={v}" for k, v in official.items())
-        log.info("from the timm checkpoint's args: %s (set a key on the command line to override it)", applied)
+        log.info(
+            "from the timm checkpoint's args: %s (set a key on the command line to override it)",
+            applied,
+        )
         return load_config(recipe, {**official, **overrides})
     if recipe is None and source != overrides.get("init_from"):
         return load_config(None, {**_without_resume(ckpt.get("config") or {}), **overrides})

@@ -30,7 +30,11 @@ class CheckpointSaver:
 
     def wants_mid_epoch(self, global_step: int, step: int, steps_per_epoch: int) -> bool:
         """A mid-epoch save is due after this step (never on an epoch's last: the epoch save follows)."""
-        return bool(self.every_steps) and global_step % self.every_steps == 0 and step + 1 < steps_per_epoch
+        return (
+            bool(self.every_steps)
+            and global_step % self.every_steps == 0
+            and step + 1 < steps_per_epoch
+        )
 
     def save_mid_epoch(self, state: TrainingState) -> None:
         """last.pt at a step inside an epoch (state.epoch_stats holds the epoch's sums so far)."""

@@ -26,7 +26,13 @@ from ..monitor import Monitor
 
 log = logging.getLogger("powergrad")
 
-__all__ = ["TrainingState", "CHECKPOINT_KEYS", "FORMAT_VERSION", "load_model_state", "seed_everything"]
+__all__ = [
+    "TrainingState",
+    "CHECKPOINT_KEYS",
+    "FORMAT_VERSION",
+    "load_model_state",
+    "seed_everything",
+]
 
 # 2: scheduler restored, wall_s, class_names, best_split, parent. Version 1 files load as well
 # (their missing entries take the defaults below; their scheduler is rebuilt from the step).
@@ -34,9 +40,27 @@ FORMAT_VERSION = 2
 
 # Every entry of a checkpoint written by to_checkpoint (format_version is added on save).
 CHECKPOINT_KEYS = (
-    "model", "optimizer", "scheduler", "scaler", "epoch", "step_in_epoch", "global_step",
-    "epoch_stats", "epoch_lr", "history", "best", "best_split", "rng", "config", "world_size",
-    "fp16_skipped_updates", "feature_alive", "diagnostics", "wall_s", "class_names", "parent",
+    "model",
+    "optimizer",
+    "scheduler",
+    "scaler",
+    "epoch",
+    "step_in_epoch",
+    "global_step",
+    "epoch_stats",
+    "epoch_lr",
+    "history",
+    "best",
+    "best_split",
+    "rng",
+    "config",
+    "world_size",
+    "fp16_skipped_updates",
+    "feature_alive",
+    "diagnostics",
+    "wall_s",
+    "class_names",
+    "parent",
 )
 
 
@@ -81,16 +105,27 @@ class TrainingState:
         mid_epoch = self.epoch_stats is not None
         alive = self.monitor.feature_alive
         state = {
-            "model": self.model.state_dict(), "optimizer": self.optimizer.state_dict(),
-            "scheduler": self.scheduler.state_dict(), "scaler": self.scaler.state_dict(),
-            "epoch": self.epoch, "step_in_epoch": self.step_in_epoch, "global_step": self.global_step,
-            "epoch_stats": self.epoch_stats, "epoch_lr": self.epoch_lr if mid_epoch else None,
-            "history": self.history, "best": self.best, "best_split": self.best_split,
-            "rng": rng_state(), "config": self.cfg.to_dict(), "world_size": self.world_size,
+            "model": self.model.state_dict(),
+            "optimizer": self.optimizer.state_dict(),
+            "scheduler": self.scheduler.state_dict(),
+            "scaler": self.scaler.state_dict(),
+            "epoch": self.epoch,
+            "step_in_epoch": self.step_in_epoch,
+            "global_step": self.global_step,
+            "epoch_stats": self.epoch_stats,
+            "epoch_lr": self.epoch_lr if mid_epoch else None,
+            "history": self.history,
+            "best": self.best,
+            "best_split": self.best_split,
+            "rng": rng_state(),
+            "config": self.cfg.to_dict(),
+            "world_size": self.world_size,
             "fp16_skipped_updates": int(self.skipped_updates),
             "feature_alive": alive.cpu() if mid_epoch and alive is not None else None,
             "diagnostics": [d.to_dict() for d in self.monitor.diagnostics],
-            "wall_s": self.wall_s, "class_names": self.class_names, "parent": self.parent,
+            "wall_s": self.wall_s,
+            "class_names": self.class_names,
+            "parent": self.parent,
         }
         assert tuple(state) == CHECKPOINT_KEYS, "to_checkpoint and CHECKPOINT_KEYS disagree"
         return state
@@ -101,8 +136,11 @@ class TrainingState:
         :func:`powergrad.config.check_resume`)."""
         check_resume(ckpt["config"], self.cfg, path)
         if int(ckpt["world_size"]) != self.world_size:
-            log.info("the checkpoint was written by %d process(es), this run has %d", ckpt["world_size"],
-                     self.world_size)
+            log.info(
+                "the checkpoint was written by %d process(es), this run has %d",
+                ckpt["world_size"],
+                self.world_size,
+            )
         load_model_state(self.model, ckpt["model"], path)
         self.optimizer.load_state_dict(ckpt["optimizer"])
         if ckpt.get("scheduler") is not None:
@@ -142,13 +180,19 @@ def load_model_state(model: nn.Module, state: dict[str, Any], path: Any) -> None
     state = {k.removeprefix("module.").removeprefix("_orig_mod."): v for k, v in state.items()}
     own = model.state_dict()
     wrong = {
-        "shape mismatch": [f"{k} (file {list(v.shape)} vs model {list(own[k].shape)})"
-                           for k, v in state.items() if k in own and hasattr(v, "shape") and v.shape != own[k].shape],
+        "shape mismatch": [
+            f"{k} (file {list(v.shape)} vs model {list(own[k].shape)})"
+            for k, v in state.items()
+            if k in own and hasattr(v, "shape") and v.shape != own[k].shape
+        ],
         "missing": [k for k in own if k not in state],
         "unexpected": [k for k in state if k not in own],
     }
-    problems = [f"{len(keys)} {what}: {', '.join(keys[:2])}{' ...' if len(keys) > 2 else ''}"
-                for what, keys in wrong.items() if keys]
+    problems = [
+        f"{len(keys)} {what}: {', '.join(keys[:2])}{' ...' if len(keys) > 2 else ''}"
+        for what, keys in wrong.items()
+        if keys
+    ]
     if problems:  # one line that says which model the file was for, not torch's page of keys
         raise UserError(f"{path}: checkpoint does not fit the model ({'; '.join(problems)})")
     model.load_state_dict(state)
@@ -177,7 +221,9 @@ def set_rng_state(state: dict[str, Any] | None) -> None:
     if not state:
         return
     torch.set_rng_state(state["torch"])
-    np.random.set_state(("MT19937", np.array(state["numpy"], dtype=np.uint32), state["numpy_pos"], 0, 0.0))
+    np.random.set_state(
+        ("MT19937", np.array(state["numpy"], dtype=np.uint32), state["numpy_pos"], 0, 0.0)
+    )
     random.setstate((3, tuple(state["python"]), None))
     if "cuda" in state and torch.cuda.is_available():
         torch.cuda.set_rng_state_all(state["cuda"])

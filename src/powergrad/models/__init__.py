@@ -33,8 +33,15 @@ from .resnet_cifar import resnet20, resnet20_nobn
 from .weights import adapt_conv_weight, load_weights, read_state_dict
 
 __all__ = [
-    "MODELS", "create_model", "param_groups", "get_head", "list_models", "set_train_mode",
-    "filter_norms", "read_state_dict", "Probe",
+    "MODELS",
+    "create_model",
+    "param_groups",
+    "get_head",
+    "list_models",
+    "set_train_mode",
+    "filter_norms",
+    "read_state_dict",
+    "Probe",
 ]
 
 log = logging.getLogger("powergrad")
@@ -88,7 +95,8 @@ def _unknown(name: str) -> UserError:
     candidates = [*MODELS, *(f"tv/{n}" for n in _tv_names()), *timm.list_models()]
     close = difflib.get_close_matches(name, candidates, n=3, cutoff=0.6)
     hint = (
-        f"; did you mean {', '.join(map(repr, close))}?" if close
+        f"; did you mean {', '.join(map(repr, close))}?"
+        if close
         else f"; use a timm name, tv/<torchvision name> or one of {', '.join(sorted(MODELS))}"
     )
     return UserError(f"unknown model {name!r}{hint}")
@@ -125,7 +133,11 @@ def get_head(model: nn.Module) -> tuple[str, nn.Module]:
     linears = [(n, m) for n, m in model.named_modules() if isinstance(m, nn.Linear)]
     if linears:
         return linears[-1]
-    convs = [(n, m) for n, m in model.named_modules() if n.startswith("classifier") and isinstance(m, nn.Conv2d)]
+    convs = [
+        (n, m)
+        for n, m in model.named_modules()
+        if n.startswith("classifier") and isinstance(m, nn.Conv2d)
+    ]
     if convs:
         return convs[-1]
     raise UserError(f"cannot find the classifier layer of {type(model).__name__}")
@@ -140,13 +152,25 @@ def _replace_head(model: nn.Module, num_classes: int) -> None:
     name, head = get_head(model)
     new: nn.Module
     if isinstance(head, nn.Linear):
-        old, new = head.out_features, nn.Linear(head.in_features, num_classes, bias=head.bias is not None)
+        old, new = (
+            head.out_features,
+            nn.Linear(head.in_features, num_classes, bias=head.bias is not None),
+        )
     elif isinstance(head, nn.Conv2d):
         old = head.out_channels
-        new = nn.Conv2d(head.in_channels, num_classes, head.kernel_size, head.stride, head.padding,  # type: ignore[arg-type]  # torch types a conv's own sizes as tuple[int, ...]
-                        bias=head.bias is not None)
+        # torch types a conv's own sizes as tuple[int, ...], its constructor's as tuple[int, int]
+        new = nn.Conv2d(
+            head.in_channels,
+            num_classes,
+            head.kernel_size,  # type: ignore[arg-type]
+            head.stride,  # type: ignore[arg-type]
+            head.padding,  # type: ignore[arg-type]
+            bias=head.bias is not None,
+        )
     else:
-        raise UserError(f"cannot resize the head {name} ({type(head).__name__}) to {num_classes} classes")
+        raise UserError(
+            f"cannot resize the head {name} ({type(head).__name__}) to {num_classes} classes"
+        )
     if old != num_classes:
         _set_module(model, name, new)
         log.info("replaced head %s: %d -> %d classes", name, old, num_classes)
@@ -159,7 +183,9 @@ def _first_conv(model: nn.Module) -> str | None:
 # ---------------------------------------------------------------- families
 
 
-def _create_timm(name: str, pretrained: bool, num_classes: int, in_chans: int, img_size: int, kwargs: dict) -> nn.Module:
+def _create_timm(
+    name: str, pretrained: bool, num_classes: int, in_chans: int, img_size: int, kwargs: dict
+) -> nn.Module:
     pcfg = timm.get_pretrained_cfg(name, allow_unregistered=False) if timm.is_model(name) else None
     # ViT-style models fix their input size at build time; CNNs take no img_size argument.
     if pcfg is not None and pcfg.fixed_input_size and "img_size" not in kwargs:
@@ -167,7 +193,9 @@ def _create_timm(name: str, pretrained: bool, num_classes: int, in_chans: int, i
     if pretrained and pcfg is not None and not (pcfg.hf_hub_id or pcfg.url or pcfg.file):
         raise UserError(f"timm publishes no pretrained weights for {name}; set pretrained=false")
     with _build_errors(name, pretrained, kwargs):
-        model = timm.create_model(name, pretrained=pretrained, num_classes=num_classes, in_chans=in_chans, **kwargs)
+        model = timm.create_model(
+            name, pretrained=pretrained, num_classes=num_classes, in_chans=in_chans, **kwargs
+        )
     if pretrained:
         head_name, _ = get_head(model)
         pre_classes = pcfg.num_classes if pcfg is not None else None
@@ -177,7 +205,6 @@ def _create_timm(name: str, pretrained: bool, num_classes: int, in_chans: int, i
         if in_chans != 3:
             log.info("timm adapted the first conv to %d input channels", in_chans)
     return model
-
 
 
 @contextlib.contextmanager
@@ -194,7 +221,10 @@ def _build_errors(name: str, pretrained: bool, kwargs: dict):
             raise
         raise UserError(f"model_kwargs for {name}: {e}") from None
 
-def _create_tv(name: str, pretrained: bool, num_classes: int, in_chans: int, kwargs: dict) -> nn.Module:
+
+def _create_tv(
+    name: str, pretrained: bool, num_classes: int, in_chans: int, kwargs: dict
+) -> nn.Module:
     arch = name[3:]
     if arch not in _tv_names():
         raise _unknown(name)
@@ -205,7 +235,9 @@ def _create_tv(name: str, pretrained: bool, num_classes: int, in_chans: int, kwa
             log.info("loaded torchvision pretrained weights for %s", name)
             _replace_head(model, num_classes)
         else:
-            model = torchvision.models.get_model(arch, weights=None, num_classes=num_classes, **kwargs)
+            model = torchvision.models.get_model(
+                arch, weights=None, num_classes=num_classes, **kwargs
+            )
     # GoogLeNet / Inception return a tuple with auxiliary logits in train mode; the loop wants
     # one tensor, and pretrained aux heads would keep 1000 classes.
     if getattr(model, "aux_logits", False):
@@ -216,24 +248,43 @@ def _create_tv(name: str, pretrained: bool, num_classes: int, in_chans: int, kwa
     if in_chans != 3:
         conv_name = _first_conv(model)
         if conv_name is None:
-            raise UserError(f"model={name} has no Conv2d to take in_chans={in_chans} input channels")
+            raise UserError(
+                f"model={name} has no Conv2d to take in_chans={in_chans} input channels"
+            )
         old = model.get_submodule(conv_name)
-        new = nn.Conv2d(in_chans, old.out_channels, old.kernel_size, old.stride, old.padding,
-                        old.dilation, old.groups, old.bias is not None, old.padding_mode)
+        new = nn.Conv2d(
+            in_chans,
+            old.out_channels,
+            old.kernel_size,
+            old.stride,
+            old.padding,
+            old.dilation,
+            old.groups,
+            old.bias is not None,
+            old.padding_mode,
+        )
         if pretrained:
             with torch.no_grad():
                 new.weight.copy_(adapt_conv_weight(old.weight, in_chans))
                 if old.bias is not None and new.bias is not None:
                     new.bias.copy_(old.bias)
         _set_module(model, conv_name, new)
-        log.info("replaced first conv %s: 3 -> %d input channels%s", conv_name, in_chans,
-                 " (pretrained weights averaged over RGB)" if pretrained else "")
+        log.info(
+            "replaced first conv %s: 3 -> %d input channels%s",
+            conv_name,
+            in_chans,
+            " (pretrained weights averaged over RGB)" if pretrained else "",
+        )
     return model
 
 
-def _create_local(name: str, pretrained: bool, num_classes: int, in_chans: int, img_size: int, kwargs: dict) -> nn.Module:
+def _create_local(
+    name: str, pretrained: bool, num_classes: int, in_chans: int, img_size: int, kwargs: dict
+) -> nn.Module:
     if pretrained:
-        raise UserError(f"no published pretrained weights for {name}; set pretrained=false or pass weights=PATH")
+        raise UserError(
+            f"no published pretrained weights for {name}; set pretrained=false or pass weights=PATH"
+        )
     try:
         return MODELS[name](num_classes, in_chans, img_size, **kwargs)
     except (TypeError, ValueError) as e:
@@ -256,7 +307,9 @@ def create_model(cfg: Config, num_classes: int, in_chans: int, img_size: int) ->
     name, kwargs = cfg.model, dict(cfg.model_kwargs)
     pretrained = cfg.pretrained
     if cfg.weights and pretrained:
-        log.info("weights=%s given: loading it instead of downloading pretrained weights", cfg.weights)
+        log.info(
+            "weights=%s given: loading it instead of downloading pretrained weights", cfg.weights
+        )
         pretrained = False
     if name in MODELS:
         model = _create_local(name, pretrained, num_classes, in_chans, img_size, kwargs)
@@ -267,18 +320,28 @@ def create_model(cfg: Config, num_classes: int, in_chans: int, img_size: int) ->
     else:
         raise _unknown(name)
     n_params = sum(p.numel() for p in model.parameters())
-    log.info("built %s: %d classes, %d input channels, %s parameters", name, num_classes, in_chans, f"{n_params:,}")
+    log.info(
+        "built %s: %d classes, %d input channels, %s parameters",
+        name,
+        num_classes,
+        in_chans,
+        f"{n_params:,}",
+    )
     head_name, head = get_head(model)
     if cfg.weights:
         load_weights(model, cfg.weights, head_name, _first_conv(model))
     if cfg.freeze == "backbone":
         if not (cfg.weights or cfg.pretrained):
-            log.warning("freeze=backbone with neither pretrained nor weights: the frozen backbone is random")
+            log.warning(
+                "freeze=backbone with neither pretrained nor weights: the frozen backbone is random"
+            )
         head_params = {id(p) for p in head.parameters()}
         for p in model.parameters():
             p.requires_grad_(id(p) in head_params)
         n_train = sum(p.numel() for p in model.parameters() if p.requires_grad)
-        log.info("froze backbone: %d of %d parameters train (head %s)", n_train, n_params, head_name)
+        log.info(
+            "froze backbone: %d of %d parameters train (head %s)", n_train, n_params, head_name
+        )
     return model
 
 
@@ -291,7 +354,9 @@ def set_train_mode(model: nn.Module, cfg: Config) -> nn.Module:
     model.train()
     if cfg.freeze != "none":
         for m in model.modules():
-            if isinstance(m, nn.modules.batchnorm._BatchNorm) and not any(p.requires_grad for p in m.parameters()):
+            if isinstance(m, nn.modules.batchnorm._BatchNorm) and not any(
+                p.requires_grad for p in m.parameters()
+            ):
                 m.eval()
     return model
 
@@ -310,7 +375,9 @@ def param_groups(model: nn.Module, cfg: Config) -> list[dict]:
         groups.setdefault((part, p.ndim > 1), []).append(p)
     out = []
     # Stable order for logs: backbone before head, decay before no-decay.
-    for (part, decay), params in sorted(groups.items(), key=lambda kv: (kv[0][0] == "head", not kv[0][1])):
+    for (part, decay), params in sorted(
+        groups.items(), key=lambda kv: (kv[0][0] == "head", not kv[0][1])
+    ):
         group: dict = {
             "name": f"{part if cfg.head_lr is not None else 'all'}/{'decay' if decay else 'no_decay'}",
             "params": params,

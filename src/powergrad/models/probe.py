@@ -41,9 +41,13 @@ def unknown_layer(layer: str, model: nn.Module) -> UserError:
     names = [n for n, _ in model.named_modules() if n]
     close = difflib.get_close_matches(layer, names, n=3, cutoff=0.5)
     shown = layer_names(model)
-    listing = ", ".join(shown[:60]) + (f", ... ({len(names)} modules in all)" if len(shown) > 60 or len(names) > len(shown) else "")
+    listing = ", ".join(shown[:60]) + (
+        f", ... ({len(names)} modules in all)" if len(shown) > 60 or len(names) > len(shown) else ""
+    )
     hint = f"did you mean {', '.join(map(repr, close))}? " if close else ""
-    return UserError(f"probe_layer: no layer {layer!r} in the model; {hint}valid names: input, {listing}")
+    return UserError(
+        f"probe_layer: no layer {layer!r} in the model; {hint}valid names: input, {listing}"
+    )
 
 
 def pool_features(f: torch.Tensor, pool: str, is_input: bool) -> torch.Tensor:
@@ -77,8 +81,15 @@ class Probe(nn.Module):
     feat_mean: torch.Tensor  # buffers, declared for type checkers
     feat_std: torch.Tensor
 
-    def __init__(self, backbone: nn.Module, layer: str, num_classes: int, in_chans: int, img_size: int,
-                 pool: str = "auto") -> None:
+    def __init__(
+        self,
+        backbone: nn.Module,
+        layer: str,
+        num_classes: int,
+        in_chans: int,
+        img_size: int,
+        pool: str = "auto",
+    ) -> None:
         super().__init__()
         if pool not in POOLS:
             raise UserError(f"probe_pool: must be one of {', '.join(POOLS)}; got {pool!r}")

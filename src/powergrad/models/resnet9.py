@@ -16,8 +16,9 @@ from torch import nn
 
 
 def conv_bn(cin: int, cout: int) -> nn.Sequential:
-    return nn.Sequential(nn.Conv2d(cin, cout, 3, padding=1, bias=False), nn.BatchNorm2d(cout),
-                         nn.ReLU(inplace=True))
+    return nn.Sequential(
+        nn.Conv2d(cin, cout, 3, padding=1, bias=False), nn.BatchNorm2d(cout), nn.ReLU(inplace=True)
+    )
 
 
 class Residual(nn.Module):
@@ -30,16 +31,28 @@ class Residual(nn.Module):
 
 
 class ResNet9(nn.Module):
-    def __init__(self, num_classes: int = 10, in_chans: int = 3, widths: Sequence[int] = (64, 128, 256, 512),
-                 scale: float = 0.125, tta_flip: bool = False) -> None:
+    def __init__(
+        self,
+        num_classes: int = 10,
+        in_chans: int = 3,
+        widths: Sequence[int] = (64, 128, 256, 512),
+        scale: float = 0.125,
+        tta_flip: bool = False,
+    ) -> None:
         super().__init__()
         w0, w1, w2, w3 = (int(w) for w in widths)
         self.features = nn.Sequential(
             conv_bn(in_chans, w0),
-            conv_bn(w0, w1), nn.MaxPool2d(2), Residual(w1),
-            conv_bn(w1, w2), nn.MaxPool2d(2),
-            conv_bn(w2, w3), nn.MaxPool2d(2), Residual(w3),
-            nn.AdaptiveMaxPool2d(1), nn.Flatten(),
+            conv_bn(w0, w1),
+            nn.MaxPool2d(2),
+            Residual(w1),
+            conv_bn(w1, w2),
+            nn.MaxPool2d(2),
+            conv_bn(w2, w3),
+            nn.MaxPool2d(2),
+            Residual(w3),
+            nn.AdaptiveMaxPool2d(1),
+            nn.Flatten(),
         )
         self.fc = nn.Linear(w3, num_classes, bias=False)
         self.scale, self.tta_flip = scale, tta_flip

@@ -38,7 +38,9 @@ class BasicBlock(nn.Module):
         elif shortcut == "A":
             self.shortcut = ShortcutA(cout - cin)
         else:
-            self.shortcut = nn.Sequential(nn.Conv2d(cin, cout, 1, stride, bias=not norm), Norm(cout))
+            self.shortcut = nn.Sequential(
+                nn.Conv2d(cin, cout, 1, stride, bias=not norm), Norm(cout)
+            )
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         out = F.relu(self.bn1(self.conv1(x)))
@@ -76,7 +78,11 @@ class CifarResNet(nn.Module):
         self.fc = nn.Linear(64, num_classes)
         for m in self.modules():
             if isinstance(m, (nn.Conv2d, nn.Linear)):
-                nn.init.kaiming_normal_(m.weight, mode="fan_out" if isinstance(m, nn.Conv2d) else "fan_in", nonlinearity="relu")
+                nn.init.kaiming_normal_(
+                    m.weight,
+                    mode="fan_out" if isinstance(m, nn.Conv2d) else "fan_in",
+                    nonlinearity="relu",
+                )
                 if m.bias is not None:
                     nn.init.zeros_(m.bias)
 

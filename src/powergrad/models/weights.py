@@ -40,7 +40,9 @@ def read_state_dict(path: str | Path) -> dict[str, torch.Tensor]:
         try:
             obj: object = load_file(str(p), device="cpu")
         except Exception as e:
-            raise UserError(f"weights={path}: not a readable safetensors file ({_first_line(e)})") from None
+            raise UserError(
+                f"weights={path}: not a readable safetensors file ({_first_line(e)})"
+            ) from None
     else:
         try:
             obj = torch.load(p, map_location="cpu", weights_only=True)
@@ -52,16 +54,24 @@ def read_state_dict(path: str | Path) -> dict[str, torch.Tensor]:
                 ) from None
             raise UserError(f"weights={path}: cannot read ({_first_line(e)})") from None
         except Exception as e:  # truncated zip, text file, ...: torch raises many types
-            raise UserError(f"weights={path}: cannot read as a PyTorch weights file ({type(e).__name__}: {_first_line(e)})") from None
+            raise UserError(
+                f"weights={path}: cannot read as a PyTorch weights file ({type(e).__name__}: {_first_line(e)})"
+            ) from None
     if isinstance(obj, dict):
         for key in CHECKPOINT_KEYS:
             if isinstance(obj.get(key), dict):
                 obj = obj[key]
                 break
-    if not isinstance(obj, dict) or not obj or not all(
-        isinstance(k, str) and isinstance(v, torch.Tensor) for k, v in obj.items()
+    if (
+        not isinstance(obj, dict)
+        or not obj
+        or not all(isinstance(k, str) and isinstance(v, torch.Tensor) for k, v in obj.items())
     ):
-        what = f"a dict with keys {', '.join(map(str, list(obj)[:5]))}" if isinstance(obj, dict) else type(obj).__name__
+        what = (
+            f"a dict with keys {', '.join(map(str, list(obj)[:5]))}"
+            if isinstance(obj, dict)
+            else type(obj).__name__
+        )
         raise UserError(
             f"weights={path}: no state dict found (got {what}; expected name -> tensor, "
             f"or a checkpoint with one under {', '.join(CHECKPOINT_KEYS)})"
@@ -70,7 +80,7 @@ def read_state_dict(path: str | Path) -> dict[str, torch.Tensor]:
     for k, v in obj.items():
         for prefix in PREFIXES:
             if k.startswith(prefix):
-                k = k[len(prefix):]
+                k = k[len(prefix) :]
         out[k] = v
     return out
 
@@ -82,7 +92,9 @@ def adapt_conv_weight(w: torch.Tensor, in_chans: int) -> torch.Tensor:
     return w.mean(1, keepdim=True).repeat(1, in_chans, 1, 1) * (w.shape[1] / in_chans)
 
 
-def load_weights(model: nn.Module, path: str | Path, head_name: str, first_conv: str | None) -> None:
+def load_weights(
+    model: nn.Module, path: str | Path, head_name: str, first_conv: str | None
+) -> None:
     """Load ``path`` into ``model``. A head whose shape does not fit is dropped (it keeps its fresh
     init); a first conv with another channel count is adapted; anything else that does not
     fit is a UserError naming the first keys that are wrong."""
@@ -96,8 +108,18 @@ def load_weights(model: nn.Module, path: str | Path, head_name: str, first_conv:
             continue
         if k.startswith(head_prefix):
             dropped[k] = sd.pop(k).shape
-        elif first_conv and k == first_conv + ".weight" and sd[k].shape[0] == own[k].shape[0] and sd[k].shape[2:] == own[k].shape[2:]:
-            log.info("weights: adapted %s from %d to %d input channels", k, sd[k].shape[1], own[k].shape[1])
+        elif (
+            first_conv
+            and k == first_conv + ".weight"
+            and sd[k].shape[0] == own[k].shape[0]
+            and sd[k].shape[2:] == own[k].shape[2:]
+        ):
+            log.info(
+                "weights: adapted %s from %d to %d input channels",
+                k,
+                sd[k].shape[1],
+                own[k].shape[1],
+            )
             sd[k] = adapt_conv_weight(sd[k], own[k].shape[1])
         else:
             mismatched.append(f"{k} (file {list(sd[k].shape)} vs model {list(own[k].shape)})")
@@ -107,7 +129,11 @@ def load_weights(model: nn.Module, path: str | Path, head_name: str, first_conv:
     missing_head = [k for k in missing if k.startswith(head_prefix)]
     missing = [k for k in missing if not k.startswith(head_prefix)]
     problems = []
-    for label, keys in (("shape mismatch", mismatched), ("missing", missing), ("unexpected", unexpected)):
+    for label, keys in (
+        ("shape mismatch", mismatched),
+        ("missing", missing),
+        ("unexpected", unexpected),
+    ):
         if keys:
             more = f" and {len(keys) - 3} more" if len(keys) > 3 else ""
             problems.append(f"{len(keys)} {label}: {', '.join(keys[:3])}{more}")
@@ -118,7 +144,11 @@ def load_weights(model: nn.Module, path: str | Path, head_name: str, first_conv:
     if dropped:
         old = dropped.get(head_prefix + "weight", next(iter(dropped.values())))[0]
         new = own[head_prefix + "weight"].shape[0] if head_prefix + "weight" in own else "?"
-        log.info("weights: dropped head %s from the file (%s -> %s classes); head re-initialised",
-                 head_name, old, new)
+        log.info(
+            "weights: dropped head %s from the file (%s -> %s classes); head re-initialised",
+            head_name,
+            old,
+            new,
+        )
     if missing_head:
         log.info("weights: file has no head %s; head initialised fresh", head_name)

@@ -58,7 +58,9 @@ def looks_like_probabilities(logits: Tensor) -> bool:
     z = logits.detach().float()
     if z.dim() != 2 or z.shape[1] < 2:
         return False
-    return bool((z >= 0).all()) and bool(torch.allclose(z.sum(1), torch.ones_like(z[:, 0]), atol=1e-3))
+    return bool((z >= 0).all()) and bool(
+        torch.allclose(z.sum(1), torch.ones_like(z[:, 0]), atol=1e-3)
+    )
 
 
 @torch.no_grad()
@@ -82,7 +84,9 @@ class Monitor:
         self.num_classes = num_classes
         self.diagnostics: list[Diagnostic] = []
         self._seen: set[str] = set()
-        self.feature_alive: Tensor | None = None  # per input feature of the head: nonzero for some image
+        self.feature_alive: Tensor | None = (
+            None  # per input feature of the head: nonzero for some image
+        )
         self._hook: RemovableHandle | None = None
 
     def watch_features(self, model: nn.Module) -> None:
@@ -99,7 +103,9 @@ class Monitor:
         self._hook = head.register_forward_pre_hook(self._record_features)
 
     def _record_features(self, module: nn.Module, args: tuple) -> None:
-        if not (module.training and torch.is_grad_enabled() and args and isinstance(args[0], Tensor)):
+        if not (
+            module.training and torch.is_grad_enabled() and args and isinstance(args[0], Tensor)
+        ):
             return
         x = args[0].detach()
         nonzero = (x != 0).flatten(2).any(2) if x.dim() > 2 else (x != 0)  # conv heads: per channel
@@ -133,7 +139,8 @@ class Monitor:
         """Call on the first training batch of a run."""
         if looks_like_probabilities(logits):
             self._add(
-                "probabilities_as_logits", epoch,
+                "probabilities_as_logits",
+                epoch,
                 "the model's outputs are non-negative and sum to 1 per row: softmax is applied "
                 "before the loss. Return raw logits (drop the final softmax); cross-entropy "
                 "applies log-softmax itself.",
@@ -148,7 +155,8 @@ class Monitor:
         history[-1]["dead_filter_share"] = share
         if total and share > self.cfg.dead_filter_share:
             self._add(
-                "dead_filters", epoch,
+                "dead_filters",
+                epoch,
                 f"{share:.1%} of {total} conv filters have weight norm < {self.cfg.dead_filter_norm:g} "
                 "and will not recover (zeroing out). Try batch norm, a lower learning rate or weight "
                 "decay, adaptive gradient clipping (clip=agc), or alpha < 1.",
@@ -159,7 +167,8 @@ class Monitor:
             history[-1]["dead_feature_share"] = dead
             if dead > self.cfg.dead_filter_share:
                 self._add(
-                    "dead_filters", epoch,
+                    "dead_filters",
+                    epoch,
                     f"{dead:.1%} of the {alive.numel()} features entering the classifier were zero "
                     "for every training image this epoch (dead channels: zeroing out). Try batch "
                     "norm, a lower learning rate, clip=agc, or alpha < 1.",
@@ -174,22 +183,29 @@ class Monitor:
         if not all(math.isfinite(v) for v in losses):
             return
         moved = (max(losses) - min(losses)) / max(abs(losses[0]), 1e-12)
-        at_chance = all(abs(r["train_acc"] - self.chance) <= self.cfg.stall_acc_margin for r in window)
+        at_chance = all(
+            abs(r["train_acc"] - self.chance) <= self.cfg.stall_acc_margin for r in window
+        )
         if moved >= self.cfg.stall_loss_change or not at_chance:
             return
         acc, loss = window[-1]["train_acc"], losses[-1]
         saturated = math.log(math.e + self.num_classes - 1) - acc
         if abs(loss - saturated) < 0.02:
-            cause = (f"The loss sits at log(e + {self.num_classes - 1}) - accuracy = {saturated:.3f}: the "
-                     "cross-entropy of one-hot probabilities taken as logits. The model applies softmax "
-                     "before the loss and that softmax has saturated, so no gradient flows. Return "
-                     "logits; standardise the inputs (probe_standardize=true) or lower the lr.")
+            cause = (
+                f"The loss sits at log(e + {self.num_classes - 1}) - accuracy = {saturated:.3f}: the "
+                "cross-entropy of one-hot probabilities taken as logits. The model applies softmax "
+                "before the loss and that softmax has saturated, so no gradient flows. Return "
+                "logits; standardise the inputs (probe_standardize=true) or lower the lr."
+            )
         else:
-            cause = ("Usual causes: a learning rate far too high for the input scale (saturated "
-                     "softmax), unnormalised features, softmax applied twice. Try a 10x lower lr, "
-                     "standardised inputs, or a model that returns logits.")
+            cause = (
+                "Usual causes: a learning rate far too high for the input scale (saturated "
+                "softmax), unnormalised features, softmax applied twice. Try a 10x lower lr, "
+                "standardised inputs, or a model that returns logits."
+            )
         self._add(
-            "stalled", epoch,
+            "stalled",
+            epoch,
             f"train loss moved {moved:.2%} over epochs {window[0]['epoch']}-{window[-1]['epoch']} and "
             f"accuracy stays at chance ({self.chance:.3f}). {cause}",
         )
@@ -207,7 +223,9 @@ class Monitor:
         if len(history) < p + 1:
             return
         key = "val_loss" if history[-1].get("val_loss") is not None else "test_loss"
-        held_out = [float(v) for v in (r.get(key) for r in history) if v is not None and math.isfinite(v)]
+        held_out = [
+            float(v) for v in (r.get(key) for r in history) if v is not None and math.isfinite(v)
+        ]
         if len(held_out) < len(history):  # an epoch without a finite held-out loss
             return
         before = held_out[:-p]
@@ -221,7 +239,8 @@ class Monitor:
         split = "validation" if key == "val_loss" else "test"
         start = int(history[best_i]["epoch"])
         self._add(
-            "overfitting", epoch,
+            "overfitting",
+            epoch,
             f"{split} loss has risen since epoch {start} ({best:.4g} -> {held_out[-1]:.4g}, more than "
             f"{self.cfg.overfit_rise:.0%} above its lowest for {p} epochs) while train loss keeps "
             "falling. Consider stronger augmentation, weight decay, label smoothing, or stopping at best.pt.",

@@ -78,7 +78,11 @@ class EpochStats:
             torch.distributed.all_reduce(lmax, op=torch.distributed.ReduceOp.MAX)
         s = dict(zip(_FIELDS, sums.tolist()))
         count = max(s["count"], 1.0)
-        out = {"train_loss": s["loss_sum"] / count, "train_acc": s["correct"] / count, "n": s["count"]}
+        out = {
+            "train_loss": s["loss_sum"] / count,
+            "train_acc": s["correct"] / count,
+            "n": s["count"],
+        }
         if self.logit_stats and s["logit_n"] > 0:
             mean = s["logit_sum"] / s["logit_n"]
             out.update(

@@ -58,15 +58,24 @@ def _families(runs: list[Run]) -> list[tuple[str, dict[float, list[Run]]]]:
     """Runs grouped by setting without alpha; within a family, by alpha (falling)."""
     fams: dict[str, dict[float, list[Run]]] = defaultdict(lambda: defaultdict(list))
     for r in runs:
-        key = json.dumps({k: v for k, v in r.config.items() if k not in MACHINERY and k != "alpha"}, sort_keys=True)
+        key = json.dumps(
+            {k: v for k, v in r.config.items() if k not in MACHINERY and k != "alpha"},
+            sort_keys=True,
+        )
         fams[key][float(r.config.get("alpha", 1.0))].append(r)
     settings = [json.loads(k) for k in fams]
-    varying = sorted(k for k in {k for s in settings for k in s}
-                     if len({json.dumps(s.get(k), sort_keys=True) for s in settings}) > 1)
+    varying = sorted(
+        k
+        for k in {k for s in settings for k in s}
+        if len({json.dumps(s.get(k), sort_keys=True) for s in settings}) > 1
+    )
     out = []
     for key, by_alpha in fams.items():
         s = json.loads(key)
-        label = " ".join(f"{k}={s.get(k)}" for k in varying) or f"{s.get('model')} on {s.get('dataset')}"
+        label = (
+            " ".join(f"{k}={s.get(k)}" for k in varying)
+            or f"{s.get('model')} on {s.get('dataset')}"
+        )
         out.append((label, dict(sorted(by_alpha.items(), reverse=True))))
     return out
 
@@ -116,8 +125,11 @@ def plot_accuracy_loglog(label: str, by_alpha: dict[float, list[Run]], path: Pat
     ax.set_xscale("log")
     ax.set_yscale("log")
     plain_log_ticks(ax)
-    ax.set(xlabel="epoch (log scale)", ylabel="top-1 accuracy, % (log scale)",
-           title=f"accuracy per epoch: {label}\n{_seeds_note(list(by_alpha.values()))}")
+    ax.set(
+        xlabel="epoch (log scale)",
+        ylabel="top-1 accuracy, % (log scale)",
+        title=f"accuracy per epoch: {label}\n{_seeds_note(list(by_alpha.values()))}",
+    )
     ax.title.set_fontsize(9)
     ax.grid(alpha=0.3, which="major")
     ax.legend(fontsize=7)
@@ -131,8 +143,11 @@ def plot_loss_curves(label: str, by_alpha: dict[float, list[Run]], path: Path) -
             ep, loss = _mean_curve(runs, f"{split}_loss")
             if ep:
                 ax.plot(ep, loss, style, color=_colour(i, alpha), label=f"alpha={alpha:g} {split}")
-    ax.set(xlabel="epoch", ylabel="cross-entropy (untampered, as evaluated)",
-           title=f"loss per epoch: {label}\n{_seeds_note(list(by_alpha.values()))}")
+    ax.set(
+        xlabel="epoch",
+        ylabel="cross-entropy (untampered, as evaluated)",
+        title=f"loss per epoch: {label}\n{_seeds_note(list(by_alpha.values()))}",
+    )
     ax.title.set_fontsize(9)
     integer_epochs(ax)
     ax.grid(alpha=0.3)
@@ -156,11 +171,21 @@ def plot_accuracy_vs_alpha(families, path: Path) -> Path:
             m, s = zip(*(_final(by_alpha[a], f"{split}_acc", PERCENT) for a in alphas))
             if all(math.isnan(v) for v in m):
                 continue  # no run recorded this split (val: only with val_fraction > 0)
-            ax.errorbar(alphas, m, yerr=s, fmt=markers[split] + style, color=f"C{i}", capsize=3,
-                        label=f"{label} {split}" if len(families) > 1 else split)
+            ax.errorbar(
+                alphas,
+                m,
+                yerr=s,
+                fmt=markers[split] + style,
+                color=f"C{i}",
+                capsize=3,
+                label=f"{label} {split}" if len(families) > 1 else split,
+            )
     groups = [g for _, by_alpha in families for g in by_alpha.values()]
-    ax.set(xlabel="alpha", ylabel="final top-1 accuracy (%)",
-           title=f"final accuracy against alpha\n{_points_note(groups)}")
+    ax.set(
+        xlabel="alpha",
+        ylabel="final top-1 accuracy (%)",
+        title=f"final accuracy against alpha\n{_points_note(groups)}",
+    )
     ax.title.set_fontsize(9)
     one_point_note(ax, [a for _, by_alpha in families for a in by_alpha])
     ax.grid(alpha=0.3)
@@ -168,8 +193,9 @@ def plot_accuracy_vs_alpha(families, path: Path) -> Path:
     return save_figure(fig, path)
 
 
-def plot_transformed_distribution(path: Path, alphas: list[float] | None = None, num_classes: int = 10,
-                                  seed: int = 0) -> Path:
+def plot_transformed_distribution(
+    path: Path, alphas: list[float] | None = None, num_classes: int = 10, seed: int = 0
+) -> Path:
     """An illustration of p' = softmax(alpha z) at the given alphas (those swept) and alpha = 1,
     on made-up logits: an unordered p, and the same p rank-ordered. No run's data is drawn."""
     rng = np.random.default_rng(seed)
@@ -182,13 +208,22 @@ def plot_transformed_distribution(path: Path, alphas: list[float] | None = None,
         for i, a in enumerate(alphas):
             p = np.exp(a * logits - (a * logits).max())
             p /= p.sum()
-            ax.plot(range(num_classes), p, "o-", color=cmap(0.85 * i / max(len(alphas) - 1, 1)), label=f"alpha={a:g}")  # no pale yellow
+            ax.plot(
+                range(num_classes),
+                p,
+                "o-",
+                color=cmap(0.85 * i / max(len(alphas) - 1, 1)),
+                label=f"alpha={a:g}",
+            )  # no pale yellow
         ax.set(xlabel=xlabel, title=f"{title} (C = {num_classes})", xticks=range(num_classes))
         ax.grid(alpha=0.3)
     axes[0].set_ylabel("p' = p^alpha / sum p^alpha")
     axes[1].legend(fontsize=7)
-    fig.suptitle("illustration, not measured: the PowerGrad transform of one made-up example "
-                 "(random logits, std 2) at the swept alphas", fontsize=9)
+    fig.suptitle(
+        "illustration, not measured: the PowerGrad transform of one made-up example "
+        "(random logits, std 2) at the swept alphas",
+        fontsize=9,
+    )
     return save_figure(fig, path)
 
 
@@ -203,7 +238,10 @@ def plot_logit_stats(label: str, by_alpha: dict[float, list[Run]], path: Path) -
         integer_epochs(ax)
         ax.grid(alpha=0.3)
         ax.legend(fontsize=7)
-    fig.suptitle(f"training-set logits per epoch: {label}; {_seeds_note(list(by_alpha.values()))}", fontsize=9)
+    fig.suptitle(
+        f"training-set logits per epoch: {label}; {_seeds_note(list(by_alpha.values()))}",
+        fontsize=9,
+    )
     return save_figure(fig, path)
 
 
@@ -215,14 +253,18 @@ def plot_logit_stats_vs_alpha(families, path: Path) -> Path:
         for ax, key in zip(axes, LOGIT_STATS):
             m, s = zip(*(_final(by_alpha[a], key) for a in alphas))
             several = any(len(g) > 1 for g in groups)
-            name = label if len(families) > 1 else ("mean ± std over seeds" if several else "one run")
+            name = (
+                label if len(families) > 1 else ("mean ± std over seeds" if several else "one run")
+            )
             ax.errorbar(alphas, m, yerr=s, fmt="o-", color=f"C{i}", capsize=3, label=name)
     for ax, key in zip(axes, LOGIT_STATS):
         ax.set(xlabel="alpha", ylabel=LOGIT_LABELS[key], title=f"final {key.replace('_', ' ')}")
         ax.grid(alpha=0.3)
         ax.legend(fontsize=7)
         one_point_note(ax, [a for _, by_alpha in families for a in by_alpha])
-    fig.suptitle(f"training-set logits at the last epoch against alpha ({_points_note(groups)})", fontsize=9)
+    fig.suptitle(
+        f"training-set logits at the last epoch against alpha ({_points_note(groups)})", fontsize=9
+    )
     return save_figure(fig, path)
 
 
@@ -236,7 +278,9 @@ def plot_loss_vs_logit_norm(runs: list[Run], path: Path) -> Path:
     by_alpha: dict[float, list[tuple[float, float]]] = defaultdict(list)
     for r in runs:
         if r.final.get("logit_norm") is not None and r.final.get("train_loss") is not None:
-            by_alpha[float(r.config.get("alpha", 1.0))].append((r.final["logit_norm"], r.final["train_loss"]))
+            by_alpha[float(r.config.get("alpha", 1.0))].append(
+                (r.final["logit_norm"], r.final["train_loss"])
+            )
     fig, ax = new_figure(figsize=(6.4, 4.4))
     fitted = False
     for i, (alpha, pts) in enumerate(sorted(by_alpha.items(), reverse=True)):
@@ -247,13 +291,26 @@ def plot_loss_vs_logit_norm(runs: list[Run], path: Path) -> Path:
             slope, icpt = np.polyfit(x, y, 1)
             corr = f"r = {np.corrcoef(x, y)[0, 1]:.2f}" if np.ptp(y) > 0 else "loss constant"
             xs = np.linspace(x.min(), x.max(), 20)
-            ax.plot(xs, slope * xs + icpt, "--", color=colour, lw=1, label=f"fit within alpha={alpha:g}: {corr}")
+            ax.plot(
+                xs,
+                slope * xs + icpt,
+                "--",
+                color=colour,
+                lw=1,
+                label=f"fit within alpha={alpha:g}: {corr}",
+            )
             fitted = True
-    note = ("dashed: least-squares fit within one alpha" if fitted else
-            f"no line: a fit needs {MIN_FIT_RUNS}+ runs of one alpha")
-    ax.set(xlabel="final mean L2 norm of the logits (train)", ylabel="final train cross-entropy",
-           title=f"loss against logit norm, one point per run\n{note}; none across alphas "
-                 "(alpha moves both)")
+    note = (
+        "dashed: least-squares fit within one alpha"
+        if fitted
+        else f"no line: a fit needs {MIN_FIT_RUNS}+ runs of one alpha"
+    )
+    ax.set(
+        xlabel="final mean L2 norm of the logits (train)",
+        ylabel="final train cross-entropy",
+        title=f"loss against logit norm, one point per run\n{note}; none across alphas "
+        "(alpha moves both)",
+    )
     ax.title.set_fontsize(9)
     ax.grid(alpha=0.3)
     if by_alpha:
@@ -278,10 +335,13 @@ def plot_filter_norms(run: Run, data: dict[str, Any], path: Path) -> Path:
         ax.set_xlabel("step", fontsize=7)
         ax.set_ylabel("filter weight L2 norm", fontsize=7)
         ax.tick_params(labelsize=6)
-    for ax in list(axes.flat)[len(layers):]:
+    for ax in list(axes.flat)[len(layers) :]:
         ax.axis("off")
-    fig.suptitle(f"per-filter L2 norm, {run.path.name} (alpha={run.config.get('alpha')}): "
-                 f"{zeroed_total} filters below {threshold:g}", fontsize=9)
+    fig.suptitle(
+        f"per-filter L2 norm, {run.path.name} (alpha={run.config.get('alpha')}): "
+        f"{zeroed_total} filters below {threshold:g}",
+        fontsize=9,
+    )
     return save_figure(fig, path)
 
 
@@ -289,9 +349,15 @@ def plot_pooled_features(run: Run, data: dict[str, Any], path: Path) -> Path:
     pooled = data["pooled"]  # (T, channels)
     fig, (a, b) = new_figure(1, 2, figsize=(10, 3.8))
     a.plot(data["steps"][: len(pooled)], pooled, lw=0.5, alpha=0.6)
-    a.set(xlabel="step", ylabel="RMS over the batch", title="per-channel norm of the pooled features")
+    a.set(
+        xlabel="step", ylabel="RMS over the batch", title="per-channel norm of the pooled features"
+    )
     b.bar(range(pooled.shape[1]), np.sort(pooled[-1])[::-1], width=1.0)
-    b.set(xlabel="channel (sorted)", ylabel="RMS over the batch", title=f"at the last record ({int((pooled[-1] < 1e-6).sum())} channels at 0)")
+    b.set(
+        xlabel="channel (sorted)",
+        ylabel="RMS over the batch",
+        title=f"at the last record ({int((pooled[-1] < 1e-6).sum())} channels at 0)",
+    )
     for ax in (a, b):
         ax.grid(alpha=0.3)
     fig.suptitle(f"{run.path.name} (alpha={run.config.get('alpha')})", fontsize=9)

@@ -18,7 +18,16 @@ from matplotlib.ticker import FixedLocator, FuncFormatter, MaxNLocator, NullForm
 
 from ..rundir import read_metrics
 
-__all__ = ["plot_curves", "plot_compare", "new_figure", "save_figure", "plain_log_ticks", "one_point_note", "integer_epochs", "PERCENT"]
+__all__ = [
+    "plot_curves",
+    "plot_compare",
+    "new_figure",
+    "save_figure",
+    "plain_log_ticks",
+    "one_point_note",
+    "integer_epochs",
+    "PERCENT",
+]
 
 PERCENT = 100.0  # accuracies are drawn in percent, as `powergrad report` prints them
 _SPLIT_STYLE = {"train": "--", "val": ":", "test": "-"}
@@ -61,7 +70,9 @@ def integer_epochs(ax) -> None:
     ax.xaxis.set_major_locator(MaxNLocator(integer=True))
 
 
-def _column(rows: list[dict[str, Any]], key: str, scale: float = 1.0) -> tuple[list[int], list[float]]:
+def _column(
+    rows: list[dict[str, Any]], key: str, scale: float = 1.0
+) -> tuple[list[int], list[float]]:
     pts = [(r["epoch"], r[key] * scale) for r in rows if r.get(key) is not None]
     return [e for e, _ in pts], [v for _, v in pts]
 
@@ -121,6 +132,14 @@ def plot_compare(runs: dict[str, str | Path], out: str | Path, log_axes: bool = 
 def one_point_note(ax, alphas: Iterable[float]) -> None:
     """A 'vs alpha' panel with a single alpha shows one point: say so on the panel."""
     if len(set(alphas)) < 2:
-        ax.text(0.5, 0.1, "one alpha only: a curve needs a sweep,\ne.g. powergrad sweep RECIPE alpha=1,0.5,0.25",
-                transform=ax.transAxes, ha="center", va="bottom", fontsize=7, color="0.35",
-                bbox={"facecolor": "white", "edgecolor": "0.7", "alpha": 0.8})
+        ax.text(
+            0.5,
+            0.1,
+            "one alpha only: a curve needs a sweep,\ne.g. powergrad sweep RECIPE alpha=1,0.5,0.25",
+            transform=ax.transAxes,
+            ha="center",
+            va="bottom",
+            fontsize=7,
+            color="0.35",
+            bbox={"facecolor": "white", "edgecolor": "0.7", "alpha": 0.8},
+        )

@@ -28,7 +28,15 @@ from ..config import machinery_keys
 from ..errors import UserError
 from ..rundir import read_summary
 
-__all__ = ["find_runs", "load_runs", "results_table", "format_table", "paired_difference", "t_interval", "Run"]
+__all__ = [
+    "find_runs",
+    "load_runs",
+    "results_table",
+    "format_table",
+    "paired_difference",
+    "t_interval",
+    "Run",
+]
 
 log = logging.getLogger("powergrad")
 
@@ -49,7 +57,13 @@ class Run:
 
     @property
     def setting(self) -> tuple:
-        return tuple(sorted((k, json.dumps(v, sort_keys=True)) for k, v in self.config.items() if k not in MACHINERY))
+        return tuple(
+            sorted(
+                (k, json.dumps(v, sort_keys=True))
+                for k, v in self.config.items()
+                if k not in MACHINERY
+            )
+        )
 
     @property
     def final(self) -> dict[str, Any]:
@@ -90,12 +104,17 @@ def _mean_std(values: list[float]) -> tuple[float, float | None]:
     return mean, (statistics.stdev(values) if len(values) > 1 else None)
 
 
-def paired_difference(runs: list[Run], base: list[Run], key: str = "test_acc") -> tuple[float, float, float, int] | None:
+def paired_difference(
+    runs: list[Run], base: list[Run], key: str = "test_acc"
+) -> tuple[float, float, float, int] | None:
     """Mean and 95% t-interval (percentage points) of ``key`` in ``runs`` minus ``base`` over the
     seeds both hold, and the number of pairs; None with fewer than two pairs."""
     by_seed = {r.config.get("seed"): r for r in base}
-    diffs = [100 * (r.final[key] - by_seed[r.config.get("seed")].final[key])
-             for r in runs if r.config.get("seed") in by_seed]
+    diffs = [
+        100 * (r.final[key] - by_seed[r.config.get("seed")].final[key])
+        for r in runs
+        if r.config.get("seed") in by_seed
+    ]
     if len(diffs) < 2:
         return None
     return (*t_interval(diffs), len(diffs))
@@ -114,7 +133,9 @@ def results_table(runs: list[Run]) -> list[dict[str, Any]]:
     """One row per setting, accuracies in percent; sorted by setting, alpha falling."""
     groups: dict[tuple, Row] = {}
     for r in runs:
-        group = groups.setdefault(r.setting, Row(setting={k: r.config.get(k) for k, _ in r.setting}))
+        group = groups.setdefault(
+            r.setting, Row(setting={k: r.config.get(k) for k, _ in r.setting})
+        )
         group.runs.append(r)
     varying = _varying_keys([g.setting for g in groups.values()])
     out: list[dict[str, Any]] = []
@@ -125,17 +146,26 @@ def results_table(runs: list[Run]) -> list[dict[str, Any]]:
         vals = [100 * r.final["val_acc"] for r in g.runs if r.final.get("val_acc") is not None]
         va, va_sd = _mean_std(vals) if len(vals) == len(g.runs) else (None, None)
         row = {k: g.setting.get(k) for k in SHOWN}
-        row.update({
-            "other": " ".join(f"{k}={g.setting.get(k)}" for k in varying),
-            "seeds": len(g.runs),
-            "train_acc": tr, "train_acc_std": tr_sd, "val_acc": va, "val_acc_std": va_sd,
-            "test_acc": te, "test_acc_std": te_sd,
-            "gap": tr - te,
-            "train_loss": statistics.fmean(r.final["train_loss"] for r in g.runs),
-            "runs": [str(r.path) for r in g.runs],
-            "_baseline": tuple(sorted({**dict(g.runs[0].setting), "alpha": json.dumps(1.0)}.items())),
-            "_setting": g.runs[0].setting, "_runs": g.runs,
-        })
+        row.update(
+            {
+                "other": " ".join(f"{k}={g.setting.get(k)}" for k in varying),
+                "seeds": len(g.runs),
+                "train_acc": tr,
+                "train_acc_std": tr_sd,
+                "val_acc": va,
+                "val_acc_std": va_sd,
+                "test_acc": te,
+                "test_acc_std": te_sd,
+                "gap": tr - te,
+                "train_loss": statistics.fmean(r.final["train_loss"] for r in g.runs),
+                "runs": [str(r.path) for r in g.runs],
+                "_baseline": tuple(
+                    sorted({**dict(g.runs[0].setting), "alpha": json.dumps(1.0)}.items())
+                ),
+                "_setting": g.runs[0].setting,
+                "_runs": g.runs,
+            }
+        )
         out.append(row)
     by_setting = {row["_setting"]: row for row in out}
     for row in out:
@@ -143,10 +173,24 @@ def results_table(runs: list[Run]) -> list[dict[str, Any]]:
         row["d_train"] = row["train_acc"] - base["train_acc"] if base else None
         row["d_test"] = row["test_acc"] - base["test_acc"] if base else None
         pair = paired_difference(row["_runs"], base["_runs"]) if base and base is not row else None
-        row["d_test_paired"], row["d_test_lo"], row["d_test_hi"], row["pairs"] = pair or (None, None, None, 0)
+        row["d_test_paired"], row["d_test_lo"], row["d_test_hi"], row["pairs"] = pair or (
+            None,
+            None,
+            None,
+            0,
+        )
     for row in out:
         del row["_baseline"], row["_setting"], row["_runs"]
-    out.sort(key=lambda r: (r["model"], r["dataset"], r["sched"], r["other"], r["label_smoothing"] or 0, -r["alpha"]))
+    out.sort(
+        key=lambda r: (
+            r["model"],
+            r["dataset"],
+            r["sched"],
+            r["other"],
+            r["label_smoothing"] or 0,
+            -r["alpha"],
+        )
+    )
     return out
 
 
@@ -156,10 +200,20 @@ def _varying_keys(settings: list[dict[str, Any]]) -> list[str]:
 
 
 COLUMNS = [
-    ("model", "model"), ("dataset", "data set"), ("sched", "sched"), ("alpha", "alpha"),
-    ("label_smoothing", "LS"), ("epochs", "epochs"), ("seeds", "seeds"),
-    ("train_acc", "train %"), ("val_acc", "val %"), ("test_acc", "test %"), ("d_train", "Δ train"),
-    ("d_test", "Δ test"), ("d_test_paired", "Δ test paired [95% CI]"), ("gap", "gap"),
+    ("model", "model"),
+    ("dataset", "data set"),
+    ("sched", "sched"),
+    ("alpha", "alpha"),
+    ("label_smoothing", "LS"),
+    ("epochs", "epochs"),
+    ("seeds", "seeds"),
+    ("train_acc", "train %"),
+    ("val_acc", "val %"),
+    ("test_acc", "test %"),
+    ("d_train", "Δ train"),
+    ("d_test", "Δ test"),
+    ("d_test_paired", "Δ test paired [95% CI]"),
+    ("gap", "gap"),
     ("other", "other settings"),
 ]
 
@@ -187,21 +241,34 @@ def format_table(rows: list[dict[str, Any]], fmt: str = "md") -> str:
     if fmt != "md":
         raise UserError(f"--format must be md, csv or json, got {fmt!r}")
     # Columns with nothing in any row (no other settings, no validation split, no pairs) are left out.
-    cols = [c for c in COLUMNS if c[0] not in ("other", "val_acc", "d_test_paired") or any(r[c[0]] for r in rows)]
-    lines = ["| " + " | ".join(h for _, h in cols) + " |", "|" + "|".join(" --- " for _ in cols) + "|"]
+    cols = [
+        c
+        for c in COLUMNS
+        if c[0] not in ("other", "val_acc", "d_test_paired") or any(r[c[0]] for r in rows)
+    ]
+    lines = [
+        "| " + " | ".join(h for _, h in cols) + " |",
+        "|" + "|".join(" --- " for _ in cols) + "|",
+    ]
     for r in rows:
         cells = []
         for k, _ in cols:
             if k in ("train_acc", "val_acc", "test_acc"):
                 cells.append(_pm(r[k], r[f"{k}_std"]) if r[k] is not None else "-")
             elif k == "d_test_paired":
-                cells.append(f"{r[k]:+.2f} [{r['d_test_lo']:+.2f}, {r['d_test_hi']:+.2f}]" if r[k] is not None else "-")
+                cells.append(
+                    f"{r[k]:+.2f} [{r['d_test_lo']:+.2f}, {r['d_test_hi']:+.2f}]"
+                    if r[k] is not None
+                    else "-"
+                )
             elif k in ("d_train", "d_test"):
                 cells.append(_signed(r[k]))
             elif k == "gap":
                 cells.append(f"{r[k]:.2f}")
             else:
-                cells.append("" if r[k] is None else f"{r[k]:g}" if isinstance(r[k], float) else str(r[k]))
+                cells.append(
+                    "" if r[k] is None else f"{r[k]:g}" if isinstance(r[k], float) else str(r[k])
+                )
         lines.append("| " + " | ".join(cells) + " |")
     return "\n".join(lines)
 
@@ -227,11 +294,16 @@ def report(paths: list[str | Path], fmt: str = "md") -> str:
     """The table for the runs at or under ``paths``, plus warnings (left-out runs, copies)."""
     done, others = load_runs(paths)
     if not done:
-        raise UserError(f"no finished runs under {', '.join(map(str, paths))} ({len(others)} unfinished)")
+        raise UserError(
+            f"no finished runs under {', '.join(map(str, paths))} ({len(others)} unfinished)"
+        )
     text = format_table(results_table(done), fmt)
     for w in identical_run_warnings(done):
         log.warning("report: %s", w)
     if others:
-        log.warning("report: %d unfinished run(s) left out (%s)", len(others),
-                    ", ".join(f"{r.path.name}: {r.summary.get('status')}" for r in others[:5]))
+        log.warning(
+            "report: %d unfinished run(s) left out (%s)",
+            len(others),
+            ", ".join(f"{r.path.name}: {r.summary.get('status')}" for r in others[:5]),
+        )
     return text
