@@ -61,6 +61,13 @@ def clock(seconds: float) -> str:
     return str(datetime.timedelta(seconds=max(0, round(seconds))))
 
 
+def _close(bar: Any) -> None:
+    # Draw the last state before the bar is cleared: an epoch shorter than BAR_REFRESH_S would
+    # otherwise only ever show its 0% frame.
+    bar.refresh()
+    bar.close()
+
+
 def _bar(total: int | None, desc: str, unit: str, initial: int = 0) -> Any:
     from tqdm import tqdm
 
@@ -128,7 +135,7 @@ class StepProgress:
 
     def close(self) -> None:
         if self.bar is not None:
-            self.bar.close()
+            _close(self.bar)
             self.bar = None
 
 
@@ -154,7 +161,7 @@ def track(
                 yield item
                 bar.update(1)
         finally:
-            bar.close()
+            _close(bar)
         return
     every, t0 = every_s(), time.perf_counter()
     last = t0
