@@ -35,6 +35,8 @@ report = run(["-m", "powergrad", "report", W])
 ana = run(["studies/analyze.py", W]).split("\n", 2)[2]  # drop the "### folder" heading
 existing_lr = [p for p in LR if (ROOT / p).is_dir()]
 lr_report = run(["-m", "powergrad", "report", *existing_lr]) if existing_lr else ""
+# secondary (descriptive): the learning rate alpha = 1 with warm-up would pick on val
+lr_val = run(["studies/analyze.py", "--compare", *fam[3:], "--metric", "val_acc"]) if existing_lr else ""
 compute = run(["studies/analyze.py", "--compute", A, W, *existing_lr])
 
 block = f"""<!-- round-2 results: generated from results/ by the commands shown; regenerate as runs finish -->
@@ -69,6 +71,12 @@ if lr_report:
 `powergrad report {' '.join(existing_lr)}`
 
 {lr_report}
+
+Secondary (descriptive): the learning rate alpha = 1 with warm-up would pick on val (0.05 and 0.2
+against 0.1, paired over seeds):
+`.venv/bin/python studies/analyze.py --compare {' '.join(fam[3:])} --metric val_acc`
+
+{lr_val}
 """
 block += f"""
 ### 2c compute so far
