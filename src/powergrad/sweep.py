@@ -24,8 +24,10 @@
 - The summary is read back from the storage: the points this command's workers ran, and the
   others as the storage has them (done, or still running, by which worker).
 - ``run_points`` (Python API) runs named points in the order given instead of a grid: for
-  settings that are no grid, run directories named by the caller (studies/study.py). It can take
-  a record that outlives the storage as done (``done_statuses``) and call ``after_trial``.
+  settings that are no grid, run directories named by the caller (studies/study.py). With
+  ``done_statuses``, a point whose run directory's summary.json has one of them is added to the
+  storage as done, not queued (records that outlive the storage); ``after_trial`` is called with
+  each trained point's run directory.
 """
 
 from __future__ import annotations
@@ -52,7 +54,8 @@ from .errors import MissingExtraError, UserError, extra
 with extra("sweep"):
     import optuna
     import sqlalchemy
-    from optuna.trial import FrozenTrial, TrialState
+    from optuna.distributions import CategoricalDistribution
+    from optuna.trial import FrozenTrial, TrialState, create_trial
 
     from .config import Config, load_config
     from .rundir import read_summary, refuse_run_dir
@@ -273,16 +276,56 @@ def _point(t: FrozenTrial) -> str:
     return _key(t.params or t.system_attrs.get("fixed_params", {}))
 
 
-def _enqueue_missing(study: optuna.Study, points: dict[str, dict[str, Any]]) -> int:
-    """Enqueue the points with no trial done, running or waiting, in order; return how many."""
+def _enqueue_missing(study: optuna.Study, spec: dict[str, Any]) -> int:
+    """Enqueue the points with no trial done, running or waiting, in order; return how many.
+    A point whose run directory holds a record to keep (``done_statuses``) is added as a
+    finished trial instead."""
     live = (*DONE, TrialState.RUNNING, TrialState.WAITING)
     have = {_point(t) for t in study.get_trials(deepcopy=False, states=live)}
     n = 0
-    for name, p in points.items():
-        if _key(p) not in have:
+    for name, p in spec["points"].items():
+        if _key(p) in have:
+            continue
+        run_dir = Path(spec["out"]) / name
+        record = _kept_record(run_dir, spec["done_statuses"])
+        if record is not None:
+            study.add_trial(_kept_trial(name, p, spec["space"], record, run_dir))
+        else:
             study.enqueue_trial(p, user_attrs={"point": name})
             n += 1
     return n
+
+
+def _kept_record(run_dir: Path, statuses: tuple[str, ...]) -> dict[str, Any] | None:
+    """The run directory's summary.json if its status is one of ``statuses``: a record to keep."""
+    try:
+        summary = read_summary(run_dir) if statuses else {}
+    except UserError:  # no summary.json yet (or a broken one): the point is not done
+        return None
+    return summary if summary.get("status") in statuses else None
+
+
+def _kept_trial(
+    name: str, point: dict[str, Any], space: dict[str, list], summary: dict, run_dir: Path
+) -> FrozenTrial:
+    """A trial that reports a kept record, nothing trained: a finished one COMPLETE with its
+    value, another status (e.g. diverged) FAIL with that status as its error."""
+    final, status = summary.get("final") or {}, summary.get("status")
+    attrs = {"point": name, "run_dir": str(run_dir), "recorded": True}
+    attrs["epochs_done"] = summary.get("epochs_done")
+    value = None
+    if status == "finished":
+        attrs["metric"] = _metric(final)
+        value = float(final[attrs["metric"]])
+    else:
+        attrs["error"] = f"{status}: its summary.json is kept, not run again"
+    return create_trial(
+        state=TrialState.COMPLETE if value is not None else TrialState.FAIL,
+        value=value,
+        params=point,
+        distributions={k: CategoricalDistribution(space[k]) for k in point},
+        user_attrs=attrs,
+    )
 
 
 def _claim(q: Queue) -> tuple[optuna.Trial, int] | None:
@@ -347,16 +390,12 @@ def _sweep_progress(q: Queue, spec: dict[str, Any], name: str) -> str:
 
 
 def _run_trial(q: Queue, trial: optuna.Trial, trial_id: int, spec: dict[str, Any]) -> str:
-    """One claimed trial: its point's kept record if it has one, else train the point."""
+    """Train one claimed trial's point into its run directory, then call ``after_trial``."""
     name = trial.user_attrs["point"]
     params = {k: trial.suggest_categorical(k, spec["space"][k]) for k in spec["points"][name]}
     run_dir = Path(spec["out"]) / name
     for k, v in (("run_dir", str(run_dir)), ("host", socket.gethostname()), ("pid", os.getpid())):
         trial.set_user_attr(k, v)
-    record = _kept_record(run_dir, spec["done_statuses"])
-    if record is not None:
-        log.debug("sweep: %s: kept (its summary.json says %s)", name, record.get("status"))
-        return _tell_record(q, trial, record)
     log.info(_sweep_progress(q, spec, name))
     outcome = _train_trial(q, trial, trial_id, spec, {**spec["fixed"], **params}, run_dir)
     if spec["after_trial"] is not None and run_dir.is_dir():
@@ -405,32 +444,15 @@ def _train_trial(
 
 
 def _tell_finished(q: Queue, trial: optuna.Trial, final: dict[str, Any]) -> str:
-    metric = "val_acc" if final.get("val_acc") is not None else "test_acc"
+    metric = _metric(final)
     trial.set_user_attr("metric", metric)  # what the value measures: format_result's column
     q.study.tell(trial, float(final[metric]))
     return "complete"
 
 
-def _kept_record(run_dir: Path, statuses: tuple[str, ...]) -> dict[str, Any] | None:
-    """The run directory's summary.json if its status is one of ``statuses``: a record to keep."""
-    try:
-        summary = read_summary(run_dir) if statuses else {}
-    except UserError:  # no summary.json yet (or a broken one): the point is not done
-        return None
-    return summary if summary.get("status") in statuses else None
-
-
-def _tell_record(q: Queue, trial: optuna.Trial, summary: dict[str, Any]) -> str:
-    """The trial reports the kept record, nothing is trained: a finished one is COMPLETE with
-    its value, another status (e.g. diverged) FAIL with that status as its error."""
-    trial.set_user_attr("recorded", True)  # not trained here: no part of the ETA
-    trial.set_user_attr("epochs_done", summary.get("epochs_done"))
-    status = summary.get("status")
-    if status == "finished":
-        return _tell_finished(q, trial, summary.get("final") or {})
-    trial.set_user_attr("error", f"{status}: its summary.json is kept, not run again")
-    q.study.tell(trial, state=TrialState.FAIL)
-    return "fail"
+def _metric(final: dict[str, Any]) -> str:
+    """A trial's value: final validation accuracy where the run has a validation split."""
+    return "val_acc" if final.get("val_acc") is not None else "test_acc"
 
 
 def _worker(spec: dict[str, Any], threads: int | None = None) -> None:
@@ -556,7 +578,7 @@ def run_points(
     }
     _check_same_sweep(q.study, recipe, space, fixed)
     _fail_dead_trials(q)
-    _enqueue_missing(q.study, points)
+    _enqueue_missing(q.study, spec)
     todo = len(q.study.get_trials(deepcopy=False, states=(TrialState.WAITING,)))
     log.info(
         "sweep %s: %d points, %d to run, %d worker(s), storage %s",
