@@ -549,19 +549,22 @@ def run_points(
     to delete its checkpoints); with ``workers > 1`` it must be picklable.
     """
     out = Path(out)
-    if not points or workers < 1:
-        raise UserError("a sweep needs at least one point, and --workers >= 1")
+    if not points:
+        raise UserError("a sweep needs at least one point")
+    if workers < 1:
+        raise UserError("--workers must be >= 1")
     if len({_key(p) for p in points.values()}) < len(points):
         raise UserError("two points of the sweep have the same overrides")
     fixed = dict(fixed or {})
     # every point must be a valid recipe before anything runs
     epochs = {name: load_config(recipe, {**fixed, **p}).epochs for name, p in points.items()}
+    budget = max(epochs.values())  # the pruner's: it judges after a quarter of it
     space = _space(points.values())
     refuse_run_dir(out, "a sweep")
     url = storage or f"sqlite:///{out.resolve() / 'study.db'}"
     if storage is None:
         _make_folder(out)  # holds the SQLite file
-    q = _open_queue(url, space, _pruner(prune, max(epochs.values())))  # a bad URL: nothing made
+    q = _open_queue(url, space, _pruner(prune, budget))  # a bad URL or driver: nothing made
     _make_folder(out)
     spec = {
         "recipe": recipe,
@@ -572,7 +575,7 @@ def run_points(
         "out": str(out),
         "storage": url,
         "prune": prune,
-        "epochs": max(epochs.values()),
+        "epochs": budget,
         "done_statuses": tuple(done_statuses),
         "after_trial": after_trial,
     }
@@ -595,7 +598,7 @@ def run_points(
 
 
 def _space(points: Iterable[dict[str, Any]]) -> dict[str, list[Any]]:
-    """Each key's values over the points, in the order first met: the study's search space."""
+    """Each key's values over the points, in the order first met: Optuna's search space."""
     space: dict[str, list[Any]] = {}
     for p in points:
         for k, v in p.items():
