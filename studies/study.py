@@ -231,9 +231,9 @@ def command(recipe: str, out: Path, overrides: dict) -> str:
 
 
 def strip(run: Path) -> None:
-    """Keep config.yaml, metrics.csv, summary.json; drop checkpoints, events and plots."""
-    for p in run.glob("*.pt"):
-        p.unlink()
+    """Keep config.yaml, metrics.csv, summary.json; drop checkpoints, the log, events, plots."""
+    for p in [*run.glob("*.pt"), run / "train.log"]:
+        p.unlink(missing_ok=True)
     for d in ("events", "plots"):
         shutil.rmtree(run / d, ignore_errors=True)
 

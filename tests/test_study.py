@@ -14,8 +14,8 @@ from powergrad.rundir import read_metrics
 
 ROOT = Path(__file__).resolve().parents[1]
 TINY = {"epochs": 1, "train_subset": 100}
-# What a run's folder keeps once stripped: no checkpoints, events or plots.
-RECORD = {"config.yaml", "metrics.csv", "summary.json", "train.log"}
+# What a run's folder keeps once stripped: no checkpoints, log, events or plots.
+RECORD = {"config.yaml", "metrics.csv", "summary.json"}
 
 
 def load_study() -> ModuleType:
