@@ -4,12 +4,16 @@
     .venv/bin/python studies/study.py --only digits   # one setting
     .venv/bin/python studies/study.py --list          # print the queue as `powergrad train` commands
 
-Each run is exactly ``powergrad train RECIPE key=value ... --out results/<setting>/a<alpha>-s<seed>``
-(``--list`` prints that command); it is called through the Python API in one process, because
-starting ``powergrad`` costs 10-15 s on these loaded 2-core machines, 50 digits runs x 12 s = 10 min.
-A run whose summary.json says ``finished`` is skipped, so the script continues after a kill.
-Checkpoints (*.pt), TensorBoard events and per-run plots are deleted after each run: the record
-kept in the repository is config.yaml, metrics.csv and summary.json.
+Each run is exactly ``powergrad train RECIPE key=value ... resume=auto --out
+results/<setting>/a<alpha>-s<seed>`` (``--list`` prints that command). The runs go through
+``powergrad.sweep.run_points`` in one process (starting ``powergrad`` costs 10-15 s on these
+loaded 2-core machines, 50 digits runs x 12 s = 10 min): one sweep queue per group of settings,
+in the order below, its storage a temporary folder. What is done is what results/ records: a run
+whose summary.json says ``finished`` or ``diverged`` is kept, any other continues (from its last
+checkpoint if it has one), so the script continues after a kill. A run that fails (a divergence,
+say) is recorded and the others go on. Checkpoints (*.pt), TensorBoard events and per-run plots
+are deleted after each run: the record kept in the repository is config.yaml, metrics.csv and
+summary.json.
 
 The queue is ordered so an early stop still leaves complete settings: digits (cheap) first, then
 CIFAR-10 (JPEG) ResNet-20 with BN, without BN, with label smoothing; inside a setting seed-major
@@ -24,19 +28,24 @@ section 2c) runs, in this order:
 from __future__ import annotations
 
 import argparse
-import json
+import logging
 import shlex
 import shutil
 import subprocess
-import sys
-import time
+import tempfile
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 import torch
+
+if TYPE_CHECKING:
+    from powergrad.sweep import SweepResult
 
 ROOT = Path(__file__).resolve().parents[1]
 RESULTS = ROOT / "results"
 ALPHAS = [1.0, 0.5, 0.25, 0.1, 0.05]
+KEPT = ("finished", "diverged")  # a run whose summary.json says so is done: never run again
+Run = tuple[str, Path, dict]  # (recipe, run directory, overrides)
 
 # CIFAR-10 (JPEG) as shipped in ../shared/data, unpacked under /tmp; the study trains on a fixed
 # seeded 2,000-image subset of the train split and tests on a fixed 2,000-image subset of the test
@@ -49,11 +58,21 @@ CIFAR_STUDY_DIR = Path("/tmp/cifar10s")  # train/ = all of CIFAR_DIR/train, test
 TEST_PER_CLASS = 200
 
 CIFAR = {
-    "dataset": "imagefolder", "data_dir": str(CIFAR_STUDY_DIR), "model": "resnet20",
-    "augment": "cifar", "train_subset": 2000, "val_fraction": 0.02,  # val: 1,000 images
-    "epochs": 4, "batch_size": 64, "lr": 0.05,  # lr 0.1 for batch 128, scaled linearly
-    "optimizer": "sgd", "momentum": 0.9, "nesterov": True, "weight_decay": 5e-4,
-    "sched": "cosine", "workers": 0,
+    "dataset": "imagefolder",
+    "data_dir": str(CIFAR_STUDY_DIR),
+    "model": "resnet20",
+    "augment": "cifar",
+    "train_subset": 2000,
+    "val_fraction": 0.02,  # val: 1,000 images
+    "epochs": 4,
+    "batch_size": 64,
+    "lr": 0.05,  # lr 0.1 for batch 128, scaled linearly
+    "optimizer": "sgd",
+    "momentum": 0.9,
+    "nesterov": True,
+    "weight_decay": 5e-4,
+    "sched": "cosine",
+    "workers": 0,
 }
 
 # The second session's setting: 5x the images and 2.5x the epochs of CIFAR, batch 128 at lr 0.1.
@@ -78,42 +97,80 @@ SETTINGS: dict[str, tuple[str, dict, list[float], list[int]]] = {
     # Without BN at lr 0.05 every run diverged within 4 steps, at every alpha (kept as a result);
     # lr 0.01 diverged too, 0.005 barely moved in a 20-step probe; gradient-norm clipping at 1.0
     # (the paper's "GC") at lr 0.05 trained: that is the setting measured.
-    "cifar10-resnet20-nobn-noclip": ("digits", {**CIFAR, "model": "resnet20_nobn"}, [1.0, 0.25, 0.05], [0, 1, 2]),
+    "cifar10-resnet20-nobn-noclip": (
+        "digits",
+        {**CIFAR, "model": "resnet20_nobn"},
+        [1.0, 0.25, 0.05],
+        [0, 1, 2],
+    ),
     "cifar10-resnet20-nobn": (
-        "digits", {**CIFAR, "model": "resnet20_nobn", "clip": "norm", "clip_value": 1.0}, [1.0, 0.25, 0.05], [0, 1, 2],
+        "digits",
+        {**CIFAR, "model": "resnet20_nobn", "clip": "norm", "clip_value": 1.0},
+        [1.0, 0.25, 0.05],
+        [0, 1, 2],
     ),
     "cifar10-resnet20-ls0.1": ("digits", {**CIFAR, "label_smoothing": 0.1}, [1.0, 0.25], [0, 1, 2]),
     # Second session, on a quiet machine (ResNet-20 at ~350 img/s with 2 threads, ~5 minutes a
     # run): 5x the images and 2.5x the epochs of the first CIFAR setting, for the three alphas
     # that setting left open. Seeds 0-2 were run first; seeds 3-4 were added after seeing them,
     # because their intervals left the question open (disclosed in docs/results.md, section 2c).
-    "cifar10-resnet20-10k": ("digits", {**TEN_K, "description": describe("lr 0.1, no warm-up")}, [1.0, 0.5, 0.25], [0, 1, 2, 3, 4]),
+    "cifar10-resnet20-10k": (
+        "digits",
+        {**TEN_K, "description": describe("lr 0.1, no warm-up")},
+        [1.0, 0.5, 0.25],
+        [0, 1, 2, 3, 4],
+    ),
     # The control that setting asked for: alpha = 1 lost its first epoch on two seeds of five (train
     # loss above ln 10) at lr 0.1 without warm-up; is its deficit that bad start? One warm-up epoch.
     # Round 2 (issue 15, pre-registered in docs/results.md section 2c): alpha 0.5 and 0.25 with the
     # same warm-up, the cell the paper's setting needs (both arms warmed up).
     "cifar10-resnet20-10k-warmup": (
-        "digits", {**TEN_K, "warmup_epochs": 1, "description": describe("lr 0.1, 1 warm-up epoch")},
-        [1.0, 0.5, 0.25], [0, 1, 2, 3, 4],
+        "digits",
+        {**TEN_K, "warmup_epochs": 1, "description": describe("lr 0.1, 1 warm-up epoch")},
+        [1.0, 0.5, 0.25],
+        [0, 1, 2, 3, 4],
     ),
     # Round 2's learning-rate control: tampering changes effective step sizes, so how much does a
     # learning rate x0.5 or x2 buy alpha = 1 on its own? Run interleaved seed-major (INTERLEAVED).
     "cifar10-resnet20-10k-lr0.05": (
-        "digits", {**TEN_K, "lr": 0.05, "description": describe("lr 0.05, no warm-up")}, [1.0], [0, 1, 2, 3, 4],
+        "digits",
+        {**TEN_K, "lr": 0.05, "description": describe("lr 0.05, no warm-up")},
+        [1.0],
+        [0, 1, 2, 3, 4],
     ),
     "cifar10-resnet20-10k-warmup-lr0.05": (
-        "digits", {**TEN_K, "lr": 0.05, "warmup_epochs": 1, "description": describe("lr 0.05, 1 warm-up epoch")},
-        [1.0], [0, 1, 2, 3, 4],
+        "digits",
+        {
+            **TEN_K,
+            "lr": 0.05,
+            "warmup_epochs": 1,
+            "description": describe("lr 0.05, 1 warm-up epoch"),
+        },
+        [1.0],
+        [0, 1, 2, 3, 4],
     ),
     "cifar10-resnet20-10k-warmup-lr0.2": (
-        "digits", {**TEN_K, "lr": 0.2, "warmup_epochs": 1, "description": describe("lr 0.2, 1 warm-up epoch")},
-        [1.0], [0, 1, 2, 3, 4],
+        "digits",
+        {
+            **TEN_K,
+            "lr": 0.2,
+            "warmup_epochs": 1,
+            "description": describe("lr 0.2, 1 warm-up epoch"),
+        },
+        [1.0],
+        [0, 1, 2, 3, 4],
     ),
 }
 
 # Settings that share one seed-major queue (seed 0 of each, then seed 1, ...), so a stop leaves
 # every one of them with the same seeds.
-INTERLEAVED = [["cifar10-resnet20-10k-lr0.05", "cifar10-resnet20-10k-warmup-lr0.05", "cifar10-resnet20-10k-warmup-lr0.2"]]
+INTERLEAVED = [
+    [
+        "cifar10-resnet20-10k-lr0.05",
+        "cifar10-resnet20-10k-warmup-lr0.05",
+        "cifar10-resnet20-10k-warmup-lr0.2",
+    ]
+]
 
 
 def prepare_cifar() -> None:
@@ -133,20 +190,23 @@ def prepare_cifar() -> None:
                 (out / f.name).symlink_to(f)
 
 
-def queue(only: list[str] | None) -> list[tuple[str, str, dict]]:
-    """(recipe, run directory, overrides) for every run, in run order."""
+def queue(only: list[str] | None, results: Path = RESULTS) -> list[list[Run]]:
+    """Each group's runs (its settings in ``only``, or all), in run order: one sweep a group."""
+    chosen = [[n for n in group if not only or n in only] for group in groups()]
+    return [group_runs(names, results) for names in chosen if names]
+
+
+def group_runs(names: list[str], results: Path) -> list[Run]:
+    """The runs of the settings ``names``, seed-major across them: a stop leaves paired seeds."""
     runs = []
-    for group in groups():
-        names = [n for n in group if not only or n in only]
-        seeds = sorted({s for n in names for s in SETTINGS[n][3]})
-        for seed in seeds:  # seed-major across the group: a stop leaves paired seeds
-            for name in names:
-                recipe, base, alphas, setting_seeds = SETTINGS[name]
-                if seed not in setting_seeds:
-                    continue
-                for alpha in alphas:
-                    out = RESULTS / name / f"a{alpha:g}-s{seed}"
-                    runs.append((recipe, str(out), {**base, "alpha": alpha, "seed": seed}))
+    for seed in sorted({s for n in names for s in SETTINGS[n][3]}):
+        for name in names:
+            recipe, base, alphas, seeds = SETTINGS[name]
+            if seed in seeds:
+                runs += [
+                    (recipe, results / name / f"a{a:g}-s{seed}", {**base, "alpha": a, "seed": seed})
+                    for a in alphas
+                ]
     return runs
 
 
@@ -160,53 +220,75 @@ def groups() -> list[list[str]]:
     return out
 
 
-def command(recipe: str, out: str, overrides: dict) -> str:
-    keys = " ".join(shlex.quote(f"{k}={str(v).lower() if isinstance(v, bool) else v}") for k, v in overrides.items())
-    return f"powergrad train {recipe} {keys} --out {Path(out).relative_to(ROOT)}"
+def command(recipe: str, out: Path, overrides: dict) -> str:
+    """The `powergrad train` command the sweep runs for one run."""
+    keys = " ".join(
+        shlex.quote(f"{k}={str(v).lower() if isinstance(v, bool) else v}")
+        for k, v in {**overrides, "resume": "auto"}.items()
+    )
+    where = out.relative_to(ROOT) if out.is_relative_to(ROOT) else out
+    return f"powergrad train {recipe} {keys} --out {where}"
 
 
-def finished(out: str) -> bool:
-    summary = Path(out) / "summary.json"
-    return summary.is_file() and json.loads(summary.read_text()).get("status") in ("finished", "diverged")
-
-
-def strip(out: str) -> None:
-    """Keep config.yaml, metrics.csv, summary.json; drop checkpoints, events and plots."""
-    run = Path(out)
-    for p in run.glob("*.pt"):
-        p.unlink()
+def strip(run: Path) -> None:
+    """Keep config.yaml, metrics.csv, summary.json; drop checkpoints, the log, events, plots."""
+    for p in [*run.glob("*.pt"), run / "train.log"]:
+        p.unlink(missing_ok=True)
     for d in ("events", "plots"):
         shutil.rmtree(run / d, ignore_errors=True)
 
 
-def main() -> None:
+def run_group(runs: list[Run]) -> SweepResult:
+    """One group's runs as one sweep queue, in their order (powergrad.sweep.run_points).
+
+    A run whose summary.json says finished or diverged is kept; any other continues (resume=auto:
+    from its last checkpoint, or afresh). A failure (a divergence, say) is recorded in the run's
+    summary.json and the sweep's table, and the others go on. Each run is stripped as it ends.
+    """
+    from powergrad.sweep import run_points
+
+    recipes = {recipe for recipe, _, _ in runs}
+    if len(recipes) != 1:
+        raise SystemExit(f"the settings of one group must share a recipe, not {sorted(recipes)}")
+    points = {str(out): overrides for _, out, overrides in runs}  # absolute: the records' folders
+    # The queue lives as long as the command: what is done is what results/ records (KEPT).
+    with tempfile.TemporaryDirectory(prefix="study-sweep-") as queue_dir:
+        return run_points(recipes.pop(), points, queue_dir, done_statuses=KEPT, after_trial=strip)
+
+
+def main(argv: list[str] | None = None) -> None:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--only", nargs="*", help="settings to run (default: all)")
     ap.add_argument("--list", action="store_true", help="print the commands and exit")
-    ap.add_argument("--threads", type=int, default=1, help="torch threads (1 on a loaded machine, 2 on a quiet one)")
-    args = ap.parse_args()
-    runs = queue(args.only)
+    ap.add_argument(
+        "--threads",
+        type=int,
+        default=1,
+        help="torch threads (1 on a loaded machine, 2 on a quiet one)",
+    )
+    ap.add_argument("--results", type=Path, default=RESULTS, help="where the run records go")
+    args = ap.parse_args(argv)
+    groups_runs = queue(args.only, args.results.resolve())
     if args.list:
-        print("\n".join(command(*r) for r in runs))
+        print("\n".join(command(*run) for runs in groups_runs for run in runs))
         return
     # One thread under load: 98 img/s against 23 img/s with two (ResNet-20, measured); on a quiet
     # machine two threads are faster (--threads 2).
     torch.set_num_threads(args.threads)
-    from powergrad.engine import train
-    from powergrad.errors import DivergenceError
-
-    if any(r[2].get("dataset") == "imagefolder" for r in runs):
+    if any(run[2].get("dataset") == "imagefolder" for runs in groups_runs for run in runs):
         prepare_cifar()
-    for recipe, out, overrides in runs:
-        if finished(out):
-            continue
-        print(f"[{time.strftime('%H:%M:%S')}] {command(recipe, out, overrides)}", flush=True)
-        try:
-            train(recipe, out, overwrite=True, **overrides)
-        except DivergenceError as e:  # recorded in summary.json as status "diverged"
-            print(f"diverged: {e}", file=sys.stderr, flush=True)
-        strip(out)
+    from powergrad.sweep import format_result
+
+    for runs in groups_runs:
+        print(format_result(run_group(runs)), flush=True)
+
+
+def show_progress() -> None:
+    """The sweep's line as each run starts, and its warnings, on the terminal with the time."""
+    logging.basicConfig(format="[%(asctime)s] %(message)s", datefmt="%H:%M:%S")
+    logging.getLogger("powergrad").setLevel(logging.INFO)
 
 
 if __name__ == "__main__":
+    show_progress()
     main()

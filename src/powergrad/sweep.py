@@ -23,6 +23,11 @@
   ``val_fraction > 0``, else test) is in the bottom quarter of earlier trials at that epoch.
 - The summary is read back from the storage: the points this command's workers ran, and the
   others as the storage has them (done, or still running, by which worker).
+- ``run_points`` (Python API) runs named points in the order given instead of a grid: for
+  settings that are no grid, run directories named by the caller (studies/study.py). With
+  ``done_statuses``, a point whose run directory's summary.json has one of them is added to the
+  storage as done, not queued (records that outlive the storage); ``after_trial`` is called with
+  each trained point's run directory.
 """
 
 from __future__ import annotations
@@ -38,7 +43,7 @@ import time
 import traceback
 import typing
 import warnings
-from collections.abc import Iterator
+from collections.abc import Callable, Iterable, Iterator
 from contextlib import contextmanager
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
@@ -49,12 +54,13 @@ from .errors import MissingExtraError, UserError, extra
 with extra("sweep"):
     import optuna
     import sqlalchemy
-    from optuna.trial import FrozenTrial, TrialState
+    from optuna.distributions import CategoricalDistribution
+    from optuna.trial import FrozenTrial, TrialState, create_trial
 
     from .config import Config, load_config
-    from .rundir import refuse_run_dir
+    from .rundir import read_summary, refuse_run_dir
 
-__all__ = ["run_sweep", "parse_grid", "SweepResult", "run_name"]
+__all__ = ["run_sweep", "run_points", "parse_grid", "SweepResult", "run_name"]
 
 log = logging.getLogger("powergrad")
 # The heartbeat (RDBStorage(heartbeat_interval=...), fail_stale_trials) is marked experimental.
@@ -270,16 +276,56 @@ def _point(t: FrozenTrial) -> str:
     return _key(t.params or t.system_attrs.get("fixed_params", {}))
 
 
-def _enqueue_missing(study: optuna.Study, points: list[dict[str, Any]]) -> int:
-    """Enqueue the points with no trial done, running or waiting; return how many."""
+def _enqueue_missing(study: optuna.Study, spec: dict[str, Any]) -> int:
+    """Enqueue the points with no trial done, running or waiting, in order; return how many.
+    A point whose run directory holds a record to keep (``done_statuses``) is added as a
+    finished trial instead."""
     live = (*DONE, TrialState.RUNNING, TrialState.WAITING)
     have = {_point(t) for t in study.get_trials(deepcopy=False, states=live)}
     n = 0
-    for p in points:
-        if _key(p) not in have:
-            study.enqueue_trial(p, user_attrs={"point": run_name(p)})
+    for name, p in spec["points"].items():
+        if _key(p) in have:
+            continue
+        run_dir = Path(spec["out"]) / name
+        record = _kept_record(run_dir, spec["done_statuses"])
+        if record is not None:
+            study.add_trial(_kept_trial(name, p, spec["space"], record, run_dir))
+        else:
+            study.enqueue_trial(p, user_attrs={"point": name})
             n += 1
     return n
+
+
+def _kept_record(run_dir: Path, statuses: tuple[str, ...]) -> dict[str, Any] | None:
+    """The run directory's summary.json if its status is one of ``statuses``: a record to keep."""
+    try:
+        summary = read_summary(run_dir) if statuses else {}
+    except UserError:  # no summary.json yet (or a broken one): the point is not done
+        return None
+    return summary if summary.get("status") in statuses else None
+
+
+def _kept_trial(
+    name: str, point: dict[str, Any], space: dict[str, list], summary: dict, run_dir: Path
+) -> FrozenTrial:
+    """A trial that reports a kept record, nothing trained: a finished one COMPLETE with its
+    value, another status (e.g. diverged) FAIL with that status as its error."""
+    final, status = summary.get("final") or {}, summary.get("status")
+    attrs = {"point": name, "run_dir": str(run_dir), "recorded": True}
+    attrs["epochs_done"] = summary.get("epochs_done")
+    value = None
+    if status == "finished":
+        attrs["metric"] = _metric(final)
+        value = float(final[attrs["metric"]])
+    else:
+        attrs["error"] = f"{status}: its summary.json is kept, not run again"
+    return create_trial(
+        state=TrialState.COMPLETE if value is not None else TrialState.FAIL,
+        value=value,
+        params=point,
+        distributions={k: CategoricalDistribution(space[k]) for k in point},
+        user_attrs=attrs,
+    )
 
 
 def _claim(q: Queue) -> tuple[optuna.Trial, int] | None:
@@ -324,34 +370,50 @@ def _heartbeat(storage: optuna.storages.RDBStorage, trial_id: int) -> Iterator[N
 # ----------------------------------------------------------------------------- one trial
 
 
-def _sweep_progress(q: Queue, spec: dict[str, Any], params: dict[str, Any]) -> str:
+def _sweep_progress(q: Queue, spec: dict[str, Any], name: str) -> str:
     """One line as a trial starts: which point, how many are done, and an ETA from the trials
-    finished so far (their mean wall time, over the trials running in parallel)."""
+    trained so far (their mean wall time, over the trials running in parallel)."""
     from .progress import clock
 
-    total = 1
-    for values in spec["space"].values():
-        total *= len(values)
+    total = len(spec["points"])
     done = q.study.get_trials(deepcopy=False, states=DONE)
     took = [
         (t.datetime_complete - t.datetime_start).total_seconds()
         for t in done
-        if t.datetime_complete is not None and t.datetime_start is not None
+        if t.datetime_complete is not None
+        and t.datetime_start is not None
+        and not t.user_attrs.get("recorded")
     ]
     running = max(1, len(q.study.get_trials(deepcopy=False, states=(TrialState.RUNNING,))))
     eta = f", eta {clock(sum(took) / len(took) * (total - len(done)) / running)}" if took else ""
-    return f"sweep: {run_name(params)} ({len(done)} of {total} points done{eta})"
+    return f"sweep: {name} ({len(done)} of {total} points done{eta})"
 
 
 def _run_trial(q: Queue, trial: optuna.Trial, trial_id: int, spec: dict[str, Any]) -> str:
-    from .engine import train
-    from .errors import DivergenceError
-
-    params = {k: trial.suggest_categorical(k, v) for k, v in spec["space"].items()}
-    run_dir = Path(spec["out"]) / run_name(params)
-    log.info(_sweep_progress(q, spec, params))
+    """Train one claimed trial's point into its run directory, then call ``after_trial``."""
+    name = trial.user_attrs["point"]
+    params = {k: trial.suggest_categorical(k, spec["space"][k]) for k in spec["points"][name]}
+    run_dir = Path(spec["out"]) / name
     for k, v in (("run_dir", str(run_dir)), ("host", socket.gethostname()), ("pid", os.getpid())):
         trial.set_user_attr(k, v)
+    log.info(_sweep_progress(q, spec, name))
+    outcome = _train_trial(q, trial, trial_id, spec, {**spec["fixed"], **params}, run_dir)
+    if spec["after_trial"] is not None and run_dir.is_dir():
+        spec["after_trial"](run_dir)
+    return outcome
+
+
+def _train_trial(
+    q: Queue,
+    trial: optuna.Trial,
+    trial_id: int,
+    spec: dict[str, Any],
+    overrides: dict[str, Any],
+    run_dir: Path,
+) -> str:
+    """Train the point into its run directory (resume=auto); the trial's state says how it ended."""
+    from .engine import train
+    from .errors import DivergenceError
 
     def on_epoch(row: dict[str, Any]) -> bool:
         value = row["val_acc"] if row.get("val_acc") is not None else row["test_acc"]
@@ -360,7 +422,7 @@ def _run_trial(q: Queue, trial: optuna.Trial, trial_id: int, spec: dict[str, Any
 
     try:
         with _heartbeat(q.storage, trial_id):
-            cfg = load_config(spec["recipe"], {**spec["fixed"], **params, "resume": "auto"})
+            cfg = load_config(spec["recipe"], {**overrides, "resume": "auto"})
             result = train(cfg, out=run_dir, on_epoch=on_epoch)
     except Exception as e:  # UserError, DivergenceError or a bug: the others go on
         lines = [ln for ln in str(e).splitlines() if ln.strip()] or [""]
@@ -368,7 +430,7 @@ def _run_trial(q: Queue, trial: optuna.Trial, trial_id: int, spec: dict[str, Any
         if not isinstance(e, (UserError, DivergenceError)):
             log.debug("trial %d:\n%s", trial.number, traceback.format_exc())
         q.study.tell(trial, state=TrialState.FAIL)
-        log.warning("sweep: %s failed: %s", run_name(params), trial.user_attrs.get("error", e))
+        log.warning("sweep: %s failed: %s", trial.user_attrs["point"], trial.user_attrs["error"])
         return "fail"
     trial.set_user_attr("epochs_done", len(result.history))
     if result.status == "stopped":
@@ -378,11 +440,19 @@ def _run_trial(q: Queue, trial: optuna.Trial, trial_id: int, spec: dict[str, Any
         trial.set_user_attr("error", f"{result.status}: resume by re-running the sweep")
         q.study.tell(trial, state=TrialState.FAIL)
         return "preempted"
-    final = result.final
-    metric = "val_acc" if final.get("val_acc") is not None else "test_acc"
+    return _tell_finished(q, trial, result.final)
+
+
+def _tell_finished(q: Queue, trial: optuna.Trial, final: dict[str, Any]) -> str:
+    metric = _metric(final)
     trial.set_user_attr("metric", metric)  # what the value measures: format_result's column
     q.study.tell(trial, float(final[metric]))
     return "complete"
+
+
+def _metric(final: dict[str, Any]) -> str:
+    """A trial's value: final validation accuracy where the run has a validation split."""
+    return "val_acc" if final.get("val_acc") is not None else "test_acc"
 
 
 def _worker(spec: dict[str, Any], threads: int | None = None) -> None:
@@ -433,40 +503,85 @@ def run_sweep(
     """Run (or continue) the grid ``grid`` x ``seeds`` of ``recipe`` under ``out``.
 
     ``grid`` maps recipe keys to their values, ``fixed`` holds overrides for every trial.
-    ``workers`` local processes share the study (1: run in this process).
+    ``workers`` local processes share the study (1: run in this process). Each point's run
+    directory is ``out / run_name(point)``.
     """
-    out = Path(out)
     if not grid and seeds < 1:
         raise UserError("a sweep needs at least one key=v1,v2 axis or --seeds N")
     if workers < 1 or seeds < 1:
         raise UserError("--workers and --seeds must be >= 1")
     axes = {k: [str(v) for v in vs] for k, vs in grid.items()}
     fixed = {k: str(v) for k, v in (fixed or {}).items()}
-    base = load_config(recipe, fixed)
-    seed_values = _seed_values(axes, fixed, base, seeds)
+    seed_values = _seed_values(axes, fixed, load_config(recipe, fixed), seeds)
     space: dict[str, list[Any]] = {**{k: axes[k] for k in sorted(axes)}, "seed": seed_values}
     points = [dict(zip(space, combo)) for combo in itertools.product(*space.values())]
-    for p in points:  # every point must be a valid recipe before anything runs
-        load_config(recipe, {**fixed, **p})
+    return run_points(
+        recipe,
+        {run_name(p): p for p in points},
+        out,
+        fixed=fixed,
+        workers=workers,
+        storage=storage,
+        prune=prune,
+    )
+
+
+def run_points(
+    recipe: str | None,
+    points: dict[str, dict[str, Any]],
+    out: str | Path,
+    *,
+    fixed: dict[str, Any] | None = None,
+    workers: int = 1,
+    storage: str | None = None,
+    prune: bool = False,
+    done_statuses: tuple[str, ...] = (),
+    after_trial: Callable[[Path], None] | None = None,
+) -> SweepResult:
+    """Run (or continue) the named ``points`` of ``recipe`` as one sweep, in the order given.
+
+    ``points`` maps each point's run directory name to its overrides (str, int, float or bool
+    values), applied over ``fixed``. A name is a path under ``out`` (it may hold subfolders; an
+    absolute one puts the run there, ``out`` keeping study.db and sweep.json). A point whose
+    run directory already holds a summary.json with one of ``done_statuses`` (such as
+    ``("finished", "diverged")``) is reported from that record, not trained: for records kept
+    longer than the storage. ``after_trial(run_dir)`` is called after each point trained (e.g.
+    to delete its checkpoints); with ``workers > 1`` it must be picklable.
+    """
+    out = Path(out)
+    if not points:
+        raise UserError("a sweep needs at least one point")
+    if workers < 1:
+        raise UserError("--workers must be >= 1")
+    if len({_key(p) for p in points.values()}) < len(points):
+        raise UserError("two points of the sweep have the same overrides")
+    fixed = dict(fixed or {})
+    # every point must be a valid recipe before anything runs
+    epochs = {name: load_config(recipe, {**fixed, **p}).epochs for name, p in points.items()}
+    budget = max(epochs.values())  # the pruner's: it judges after a quarter of it
+    space = _space(points.values())
     refuse_run_dir(out, "a sweep")
     url = storage or f"sqlite:///{out.resolve() / 'study.db'}"
     if storage is None:
         _make_folder(out)  # holds the SQLite file
-    q = _open_queue(url, space, _pruner(prune, base.epochs))  # a bad URL or driver: nothing made
+    q = _open_queue(url, space, _pruner(prune, budget))  # a bad URL or driver: nothing made
     _make_folder(out)
     spec = {
         "recipe": recipe,
         "fixed": fixed,
+        "points": points,
         "space": space,
         "grid_space": space,
         "out": str(out),
         "storage": url,
         "prune": prune,
-        "epochs": base.epochs,
+        "epochs": budget,
+        "done_statuses": tuple(done_statuses),
+        "after_trial": after_trial,
     }
     _check_same_sweep(q.study, recipe, space, fixed)
     _fail_dead_trials(q)
-    _enqueue_missing(q.study, points)
+    _enqueue_missing(q.study, spec)
     todo = len(q.study.get_trials(deepcopy=False, states=(TrialState.WAITING,)))
     log.info(
         "sweep %s: %d points, %d to run, %d worker(s), storage %s",
@@ -476,22 +591,36 @@ def run_sweep(
         workers,
         shown_url(url),
     )
-    host = socket.gethostname()
-    mine: set[tuple[str, int | None]] = {(host, os.getpid())}
-    if workers == 1:
-        _worker(spec)
-    else:
-        threads = max(1, (os.cpu_count() or 1) // workers)
-        ctx = mp.get_context("spawn")
-        procs = [ctx.Process(target=_worker, args=(spec, threads)) for _ in range(workers)]
-        for proc in procs:
-            proc.start()
-        mine = {(host, proc.pid) for proc in procs}
-        for proc in procs:
-            proc.join()
-    result = summarize(q.study, points, base.epochs, out, url, mine)
+    mine = _run_workers(spec, workers)
+    result = summarize(q.study, points, epochs, out, url, mine)
     (out / "sweep.json").write_text(json.dumps(result.to_dict(), indent=2, default=str))
     return result
+
+
+def _space(points: Iterable[dict[str, Any]]) -> dict[str, list[Any]]:
+    """Each key's values over the points, in the order first met: Optuna's search space."""
+    space: dict[str, list[Any]] = {}
+    for p in points:
+        for k, v in p.items():
+            if v not in space.setdefault(k, []):
+                space[k].append(v)
+    return space
+
+
+def _run_workers(spec: dict[str, Any], workers: int) -> set[tuple[str, int | None]]:
+    """Run the queue in this process (one worker) or in ``workers`` processes; return them."""
+    host = socket.gethostname()
+    if workers == 1:
+        _worker(spec)
+        return {(host, os.getpid())}
+    threads = max(1, (os.cpu_count() or 1) // workers)
+    ctx = mp.get_context("spawn")
+    procs = [ctx.Process(target=_worker, args=(spec, threads)) for _ in range(workers)]
+    for proc in procs:
+        proc.start()
+    for proc in procs:
+        proc.join()
+    return {(host, proc.pid) for proc in procs}
 
 
 def _make_folder(out: Path) -> None:
@@ -515,31 +644,32 @@ def _check_same_sweep(study: optuna.Study, recipe: str | None, space: dict, fixe
 
 def summarize(
     study: optuna.Study,
-    points: list[dict[str, Any]],
-    epochs: int,
+    points: dict[str, dict[str, Any]],
+    epochs: dict[str, int],
     out: Path,
     url: str,
     mine: set[tuple[str, int | None]] | None = None,
 ) -> SweepResult:
     """One row per point from its latest trial, as the storage has it: state, value, epochs
-    done, worker (``host:pid``; ``here`` if in ``mine``), run dir, error."""
+    done, worker (``host:pid``; ``here`` if in ``mine``), run dir, error. ``epochs``: each
+    point's budget."""
     mine = mine or set()
     latest: dict[str, FrozenTrial] = {}
     for t in study.get_trials(deepcopy=False):
         k = _point(t)
         if k not in latest or _rank(t) >= _rank(latest[k]):
             latest[k] = t
-    result = SweepResult(out=out, storage=shown_url(url), epochs_full=len(points) * epochs)
-    for p in points:
+    result = SweepResult(out=out, storage=shown_url(url), epochs_full=sum(epochs.values()))
+    for name, p in points.items():
         row = _row(latest.get(_key(p)), mine)
-        row["point"] = run_name(p)
+        row["point"] = name
         result.trials.append(row)
         done = int(row["epochs_done"] or 0)
         if row["state"] in ("COMPLETE", "PRUNED"):
             result.epochs_run += done
             result.epochs_here += done if row["here"] else 0
         if row["state"] == "PRUNED":
-            result.epochs_pruned += epochs - done
+            result.epochs_pruned += epochs[name] - done
         if row["state"] == "RUNNING" and not row["here"]:
             result.running_elsewhere += 1
             result.epochs_running += done
