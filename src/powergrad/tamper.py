@@ -1,8 +1,9 @@
 """Softmax Gradient Tampering (SGT), a.k.a. the PowerGrad Transform (PGT).
 
 Forward: ordinary cross-entropy, the value a user logs and compares (``F.cross_entropy``'s own,
-to the last bit). Backward: cross-entropy's own gradient on the logits with the softmax p
-replaced by
+to the last bit: PyTorch's ops in PyTorch's order on a log-softmax the forward keeps, as
+cross-entropy's autograd keeps it). Backward: cross-entropy's own gradient on the logits with the
+softmax p replaced by
 
     p'_i = p_i**alpha / sum_j p_j**alpha  ==  softmax(alpha * z)_i
 
@@ -207,7 +208,9 @@ class _PowerGradCrossEntropy(torch.autograd.Function):
         log_p = torch.log_softmax(logits, 1)
         # The backward writes the gradient over log_p (cross-entropy's autograd keeps the same
         # buffer). It is held on ctx, not saved: a second backward (retain_graph=True) finds it
-        # spent and recomputes it from the logits.
+        # spent and recomputes it from the logits. Memory until the backward: log_p and the
+        # logits, one (N, C) array more than cross-entropy holds if nothing else keeps the
+        # logits alive (a training loop's `output` variable usually does).
         ctx.log_p = log_p
         ctx.save_for_backward(logits, target, weight)
         ctx.options = (alpha, label_smoothing, reduction, ignore_index)
