@@ -390,3 +390,44 @@ def test_no_host_reads(ls, weighted, soft):
     with HostReads() as mode:
         power_grad_cross_entropy(z.clone().requires_grad_(True), t, 0.3, **kwargs).backward()
     assert mode.ops == []
+
+
+SHAPES = [(5,), (6, 5), (4, 5, 3), (2, 5, 3, 2)]
+
+
+@pytest.mark.parametrize("shape", SHAPES)
+@pytest.mark.parametrize("soft", [False, True])
+@pytest.mark.parametrize("ls", [0.0, 0.1])
+@pytest.mark.parametrize("weighted", [False, True])
+@pytest.mark.parametrize("reduction", ["mean", "sum", "none"])
+def test_forward_is_cross_entropy_to_the_last_bit_on_every_branch(
+    shape, soft, ls, weighted, reduction
+):
+    """The forward rebuilds F.cross_entropy from its own log-softmax (to reuse that buffer in the
+    backward): plain, label-smoothing and probability-target branches, any rank."""
+    g = torch.Generator().manual_seed(len(shape))
+    z = torch.randn(*shape, generator=g) * 4
+    if soft:
+        t = torch.softmax(torch.randn(*shape, generator=g), 1 if len(shape) > 1 else 0)
+        kwargs = {}
+    else:
+        t = torch.randint(0, 5, shape[:1] + shape[2:] if len(shape) > 1 else (), generator=g)
+        if len(shape) > 1:
+            t.view(-1)[::3] = 2  # some rows ignored
+        kwargs = {"ignore_index": 2}
+    kwargs.update(label_smoothing=ls, reduction=reduction)
+    weight = torch.rand(5, generator=g) + 0.1 if weighted else None
+    loss = power_grad_cross_entropy(z.clone().requires_grad_(True), t, 0.4, weight=weight, **kwargs)
+    assert torch.equal(loss.detach(), F.cross_entropy(z, t, weight=weight, **kwargs))
+
+
+def test_backward_twice_through_a_retained_graph():
+    """The backward writes over its saved log-softmax; a second pass recomputes it."""
+    z, t = make(8, 6, scale=3.0)
+    z.requires_grad_(True)
+    loss = power_grad_cross_entropy(z, t, alpha=0.3, label_smoothing=0.1)
+    loss.backward(retain_graph=True)
+    once = z.grad.clone()
+    loss.backward()
+    assert torch.allclose(z.grad, 2 * once, rtol=0, atol=1e-7)
+    assert (once.double() * 8 - exact_direction(z.detach(), t, 0.3, 0.1)).abs().max() < 1e-6

@@ -1,8 +1,9 @@
 """Softmax Gradient Tampering (SGT), a.k.a. the PowerGrad Transform (PGT).
 
 Forward: ordinary cross-entropy, the value a user logs and compares (``F.cross_entropy``'s own,
-to the last bit). Backward: cross-entropy's own gradient on the logits with the softmax p
-replaced by
+to the last bit: PyTorch's ops in PyTorch's order on a log-softmax the forward keeps, as
+cross-entropy's autograd keeps it). Backward: cross-entropy's own gradient on the logits with the
+softmax p replaced by
 
     p'_i = p_i**alpha / sum_j p_j**alpha  ==  softmax(alpha * z)_i
 
@@ -85,27 +86,60 @@ def check_alpha(alpha: float) -> float:
     return a
 
 
-def _tampered_softmax(z: Tensor, alpha: float) -> Tensor:
-    """p' = softmax(alpha * z) over dim 1 of (M, C) rows, in a fresh buffer."""
-    if z.shape[1] <= _TRANSPOSED_MAX_C:
-        # Row-major again: a transposed gradient is cloned by autograd's AccumulateGrad anyway,
-        # and in-place ops on it are slower (256 x 10, whole step: 93 against 99 us).
-        return torch.softmax(torch.mul(z, alpha).T, 0).T.contiguous()
-    p = torch.mul(z, alpha)
-    # In place: one (M, C) buffer instead of two. Whole step at 4096 x 1000: 1.10x against 1.22x
-    # cross-entropy's CPU time (1 thread, interleaved, under load).
+def _cross_entropy_from_log_probs(
+    log_p: Tensor, t: Tensor, w: Tensor | None, ls: float, reduction: str, ignore_index: int
+) -> Tensor:
+    """F.cross_entropy(z, ...) from log_p = log_softmax(z, 1), to the last bit.
+
+    The same ATen ops in the same order as PyTorch's own composition of ``cross_entropy``
+    (``aten/src/ATen/native/LossNLL.cpp``: the plain, label-smoothing and probability-target
+    branches); tests/test_tamper.py compares the two with ``torch.equal`` on every branch.
+    """
+    c = log_p.shape[1]
+    w_b = None if w is None else w.view(1, c, *([1] * (log_p.dim() - 2)))
+    if t.is_floating_point():  # class probabilities
+        q = t * (1 - ls) + ls / c if ls > 0 else t
+        terms = log_p * q if w_b is None else log_p * q * w_b
+        if reduction == "none":
+            return -terms.sum(1)
+        if reduction == "sum":
+            return -terms.sum()
+        return -terms.sum() / (log_p.numel() // c)
+    nll = F.nll_loss(log_p, t, w, ignore_index=ignore_index, reduction=reduction)
+    if ls == 0:
+        return nll
+    smooth = -log_p.sum(1) if w_b is None else -(log_p * w_b).sum(1)
+    ignored = t == ignore_index
+    smooth.masked_fill_(ignored, 0.0)
+    if reduction == "mean":
+        if w is None:
+            total = (~ignored).sum()
+        else:
+            # (PyTorch 2.4 selected the counted rows' weights with masked_select, a host sync
+            # on a GPU; later releases zero the ignored ones, as here.)
+            total = w.gather(0, t.masked_fill(ignored, 0).flatten())
+            total = total.masked_fill_(ignored.flatten(), 0).sum()
+        smooth = smooth.sum() / total
+    elif reduction == "sum":
+        smooth = smooth.sum()
+    return (1 - ls) * nll + smooth * (ls / c)
+
+
+def _tampered_softmax_(log_p: Tensor, alpha: float) -> Tensor:
+    """softmax(alpha * z) over dim 1, written over log_p = log_softmax(z, 1) (no new buffer).
+
+    softmax(alpha * log_p) = softmax(alpha * z): the two differ by a constant in each row.
+    Working in place on the forward's own buffer is what makes the tampered loss cheaper than
+    cross-entropy: a fresh (N, C) buffer costs its page faults on every step (4096 x 1000 fp32:
+    torch.mul into a new buffer 4.1 ms against 0.56 ms in place; CPU, 1 thread).
+    """
+    p = log_p.mul_(alpha)
+    if p.dim() == 2 and p.shape[1] <= _TRANSPOSED_MAX_C:
+        return torch.softmax(p.T, 0, out=p.T).T
     return torch.softmax(p, 1, out=p)
 
 
-def _row_scale(grad_out: Tensor, reduction: str, counted: Tensor, total: Tensor | int) -> Tensor:
-    """s, shape (M, 1): d(loss) / d(L_row). counted: v (0 on ignored rows); total: W for "mean"."""
-    s = (grad_out.reshape(-1) if reduction == "none" else grad_out) * counted
-    if reduction == "mean":
-        s = s / total
-    return s.unsqueeze(1)
-
-
-def _index_target_grad(
+def _index_target_grad_(
     p: Tensor,
     target: Tensor,
     weight: Tensor | None,
@@ -114,46 +148,45 @@ def _index_target_grad(
     grad_out: Tensor,
     reduction: str,
 ) -> Tensor:
-    """s * (m * p' - u) for class indices, in place on p = p' (see the module docstring)."""
+    """s * (m * p' - u) for class indices, in place on p = p' (see the module docstring).
+
+    p is (N, C, d...) and target (N, d...); s and the per-row factors broadcast as (N, 1, d...).
+    """
     c = p.shape[1]
     valid = target != ignore_index
     # Ignored rows have s = 0; any class index will do for them in the scatter below.
     safe = target.where(valid, 0).unsqueeze(1)
+    s = grad_out * valid  # d(loss) / d(L_row), 0 on ignored rows
     if weight is None:  # m = 1, u = (1 - e) * onehot + e / C
-        # W = number of counted rows; none counted: zero gradient, as PyTorch (a tensor op: no sync).
-        s = _row_scale(
-            grad_out, reduction, valid, valid.sum().clamp_min(1) if reduction == "mean" else 1
-        )
+        if reduction == "mean":  # W = number of counted rows (a tensor op: no host sync)
+            s = s / valid.sum().clamp_min(1)
+        s = s.unsqueeze(1)
         p.mul_(s)
         if ls:
             p.sub_(s * (ls / c))
         return p.scatter_add_(1, safe, s * -(1.0 - ls))
     w_y = weight[safe.squeeze(1)] * valid
-    total = (
-        w_y.sum()
-    )  # W; 0 only if no counted row has weight: divide by 1 then, as when unweighted
-    s = _row_scale(grad_out, reduction, valid, total + (total == 0))
+    if reduction == "mean":  # W; 0 only if no counted row has weight: divide by 1 then
+        total = w_y.sum()
+        s = s / (total + (total == 0))
+    s = s.unsqueeze(1)
     hot = (1.0 - ls) * w_y.unsqueeze(1)
     p.mul_(s * (hot + (ls / c) * weight.sum()))  # s * m
     if ls:
-        p.addcmul_(s, weight, value=-ls / c)
+        p.addcmul_(s, weight.view(1, c, *([1] * (p.dim() - 2))), value=-ls / c)
     return p.scatter_add_(1, safe, -(s * hot))
 
 
-def _prob_target_grad(
+def _prob_target_grad_(
     p: Tensor, q: Tensor, weight: Tensor | None, ls: float, grad_out: Tensor, reduction: str
 ) -> Tensor:
-    """s * (m * p' - u) for target distributions, in place on p = p'."""
-    rows, c = p.shape
-    s = (
-        grad_out.reshape(-1, 1)
-        if reduction == "none"
-        else grad_out / rows
-        if reduction == "mean"
-        else grad_out
-    )
+    """s * (m * p' - u) for target distributions, in place on p = p'; p and q are (N, C, d...)."""
+    c = p.shape[1]
+    s = grad_out.unsqueeze(1) if reduction == "none" else grad_out
+    if reduction == "mean":
+        s = grad_out / (p.numel() // c)
     if weight is not None:
-        u = (q if not ls else q * (1.0 - ls) + ls / c) * weight
+        u = (q if not ls else q * (1.0 - ls) + ls / c) * weight.view(1, c, *([1] * (p.dim() - 2)))
         return p.mul_(u.sum(1, keepdim=True) * s).addcmul_(u, s, value=-1.0)
     # Unweighted, u = (1 - e) * q + e / C is never built: m = (1 - e) * sum(q) + e (1 for
     # normalised targets, as mixup's and cutmix's are; it costs one read of q). Two or three
@@ -164,49 +197,40 @@ def _prob_target_grad(
     return p.sub_(s * (ls / c)) if ls else p
 
 
-def _as_rows(x: Tensor, classes: bool) -> Tensor:
-    """(N, C, d...) -> (N*d..., C) if classes, (N, d...) -> (N*d...,) otherwise; (C,) -> (1, C)."""
-    if x.dim() == (1 if classes else 0):  # unbatched
-        return x.reshape(1, -1) if classes else x.reshape(1)
-    if classes:
-        return x.movedim(1, -1).reshape(-1, x.shape[1]) if x.dim() > 2 else x
-    return x.reshape(-1)
-
-
 class _PowerGradCrossEntropy(torch.autograd.Function):
-    """F.cross_entropy forward; s * (m * softmax(alpha z) - u) backward."""
+    """F.cross_entropy forward; s * (m * softmax(alpha z) - u) backward.
+
+    Batched input only ((N, C) or (N, C, d...)); the caller gives unbatched input a batch of 1.
+    """
 
     @staticmethod
     def forward(ctx, logits, target, weight, alpha, label_smoothing, reduction, ignore_index):
-        # Nothing but the inputs is saved: the backward needs no (N, C) array of the forward.
+        log_p = torch.log_softmax(logits, 1)
+        # The backward writes the gradient over log_p (cross-entropy's autograd keeps the same
+        # buffer). It is held on ctx, not saved: a second backward (retain_graph=True) finds it
+        # spent and recomputes it from the logits. Memory until the backward: log_p and the
+        # logits, one (N, C) array more than cross-entropy holds if nothing else keeps the
+        # logits alive (a training loop's `output` variable usually does).
+        ctx.log_p = log_p
         ctx.save_for_backward(logits, target, weight)
         ctx.options = (alpha, label_smoothing, reduction, ignore_index)
-        return F.cross_entropy(
-            logits,
-            target,
-            weight,
-            ignore_index=ignore_index,
-            reduction=reduction,
-            label_smoothing=label_smoothing,
+        return _cross_entropy_from_log_probs(
+            log_p, target, weight, label_smoothing, reduction, ignore_index
         )
 
     @staticmethod
     def backward(ctx, grad_out):
         logits, target, weight = ctx.saved_tensors
         alpha, ls, reduction, ignore_index = ctx.options
-        z = _as_rows(logits, classes=True)
-        p = _tampered_softmax(z, alpha)
+        log_p, ctx.log_p = ctx.log_p, None
+        if log_p is None:  # a second backward through the same graph
+            log_p = torch.log_softmax(logits, 1)
+        p = _tampered_softmax_(log_p, alpha)
         if target.is_floating_point():
-            grad = _prob_target_grad(
-                p, _as_rows(target, classes=True), weight, ls, grad_out, reduction
-            )
+            grad = _prob_target_grad_(p, target, weight, ls, grad_out, reduction)
         else:
-            grad = _index_target_grad(
-                p, _as_rows(target, classes=False), weight, ls, ignore_index, grad_out, reduction
-            )
-        if logits.dim() > 2:  # back to (N, C, d...)
-            grad = grad.reshape(logits.shape[0], *logits.shape[2:], logits.shape[1]).movedim(-1, 1)
-        return grad.reshape(logits.shape), None, None, None, None, None, None
+            grad = _index_target_grad_(p, target, weight, ls, ignore_index, grad_out, reduction)
+        return grad, None, None, None, None, None, None
 
 
 def power_grad_cross_entropy(
@@ -266,11 +290,22 @@ def _cross_entropy(
     reduction: str,
     ignore_index: int,
 ) -> Tensor:
-    if alpha == 1.0 or not (z.requires_grad and torch.is_grad_enabled()):
-        # Exactly plain cross-entropy (or no gradient wanted): let PyTorch do it.
+    soft = t.is_floating_point()
+    if (
+        alpha == 1.0
+        or not (z.requires_grad and torch.is_grad_enabled())
+        or (soft and (t.shape != z.shape or ignore_index >= 0))
+    ):
+        # Exactly plain cross-entropy, no gradient wanted, or input PyTorch refuses (let it
+        # raise its own error): F.cross_entropy itself.
         return F.cross_entropy(
             z, t, w, ignore_index=ignore_index, reduction=reduction, label_smoothing=ls
         )
+    if z.dim() == 1:  # unbatched: a batch of one
+        loss = _PowerGradCrossEntropy.apply(
+            z.unsqueeze(0), t.unsqueeze(0), w, alpha, ls, reduction, ignore_index
+        )
+        return loss.squeeze(0) if reduction == "none" else loss
     return _PowerGradCrossEntropy.apply(z, t, w, alpha, ls, reduction, ignore_index)
 
 
