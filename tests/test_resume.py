@@ -96,6 +96,21 @@ def test_a_copied_finished_run_with_a_newer_best_pt_is_complete_and_untouched(
     assert snapshot(run) == before
 
 
+def test_a_finished_record_without_checkpoints_is_refused_not_trained_over(
+    finished, tmp_path, capsys
+):
+    """A study strips its records to config.yaml, metrics.csv and summary.json; resume=auto on
+    one used to find no checkpoint and train a new run over the record."""
+    run = copy_run(finished, tmp_path / "stripped")
+    for p in run.glob("*.pt"):
+        p.unlink()
+    before = snapshot(run)
+    code, out, err = run_cli(["train", *RECIPE, "epochs=3", "resume=auto", "--out", run], capsys)
+    assert code == 2
+    assert err.count("\n") == 1 and "holds a finished run's record" in err
+    assert snapshot(run) == before
+
+
 def test_resume_takes_the_most_progress_not_the_newest_file(two_epochs, tmp_path, capsys):
     run = copy_run(two_epochs, tmp_path / "run")
     (run / "summary.json").unlink()

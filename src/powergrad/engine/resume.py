@@ -70,8 +70,24 @@ def plan_start(cfg: Config, out: str | Path | None) -> StartPlan:
         # its first save, or a sweep's trial that never began)
     if cfg.resume == "auto":
         assert out is not None  # _resume_checkpoint refused resume=auto without --out
+        _refuse_ended_record(Path(out))
         return _with_parent(cfg, StartPlan(Path(out), resuming=True))
     return _with_parent(cfg, StartPlan(Path(out) if out else _default_out(cfg)))
+
+
+def _refuse_ended_record(run_dir: Path) -> None:
+    """A folder whose record says the run ended, with no checkpoint left to continue from (they
+    were deleted to keep the record small): starting there would train over that record."""
+    try:
+        status = read_summary(run_dir).get("status")
+    except UserError:  # no summary.json (a run killed before its first save): start there
+        return
+    if status in ("finished", "diverged"):
+        raise UserError(
+            f"{run_dir} holds a {status} run's record (summary.json) and no checkpoint to "
+            "continue from: nothing to resume; train into a new --out, or delete the folder to "
+            "run it again"
+        )
 
 
 def _with_parent(cfg: Config, plan: StartPlan) -> StartPlan:
