@@ -416,3 +416,13 @@ def test_filter_norms():
     for name, conv in convs.items():
         assert norms[name].shape == (conv.out_channels,) and not norms[name].requires_grad
     torch.testing.assert_close(norms["conv1"][0], model.conv1.weight[0].norm().detach())
+
+
+def test_param_groups_of_a_model_without_a_findable_head():
+    """Decay split as for any model; head_lr on it is an error, not silently ignored (the loop
+    used to fall back to one group with decay on every parameter and no head_lr)."""
+    model = torch.nn.Sequential(torch.nn.Conv2d(3, 4, 3), torch.nn.BatchNorm2d(4))
+    groups = param_groups(model, cfg(weight_decay=5e-4))
+    assert [g["name"] for g in groups] == ["all/decay", "all/no_decay"]
+    with pytest.raises(UserError, match="cannot find the classifier layer"):
+        param_groups(model, cfg(head_lr=1.0))

@@ -350,7 +350,7 @@ def new_state(
         model.to(memory_format=torch.channels_last)
     if cfg.sync_bn and dist.enabled:
         model = nn.SyncBatchNorm.convert_sync_batchnorm(model)
-    optimizer = create_optimizer(_param_groups(model, cfg), cfg)
+    optimizer = create_optimizer(param_groups(model, cfg), cfg)
     return TrainingState(
         model=model,
         optimizer=optimizer,
@@ -711,13 +711,6 @@ def _filter_recorder(model: nn.Module, cfg: Config, run: RunDir | None, global_s
     if run is not None and global_step:
         recorder.load(run.path, global_step)
     return recorder
-
-
-def _param_groups(model: nn.Module, cfg: Config) -> list[dict]:
-    try:
-        return param_groups(model, cfg)
-    except (UserError, ValueError):
-        return [{"params": [p for p in model.parameters() if p.requires_grad]}]
 
 
 def _num_classes(model: nn.Module) -> int:

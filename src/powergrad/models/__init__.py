@@ -365,8 +365,11 @@ def param_groups(model: nn.Module, cfg: Config) -> list[dict]:
     """Optimiser groups: no weight decay on 1-D params (biases, norm weights), cfg.weight_decay on
     the rest; with cfg.head_lr the head gets that lr and the backbone cfg.lr. Frozen params are
     left out; empty groups are dropped. Each group carries a ``name`` for logging."""
-    head_name, head = get_head(model)
-    head_ids = {id(p) for p in head.parameters()}
+    # The head is looked up only when it gets its own lr: a model without one that get_head can
+    # find still trains (one lr), and head_lr on such a model is an error, not silently ignored.
+    head_ids = (
+        {id(p) for p in get_head(model)[1].parameters()} if cfg.head_lr is not None else set()
+    )
     groups: dict[tuple[str, bool], list[nn.Parameter]] = {}
     for p in model.parameters():
         if not p.requires_grad:
