@@ -79,12 +79,15 @@ CIFAR = {
 TEN_K = {**CIFAR, "train_subset": 10000, "epochs": 10, "batch_size": 128, "lr": 0.1}
 
 
-def describe(recipe: str) -> str:
+def describe(recipe: str, epochs: int = 10) -> str:
     """A run's `description`: the study borrows the digits recipe, whose own description would be wrong.
 
     Not part of the config hash (powergrad.config.config_hash), so it does not split a setting.
     """
-    return f"CIFAR-10 (JPEG) 10k-image subset, ResNet-20, 10 epochs, batch 128, {recipe} (studies/study.py)"
+    return (
+        f"CIFAR-10 (JPEG) 10k-image subset, ResNet-20, {epochs} epochs, batch 128, {recipe} "
+        "(studies/study.py)"
+    )
 
 
 # setting name -> (recipe, overrides, alphas in run order, seeds)
@@ -160,6 +163,23 @@ SETTINGS: dict[str, tuple[str, dict, list[float], list[int]]] = {
         [1.0],
         [0, 1, 2, 3, 4],
     ),
+    # Round 2, item (c), the budget axis (pre-registered in docs/results.md section 2d before its
+    # first run): the warmed-up setting at 5 and 20 epochs for alpha 1 and the alpha picked on val
+    # in (a), 0.5; the 10-epoch cell is `cifar10-resnet20-10k-warmup`.
+    **{
+        f"cifar10-resnet20-10k-warmup-e{e}": (
+            "digits",
+            {
+                **TEN_K,
+                "epochs": e,
+                "warmup_epochs": 1,
+                "description": describe("lr 0.1, 1 warm-up epoch", epochs=e),
+            },
+            [1.0, 0.5],
+            [0, 1, 2, 3, 4],
+        )
+        for e in (5, 20)
+    },
 }
 
 # Settings that share one seed-major queue (seed 0 of each, then seed 1, ...), so a stop leaves
@@ -169,7 +189,8 @@ INTERLEAVED = [
         "cifar10-resnet20-10k-lr0.05",
         "cifar10-resnet20-10k-warmup-lr0.05",
         "cifar10-resnet20-10k-warmup-lr0.2",
-    ]
+    ],
+    ["cifar10-resnet20-10k-warmup-e5", "cifar10-resnet20-10k-warmup-e20"],
 ]
 
 
