@@ -87,13 +87,53 @@ block += f"""
 
 <!-- end of round-2 results -->"""
 
+# Section 2d, the budget axis (pre-registered): D1-D4 and what the budget does to alpha = 1
+E5, E20 = f"{W}-e5", f"{W}-e20"
+budget = ""
+if (ROOT / E5).is_dir() or (ROOT / E20).is_dir():
+    d_fam = [f"{E5}@0.5,{E5}@1", f"{E20}@0.5,{E20}@1", f"{E5}@0.5,{W}@1", f"{W}@0.5,{E20}@1"]
+    d_ref = [f"{E5}@1,{W}@1", f"{E20}@1,{W}@1"]
+    reports = "\n\n".join(
+        f"`powergrad report {p}`\n\n{run(['-m', 'powergrad', 'report', p])}"
+        for p in (E5, E20)
+        if (ROOT / p).is_dir()
+    )
+    budget = f"""<!-- budget-axis results: generated from results/ by studies/round2_tables.py -->
+
+### 2d results
+
+{reports}
+
+The pre-registered family (D1-D4), test accuracy:
+`.venv/bin/python studies/analyze.py --compare {' '.join(d_fam)}`
+
+{run(["studies/analyze.py", "--compare", *d_fam])}
+
+Descriptive: alpha = 1 at 5 and at 20 epochs against alpha = 1 at 10:
+`.venv/bin/python studies/analyze.py --compare {' '.join(d_ref)}`
+
+{run(["studies/analyze.py", "--compare", *d_ref])}
+
+`.venv/bin/python studies/analyze.py --compute {E5} {E20}`
+
+{run(["studies/analyze.py", "--compute", *[p for p in (E5, E20) if (ROOT / p).is_dir()]])}
+
+<!-- end of budget-axis results -->"""
+
+
+def replace_block(s: str, start: str, end: str, block: str, before: str) -> str:
+    """Put block between its markers, or before the heading ``before`` the first time."""
+    if start in s:
+        a, b = s.index(start), s.index(end) + len(end)
+        return s[:a] + block + s[b:]
+    return s.replace(before, block + "\n\n" + before)
+
+
 doc = ROOT / "docs" / "results.md"
 s = doc.read_text()
-start, end = "<!-- round-2 results:", "<!-- end of round-2 results -->"
-if start in s:
-    a, b = s.index(start), s.index(end) + len(end)
-    s = s[:a] + block + s[b:]
-else:
-    marker = "## 3. CIFAR-10 (JPEG), ResNet-20 without batch norm"
-    s = s.replace(marker, block + "\n\nROUND2_TEXT\n\n" + marker)
+section3 = "## 3. CIFAR-10 (JPEG), ResNet-20 without batch norm"
+s = replace_block(s, "<!-- round-2 results:", "<!-- end of round-2 results -->", block, section3)
+if budget:
+    end_b = "<!-- end of budget-axis results -->"
+    s = replace_block(s, "<!-- budget-axis results:", end_b, budget, section3)
 doc.write_text(s)
