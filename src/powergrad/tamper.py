@@ -86,6 +86,11 @@ def check_alpha(alpha: float) -> float:
     return a
 
 
+def _per_class(w: Tensor, dim: int) -> Tensor:
+    """Class weights (C,) as (1, C, 1, ...): broadcast over dim-dimensional (N, C, d...) rows."""
+    return w.view(1, -1, *([1] * (dim - 2)))
+
+
 def _cross_entropy_from_log_probs(
     log_p: Tensor, t: Tensor, w: Tensor | None, ls: float, reduction: str, ignore_index: int
 ) -> Tensor:
@@ -96,7 +101,7 @@ def _cross_entropy_from_log_probs(
     branches); tests/test_tamper.py compares the two with ``torch.equal`` on every branch.
     """
     c = log_p.shape[1]
-    w_b = None if w is None else w.view(1, c, *([1] * (log_p.dim() - 2)))
+    w_b = None if w is None else _per_class(w, log_p.dim())
     if t.is_floating_point():  # class probabilities
         q = t * (1 - ls) + ls / c if ls > 0 else t
         terms = log_p * q if w_b is None else log_p * q * w_b
@@ -129,9 +134,10 @@ def _tampered_softmax_(log_p: Tensor, alpha: float) -> Tensor:
     """softmax(alpha * z) over dim 1, written over log_p = log_softmax(z, 1) (no new buffer).
 
     softmax(alpha * log_p) = softmax(alpha * z): the two differ by a constant in each row.
-    Working in place on the forward's own buffer is what makes the tampered loss cheaper than
-    cross-entropy: a fresh (N, C) buffer costs its page faults on every step (4096 x 1000 fp32:
-    torch.mul into a new buffer 4.1 ms against 0.56 ms in place; CPU, 1 thread).
+    In place on the forward's own buffer because a fresh (N, C) buffer costs its page faults on
+    every step (4096 x 1000 fp32: torch.mul into a new buffer 4.1 ms against 0.56 ms in place;
+    CPU, 1 thread, under load); the whole step went from 1.31x to 1.09x cross-entropy (default
+    case, 2 threads, quiet; docs/performance.md).
     """
     p = log_p.mul_(alpha)
     if p.dim() == 2 and p.shape[1] <= _TRANSPOSED_MAX_C:
@@ -173,7 +179,7 @@ def _index_target_grad_(
     hot = (1.0 - ls) * w_y.unsqueeze(1)
     p.mul_(s * (hot + (ls / c) * weight.sum()))  # s * m
     if ls:
-        p.addcmul_(s, weight.view(1, c, *([1] * (p.dim() - 2))), value=-ls / c)
+        p.addcmul_(s, _per_class(weight, p.dim()), value=-ls / c)
     return p.scatter_add_(1, safe, -(s * hot))
 
 
@@ -186,7 +192,7 @@ def _prob_target_grad_(
     if reduction == "mean":
         s = grad_out / (p.numel() // c)
     if weight is not None:
-        u = (q if not ls else q * (1.0 - ls) + ls / c) * weight.view(1, c, *([1] * (p.dim() - 2)))
+        u = (q if not ls else q * (1.0 - ls) + ls / c) * _per_class(weight, p.dim())
         return p.mul_(u.sum(1, keepdim=True) * s).addcmul_(u, s, value=-1.0)
     # Unweighted, u = (1 - e) * q + e / C is never built: m = (1 - e) * sum(q) + e (1 for
     # normalised targets, as mixup's and cutmix's are; it costs one read of q). Two or three
