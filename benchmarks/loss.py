@@ -1,5 +1,9 @@
 """Loss forward + backward: power_grad_cross_entropy vs F.cross_entropy vs the reference hook.
 
+power_grad is the loss as users get it (on the CPU, its backward is the fused kernel of
+powergrad/kernels.py); power_grad_pytorch_ops is the same loss with the kernel switched off
+(POWERGRAD_CPU_KERNEL=0: the backward GPUs run), so that the kernel's effect shows in one run.
+
 One run covers every case: logits N x C of each --sizes, label smoothing 0 and --ls, class-index
 and soft targets, each at the default thread count and at 1 and 2 threads (the default case,
 no label smoothing at the default thread count, comes first). Within a case the three losses
@@ -16,6 +20,7 @@ on a loaded machine, as timeit's minimum). Prints the thread count and the load 
 from __future__ import annotations
 
 import argparse
+import contextlib
 import itertools
 import json
 import os
@@ -26,8 +31,10 @@ from collections.abc import Callable
 import torch
 import torch.nn.functional as F
 
-from powergrad import power_grad_cross_entropy
+from powergrad import kernels, power_grad_cross_entropy
 from powergrad.reference import official_hook_cross_entropy
+
+IMPLS = ("power_grad", "power_grad_pytorch_ops", "reference_hook")
 
 
 def parse_sizes(text: str) -> list[tuple[int, int]]:
@@ -38,8 +45,23 @@ def losses(alpha: float, ls: float) -> dict[str, Callable]:
     return {
         "cross_entropy": lambda z, t: F.cross_entropy(z, t, label_smoothing=ls),
         "power_grad": lambda z, t: power_grad_cross_entropy(z, t, alpha, ls),
+        "power_grad_pytorch_ops": lambda z, t: power_grad_cross_entropy(z, t, alpha, ls),
         "reference_hook": lambda z, t: official_hook_cross_entropy(z, t, alpha, ls),
     }
+
+
+@contextlib.contextmanager
+def kernel_switch(name: str):
+    """POWERGRAD_CPU_KERNEL=0 while power_grad_pytorch_ops runs (its backward reads it)."""
+    before = os.environ.get(kernels.ENV_SWITCH)
+    os.environ[kernels.ENV_SWITCH] = "0" if name == "power_grad_pytorch_ops" else "1"
+    try:
+        yield
+    finally:
+        if before is None:
+            del os.environ[kernels.ENV_SWITCH]
+        else:
+            os.environ[kernels.ENV_SWITCH] = before
 
 
 def sample(fn: Callable, z0: torch.Tensor, t: torch.Tensor, calls: int) -> tuple[float, float]:
@@ -71,13 +93,15 @@ def run_case(n: int, c: int, ls: float, soft: bool, threads: int, args) -> list[
     # Enough calls per sample for ~2 ms, so that timer and scheduler noise stay small.
     once = min(sample(fns["cross_entropy"], z0, t, 1)[0] for _ in range(3))
     calls = max(1, min(200, round(2e-3 / max(once, 1e-7))))
-    for fn in fns.values():  # warm-up
-        sample(fn, z0, t, calls)
+    for name, fn in fns.items():  # warm-up (and the kernel's first load)
+        with kernel_switch(name):
+            sample(fn, z0, t, calls)
     times: dict[str, list[tuple[float, float]]] = {k: [] for k in fns}
     names = list(fns)
     for r in range(args.rounds):
-        for name in names[r % 3 :] + names[: r % 3]:
-            times[name].append(sample(fns[name], z0, t, calls))
+        for name in names[r % len(names) :] + names[: r % len(names)]:
+            with kernel_switch(name):
+                times[name].append(sample(fns[name], z0, t, calls))
     med = {k: statistics.median(w for w, _ in v) for k, v in times.items()}
     cpu = {k: statistics.median(c for _, c in v) for k, v in times.items()}
     cpu_best = {k: min(c for _, c in v) for k, v in times.items()}
@@ -104,7 +128,7 @@ def run_case(n: int, c: int, ls: float, soft: bool, threads: int, args) -> list[
             "load_average": [round(x, 2) for x in os.getloadavg()],
             "torch": torch.__version__,
         }
-        for name in ("power_grad", "reference_hook")
+        for name in IMPLS
     ]
 
 

@@ -59,9 +59,9 @@ def jpeg_folder(tmp_path: Path) -> Path:
 
 def test_loss_benchmark(run_bench):
     rows = run_bench("loss.py", "--sizes", "64x10,8x3", "--rounds", "2", "--threads", "1,2")
-    assert {r["impl"] for r in rows} == {"power_grad", "reference_hook"}
+    assert {r["impl"] for r in rows} == {"power_grad", "power_grad_pytorch_ops", "reference_hook"}
     cases = {(r["n"], r["c"], r["label_smoothing"], r["target"], r["threads"]) for r in rows}
-    assert len(cases) == 2 * 2 * 2 * 2 == len(rows) / 2  # sizes x smoothing x targets x threads
+    assert len(cases) == 2 * 2 * 2 * 2 == len(rows) / 3  # sizes x smoothing x targets x threads
     first = rows[0]  # the default case first: no label smoothing, index targets
     assert (first["n"], first["label_smoothing"], first["target"], first["threads"]) == (
         64,

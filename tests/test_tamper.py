@@ -10,8 +10,15 @@ import torch
 import torch.nn.functional as F
 from torch.utils._python_dispatch import TorchDispatchMode
 
-from powergrad import PowerGradLoss, power_grad_cross_entropy
+from powergrad import PowerGradLoss, kernels, power_grad_cross_entropy
 from powergrad.reference import official_hook_cross_entropy
+
+
+@pytest.fixture(autouse=True, params=["cpu_kernel", "pytorch_ops"])
+def backward_path(request, monkeypatch):
+    """Every test here runs through both backwards: the fused CPU kernel (kernels.py) and
+    PyTorch's ops (what GPUs, class weights and (N, C, d...) input run)."""
+    monkeypatch.setenv(kernels.ENV_SWITCH, "1" if request.param == "cpu_kernel" else "0")
 
 
 def exact_direction(z: torch.Tensor, target: torch.Tensor, alpha: float, ls: float) -> torch.Tensor:

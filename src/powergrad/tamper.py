@@ -62,6 +62,8 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
+from powergrad.kernels import fused_backward
+
 __all__ = ["power_grad_cross_entropy", "PowerGradLoss", "check_alpha"]
 
 _REDUCTIONS = ("mean", "sum", "none")
@@ -203,6 +205,9 @@ def _prob_target_grad_(
     return p.sub_(s * (ls / c)) if ls else p
 
 
+_NONES = (None,) * 6  # no gradient for target, weight and the options
+
+
 class _PowerGradCrossEntropy(torch.autograd.Function):
     """F.cross_entropy forward; s * (m * softmax(alpha z) - u) backward.
 
@@ -231,12 +236,15 @@ class _PowerGradCrossEntropy(torch.autograd.Function):
         log_p, ctx.log_p = ctx.log_p, None
         if log_p is None:  # a second backward through the same graph
             log_p = torch.log_softmax(logits, 1)
+        fused = fused_backward(log_p, weight)  # one pass per row on the CPU (kernels.py)
+        if fused is not None:
+            return fused(log_p, target, grad_out, alpha, ls, reduction, ignore_index), *_NONES
         p = _tampered_softmax_(log_p, alpha)
         if target.is_floating_point():
             grad = _prob_target_grad_(p, target, weight, ls, grad_out, reduction)
         else:
             grad = _index_target_grad_(p, target, weight, ls, ignore_index, grad_out, reduction)
-        return grad, None, None, None, None, None, None
+        return grad, *_NONES
 
 
 def power_grad_cross_entropy(

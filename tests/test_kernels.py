@@ -1,0 +1,109 @@
+"""The fused CPU backward (powergrad/kernels.py, csrc/tamper_cpu.cpp) against PyTorch's ops.
+
+tests/test_tamper.py runs every one of its tests through both paths against the float64
+formula; here: that the kernel is built and used, that it agrees with the PyTorch-op backward
+on every branch it takes, which inputs it takes, and the fallback when it cannot be built.
+"""
+
+from __future__ import annotations
+
+import itertools
+import warnings
+
+import pytest
+import torch
+
+from powergrad import kernels, power_grad_cross_entropy
+
+
+def gradient(z, t, monkeypatch, kernel: bool, **kw) -> torch.Tensor:
+    monkeypatch.setenv(kernels.ENV_SWITCH, "1" if kernel else "0")
+    z = z.clone().requires_grad_(True)
+    loss = power_grad_cross_entropy(z, t, **kw)
+    g = torch.linspace(-1, 2, loss.numel(), dtype=loss.dtype).view_as(loss) if loss.dim() else None
+    loss.backward(g)
+    return z.grad
+
+
+def test_the_kernel_is_built_and_the_loss_uses_it(monkeypatch):
+    op = kernels.load_cpu_kernel()
+    assert op is not None  # make installs ninja; these machines have a C++ compiler
+    calls = []
+    monkeypatch.setattr(kernels, "load_cpu_kernel", lambda: lambda *a: calls.append(1) or op(*a))
+    z, t = torch.randn(8, 5, requires_grad=True), torch.randint(0, 5, (8,))
+    power_grad_cross_entropy(z, t, alpha=0.5).backward()
+    assert calls == [1]
+
+
+CASES = list(
+    itertools.product(
+        [torch.float32, torch.float64],
+        [(7, 10), (5, 17), (64, 1000), (3, 1), (0, 10)],  # short rows, tail, long rows, C=1, N=0
+        ["index", "index-ignored", "soft"],
+        [0.0, 0.2],
+        ["mean", "sum", "none"],
+        [0.0, 0.3, 1.0, 1.7],
+    )
+)
+
+
+@pytest.mark.parametrize("dtype,size,kind,ls,reduction,alpha", CASES)
+def test_kernel_agrees_with_the_pytorch_op_backward(
+    dtype, size, kind, ls, reduction, alpha, monkeypatch
+):
+    n, c = size
+    g = torch.Generator().manual_seed(n * c)
+    z = (torch.randn(n, c, generator=g) * 4).to(dtype)
+    if kind == "soft":
+        t = torch.softmax(torch.randn(n, c, generator=g) * 3, 1).to(dtype)
+    else:
+        t = torch.randint(0, c, (n,), generator=g)
+        if kind == "index-ignored":
+            t[::3] = -100
+    kw = dict(alpha=alpha, label_smoothing=ls, reduction=reduction)
+    fused = gradient(z, t, monkeypatch, True, **kw)
+    ops = gradient(z, t, monkeypatch, False, **kw)
+    eps = torch.finfo(dtype).eps
+    torch.testing.assert_close(fused, ops, rtol=32 * eps, atol=32 * eps)
+
+
+@pytest.mark.parametrize("c", [10, 1000])
+def test_large_alpha_does_not_underflow(c, monkeypatch):
+    """alpha > 1 shifts each row by its max: softmax(50 z) stays one-hot-like, never 0 / 0."""
+    z = torch.randn(16, c, generator=torch.Generator().manual_seed(0)) * 3
+    t = torch.randint(0, c, (16,), generator=torch.Generator().manual_seed(1))
+    fused = gradient(z, t, monkeypatch, True, alpha=50.0)
+    assert torch.isfinite(fused).all()
+    torch.testing.assert_close(fused, gradient(z, t, monkeypatch, False, alpha=50.0))
+
+
+def test_which_backwards_take_the_kernel(monkeypatch):
+    monkeypatch.setenv(kernels.ENV_SWITCH, "1")
+    log_p = torch.log_softmax(torch.randn(4, 6), 1)
+    assert kernels.fused_backward(log_p, None) is not None
+    assert kernels.fused_backward(log_p.double(), None) is not None
+    assert kernels.fused_backward(log_p, torch.ones(6)) is None  # class weights
+    assert kernels.fused_backward(log_p.view(2, 2, 6).transpose(1, 2), None) is None  # (N, C, d)
+    assert kernels.fused_backward(log_p.t(), None) is None  # not contiguous
+    assert kernels.fused_backward(log_p.half(), None) is None
+    monkeypatch.setenv(kernels.ENV_SWITCH, "0")
+    assert kernels.fused_backward(log_p, None) is None
+
+
+def test_a_kernel_that_cannot_be_built_warns_once_and_the_loss_still_works(monkeypatch, tmp_path):
+    def no_compiler(*args, **kwargs):
+        raise RuntimeError("Ninja is required to load C++ extensions\nmore detail")
+
+    monkeypatch.setenv(kernels.ENV_DIR, str(tmp_path))  # nothing built there
+    monkeypatch.setattr(kernels, "_build", no_compiler)
+    kernels.load_cpu_kernel.cache_clear()
+    try:
+        z, t = torch.randn(6, 4), torch.randint(0, 4, (6,))
+        with pytest.warns(RuntimeWarning, match="Ninja is required to load C"):
+            fallback = gradient(z, t, monkeypatch, True, alpha=0.3)
+        with warnings.catch_warnings():
+            warnings.simplefilter("error")  # once: the answer is kept for the process
+            gradient(z, t, monkeypatch, True, alpha=0.3)
+    finally:
+        kernels.load_cpu_kernel.cache_clear()  # the next test loads the real one again
+    torch.testing.assert_close(fallback, gradient(z, t, monkeypatch, False, alpha=0.3))
