@@ -1,8 +1,9 @@
-"""The fused CPU backward (powergrad/kernels.py, csrc/tamper_cpu.cpp) against PyTorch's ops.
+"""The loss's C++ op for the CPU (powergrad/kernels.py, csrc/tamper_cpu.cpp) against PyTorch's ops.
 
 tests/test_tamper.py runs every one of its tests through both paths against the float64
-formula; here: that the kernel is built and used, that it agrees with the PyTorch-op backward
-on every branch it takes, which inputs it takes, and the fallback when it cannot be built.
+formula and F.cross_entropy; here: that the op is built and used, that its gradient agrees with
+the PyTorch-op path on every branch it takes, which inputs it takes, and the fallback when it
+cannot be built.
 """
 
 from __future__ import annotations
@@ -25,7 +26,7 @@ def gradient(z, t, monkeypatch, kernel: bool, **kw) -> torch.Tensor:
     return z.grad
 
 
-def test_the_kernel_is_built_and_the_loss_uses_it(monkeypatch):
+def test_the_op_is_built_and_the_loss_uses_it(monkeypatch):
     op = kernels.load_cpu_kernel()
     assert op is not None  # make installs ninja; these machines have a C++ compiler
     calls = []
@@ -77,20 +78,20 @@ def test_large_alpha_does_not_underflow(c, monkeypatch):
     torch.testing.assert_close(fused, gradient(z, t, monkeypatch, False, alpha=50.0))
 
 
-def test_which_backwards_take_the_kernel(monkeypatch):
+def test_which_logits_take_the_op(monkeypatch):
     monkeypatch.setenv(kernels.ENV_SWITCH, "1")
-    log_p = torch.log_softmax(torch.randn(4, 6), 1)
-    assert kernels.fused_backward(log_p, None) is not None
-    assert kernels.fused_backward(log_p.double(), None) is not None
-    assert kernels.fused_backward(log_p, torch.ones(6)) is None  # class weights
-    assert kernels.fused_backward(log_p.view(2, 2, 6).transpose(1, 2), None) is None  # (N, C, d)
-    assert kernels.fused_backward(log_p.t(), None) is None  # not contiguous
-    assert kernels.fused_backward(log_p.half(), None) is None
+    z = torch.randn(4, 6)
+    assert kernels.cpu_loss(z, None) is not None
+    assert kernels.cpu_loss(z.double(), None) is not None
+    assert kernels.cpu_loss(z.t(), None) is not None  # any strides: the op's log_softmax copies
+    assert kernels.cpu_loss(z, torch.ones(6)) is None  # class weights
+    assert kernels.cpu_loss(z.view(2, 6, 2), None) is None  # (N, C, d)
+    assert kernels.cpu_loss(z.half(), None) is None
     monkeypatch.setenv(kernels.ENV_SWITCH, "0")
-    assert kernels.fused_backward(log_p, None) is None
+    assert kernels.cpu_loss(z, None) is None
 
 
-def test_a_kernel_that_cannot_be_built_warns_once_and_the_loss_still_works(monkeypatch, tmp_path):
+def test_an_op_that_cannot_be_built_warns_once_and_the_loss_still_works(monkeypatch, tmp_path):
     def no_compiler(*args, **kwargs):
         raise RuntimeError("Ninja is required to load C++ extensions\nmore detail")
 

@@ -1,19 +1,19 @@
-"""The tampered loss's backward as one fused CPU kernel (``csrc/tamper_cpu.cpp``).
+"""powergrad's tampered loss on the CPU as one C++ autograd op (``csrc/tamper_cpu.cpp``).
 
-On the CPU, PyTorch's ops make four trips through memory over the (N, C) logits for the tampered
-backward (the alpha scaling, softmax's two passes, the row scale) where cross-entropy's backward
-makes about two; the kernel reads each row from memory once and finishes it in the L1 cache
-(docs/performance.md has the measured effect). :mod:`powergrad.tamper` uses it for unweighted
-(N, C) float32 and float64 logits on the CPU, outside ``torch.compile``; everything else (GPUs,
-class weights, (N, C, d...) input) takes the PyTorch-op backward, which is also what the kernel
-is tested against.
+Its forward is cross-entropy's own ops (the same value to the last bit); its backward reads
+each row of the logits from memory once and finishes it in the L1 cache, where PyTorch's ops make
+four trips over the (N, C) array, and it runs without Python, whose autograd.Function costs
+more than cross-entropy's whole backward on small inputs (docs/performance.md has the measured
+effect). :mod:`powergrad.tamper` uses it for unweighted (N, C) float32 and float64 logits on
+the CPU, outside ``torch.compile``; everything else (GPUs, class weights, (N, C, d...) input)
+takes its PyTorch-op autograd.Function, which is also what the op is tested against.
 
-The kernel is compiled on first use, once per machine and PyTorch version (about 15 s on two
+The op is compiled on first use, once per machine and PyTorch version (about 30 s on two
 cores; it needs a C++ compiler and ninja, as ``torch.utils.cpp_extension`` does), into
 ``$POWERGRAD_KERNEL_DIR`` (default ``~/.cache/powergrad/kernels``); later processes load the
 built library in milliseconds. ``POWERGRAD_CPU_KERNEL=0`` turns it off. If it cannot be built,
-one warning says why and the PyTorch-op backward runs: results are the same either way (to
-rounding: the two sum in different orders).
+one warning says why and the PyTorch-op path runs: results are the same either way (to
+rounding in the gradient: the two sum in different orders).
 """
 
 from __future__ import annotations
@@ -30,24 +30,24 @@ from pathlib import Path
 import torch
 from torch import Tensor
 
-__all__ = ["fused_backward", "load_cpu_kernel"]
+__all__ = ["cpu_loss", "load_cpu_kernel"]
 
 ENV_SWITCH = "POWERGRAD_CPU_KERNEL"
 ENV_DIR = "POWERGRAD_KERNEL_DIR"
 _SOURCE = Path(__file__).with_name("csrc") / "tamper_cpu.cpp"
+_DTYPES = (torch.float32, torch.float64)
 _log = logging.getLogger(__name__)
 _lock = threading.Lock()
 
 
-def fused_backward(log_p: Tensor, weight: Tensor | None) -> Callable | None:
-    """The kernel's op if it applies to this backward, else None (the PyTorch-op path runs)."""
+def cpu_loss(logits: Tensor, weight: Tensor | None) -> Callable | None:
+    """The C++ op if it applies to these (batched) logits, else None (the Python path runs)."""
     if (
         weight is not None
-        or log_p.device.type != "cpu"
-        or log_p.dim() != 2
-        or not log_p.is_contiguous()
-        or log_p.dtype not in (torch.float32, torch.float64)
-        or os.environ.get(ENV_SWITCH, "1") == "0"
+        or not logits.is_cpu
+        or logits.dim() != 2
+        or logits.dtype not in _DTYPES
+        or os.environ.get(ENV_SWITCH) == "0"
         or torch.compiler.is_compiling()  # the op has no fake kernel for tracing
     ):
         return None
@@ -81,7 +81,7 @@ def _library_name(flags: list[str]) -> str:
 
 @functools.cache
 def load_cpu_kernel() -> Callable | None:
-    """torch.ops.powergrad.tampered_ce_backward_, built if needed; None if it cannot be had."""
+    """torch.ops.powergrad.tampered_cross_entropy, built if needed; None if it cannot be had."""
     with _lock:
         try:
             flags = _compile_flags()
@@ -92,12 +92,13 @@ def load_cpu_kernel() -> Callable | None:
                 torch.ops.load_library(str(built))
             else:
                 _build(name, flags, built.parent)
-            return torch.ops.powergrad.tampered_ce_backward_
+            # The overload itself: calling it skips the packet's overload lookup (~1 us a call).
+            return torch.ops.powergrad.tampered_cross_entropy.default
         except Exception as exc:  # no compiler, no ninja, a read-only cache, ...
             first_line = (str(exc).strip().splitlines() or [type(exc).__name__])[0]
             warnings.warn(
                 f"powergrad: the fused CPU loss kernel is unavailable ({first_line}); "
-                f"the PyTorch-op backward runs instead (same results, slower on the CPU; "
+                f"the PyTorch-op path runs instead (same results, slower on the CPU; "
                 f"{ENV_SWITCH}=0 silences this)",
                 RuntimeWarning,
                 stacklevel=4,
@@ -108,7 +109,7 @@ def load_cpu_kernel() -> Callable | None:
 def _build(name: str, flags: list[str], directory: Path) -> None:
     from torch.utils import cpp_extension  # imported only to build (it probes for CUDA)
 
-    _log.info("compiling the fused CPU loss kernel into %s (once, about 15 s)", directory)
+    _log.info("compiling the fused CPU loss kernel into %s (once, about 30 s)", directory)
     directory.mkdir(parents=True, exist_ok=True)
     cpp_extension.load(  # also loads the library into this process
         name=name,

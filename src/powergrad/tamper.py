@@ -62,7 +62,7 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
-from powergrad.kernels import fused_backward
+from powergrad.kernels import cpu_loss
 
 __all__ = ["power_grad_cross_entropy", "PowerGradLoss", "check_alpha"]
 
@@ -205,9 +205,6 @@ def _prob_target_grad_(
     return p.sub_(s * (ls / c)) if ls else p
 
 
-_NONES = (None,) * 6  # no gradient for target, weight and the options
-
-
 class _PowerGradCrossEntropy(torch.autograd.Function):
     """F.cross_entropy forward; s * (m * softmax(alpha z) - u) backward.
 
@@ -236,15 +233,12 @@ class _PowerGradCrossEntropy(torch.autograd.Function):
         log_p, ctx.log_p = ctx.log_p, None
         if log_p is None:  # a second backward through the same graph
             log_p = torch.log_softmax(logits, 1)
-        fused = fused_backward(log_p, weight)  # one pass per row on the CPU (kernels.py)
-        if fused is not None:
-            return fused(log_p, target, grad_out, alpha, ls, reduction, ignore_index), *_NONES
         p = _tampered_softmax_(log_p, alpha)
         if target.is_floating_point():
             grad = _prob_target_grad_(p, target, weight, ls, grad_out, reduction)
         else:
             grad = _index_target_grad_(p, target, weight, ls, ignore_index, grad_out, reduction)
-        return grad, *_NONES
+        return grad, None, None, None, None, None, None
 
 
 def power_grad_cross_entropy(
@@ -315,12 +309,15 @@ def _cross_entropy(
         return F.cross_entropy(
             z, t, w, ignore_index=ignore_index, reduction=reduction, label_smoothing=ls
         )
-    if z.dim() == 1:  # unbatched: a batch of one
-        loss = _PowerGradCrossEntropy.apply(
-            z.unsqueeze(0), t.unsqueeze(0), w, alpha, ls, reduction, ignore_index
-        )
-        return loss.squeeze(0) if reduction == "none" else loss
-    return _PowerGradCrossEntropy.apply(z, t, w, alpha, ls, reduction, ignore_index)
+    batched = z.dim() > 1
+    if not batched:  # unbatched: a batch of one
+        z, t = z.unsqueeze(0), t.unsqueeze(0)
+    op = cpu_loss(z, w)  # the C++ op on the CPU (kernels.py), else the autograd.Function above
+    if op is not None:
+        loss = op(z, t, alpha, ls, reduction, ignore_index)
+    else:
+        loss = _PowerGradCrossEntropy.apply(z, t, w, alpha, ls, reduction, ignore_index)
+    return loss if batched or reduction != "none" else loss.squeeze(0)
 
 
 class PowerGradLoss(nn.Module):

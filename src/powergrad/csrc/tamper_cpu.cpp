@@ -1,5 +1,6 @@
-// The tampered cross-entropy's backward as one CPU kernel (float and double), for
-// powergrad/kernels.py. tamper.py's module docstring derives the gradient; per row n:
+// powergrad's tampered cross-entropy on the CPU as one C++ autograd op (float and double), for
+// powergrad/kernels.py: F.cross_entropy's forward (its own ops, to the last bit), and a backward
+// that is one fused pass per row. tamper.py's module docstring derives the gradient; per row n:
 //
 //     grad[n, :] = s_n * (m_n * softmax(alpha * log_p[n, :]) - u_n)
 //
@@ -8,18 +9,22 @@
 //
 // with e the label smoothing and s_n the reduction's factor: the incoming gradient (of row n for
 // "none"), divided for "mean" by the number of counted rows (index) or of rows (distribution).
-// Unweighted (N, C) input only: tamper.py sends the rest to its PyTorch-op backward, which is
-// also what this kernel is tested against.
+// Unweighted (N, C) input only: tamper.py's autograd.Function does the rest (class weights,
+// (N, C, d...) input, GPUs) with PyTorch's ops, and is what this op is tested against.
 //
-// Why a kernel: PyTorch's ops make four trips through memory over the (N, C) array (the alpha
-// scaling, softmax's two, the row scale); here each row comes from memory once and is finished
-// while it sits in the L1 cache. Measured in benchmarks/loss.py (docs/performance.md).
+// Why: PyTorch's ops make four trips through memory over the (N, C) array for this backward (the
+// alpha scaling, softmax's two, the row scale); here each row comes from memory once and is
+// finished while it sits in the L1 cache. And a Python autograd.Function costs more than
+// cross-entropy's whole backward on small inputs. Measured in benchmarks/loss.py
+// (docs/performance.md).
 
 #include <ATen/ATen.h>
 #include <ATen/Dispatch.h>
 #include <ATen/Parallel.h>
+#include <ATen/core/Reduction.h>
 #include <ATen/cpu/vec/functional.h>
 #include <ATen/cpu/vec/vec.h>
+#include <torch/csrc/autograd/custom_function.h>
 #include <torch/library.h>
 
 #include <algorithm>
@@ -131,20 +136,17 @@ void prob_target_rows(T* grad, const T* q, const T* s, bool per_row, T div, T al
   });
 }
 
-// Writes the gradient over log_p (the forward's log_softmax(z, 1), which nothing else reads)
-// and returns it.
-at::Tensor tampered_ce_backward_(at::Tensor log_p, const at::Tensor& target,
-                                 const at::Tensor& grad_out, double alpha, double label_smoothing,
-                                 std::string_view reduction, int64_t ignore_index) {
-  TORCH_CHECK(log_p.dim() == 2 && log_p.is_contiguous(), "log_p must be a contiguous (N, C)");
+// Writes the gradient over log_p (the forward's log_softmax(z, 1), which nothing else reads).
+void tampered_gradient_(at::Tensor& log_p, const at::Tensor& target, const at::Tensor& grad_out,
+                        double alpha, double label_smoothing, int64_t reduction,
+                        int64_t ignore_index) {
   const int64_t n = log_p.size(0), c = log_p.size(1);
   const bool soft = target.is_floating_point();
   const auto t = soft ? target.to(log_p.scalar_type()).contiguous() : target.contiguous();
   const auto g = grad_out.to(log_p.scalar_type()).contiguous();
-  const bool per_row = reduction == "none";
-  TORCH_CHECK(per_row ? g.numel() == n : g.numel() == 1, "grad_out has the wrong size");
+  const bool per_row = reduction == at::Reduction::None;
   int64_t div = 1;  // "mean": the rows counted (at least 1: no counted row gives a zero gradient)
-  if (reduction == "mean") {
+  if (reduction == at::Reduction::Mean) {
     div = n;
     if (!soft) {
       const int64_t* y = t.data_ptr<int64_t>();
@@ -153,7 +155,7 @@ at::Tensor tampered_ce_backward_(at::Tensor log_p, const at::Tensor& target,
   }
   // Enough rows per task for about 32k elements: small inputs stay on one thread.
   const int64_t grain = std::max<int64_t>(1, at::internal::GRAIN_SIZE / std::max<int64_t>(c, 1));
-  AT_DISPATCH_FLOATING_TYPES(log_p.scalar_type(), "tampered_ce_backward_", [&] {
+  AT_DISPATCH_FLOATING_TYPES(log_p.scalar_type(), "tampered_gradient_", [&] {
     scalar_t* out = log_p.data_ptr<scalar_t>();
     const scalar_t* s = g.data_ptr<scalar_t>();
     const auto a = static_cast<scalar_t>(alpha), ls = static_cast<scalar_t>(label_smoothing);
@@ -167,17 +169,91 @@ at::Tensor tampered_ce_backward_(at::Tensor log_p, const at::Tensor& target,
       }
     });
   });
-  return log_p;
+}
+
+// F.cross_entropy(z, ...) from log_p = log_softmax(z, 1), to the last bit: PyTorch's own ops in
+// PyTorch's order (aten/src/ATen/native/LossNLL.cpp), unweighted; tamper.py's
+// _cross_entropy_from_log_probs is the same in Python (with class weights), and the tests compare
+// both with F.cross_entropy by torch.equal.
+at::Tensor cross_entropy_from_log_probs(const at::Tensor& log_p, const at::Tensor& t, double ls,
+                                        int64_t reduction, int64_t ignore_index) {
+  const int64_t c = log_p.size(1);
+  if (t.is_floating_point()) {  // class probabilities
+    const auto terms = log_p * (ls > 0 ? t * (1 - ls) + ls / c : t);
+    if (reduction == at::Reduction::None) return -terms.sum(1);
+    if (reduction == at::Reduction::Sum) return -terms.sum();
+    return -terms.sum() / (log_p.numel() / c);
+  }
+  const auto nll = at::nll_loss(log_p, t, {}, reduction, ignore_index);
+  if (ls == 0) return nll;
+  auto smooth = -log_p.sum(1);
+  const auto ignored = t == ignore_index;
+  smooth.masked_fill_(ignored, 0.0);
+  if (reduction == at::Reduction::Mean) {
+    smooth = smooth.sum() / (~ignored).sum();
+  } else if (reduction == at::Reduction::Sum) {
+    smooth = smooth.sum();
+  }
+  return nll * (1 - ls) + smooth * (ls / c);
+}
+
+// The loss as one C++ autograd node: no Python in the step (a Python autograd.Function's own
+// cost exceeds cross-entropy's whole backward at 256 x 10).
+struct TamperedCrossEntropy : public torch::autograd::Function<TamperedCrossEntropy> {
+  static at::Tensor forward(torch::autograd::AutogradContext* ctx, const at::Tensor& logits,
+                            const at::Tensor& target, double alpha, double ls, int64_t reduction,
+                            int64_t ignore_index) {
+    const auto log_p = at::log_softmax(logits, 1);
+    // Kept for the backward to write over, as cross-entropy's autograd keeps its log-softmax;
+    // not saved (a saved tensor may not be modified): a second backward (retain_graph) finds it
+    // gone and recomputes it from the logits.
+    ctx->saved_data["log_p"] = log_p;
+    ctx->saved_data["alpha"] = alpha;
+    ctx->saved_data["ls"] = ls;
+    ctx->saved_data["reduction"] = reduction;
+    ctx->saved_data["ignore_index"] = ignore_index;
+    ctx->save_for_backward({logits, target});
+    return cross_entropy_from_log_probs(log_p, target, ls, reduction, ignore_index);
+  }
+
+  static torch::autograd::variable_list backward(torch::autograd::AutogradContext* ctx,
+                                                 torch::autograd::variable_list grad_out) {
+    const auto saved = ctx->get_saved_variables();
+    auto log_p = ctx->saved_data["log_p"];
+    ctx->saved_data["log_p"] = c10::IValue();
+    at::Tensor grad = log_p.isTensor() ? log_p.toTensor().contiguous() : at::Tensor();
+    if (!grad.defined()) grad = at::log_softmax(saved[0], 1).contiguous();
+    tampered_gradient_(grad, saved[1], grad_out[0], ctx->saved_data["alpha"].toDouble(),
+                       ctx->saved_data["ls"].toDouble(), ctx->saved_data["reduction"].toInt(),
+                       ctx->saved_data["ignore_index"].toInt());
+    return {grad, at::Tensor(), at::Tensor(), at::Tensor(), at::Tensor(), at::Tensor()};
+  }
+};
+
+int64_t reduction_enum(std::string_view reduction) {
+  if (reduction == "none") return at::Reduction::None;
+  if (reduction == "sum") return at::Reduction::Sum;
+  TORCH_CHECK(reduction == "mean", "reduction must be mean, sum or none");
+  return at::Reduction::Mean;
+}
+
+// Unweighted (N, C) float or double logits on the CPU (kernels.py checks before calling).
+at::Tensor tampered_cross_entropy(const at::Tensor& logits, const at::Tensor& target,
+                                  double alpha, double label_smoothing,
+                                  std::string_view reduction, int64_t ignore_index) {
+  TORCH_CHECK(logits.dim() == 2 && logits.is_cpu(), "logits must be (N, C) on the CPU");
+  return TamperedCrossEntropy::apply(logits, target, alpha, label_smoothing,
+                                     reduction_enum(reduction), ignore_index);
 }
 
 }  // namespace
 
 TORCH_LIBRARY(powergrad, m) {
   m.def(
-      "tampered_ce_backward_(Tensor(a!) log_p, Tensor target, Tensor grad_out, float alpha, "
-      "float label_smoothing, str reduction, int ignore_index) -> Tensor(a!)");
+      "tampered_cross_entropy(Tensor logits, Tensor target, float alpha, float label_smoothing, "
+      "str reduction, int ignore_index) -> Tensor");
 }
 
-TORCH_LIBRARY_IMPL(powergrad, CPU, m) {
-  m.impl("tampered_ce_backward_", &tampered_ce_backward_);
+TORCH_LIBRARY_IMPL(powergrad, CompositeImplicitAutograd, m) {
+  m.impl("tampered_cross_entropy", &tampered_cross_entropy);
 }
