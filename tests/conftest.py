@@ -2,6 +2,9 @@
 
 from __future__ import annotations
 
+import pytest
+
+from powergrad import kernels
 from powergrad.cli import main
 
 
@@ -40,3 +43,11 @@ def train(cfg, *args, on_epoch=None, **kwargs):
 engine.train = train
 sys.exit(main(sys.argv[1:]))
 """
+
+
+@pytest.fixture(scope="session", autouse=True)
+def cpu_loss_op_built():
+    """The loss's C++ op (powergrad/kernels.py) built once, before any test: the subprocesses
+    that tests start then load it in milliseconds instead of racing to compile it (~30 s) under
+    their own timeouts."""
+    kernels.load_cpu_kernel()
