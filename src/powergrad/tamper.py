@@ -13,6 +13,11 @@ one softmax. The incoming gradient (loss scale, accumulation factor, a user's mu
 applied as is, so the result does not depend on the loss scale, unlike the official hook
 (see :mod:`powergrad.reference`).
 
+On the CPU, unweighted (N, C) float logits go through the same loss written as one C++ autograd
+op (:mod:`powergrad.kernels`: the same forward ops, a fused backward); the autograd.Function
+below is everything else (GPUs, class weights, (N, C, d...) input) and the reference the op is
+tested against.
+
 alpha = 1 is plain cross-entropy; alpha = 0 sends the uniform distribution in place of p;
 0 < alpha < 1 is the paper's range; alpha > 1 sharpens p and is outside the paper (allowed,
 untested by it).
