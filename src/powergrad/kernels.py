@@ -109,14 +109,26 @@ def load_cpu_kernel() -> Callable | None:
 def _build(name: str, flags: list[str], directory: Path) -> None:
     from torch.utils import cpp_extension  # imported only to build (it probes for CUDA)
 
-    _log.info("compiling the fused CPU loss kernel into %s (once, about 30 s)", directory)
+    _log.info("compiling the loss's C++ op for the CPU into %s (once, about 30 s)", directory)
     directory.mkdir(parents=True, exist_ok=True)
-    cpp_extension.load(  # also loads the library into this process
-        name=name,
-        sources=[str(_SOURCE)],
-        extra_cflags=flags,
-        extra_ldflags=["-fopenmp"],  # the libgomp PyTorch already loaded (same soname)
-        build_directory=str(directory),
-        is_python_module=False,
-        verbose=False,
-    )
+    path = os.environ.get("PATH", "")
+    try:
+        # cpp_extension runs `ninja` from PATH; the PyPI wheel's binary is not on it when the
+        # environment was not activated (`.venv/bin/python ...`).
+        import ninja
+
+        os.environ["PATH"] = os.pathsep.join([ninja.BIN_DIR, path])
+    except ImportError:
+        pass
+    try:
+        cpp_extension.load(  # also loads the library into this process
+            name=name,
+            sources=[str(_SOURCE)],
+            extra_cflags=flags,
+            extra_ldflags=["-fopenmp"],  # the libgomp PyTorch already loaded (same soname)
+            build_directory=str(directory),
+            is_python_module=False,
+            verbose=False,
+        )
+    finally:
+        os.environ["PATH"] = path
