@@ -159,9 +159,12 @@ def main() -> None:
         if args.threads
         else list(dict.fromkeys([default_threads, 1, 2]))
     )
+    # Without the op (no compiler, say), power_grad would silently be power_grad_pytorch_ops.
+    op = "loaded" if kernels.load_cpu_kernel() is not None else "UNAVAILABLE"
     print(
         f"# load average {' '.join(f'{x:.2f}' for x in os.getloadavg())}, "
-        f"default threads {default_threads}, torch {torch.__version__}",
+        f"default threads {default_threads}, torch {torch.__version__}, "
+        f"the loss's C++ op for the CPU: {op}",
         flush=True,
     )
     for (n, c), soft, ls, nthreads in itertools.product(

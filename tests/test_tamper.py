@@ -438,3 +438,50 @@ def test_backward_twice_through_a_retained_graph():
     loss.backward()
     assert torch.allclose(z.grad, 2 * once, rtol=0, atol=1e-7)
     assert (once.double() * 8 - exact_direction(z.detach(), t, 0.3, 0.1)).abs().max() < 1e-6
+
+
+@pytest.mark.parametrize("c", [3, 40, 1000])
+def test_alpha_zero_is_uniform_over_the_classes_not_masked(c):
+    """alpha = 0 is the limit alpha -> 0+: a class masked with -inf stays at 0 (not NaN)."""
+    z = torch.randn(6, c, generator=torch.Generator().manual_seed(c))
+    z[:, 1] = -math.inf
+    z[2, 2:] = -math.inf  # row 2: only class 0 is left
+    t = torch.zeros(6, dtype=torch.long)
+    z.requires_grad_(True)
+    power_grad_cross_entropy(z, t, alpha=0.0).backward()
+    finite = torch.isfinite(z.detach()).double()
+    uniform = finite / finite.sum(1, keepdim=True)
+    expected = (uniform - F.one_hot(t, c).double()) / 6
+    torch.testing.assert_close(z.grad.double(), expected, rtol=1e-6, atol=1e-7)
+
+
+def test_a_second_derivative_is_refused_not_silently_wrong():
+    z = torch.randn(4, 5, requires_grad=True)
+    loss = power_grad_cross_entropy(z, torch.tensor([0, 1, 2, 3]), alpha=0.5)
+    with pytest.raises(RuntimeError, match="no second derivative"):
+        torch.autograd.grad(loss, z, create_graph=True)
+
+
+@pytest.mark.parametrize("dtype", [torch.uint8, torch.int32])
+def test_integer_targets_of_any_type(dtype):
+    z = torch.randn(4, 5, requires_grad=True)
+    t = torch.tensor([0, 1, 2, 3])
+    power_grad_cross_entropy(z, t.to(dtype), alpha=0.5).backward()
+    expected = z.grad.clone()
+    z.grad = None
+    power_grad_cross_entropy(z, t, alpha=0.5).backward()
+    assert torch.equal(z.grad, expected)
+
+
+@pytest.mark.parametrize("shape", [(0, 5), (3, 0)])
+@pytest.mark.parametrize("soft", [False, True])
+def test_empty_logits_behave_as_cross_entropy(shape, soft):
+    z = torch.randn(*shape, requires_grad=True)
+    t = torch.rand(*shape) if soft else torch.zeros(shape[0], dtype=torch.long)
+    if not soft and shape[1] == 0:
+        pytest.skip("class indices into zero classes: F.cross_entropy's error either way")
+    loss = power_grad_cross_entropy(z, t, alpha=0.5)
+    ref = F.cross_entropy(z.detach(), t)
+    assert torch.equal(loss.detach().isnan(), ref.isnan())
+    loss.backward()
+    assert z.grad.shape == z.shape

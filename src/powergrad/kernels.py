@@ -2,18 +2,20 @@
 
 Its forward is cross-entropy's own ops (the same value to the last bit); its backward reads
 each row of the logits from memory once and finishes it in the L1 cache, where PyTorch's ops make
-four trips over the (N, C) array, and it runs without Python, whose autograd.Function costs
-more than cross-entropy's whole backward on small inputs (docs/performance.md has the measured
-effect). :mod:`powergrad.tamper` uses it for unweighted (N, C) float32 and float64 logits on
-the CPU, outside ``torch.compile``; everything else (GPUs, class weights, (N, C, d...) input)
-takes its PyTorch-op autograd.Function, which is also what the op is tested against.
+four trips over the (N, C) array, and it runs without Python (a Python autograd.Function's fixed
+cost is most of cross-entropy's whole backward on small inputs). docs/performance.md has the
+measured effect. :mod:`powergrad.tamper` uses it for unweighted (N, C) float32 and float64
+logits on the CPU, outside ``torch.compile``; everything else (GPUs, class weights,
+(N, C, d...) input) takes its PyTorch-op autograd.Function, which is also what the op is tested
+against.
 
-The op is compiled on first use, once per machine and PyTorch version (about 30 s on two
-cores; it needs a C++ compiler and ninja, as ``torch.utils.cpp_extension`` does), into
-``$POWERGRAD_KERNEL_DIR`` (default ``~/.cache/powergrad/kernels``); later processes load the
-built library in milliseconds. ``POWERGRAD_CPU_KERNEL=0`` turns it off. If it cannot be built,
-one warning says why and the PyTorch-op path runs: results are the same either way (to
-rounding in the gradient: the two sum in different orders).
+The op is compiled on first use (about 25 s on two cores; it needs a C++ compiler and ninja, as
+``torch.utils.cpp_extension`` does) into ``$POWERGRAD_KERNEL_DIR`` (default
+``~/.cache/powergrad/kernels``), once for each version of the source, compiler flags and PyTorch
+installation (older builds stay there until deleted); later processes load the built library in
+milliseconds. ``POWERGRAD_CPU_KERNEL=0`` turns it off. If it cannot be built, one warning says why
+and the PyTorch-op path runs: results are the same either way (the loss to the last bit, the
+gradient to rounding: the two sum in different orders).
 """
 
 from __future__ import annotations
@@ -22,6 +24,8 @@ import functools
 import hashlib
 import logging
 import os
+import re
+import sys
 import threading
 import warnings
 from collections.abc import Callable
@@ -36,6 +40,9 @@ ENV_SWITCH = "POWERGRAD_CPU_KERNEL"
 ENV_DIR = "POWERGRAD_KERNEL_DIR"
 _SOURCE = Path(__file__).with_name("csrc") / "tamper_cpu.cpp"
 _DTYPES = (torch.float32, torch.float64)
+_DONE = (
+    "built"  # written next to the library once it is complete (a killed link leaves half a file)
+)
 _log = logging.getLogger(__name__)
 _lock = threading.Lock()
 
@@ -54,28 +61,36 @@ def cpu_loss(logits: Tensor, weight: Tensor | None) -> Callable | None:
     return load_cpu_kernel()
 
 
-def _compile_flags() -> list[str]:
-    """-O3 and the vector instructions PyTorch itself dispatches to on this CPU.
+def _compile_flags() -> tuple[list[str], list[str]]:
+    """(compiler flags, linker flags): -O3, the vector instructions PyTorch itself dispatches to
+    on this CPU, and PyTorch's own OpenMP runtime.
 
-    ATen's vector type (at::vec::Vectorized, with SLEEF's exp from libtorch) picks its width
-    from the CPU_CAPABILITY macros, as PyTorch's own kernels are compiled once per capability.
+    ATen's vector type (at::vec::Vectorized, with SLEEF's exp from libtorch) picks its width from
+    the CPU_CAPABILITY macros, as PyTorch's own kernels are compiled once per capability.
     """
     capability = torch.backends.cpu.get_cpu_capability()
     isa = {
         "AVX2": ["-mavx2", "-mfma"],
         "AVX512": ["-mavx512f", "-mavx512bw", "-mavx512vl", "-mavx512dq", "-mfma"],
     }
-    # -fopenmp: at::parallel_for is inline OpenMP; without it the kernel runs on one thread.
-    flags = ["-O3", "-fopenmp"]
+    cflags, ldflags = ["-O3"], []
     if capability in isa:  # other CPUs: the portable (scalar) Vectorized
-        flags += [f"-DCPU_CAPABILITY={capability}", f"-DCPU_CAPABILITY_{capability}"]
-        flags += isa[capability]
-    return flags
+        cflags += [f"-DCPU_CAPABILITY={capability}", f"-DCPU_CAPABILITY_{capability}"]
+        cflags += isa[capability]
+    # at::parallel_for is inline OpenMP in an OpenMP build of PyTorch: without -fopenmp the op
+    # runs on one thread (measured: 2.47 against 1.25 ms at 2 threads). Linked to the libgomp
+    # PyTorch ships, if it ships one (pip wheels rename it), so that torch.set_num_threads holds
+    # and only one OpenMP runtime is loaded. Elsewhere (macOS) the op runs on one thread.
+    if sys.platform.startswith("linux") and "OpenMP" in torch.__config__.parallel_info():
+        cflags.append("-fopenmp")
+        bundled = sorted((Path(torch.__file__).parent / "lib").glob("libgomp*.so*"))
+        ldflags += [str(bundled[0])] if bundled else ["-fopenmp"]
+    return cflags, ldflags
 
 
-def _library_name(flags: list[str]) -> str:
-    """A name per source, flags and PyTorch build: a stale library is never loaded."""
-    key = "\n".join([_SOURCE.read_text(), *flags, torch.__version__, torch.__file__])
+def _library_name(cflags: list[str], ldflags: list[str]) -> str:
+    """A name per source, flags and PyTorch installation: a stale library is never loaded."""
+    key = "\n".join([_SOURCE.read_text(), *cflags, *ldflags, torch.__version__, torch.__file__])
     return "powergrad_tamper_cpu_" + hashlib.sha256(key.encode()).hexdigest()[:12]
 
 
@@ -84,32 +99,50 @@ def load_cpu_kernel() -> Callable | None:
     """torch.ops.powergrad.tampered_cross_entropy, built if needed; None if it cannot be had."""
     with _lock:
         try:
-            flags = _compile_flags()
-            name = _library_name(flags)
+            cflags, ldflags = _compile_flags()
+            name = _library_name(cflags, ldflags)
             root = Path(os.environ.get(ENV_DIR) or Path.home() / ".cache/powergrad/kernels")
-            built = root / name / f"{name}.so"
-            if built.is_file():
-                torch.ops.load_library(str(built))
-            else:
-                _build(name, flags, built.parent)
+            directory = root / name
+            if not _load_built(directory / f"{name}.so", directory / _DONE):
+                _build(name, cflags, ldflags, directory)
+                (directory / _DONE).touch()
             # The overload itself: calling it skips the packet's overload lookup (~1 us a call).
             return torch.ops.powergrad.tampered_cross_entropy.default
         except Exception as exc:  # no compiler, no ninja, a read-only cache, ...
-            first_line = (str(exc).strip().splitlines() or [type(exc).__name__])[0]
             warnings.warn(
-                f"powergrad: the fused CPU loss kernel is unavailable ({first_line}); "
-                f"the PyTorch-op path runs instead (same results, slower on the CPU; "
+                f"powergrad: the loss's C++ op for the CPU is unavailable ({_cause(exc)}); "
+                f"PyTorch's ops run instead (same results, slower on the CPU; "
                 f"{ENV_SWITCH}=0 silences this)",
                 RuntimeWarning,
-                stacklevel=4,
+                stacklevel=5,  # power_grad_cross_entropy's caller
             )
             return None
 
 
-def _build(name: str, flags: list[str], directory: Path) -> None:
+def _load_built(library: Path, done: Path) -> bool:
+    """Load a library an earlier build completed; False if there is none (or it will not load)."""
+    if not done.is_file():
+        return False
+    try:
+        torch.ops.load_library(str(library))
+        return True
+    except OSError as exc:  # damaged since: let the build make it again
+        _log.warning("rebuilding %s: %s", library, exc)
+        done.unlink(missing_ok=True)
+        return False
+
+
+def _cause(exc: BaseException) -> str:
+    """The line of a build error that says what went wrong (ninja prints the command first)."""
+    lines = [ln.strip() for ln in str(exc).splitlines() if ln.strip()] or [type(exc).__name__]
+    telling = [ln for ln in lines if re.search(r"error|not found|no such file|fatal", ln, re.I)]
+    return (telling[1] if len(telling) > 1 and "Error building" in telling[0] else lines[0])[:300]
+
+
+def _build(name: str, cflags: list[str], ldflags: list[str], directory: Path) -> None:
     from torch.utils import cpp_extension  # imported only to build (it probes for CUDA)
 
-    _log.info("compiling the loss's C++ op for the CPU into %s (once, about 30 s)", directory)
+    _log.info("compiling the loss's C++ op for the CPU into %s (once, about 25 s)", directory)
     directory.mkdir(parents=True, exist_ok=True)
     path = os.environ.get("PATH", "")
     try:
@@ -124,8 +157,8 @@ def _build(name: str, flags: list[str], directory: Path) -> None:
         cpp_extension.load(  # also loads the library into this process
             name=name,
             sources=[str(_SOURCE)],
-            extra_cflags=flags,
-            extra_ldflags=["-fopenmp"],  # the libgomp PyTorch already loaded (same soname)
+            extra_cflags=cflags,
+            extra_ldflags=ldflags,
             build_directory=str(directory),
             is_python_module=False,
             verbose=False,

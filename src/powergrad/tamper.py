@@ -18,7 +18,8 @@ op (:mod:`powergrad.kernels`: the same forward ops, a fused backward); the autog
 below is everything else (GPUs, class weights, (N, C, d...) input) and the reference the op is
 tested against.
 
-alpha = 1 is plain cross-entropy; alpha = 0 sends the uniform distribution in place of p;
+alpha = 1 is plain cross-entropy; alpha = 0 sends the uniform distribution in place of p (over
+the classes whose logit is finite: the limit alpha -> 0+, so a class masked with -inf stays out);
 0 < alpha < 1 is the paper's range; alpha > 1 sharpens p and is outside the paper (allowed,
 untested by it).
 
@@ -146,7 +147,10 @@ def _tampered_softmax_(log_p: Tensor, alpha: float) -> Tensor:
     CPU, 1 thread, under load); the whole step went from 1.31x to 1.09x cross-entropy (default
     case, 2 threads, quiet; docs/performance.md).
     """
-    p = log_p.mul_(alpha)
+    if alpha == 0:  # the limit alpha -> 0+: 0 for the finite, -inf stays (0 * -inf is NaN)
+        p = log_p.masked_fill_(log_p > -math.inf, 0.0)
+    else:
+        p = log_p.mul_(alpha)
     if p.dim() == 2 and p.shape[1] <= _TRANSPOSED_MAX_C:
         return torch.softmax(p.T, 0, out=p.T).T
     return torch.softmax(p, 1, out=p)
@@ -233,6 +237,11 @@ class _PowerGradCrossEntropy(torch.autograd.Function):
 
     @staticmethod
     def backward(ctx, grad_out):
+        if torch.is_grad_enabled():  # the tampered backward is not the forward's gradient
+            raise RuntimeError(
+                "power_grad_cross_entropy has no second derivative: backward with "
+                "create_graph=True is not supported"
+            )
         logits, target, weight = ctx.saved_tensors
         alpha, ls, reduction, ignore_index = ctx.options
         log_p, ctx.log_p = ctx.log_p, None
@@ -286,7 +295,8 @@ def power_grad_cross_entropy(
     # fp32 inside for bf16/fp16 logits (autograd casts the gradient back); autocast is switched
     # off so that it cannot re-cast them.
     z = logits.float() if logits.dtype in (torch.float16, torch.bfloat16) else logits
-    t = target.to(z.dtype) if target.is_floating_point() else target
+    # Class indices as int64 whatever their integer type (F.cross_entropy also takes uint8).
+    t = target.to(z.dtype) if target.is_floating_point() else target.long()
     w = weight.to(z.dtype) if weight is not None else None
     if torch.is_autocast_enabled(z.device.type):  # entering the context costs ~3 us: only when on
         with torch.autocast(device_type=z.device.type, enabled=False):
@@ -307,10 +317,11 @@ def _cross_entropy(
     if (
         alpha == 1.0
         or not (z.requires_grad and torch.is_grad_enabled())
+        or z.numel() == 0  # nothing to tamper with (and C = 0 is PyTorch's to judge)
         or (soft and (t.shape != z.shape or ignore_index >= 0))
     ):
-        # Exactly plain cross-entropy, no gradient wanted, or input PyTorch refuses (let it
-        # raise its own error): F.cross_entropy itself.
+        # Exactly plain cross-entropy, no gradient wanted, empty input, or input PyTorch
+        # refuses (let it raise its own error): F.cross_entropy itself.
         return F.cross_entropy(
             z, t, w, ignore_index=ignore_index, reduction=reduction, label_smoothing=ls
         )

@@ -14,9 +14,9 @@
 //
 // Why: PyTorch's ops make four trips through memory over the (N, C) array for this backward (the
 // alpha scaling, softmax's two, the row scale); here each row comes from memory once and is
-// finished while it sits in the L1 cache. And a Python autograd.Function costs more than
-// cross-entropy's whole backward on small inputs. Measured in benchmarks/loss.py
-// (docs/performance.md).
+// finished while it sits in the L1 cache. And no Python runs in the step: a Python
+// autograd.Function's fixed cost is most of cross-entropy's whole backward on small inputs.
+// Measured in benchmarks/loss.py (docs/performance.md).
 
 #include <ATen/ATen.h>
 #include <ATen/Dispatch.h>
@@ -28,6 +28,7 @@
 #include <torch/library.h>
 
 #include <algorithm>
+#include <limits>
 #include <numeric>
 #include <string_view>
 
@@ -145,6 +146,12 @@ void tampered_gradient_(at::Tensor& log_p, const at::Tensor& target, const at::T
   const auto t = soft ? target.to(log_p.scalar_type()).contiguous() : target.contiguous();
   const auto g = grad_out.to(log_p.scalar_type()).contiguous();
   const bool per_row = reduction == at::Reduction::None;
+  if (alpha == 0) {
+    // The limit alpha -> 0+: uniform over the classes whose logit is finite (0 * -inf is NaN;
+    // a masked class stays at 0, as for any alpha > 0). exp(1 * 0) = 1, exp(-inf) = 0.
+    log_p.masked_fill_(log_p > -std::numeric_limits<double>::infinity(), 0.0);
+    alpha = 1;
+  }
   int64_t div = 1;  // "mean": the rows counted (at least 1: no counted row gives a zero gradient)
   if (reduction == at::Reduction::Mean) {
     div = n;
@@ -197,8 +204,11 @@ at::Tensor cross_entropy_from_log_probs(const at::Tensor& log_p, const at::Tenso
   return nll * (1 - ls) + smooth * (ls / c);
 }
 
-// The loss as one C++ autograd node: no Python in the step (a Python autograd.Function's own
-// cost exceeds cross-entropy's whole backward at 256 x 10).
+}  // namespace
+
+namespace powergrad {
+
+// The loss as one C++ autograd node: no Python in the step.
 struct TamperedCrossEntropy : public torch::autograd::Function<TamperedCrossEntropy> {
   static at::Tensor forward(torch::autograd::AutogradContext* ctx, const at::Tensor& logits,
                             const at::Tensor& target, double alpha, double ls, int64_t reduction,
@@ -218,6 +228,10 @@ struct TamperedCrossEntropy : public torch::autograd::Function<TamperedCrossEntr
 
   static torch::autograd::variable_list backward(torch::autograd::AutogradContext* ctx,
                                                  torch::autograd::variable_list grad_out) {
+    // The tampered backward is not the gradient of the forward, and has none of its own.
+    TORCH_CHECK(!at::GradMode::is_enabled(),
+                "power_grad_cross_entropy has no second derivative: backward with "
+                "create_graph=True is not supported");
     const auto saved = ctx->get_saved_variables();
     auto log_p = ctx->saved_data["log_p"];
     ctx->saved_data["log_p"] = c10::IValue();
@@ -230,6 +244,10 @@ struct TamperedCrossEntropy : public torch::autograd::Function<TamperedCrossEntr
   }
 };
 
+}  // namespace powergrad
+
+namespace {
+
 int64_t reduction_enum(std::string_view reduction) {
   if (reduction == "none") return at::Reduction::None;
   if (reduction == "sum") return at::Reduction::Sum;
@@ -241,8 +259,9 @@ int64_t reduction_enum(std::string_view reduction) {
 at::Tensor tampered_cross_entropy(const at::Tensor& logits, const at::Tensor& target,
                                   double alpha, double label_smoothing,
                                   std::string_view reduction, int64_t ignore_index) {
-  TORCH_CHECK(logits.dim() == 2 && logits.is_cpu(), "logits must be (N, C) on the CPU");
-  return TamperedCrossEntropy::apply(logits, target, alpha, label_smoothing,
+  TORCH_CHECK(logits.dim() == 2 && logits.size(1) > 0 && logits.is_cpu(),
+              "logits must be (N, C) with C > 0, on the CPU");
+  return powergrad::TamperedCrossEntropy::apply(logits, target, alpha, label_smoothing,
                                      reduction_enum(reduction), ignore_index);
 }
 
