@@ -9,9 +9,9 @@ and soft targets, each at the default thread count and at 1 and 2 threads (the d
 no label smoothing at the default thread count, comes first). Within a case the three losses
 run interleaved (one sample of each per round, the order rotating), so that machine noise hits
 them alike; a sample times --calls-per-sample calls (enough for about 2 ms on the small sizes);
-ratios are of medians over --rounds (4x as many for sizes whose loss takes well under 2 ms), of wall time ("ratio") and of the process's CPU time
-("cpu_ratio"), and of the fastest sample's CPU time ("cpu_best_ratio", the steadiest of the three
-on a loaded machine, as timeit's minimum). Prints the thread count and the load average (as
+ratios are of medians over --rounds (4x as many for sizes whose loss takes well under 2 ms), of
+wall time ("ratio") and of the process's CPU time ("cpu_ratio"), and of the fastest sample's CPU
+time ("cpu_best_ratio", the steadiest of the three on a loaded machine, as timeit's minimum). Prints the thread count and the load average (as
 ``uptime``) with every result, one JSON line each.
 
     python benchmarks/loss.py [--sizes 4096x1000,256x10] [--rounds 30] [--alpha 0.3] [--ls 0.1]
