@@ -473,13 +473,11 @@ def test_integer_targets_of_any_type(dtype):
     assert torch.equal(z.grad, expected)
 
 
-@pytest.mark.parametrize("shape", [(0, 5), (3, 0)])
-@pytest.mark.parametrize("soft", [False, True])
+# (Class indices into zero classes are F.cross_entropy's error either way: not a case.)
+@pytest.mark.parametrize("shape,soft", [((0, 5), False), ((0, 5), True), ((3, 0), True)])
 def test_empty_logits_behave_as_cross_entropy(shape, soft):
     z = torch.randn(*shape, requires_grad=True)
     t = torch.rand(*shape) if soft else torch.zeros(shape[0], dtype=torch.long)
-    if not soft and shape[1] == 0:
-        pytest.skip("class indices into zero classes: F.cross_entropy's error either way")
     loss = power_grad_cross_entropy(z, t, alpha=0.5)
     ref = F.cross_entropy(z.detach(), t)
     assert torch.equal(loss.detach().isnan(), ref.isnan())
