@@ -23,11 +23,19 @@ LR = [f"{A}-lr0.05", f"{W}-lr0.05", f"{W}-lr0.2"]
 
 
 def run(args: list[str]) -> str:
-    return subprocess.run([PY, *args], env=ENV, cwd=ROOT, capture_output=True, text=True, check=True).stdout.rstrip()
+    return subprocess.run(
+        [PY, *args], env=ENV, cwd=ROOT, capture_output=True, text=True, check=True
+    ).stdout.rstrip()
 
 
 # the pre-registered family (docs/results.md section 2c): A1, A2, B1, B2, B3
-fam = [f"{W}@0.5,{W}@1", f"{W}@0.25,{W}@1", f"{LR[0]}@1,{A}@1", f"{LR[1]}@1,{W}@1", f"{LR[2]}@1,{W}@1"]
+fam = [
+    f"{W}@0.5,{W}@1",
+    f"{W}@0.25,{W}@1",
+    f"{LR[0]}@1,{A}@1",
+    f"{LR[1]}@1,{W}@1",
+    f"{LR[2]}@1,{W}@1",
+]
 family = run(["studies/analyze.py", "--compare", *fam])
 train = run(["studies/analyze.py", "--compare", *fam[:2], "--metric", "train_acc"])
 gap = run(["studies/analyze.py", "--compare", *fam[:2], "--metric", "gap"])
@@ -36,7 +44,9 @@ ana = run(["studies/analyze.py", W]).split("\n", 2)[2]  # drop the "### folder" 
 existing_lr = [p for p in LR if (ROOT / p).is_dir()]
 lr_report = run(["-m", "powergrad", "report", *existing_lr]) if existing_lr else ""
 # secondary (descriptive): the learning rate alpha = 1 with warm-up would pick on val
-lr_val = run(["studies/analyze.py", "--compare", *fam[3:], "--metric", "val_acc"]) if existing_lr else ""
+lr_val = (
+    run(["studies/analyze.py", "--compare", *fam[3:], "--metric", "val_acc"]) if existing_lr else ""
+)
 compute = run(["studies/analyze.py", "--compute", A, W, *existing_lr])
 
 block = f"""<!-- round-2 results: generated from results/ by the commands shown; regenerate as runs finish -->
@@ -53,12 +63,12 @@ block = f"""<!-- round-2 results: generated from results/ by the commands shown;
 
 ### 2c results: the pre-registered family (A1, A2, B1-B3), test accuracy
 
-`.venv/bin/python studies/analyze.py --compare {' '.join(fam)}`
+`.venv/bin/python studies/analyze.py --compare {" ".join(fam)}`
 
 {family}
 
 Secondary (descriptive), A1 and A2 on train accuracy and on the gap:
-`.venv/bin/python studies/analyze.py --compare {' '.join(fam[:2])} --metric train_acc` and `--metric gap`
+`.venv/bin/python studies/analyze.py --compare {" ".join(fam[:2])} --metric train_acc` and `--metric gap`
 
 {train}
 
@@ -68,20 +78,20 @@ if lr_report:
     block += f"""
 ### 2c results: the learning-rate control (b)
 
-`powergrad report {' '.join(existing_lr)}`
+`powergrad report {" ".join(existing_lr)}`
 
 {lr_report}
 
 Secondary (descriptive): the learning rate alpha = 1 with warm-up would pick on val (0.05 and 0.2
 against 0.1, paired over seeds):
-`.venv/bin/python studies/analyze.py --compare {' '.join(fam[3:])} --metric val_acc`
+`.venv/bin/python studies/analyze.py --compare {" ".join(fam[3:])} --metric val_acc`
 
 {lr_val}
 """
 block += f"""
 ### 2c compute so far
 
-`.venv/bin/python studies/analyze.py --compute {' '.join([A, W, *existing_lr])}`
+`.venv/bin/python studies/analyze.py --compute {" ".join([A, W, *existing_lr])}`
 
 {compute}
 
@@ -105,12 +115,12 @@ if (ROOT / E5).is_dir() or (ROOT / E20).is_dir():
 {reports}
 
 The pre-registered family (D1-D4), test accuracy:
-`.venv/bin/python studies/analyze.py --compare {' '.join(d_fam)}`
+`.venv/bin/python studies/analyze.py --compare {" ".join(d_fam)}`
 
 {run(["studies/analyze.py", "--compare", *d_fam])}
 
 Descriptive: alpha = 1 at 5 and at 20 epochs against alpha = 1 at 10:
-`.venv/bin/python studies/analyze.py --compare {' '.join(d_ref)}`
+`.venv/bin/python studies/analyze.py --compare {" ".join(d_ref)}`
 
 {run(["studies/analyze.py", "--compare", *d_ref])}
 

@@ -163,6 +163,20 @@ SETTINGS: dict[str, tuple[str, dict, list[float], list[int]]] = {
         [1.0],
         [0, 1, 2, 3, 4],
     ),
+    # Section 2e (pre-registered in docs/results.md before its first run): alpha 0.5 at the
+    # learning rate alpha = 1 picks on val (0.2, warm-up); its alpha = 1 arm is the setting above.
+    # A folder of its own, so that 2c's generated lr tables stay as they were.
+    "cifar10-resnet20-10k-warmup-lr0.2-a0.5": (
+        "digits",
+        {
+            **TEN_K,
+            "lr": 0.2,
+            "warmup_epochs": 1,
+            "description": describe("lr 0.2, 1 warm-up epoch"),
+        },
+        [0.5],
+        [0, 1, 2, 3, 4],
+    ),
     # Round 2, item (c), the budget axis (pre-registered in docs/results.md section 2d before its
     # first run): the warmed-up setting at 5 and 20 epochs for alpha 1 and the alpha picked on val
     # in (a), 0.5; the 10-epoch cell is `cifar10-resnet20-10k-warmup`.
