@@ -1,4 +1,4 @@
-"""Rewrite the round-2 results block of docs/results.md (section 2c) from the records in results/.
+"""Rewrite the round-2 results blocks of docs/results.md (sections 2c-2e) from the records in results/.
 
     .venv/bin/python studies/round2_tables.py     # after each finished round-2 run, before committing it
 
@@ -131,6 +131,43 @@ Descriptive: alpha = 1 at 5 and at 20 epochs against alpha = 1 at 10:
 <!-- end of budget-axis results -->"""
 
 
+# Section 2e (pre-registered): alpha 0.5 at the learning rate alpha = 1 picks on val (0.2)
+T2 = f"{W}-lr0.2-a0.5"
+follow_up = ""
+if (ROOT / T2).is_dir():
+    e1 = [f"{T2}@0.5,{LR[2]}@1"]
+    same_alpha = [f"{T2}@0.5,{W}@0.5"]
+    follow_up = f"""<!-- lr follow-up results: generated from results/ by studies/round2_tables.py -->
+
+### 2e results
+
+`powergrad report {T2}`
+
+{run(["-m", "powergrad", "report", T2])}
+
+E1, test accuracy:
+`.venv/bin/python studies/analyze.py --compare {e1[0]}`
+
+{run(["studies/analyze.py", "--compare", *e1])}
+
+Descriptive: E1 on train and on val accuracy (`--metric train_acc`, `--metric val_acc`), and
+alpha 0.5 at lr 0.2 against alpha 0.5 at lr 0.1 (2c's A1 arm), test accuracy:
+
+{run(["studies/analyze.py", "--compare", *e1, "--metric", "train_acc"])}
+
+{run(["studies/analyze.py", "--compare", *e1, "--metric", "val_acc"])}
+
+`.venv/bin/python studies/analyze.py --compare {same_alpha[0]}`
+
+{run(["studies/analyze.py", "--compare", *same_alpha])}
+
+`.venv/bin/python studies/analyze.py --compute {T2}`
+
+{run(["studies/analyze.py", "--compute", T2])}
+
+<!-- end of lr follow-up results -->"""
+
+
 def replace_block(s: str, start: str, end: str, block: str, before: str) -> str:
     """Put block between its markers, or before the heading ``before`` the first time."""
     if start in s:
@@ -146,4 +183,7 @@ s = replace_block(s, "<!-- round-2 results:", "<!-- end of round-2 results -->",
 if budget:
     end_b = "<!-- end of budget-axis results -->"
     s = replace_block(s, "<!-- budget-axis results:", end_b, budget, section3)
+if follow_up:
+    end_f = "<!-- end of lr follow-up results -->"
+    s = replace_block(s, "<!-- lr follow-up results:", end_f, follow_up, section3)
 doc.write_text(s)
