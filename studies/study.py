@@ -177,6 +177,19 @@ SETTINGS: dict[str, tuple[str, dict, list[float], list[int]]] = {
         [0.5],
         [0, 1, 2, 3, 4],
     ),
+    # Section 2f (pre-registered before its first run): 2e's E1 replicated on fresh seeds 5-9,
+    # both arms, seed-major (alpha 1 then 0.5 for each seed).
+    "cifar10-resnet20-10k-warmup-lr0.2-rep": (
+        "digits",
+        {
+            **TEN_K,
+            "lr": 0.2,
+            "warmup_epochs": 1,
+            "description": describe("lr 0.2, 1 warm-up epoch"),
+        },
+        [1.0, 0.5],
+        [5, 6, 7, 8, 9],
+    ),
     # Round 2, item (c), the budget axis (pre-registered in docs/results.md section 2d before its
     # first run): the warmed-up setting at 5 and 20 epochs for alpha 1 and the alpha picked on val
     # in (a), 0.5; the 10-epoch cell is `cifar10-resnet20-10k-warmup`.
