@@ -168,6 +168,48 @@ alpha 0.5 at lr 0.2 against alpha 0.5 at lr 0.1 (2c's A1 arm), test accuracy:
 <!-- end of lr follow-up results -->"""
 
 
+# Section 2f (pre-registered): E1 replicated on seeds 5-9 (R1), and seeds 0-9 pooled
+REP = f"{W}-lr0.2-rep"
+replication = ""
+if (ROOT / REP).is_dir():
+    from analyze import by_alpha_seed, final, fmt_ci, t_interval
+
+    r1 = [f"{REP}@0.5,{REP}@1"]
+
+    def pooled_test_diffs(pairs: list[tuple[str, str]]) -> list[float]:
+        """alpha 0.5 minus alpha 1, test accuracy in points, over every seed both folders have."""
+        d = []
+        for tampered, plain in pairs:
+            a = by_alpha_seed(str(ROOT / tampered)).get(0.5, {})
+            b = by_alpha_seed(str(ROOT / plain)).get(1.0, {})
+            d += [final(a[s], "test_acc") - final(b[s], "test_acc") for s in sorted(set(a) & set(b))]
+        return d
+
+    d = pooled_test_diffs([(T2, LR[2]), (REP, REP)])
+    pooled = f"{fmt_ci(*t_interval(d))} over {len(d)} seed pairs" if len(d) > 1 else "not run yet"
+    replication = f"""<!-- replication results: generated from results/ by studies/round2_tables.py -->
+
+### 2f results
+
+`powergrad report {REP}`
+
+{run(["-m", "powergrad", "report", REP])}
+
+R1, test accuracy:
+`.venv/bin/python studies/analyze.py --compare {r1[0]}`
+
+{run(["studies/analyze.py", "--compare", *r1])}
+
+Descriptive: seeds 0-9 pooled (E1's pairs and R1's), alpha 0.5 minus alpha 1, test accuracy,
+points, 95% t-interval (`studies/round2_tables.py`): {pooled}.
+
+`.venv/bin/python studies/analyze.py --compute {REP}`
+
+{run(["studies/analyze.py", "--compute", REP])}
+
+<!-- end of replication results -->"""
+
+
 def replace_block(s: str, start: str, end: str, block: str, before: str) -> str:
     """Put block between its markers, or before the heading ``before`` the first time."""
     if start in s:
@@ -186,4 +228,7 @@ if budget:
 if follow_up:
     end_f = "<!-- end of lr follow-up results -->"
     s = replace_block(s, "<!-- lr follow-up results:", end_f, follow_up, section3)
+if replication:
+    end_r = "<!-- end of replication results -->"
+    s = replace_block(s, "<!-- replication results:", end_r, replication, section3)
 doc.write_text(s)
