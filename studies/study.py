@@ -190,6 +190,30 @@ SETTINGS: dict[str, tuple[str, dict, list[float], list[int]]] = {
         [1.0, 0.5],
         [5, 6, 7, 8, 9],
     ),
+    # Section 2g (issue 24, item 3; pre-registered in docs/results.md before its first run): B3's
+    # lr 0.1 arm re-run at one code version, and an identity check of lr 0.2 seed 0 against the
+    # 6cabd45 record. Run from a worktree at the plan's commit: --only both, identity check first.
+    "cifar10-resnet20-10k-warmup-lr0.2-ctl": (
+        "digits",
+        {
+            **TEN_K,
+            "lr": 0.2,
+            "warmup_epochs": 1,
+            "description": describe("lr 0.2, 1 warm-up epoch, code-version identity check"),
+        },
+        [1.0],
+        [0],
+    ),
+    "cifar10-resnet20-10k-warmup-ctl": (
+        "digits",
+        {
+            **TEN_K,
+            "warmup_epochs": 1,
+            "description": describe("lr 0.1, 1 warm-up epoch, code-version control"),
+        },
+        [1.0],
+        [0, 1, 2, 3, 4],
+    ),
     # Round 2, item (c), the budget axis (pre-registered in docs/results.md section 2d before its
     # first run): the warmed-up setting at 5 and 20 epochs for alpha 1 and the alpha picked on val
     # in (a), 0.5; the 10-epoch cell is `cifar10-resnet20-10k-warmup`.
