@@ -259,6 +259,8 @@ def test_the_page_lists_unfinished_runs_and_escapes_every_text(tmp_path, capsys)
     _run(tmp_path / "a0.25-s0", 0.25, 0, 0.5, status="diverged")
     (tmp_path / "a0.25-s1").mkdir()
     (tmp_path / "a0.25-s1" / "config.yaml").write_text("{}")  # started, no summary.json yet
+    point = {"point": "a0.25-s2", "state": "FAIL", "run_dir": None, "error": "UserError: <x>"}
+    (tmp_path / "sweep.json").write_text(json.dumps({"trials": [point]}))  # failed before a run
     assert main(["report", str(tmp_path), "--format", "html"]) == 0
     page = (tmp_path / "report.html").read_text()  # the default: in the first path
     assert capsys.readouterr().out.strip() == str(tmp_path / "report.html")
@@ -268,6 +270,8 @@ def test_the_page_lists_unfinished_runs_and_escapes_every_text(tmp_path, capsys)
     assert f'<td class="text">{tmp_path / "a0.25-s0"}</td>' in page
     assert f'<td class="text">{tmp_path / "a0.25-s1"}</td>' in page
     assert '<td class="text">no summary.json</td>' in page
+    assert f'<td class="text">{tmp_path / "a0.25-s2"}</td>' in page
+    assert "UserError: &lt;x&gt;" in page
     assert page.count("data:image/png;base64,") == FIGURES
     assert '<td class="holds text">holds here</td>' in page  # +2.50 [+1.26, +3.74]
 

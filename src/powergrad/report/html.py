@@ -204,17 +204,17 @@ def unfinished(paths: list[str | Path], others: list[Run]) -> list[list[str]]:
         done = r.summary.get("epochs_done")
         epochs = f"{done} of {r.config.get('epochs', '?')}" if done is not None else "-"
         rows.append([str(r.path), r.summary.get("status") or "?", epochs, "; ".join(notes)])
-    seen = {str(r.path) for r in others} | {str(p) for p in find_runs(paths)}
+    seen = {r.path.resolve() for r in others} | {p.resolve() for p in find_runs(paths)}
     for p in map(Path, paths):
         for cfg in sorted(p.rglob("config.yaml")) if p.is_dir() else []:
-            if not (cfg.parent / "summary.json").exists() and str(cfg.parent) not in seen:
-                seen.add(str(cfg.parent))
+            if not (cfg.parent / "summary.json").exists() and cfg.parent.resolve() not in seen:
+                seen.add(cfg.parent.resolve())
                 rows.append([str(cfg.parent), "no summary.json", "-", "running, or stopped"])
         for trial in _sweep_points(p):
-            where = trial.get("run_dir") or str(p / trial.get("point", "?"))
-            if trial.get("state") not in ("COMPLETE", "PRUNED") and where not in seen:
-                seen.add(where)
-                rows.append([where, trial.get("state", "?"), "-", trial.get("error") or ""])
+            where = Path(trial.get("run_dir") or p / str(trial.get("point")))
+            if trial.get("state") not in ("COMPLETE", "PRUNED") and where.resolve() not in seen:
+                seen.add(where.resolve())
+                rows.append([str(where), trial.get("state", "?"), "-", trial.get("error") or ""])
     return rows
 
 
@@ -234,8 +234,8 @@ body { font: 15px/1.45 system-ui, sans-serif; margin: 2em auto; max-width: 72em;
 h1 { font-size: 1.5em; margin-bottom: 0.2em; } h2 { font-size: 1.2em; margin-top: 2em; }
 table { border-collapse: collapse; font-size: 0.9em; margin: 0.5em 0; }
 th, td { border: 1px solid #ccc; padding: 0.25em 0.5em; text-align: right; }
-th { background: #f2f2f2; } td { white-space: nowrap; } td.text { text-align: left; white-space: normal; }
-tr:nth-child(even) td { background: #fafafa; }
+th { background: #f2f2f2; } td { white-space: nowrap; }
+td.text { text-align: left; white-space: normal; } tr:nth-child(even) td { background: #fafafa; }
 td.holds { color: #0a6b0a; font-weight: 600; } td.contradicted { color: #a11; font-weight: 600; }
 dl { display: grid; grid-template-columns: max-content auto; gap: 0.3em 1em; }
 dt { font-weight: 600; } dd { margin: 0; }
