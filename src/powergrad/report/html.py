@@ -229,13 +229,15 @@ def _sweep_points(folder: Path) -> list[dict[str, Any]]:
 
 
 STYLE = """
-body { font: 15px/1.45 system-ui, sans-serif; margin: 2em auto; max-width: 72em; padding: 0 1em;
+body { font: 15px/1.45 system-ui, sans-serif; margin: 2em auto; max-width: 84em; padding: 0 1em;
        color: #1b1b1b; }
 h1 { font-size: 1.5em; margin-bottom: 0.2em; } h2 { font-size: 1.2em; margin-top: 2em; }
-table { border-collapse: collapse; font-size: 0.9em; margin: 0.5em 0; }
+table { border-collapse: collapse; font-size: 0.85em; margin: 0.5em 0; }
+.wide { overflow-x: auto; }
 th, td { border: 1px solid #ccc; padding: 0.25em 0.5em; text-align: right; }
 th { background: #f2f2f2; } td { white-space: nowrap; }
-td.text { text-align: left; white-space: normal; } tr:nth-child(even) td { background: #fafafa; }
+td.text { text-align: left; white-space: normal; } td.long { min-width: 13em; }
+tr:nth-child(even) td { background: #fafafa; }
 td.holds { color: #0a6b0a; font-weight: 600; } td.contradicted { color: #a11; font-weight: 600; }
 dl { display: grid; grid-template-columns: max-content auto; gap: 0.3em 1em; }
 dt { font-weight: 600; } dd { margin: 0; }
@@ -263,9 +265,13 @@ def _table_html(t: Table) -> str:
 
 
 def _grid_html(header: list[str], rows: list[list[str]]) -> str:
-    lines = ["<table><thead><tr>", *(f"<th>{_e(h)}</th>" for h in header), "</tr></thead><tbody>"]
+    lines = [
+        '<div class="wide"><table><thead><tr>',
+        *(f"<th>{_e(h)}</th>" for h in header),
+        "</tr></thead><tbody>",
+    ]
     lines += ["<tr>" + "".join(_td(c) for c in cells) + "</tr>" for cells in rows]
-    return "\n".join([*lines, "</tbody></table>"])
+    return "\n".join([*lines, "</tbody></table></div>"])
 
 
 NUMBER = re.compile(r"^([+-]?[\d.]+( ± [\d.]+)?( \[[+-][\d.]+, [+-][\d.]+\])?|-|)$")
@@ -274,7 +280,8 @@ NUMBER = re.compile(r"^([+-]?[\d.]+( ± [\d.]+)?( \[[+-][\d.]+, [+-][\d.]+\])?|-
 def _td(cell: str) -> str:
     """A cell: numbers right-aligned, text left, verdicts that decide coloured."""
     kind = "holds" if cell == "holds here" else "contradicted" if cell.startswith("contra") else ""
-    cls = " ".join(c for c in (kind, "" if NUMBER.match(cell) else "text") if c)
+    text = "" if NUMBER.match(cell) else "text long" if len(cell) > 40 else "text"
+    cls = " ".join(c for c in (kind, text) if c)
     return f'<td class="{cls}">{_e(cell)}</td>' if cls else f"<td>{_e(cell)}</td>"
 
 
