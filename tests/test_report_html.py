@@ -267,10 +267,10 @@ def test_the_page_lists_unfinished_runs_and_escapes_every_text(tmp_path, capsys)
     assert "<script" not in page and "<b>" not in page
     assert "non-finite loss &lt;script&gt;alert(1)&lt;/script&gt;" in page
     assert "digits &lt;b&gt;&amp;amp; co&lt;/b&gt;" in page
-    assert f'<td class="text">{tmp_path / "a0.25-s0"}</td>' in page
-    assert f'<td class="text">{tmp_path / "a0.25-s1"}</td>' in page
+    assert f'>{tmp_path / "a0.25-s0"}</td>' in page
+    assert f'>{tmp_path / "a0.25-s1"}</td>' in page
     assert '<td class="text">no summary.json</td>' in page
-    assert f'<td class="text">{tmp_path / "a0.25-s2"}</td>' in page
+    assert f'>{tmp_path / "a0.25-s2"}</td>' in page
     assert "UserError: &lt;x&gt;" in page
     assert page.count("data:image/png;base64,") == FIGURES
     assert '<td class="holds text">holds here</td>' in page  # +2.50 [+1.26, +3.74]
