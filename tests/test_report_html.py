@@ -194,7 +194,10 @@ def test_the_committed_reports_page_opens_offline_and_equals_the_markdown(
     assert main(["report", str(REP), "--format", "html", "--out", str(page)]) == 0
     assert capsys.readouterr().out.strip() == str(page)
     assert main(["report", str(REP)]) == 0
-    header, rows = markdown_cells(capsys.readouterr().out)
+    markdown = capsys.readouterr().out
+    header, rows = markdown_cells(markdown)
+    assert main(["report", str(REP), "--out", str(tmp_path / "table.md")]) == 0  # md to a file
+    assert (tmp_path / "table.md").read_text() == markdown and capsys.readouterr().out == ""
 
     browser.open(page.as_uri())
     assert browser.errors() == []
@@ -267,10 +270,10 @@ def test_the_page_lists_unfinished_runs_and_escapes_every_text(tmp_path, capsys)
     assert "<script" not in page and "<b>" not in page
     assert "non-finite loss &lt;script&gt;alert(1)&lt;/script&gt;" in page
     assert "digits &lt;b&gt;&amp;amp; co&lt;/b&gt;" in page
-    assert f'>{tmp_path / "a0.25-s0"}</td>' in page
-    assert f'>{tmp_path / "a0.25-s1"}</td>' in page
+    assert f">{tmp_path / 'a0.25-s0'}</td>" in page
+    assert f">{tmp_path / 'a0.25-s1'}</td>" in page
     assert '<td class="text">no summary.json</td>' in page
-    assert f'>{tmp_path / "a0.25-s2"}</td>' in page
+    assert f">{tmp_path / 'a0.25-s2'}</td>" in page
     assert "UserError: &lt;x&gt;" in page
     assert page.count("data:image/png;base64,") == FIGURES
     assert '<td class="holds text">holds here</td>' in page  # +2.50 [+1.26, +3.74]
