@@ -23,8 +23,8 @@ from pathlib import Path
 
 import optuna
 import pytest
-from optuna.distributions import FloatDistribution, IntDistribution
 from conftest import sweep_killed_in_trial
+from optuna.distributions import FloatDistribution, IntDistribution
 
 # Digits, 3 epochs on 300 images: a trial takes a second or two.
 TINY = ["epochs=3", "train_subset=300", "batch_size=64"]
