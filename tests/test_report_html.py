@@ -25,7 +25,7 @@ from typing import Any
 import pytest
 
 from powergrad.cli import main
-from powergrad.report.html import markdown_cells, verdict
+from powergrad.report.html import Table, markdown_cells, render_page, verdict
 
 ROOT = Path(__file__).resolve().parents[1]
 REP = ROOT / "results" / "cifar10-resnet20-10k-warmup-lr0.2-rep"  # committed records, 10 runs
@@ -295,3 +295,12 @@ def test_verdicts_follow_the_rules_of_docs_results(interval, words):
     row = {"alpha": 0.5, "d_test_paired": mid, "d_test_lo": lo, "d_test_hi": hi}
     assert verdict(row) == words
     assert verdict({**row, "alpha": 1.0}) == "baseline"
+
+
+def test_any_markdown_table_joins_the_page():
+    pick = "| key | picked on val |\n| --- | --- |\n| lr | 0.2 <b> |\n| alpha |  |"
+    page = render_page("t", [Table("pick & co", pick, "a note", {"n": ["1", "2"]})], [], [], [])
+    assert "<h3>pick &amp; co</h3>" in page and '<p class="note">a note</p>' in page
+    assert "<th>key</th>\n<th>picked on val</th>\n<th>n</th>" in page
+    assert '<td class="text">0.2 &lt;b&gt;</td><td>1</td>' in page
+    assert '<td class="text">alpha</td><td></td><td>2</td>' in page

@@ -329,8 +329,9 @@ def render_page(
     return "\n".join(parts) + "\n"
 
 
-def html_report(paths: list[str | Path]) -> str:
-    """The page for the runs at or under ``paths``."""
+def html_report(paths: list[str | Path], tables: Iterable[Table] = ()) -> str:
+    """The page for the runs at or under ``paths``; ``tables`` follow the results table (any
+    other table of the same runs, as markdown: ``Table(title, text)``)."""
     done, others = load_runs(paths)
     if not done:
         raise UserError(
@@ -348,7 +349,7 @@ def html_report(paths: list[str | Path]) -> str:
         figures = make_figures(paths, tmp)
         return render_page(
             f"powergrad report: {', '.join(map(str, paths))}",
-            [results],
+            [results, *tables],
             run_facts(done, first if first.is_dir() else first.parent),
             unfinished(paths, others),
             figures,
@@ -356,10 +357,12 @@ def html_report(paths: list[str | Path]) -> str:
         )
 
 
-def write_html_report(paths: list[str | Path], out: str | Path | None = None) -> Path:
+def write_html_report(
+    paths: list[str | Path], out: str | Path | None = None, tables: Iterable[Table] = ()
+) -> Path:
     """Write the page to ``out`` (default: report.html in the first path); return its path."""
     target = Path(out) if out else Path(paths[0]) / "report.html"
-    text = html_report(paths)
+    text = html_report(paths, tables)
     try:
         target.parent.mkdir(parents=True, exist_ok=True)
         target.write_text(text, encoding="utf-8")
