@@ -8,13 +8,14 @@
   alpha and lr as numbers; a bool or a text value as a ``CategoricalDistribution``. Run
   directories keep the values as written (``alpha=1,seed=0``). A storage written before values
   were typed (every grid value as text) still reads back, and continues: its keys keep their
-  recorded distribution. Every grid point still to
-  do is enqueued as a trial with fixed parameters (``Study.enqueue_trial``), and workers claim
-  queued trials one at a time: the storage's WAITING -> RUNNING switch
-  (``set_trial_state_values``) is a single locked update, so two workers never run one point.
-  GridSampler alone may hand one point to two concurrent workers (its documented caveat), and
-  ``Study.ask`` makes a new trial when the queue is empty; hence this small loop over Optuna's
-  public storage API, which is what ``ask`` does with a queued trial.
+  recorded distribution.
+- Every grid point still to do is enqueued as a trial with fixed parameters
+  (``Study.enqueue_trial``), and workers claim queued trials one at a time: the storage's
+  WAITING -> RUNNING switch (``set_trial_state_values``) is a single locked update, so two
+  workers never run one point. GridSampler alone may hand one point to two concurrent workers
+  (its documented caveat), and ``Study.ask`` makes a new trial when the queue is empty; hence
+  this small loop over Optuna's public storage API, which is what ``ask`` does with a queued
+  trial.
 - The study lives in ``sqlite:///OUT/study.db`` unless ``storage`` names a database URL (e.g.
   ``postgresql://...``, ``pip install 'powergrad[postgres]'``), which lets workers on several
   machines share one sweep (docs/distributed.md).
@@ -632,11 +633,11 @@ def run_points(
     """Run (or continue) the named ``points`` of ``recipe`` as one sweep, in the order given.
 
     ``points`` maps each point's run directory name to its overrides (str, int, float or bool
-    values, stored with their config field's type: :func:`typed`), applied over ``fixed``. A name is a path under ``out`` (it may hold subfolders; an
-    absolute one puts the run there, ``out`` keeping study.db and sweep.json). A point whose
-    run directory already holds a summary.json with one of ``done_statuses`` (such as
-    ``("finished", "diverged")``) is reported from that record, not trained: for records kept
-    longer than the storage. ``after_trial(run_dir)`` is called after each point trained (e.g.
+    values, stored with their config field's type: :func:`typed`), applied over ``fixed``. A
+    name is a path under ``out`` (it may hold subfolders; an absolute one puts the run there,
+    ``out`` keeping study.db and sweep.json). A point whose run directory already holds a
+    summary.json with one of ``done_statuses`` (such as ``("finished", "diverged")``) is
+    reported from that record, not trained: for records kept longer than the storage. ``after_trial(run_dir)`` is called after each point trained (e.g.
     to delete its checkpoints); with ``workers > 1`` it must be picklable.
     """
     out = Path(out)
