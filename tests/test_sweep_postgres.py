@@ -24,6 +24,7 @@ from pathlib import Path
 import optuna
 import pytest
 from conftest import sweep_killed_in_trial
+from optuna.distributions import FloatDistribution, IntDistribution
 
 # Digits, 3 epochs on 300 images: a trial takes a second or two.
 TINY = ["epochs=3", "train_subset=300", "batch_size=64"]
@@ -188,11 +189,14 @@ def test_two_workers_share_a_sweep_on_postgresql_and_a_killed_trial_resumes(post
     )
     complete = [t for t in study.trials if t.state == optuna.trial.TrialState.COMPLETE]
     assert sorted((t.params["alpha"], t.params["seed"]) for t in complete) == [
-        ("0.5", 0),
-        ("0.5", 1),
-        ("1", 0),
-        ("1", 1),
+        (0.5, 0),
+        (0.5, 1),
+        (1.0, 0),
+        (1.0, 1),
     ]
+    # Typed, on PostgreSQL too: numbers as numbers (Optuna's plots, optuna-dashboard).
+    assert {t.distributions["alpha"] for t in complete} == {FloatDistribution(0.5, 1.0)}
+    assert {t.distributions["seed"] for t in complete} == {IntDistribution(0, 1)}
     failed = [t for t in study.trials if t.state == optuna.trial.TrialState.FAIL]
     assert (
         len(study.trials) == 5

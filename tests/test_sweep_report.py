@@ -118,7 +118,7 @@ def test_two_workers_share_a_sweep_and_failed_trials_are_recorded(tmp_path):
     study = _study(out)
     assert len(study.trials) == 4  # no point ran twice
     states = {(t.params["alpha"], t.params["model"]): t.state.name for t in study.trials}
-    assert states[("1", "mlp")] == states[("0.5", "mlp")] == "COMPLETE"
+    assert states[(1.0, "mlp")] == states[(0.5, "mlp")] == "COMPLETE"
     failed = [t for t in study.trials if t.state == optuna.trial.TrialState.FAIL]
     assert len(failed) == 2 and all(
         "UserError: unknown model" in t.user_attrs["error"] for t in failed

@@ -6,7 +6,7 @@
     powergrad recipes [NAME]
     powergrad demo [--out DIR]
     powergrad sweep RECIPE key=v1,v2 ... --out DIR [--seeds N] [--workers N] [--storage URL] [--prune]
-    powergrad report PATH ... [--format md|csv|json]
+    powergrad report PATH ... [--format md|csv|json|html] [--out FILE]
     powergrad plot PATH ... [--out DIR]
     powergrad cache [list|clear]
 
@@ -232,9 +232,18 @@ def cmd_sweep(ns: argparse.Namespace) -> int:
 
 
 def cmd_report(ns: argparse.Namespace) -> int:
+    if ns.format == "html":  # one file, figures and all: its path is what is printed
+        from .report.html import write_html_report
+
+        print(write_html_report(ns.paths, ns.out))
+        return 0
     from .report.tables import report
 
-    print(report(ns.paths, ns.format))
+    text = report(ns.paths, ns.format)
+    if ns.out:
+        Path(ns.out).write_text(text + "\n", encoding="utf-8")
+    else:
+        print(text)
     return 0
 
 
@@ -385,7 +394,16 @@ def build_parser() -> argparse.ArgumentParser:
     rp.add_argument(
         "paths", nargs="+", metavar="PATH", help="run directories or folders holding them"
     )
-    rp.add_argument("--format", choices=("md", "csv", "json"), default="md")
+    rp.add_argument(
+        "--format",
+        choices=("md", "csv", "json", "html"),
+        default="md",
+        help="html: one self-contained page (table, verdicts, what was run, unfinished runs, "
+        "figures) that opens offline",
+    )
+    rp.add_argument(
+        "--out", help="write to this file (--format html: default PATH/report.html; else stdout)"
+    )
     rp.set_defaults(fn=cmd_report)
 
     pl = sub.add_parser("plot", help="the paper's figures (PNG) from run dirs")

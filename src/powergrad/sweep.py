@@ -2,13 +2,20 @@
 
     run_sweep("digits", {"alpha": ["1", "0.5", "0.25"]}, "sweeps/digits", seeds=2)
 
-- The grid is an Optuna ``GridSampler`` search space (plus ``seed``). Every grid point still to
-  do is enqueued as a trial with fixed parameters (``Study.enqueue_trial``), and workers claim
-  queued trials one at a time: the storage's WAITING -> RUNNING switch
-  (``set_trial_state_values``) is a single locked update, so two workers never run one point.
-  GridSampler alone may hand one point to two concurrent workers (its documented caveat), and
-  ``Study.ask`` makes a new trial when the queue is empty; hence this small loop over Optuna's
-  public storage API, which is what ``ask`` does with a queued trial.
+- The grid is an Optuna ``GridSampler`` search space (plus ``seed``). Its values are stored with
+  their config field's type (``typed``): a number as a ``FloatDistribution`` or
+  ``IntDistribution`` over the grid's range, so that Optuna's plots and optuna-dashboard treat
+  alpha and lr as numbers; a bool or a text value as a ``CategoricalDistribution``. Run
+  directories keep the values as written (``alpha=1,seed=0``). A storage written before values
+  were typed (every grid value as text) still reads back, and continues: its keys keep their
+  recorded distribution.
+- Every grid point still to do is enqueued as a trial with fixed parameters
+  (``Study.enqueue_trial``), and workers claim queued trials one at a time: the storage's
+  WAITING -> RUNNING switch (``set_trial_state_values``) is a single locked update, so two
+  workers never run one point. GridSampler alone may hand one point to two concurrent workers
+  (its documented caveat), and ``Study.ask`` makes a new trial when the queue is empty; hence
+  this small loop over Optuna's public storage API, which is what ``ask`` does with a queued
+  trial.
 - The study lives in ``sqlite:///OUT/study.db`` unless ``storage`` names a database URL (e.g.
   ``postgresql://...``, ``pip install 'powergrad[postgres]'``), which lets workers on several
   machines share one sweep (docs/distributed.md).
@@ -32,6 +39,7 @@
 
 from __future__ import annotations
 
+import functools
 import itertools
 import json
 import logging
@@ -54,13 +62,18 @@ from .errors import MissingExtraError, UserError, extra
 with extra("sweep"):
     import optuna
     import sqlalchemy
-    from optuna.distributions import CategoricalDistribution
+    from optuna.distributions import (
+        BaseDistribution,
+        CategoricalDistribution,
+        FloatDistribution,
+        IntDistribution,
+    )
     from optuna.trial import FrozenTrial, TrialState, create_trial
 
-    from .config import Config, load_config
+    from .config import Config, _coerce, field_info, load_config
     from .rundir import read_summary, refuse_run_dir
 
-__all__ = ["run_sweep", "run_points", "parse_grid", "SweepResult", "run_name"]
+__all__ = ["run_sweep", "run_points", "parse_grid", "typed", "SweepResult", "run_name"]
 
 log = logging.getLogger("powergrad")
 # The heartbeat (RDBStorage(heartbeat_interval=...), fail_stale_trials) is marked experimental.
@@ -148,7 +161,78 @@ def run_name(params: dict[str, Any]) -> str:
 
 
 def _key(params: dict[str, Any]) -> str:
-    return json.dumps({k: str(v) for k, v in params.items()}, sort_keys=True)
+    """A point's identity, whatever its values' spelling: ``alpha="1"`` (a storage of before the
+    values were typed) is the point ``alpha=1.0``."""
+    return json.dumps({k: typed(k, v) for k, v in params.items()}, sort_keys=True, default=str)
+
+
+@functools.cache
+def _scalar_types() -> dict[str, Any]:
+    """Each recipe key of a scalar type (bool, int, float, str, optional or not), from the
+    config's fields: the one home of a key's type."""
+    scalar = (bool, int, float, str, type(None))
+    return {
+        i.name: i.type
+        for i in field_info()
+        if all(a in scalar for a in (typing.get_args(i.type) or (i.type,)))
+    }
+
+
+def typed(key: str, value: Any) -> Any:
+    """A grid value with its config field's type: ``typed("alpha", "0.5") == 0.5``,
+    ``typed("seed", "3") == 3``, ``typed("amp", "true") is True``. Values of other keys (lists,
+    dicts, ``model_kwargs.<name>``) are returned as given."""
+    tp = _scalar_types().get(key)
+    return value if tp is None else _coerce(key, value, tp)
+
+
+def _distribution(values: list[Any]) -> BaseDistribution:
+    """How Optuna records a key whose grid holds ``values`` (typed): GridSampler's way of a grid
+    over given numbers, a numeric distribution over their range (the grid picks the values; the
+    distribution says they are numbers, on a log axis where positive and spanning 10x or more);
+    booleans, text and a grid mixing null with numbers as categories."""
+    numbers = all(isinstance(v, (int, float)) and not isinstance(v, bool) for v in values)
+    if not numbers:
+        return CategoricalDistribution(values)
+    low, high = min(values), max(values)
+    log = low > 0 and high >= 10 * low
+    if all(isinstance(v, int) for v in values):
+        return IntDistribution(low, high, log=log)
+    return FloatDistribution(low, high, log=log)
+
+
+def _distributions(study: optuna.Study, space: dict[str, list[Any]]) -> dict[str, BaseDistribution]:
+    """Each key's distribution: the one this storage's trials already record for it (a sweep
+    continued; text categoricals from before values were typed: Optuna refuses a second kind for
+    one parameter of a study), else :func:`_distribution` of its values."""
+    recorded: dict[str, BaseDistribution] = {}
+    for t in study.get_trials(deepcopy=False):
+        for k, d in t.distributions.items():
+            recorded.setdefault(k, d)
+    return {k: recorded.get(k) or _distribution(vs) for k, vs in space.items()}
+
+
+def _as_recorded(point: dict[str, Any], dists: dict[str, BaseDistribution]) -> dict[str, Any]:
+    """A point's values as its distributions hold them: the typed value, or a recorded
+    category's spelling of it (``"1"`` for 1.0 in a storage of before the values were typed)."""
+
+    def value(k: str, v: Any) -> Any:
+        d = dists[k]
+        if isinstance(d, CategoricalDistribution):
+            return next((c for c in d.choices if typed(k, c) == v), v)
+        return v
+
+    return {k: value(k, v) for k, v in point.items()}
+
+
+def _suggest(trial: optuna.Trial, key: str, dist: BaseDistribution) -> Any:
+    """The trial's (enqueued, fixed) value of ``key``, recorded under ``dist``."""
+    if isinstance(dist, FloatDistribution):
+        return trial.suggest_float(key, dist.low, dist.high, log=dist.log)
+    if isinstance(dist, IntDistribution):
+        return trial.suggest_int(key, dist.low, dist.high, log=dist.log)
+    assert isinstance(dist, CategoricalDistribution)
+    return trial.suggest_categorical(key, dist.choices)
 
 
 # ----------------------------------------------------------------------------- storage and study
@@ -289,7 +373,7 @@ def _enqueue_missing(study: optuna.Study, spec: dict[str, Any]) -> int:
         run_dir = Path(spec["out"]) / name
         record = _kept_record(run_dir, spec["done_statuses"])
         if record is not None:
-            study.add_trial(_kept_trial(name, p, spec["space"], record, run_dir))
+            study.add_trial(_kept_trial(name, p, spec["distributions"], record, run_dir))
         else:
             study.enqueue_trial(p, user_attrs={"point": name})
             n += 1
@@ -306,7 +390,11 @@ def _kept_record(run_dir: Path, statuses: tuple[str, ...]) -> dict[str, Any] | N
 
 
 def _kept_trial(
-    name: str, point: dict[str, Any], space: dict[str, list], summary: dict, run_dir: Path
+    name: str,
+    point: dict[str, Any],
+    dists: dict[str, BaseDistribution],
+    summary: dict,
+    run_dir: Path,
 ) -> FrozenTrial:
     """A trial that reports a kept record, nothing trained: a finished one COMPLETE with its
     value, another status (e.g. diverged) FAIL with that status as its error."""
@@ -323,7 +411,7 @@ def _kept_trial(
         state=TrialState.COMPLETE if value is not None else TrialState.FAIL,
         value=value,
         params=point,
-        distributions={k: CategoricalDistribution(space[k]) for k in point},
+        distributions={k: dists[k] for k in point},
         user_attrs=attrs,
     )
 
@@ -392,7 +480,7 @@ def _sweep_progress(q: Queue, spec: dict[str, Any], name: str) -> str:
 def _run_trial(q: Queue, trial: optuna.Trial, trial_id: int, spec: dict[str, Any]) -> str:
     """Train one claimed trial's point into its run directory, then call ``after_trial``."""
     name = trial.user_attrs["point"]
-    params = {k: trial.suggest_categorical(k, spec["space"][k]) for k in spec["points"][name]}
+    params = {k: _suggest(trial, k, spec["distributions"][k]) for k in spec["points"][name]}
     run_dir = Path(spec["out"]) / name
     for k, v in (("run_dir", str(run_dir)), ("host", socket.gethostname()), ("pid", os.getpid())):
         trial.set_user_attr(k, v)
@@ -504,7 +592,8 @@ def run_sweep(
 
     ``grid`` maps recipe keys to their values, ``fixed`` holds overrides for every trial.
     ``workers`` local processes share the study (1: run in this process). Each point's run
-    directory is ``out / run_name(point)``.
+    directory is ``out / run_name(point)``, with the values as written (``alpha=1,seed=0``);
+    Optuna stores them typed (alpha 1.0).
     """
     if not grid and seeds < 1:
         raise UserError("a sweep needs at least one key=v1,v2 axis or --seeds N")
@@ -514,6 +603,9 @@ def run_sweep(
     fixed = {k: str(v) for k, v in (fixed or {}).items()}
     seed_values = _seed_values(axes, fixed, load_config(recipe, fixed), seeds)
     space: dict[str, list[Any]] = {**{k: axes[k] for k in sorted(axes)}, "seed": seed_values}
+    for k, vs in space.items():  # alpha=1,1.0 is one value twice, as the storage types them
+        if len({_key({k: v}) for v in vs}) < len(vs):
+            raise UserError(f"{k}: {','.join(map(str, vs))} names one value twice")
     points = [dict(zip(space, combo)) for combo in itertools.product(*space.values())]
     return run_points(
         recipe,
@@ -541,11 +633,11 @@ def run_points(
     """Run (or continue) the named ``points`` of ``recipe`` as one sweep, in the order given.
 
     ``points`` maps each point's run directory name to its overrides (str, int, float or bool
-    values), applied over ``fixed``. A name is a path under ``out`` (it may hold subfolders; an
-    absolute one puts the run there, ``out`` keeping study.db and sweep.json). A point whose
-    run directory already holds a summary.json with one of ``done_statuses`` (such as
-    ``("finished", "diverged")``) is reported from that record, not trained: for records kept
-    longer than the storage. ``after_trial(run_dir)`` is called after each point trained (e.g.
+    values, stored with their config field's type: :func:`typed`), applied over ``fixed``. A
+    name is a path under ``out`` (it may hold subfolders; an absolute one puts the run there,
+    ``out`` keeping study.db and sweep.json). A point whose run directory already holds a
+    summary.json with one of ``done_statuses`` (such as ``("finished", "diverged")``) is
+    reported from that record, not trained: for records kept longer than the storage. ``after_trial(run_dir)`` is called after each point trained (e.g.
     to delete its checkpoints); with ``workers > 1`` it must be picklable.
     """
     out = Path(out)
@@ -553,11 +645,12 @@ def run_points(
         raise UserError("a sweep needs at least one point")
     if workers < 1:
         raise UserError("--workers must be >= 1")
-    if len({_key(p) for p in points.values()}) < len(points):
-        raise UserError("two points of the sweep have the same overrides")
     fixed = dict(fixed or {})
     # every point must be a valid recipe before anything runs
     epochs = {name: load_config(recipe, {**fixed, **p}).epochs for name, p in points.items()}
+    points = {name: {k: typed(k, v) for k, v in p.items()} for name, p in points.items()}
+    if len({_key(p) for p in points.values()}) < len(points):
+        raise UserError("two points of the sweep have the same overrides")
     budget = max(epochs.values())  # the pruner's: it judges after a quarter of it
     space = _space(points.values())
     refuse_run_dir(out, "a sweep")
@@ -566,11 +659,12 @@ def run_points(
         _make_folder(out)  # holds the SQLite file
     q = _open_queue(url, space, _pruner(prune, budget))  # a bad URL or driver: nothing made
     _make_folder(out)
+    dists = _distributions(q.study, space)
     spec = {
         "recipe": recipe,
         "fixed": fixed,
-        "points": points,
-        "space": space,
+        "points": {name: _as_recorded(p, dists) for name, p in points.items()},
+        "distributions": dists,
         "grid_space": space,
         "out": str(out),
         "storage": url,
@@ -635,11 +729,18 @@ def _check_same_sweep(study: optuna.Study, recipe: str | None, space: dict, fixe
     saved = study.user_attrs.get("sweep")
     if saved is None:
         study.set_user_attr("sweep", what)
-    elif json.loads(json.dumps(saved)) != json.loads(json.dumps(what)):
+    elif _same_terms(saved) != _same_terms(what):
         raise UserError(
             f"this sweep's storage holds another sweep ({saved['recipe']}, "
             f"{', '.join(f'{k}={v}' for k, v in saved['space'].items())}); choose another --out or --storage"
         )
+
+
+def _same_terms(sweep: dict[str, Any]) -> str:
+    """A sweep's recipe, space and fixed keys, its values typed (a storage of before the values
+    were typed saved them as text)."""
+    space = {k: [typed(k, v) for v in vs] for k, vs in sweep["space"].items()}
+    return json.dumps({**sweep, "space": space}, sort_keys=True, default=str)
 
 
 def summarize(
