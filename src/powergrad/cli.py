@@ -283,7 +283,7 @@ def _type_name(tp) -> str:
 
 def keys_help() -> str:
     """Every recipe key by group, one line each: key=default, type, help (from the fields)."""
-    from .config import field_groups
+    from .config import BOUNDS, field_groups
 
     lines = [
         "recipe keys (key=value after the recipe; monitor.NAME=value for the nested ones;",
@@ -308,7 +308,9 @@ def keys_help() -> str:
                 )
             )
             extra = (
-                f" [{'|'.join(i.choices)}]" if i.choices else (f" ({i.bound})" if i.bound else "")
+                f" [{'|'.join(i.choices)}]"
+                if i.choices
+                else (f" ({BOUNDS[i.bound][0]})" if i.bound else "")
             )
             lines.append(f"  {i.name + '=' + default:<34} {_type_name(i.type):<10} {i.help}{extra}")
     return "\n".join(lines)
