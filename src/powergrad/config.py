@@ -750,7 +750,7 @@ def list_recipes() -> dict[str, str]:
     return out
 
 
-def _check_keys(node: yaml.Node, path: Path) -> None:
+def _check_keys(node: yaml.Node | None, path: Path) -> None:
     """Refuse the keys that safe_load would take silently or crash on: a key given twice in one
     mapping (PyYAML keeps the last, so `lr: 0.1` ... `lr: 0.4` would train at 0.4 without a word)
     and a key that is not a plain name (`? [a, b]`)."""
