@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import dataclasses
 import typing
+from pathlib import Path
 
 import pytest
 import yaml
@@ -133,3 +134,13 @@ def test_overrides_that_change_the_result_say_so_in_the_description(capsys):
     # a run's resolved config fed back (what eval and resume do) keeps its description
     saved = load_config("digits", ["model=convnet"]).to_dict()
     assert load_config(None, saved).description == saved["description"]
+
+
+def test_no_committed_record_describes_the_digits_mlp_unless_it_is_one():
+    """The records made before overrides restated the description carry a marked correction."""
+    records = sorted(Path(__file__).resolve().parents[1].glob("results/*/*/config.yaml"))
+    assert len(records) > 100
+    for path in records:
+        cfg = yaml.safe_load(path.read_text())
+        if cfg["description"].startswith("scikit-learn digits"):
+            assert (cfg["model"], cfg["dataset"]) == ("mlp", "digits"), path
