@@ -23,10 +23,10 @@ def sweep_killed_in_trial(trial: int, wait_for: str | None = None) -> str:
     the study. A deterministic point mid-sweep (polling from outside raced a fast machine)."""
     return f"""
 import glob, os, signal, sys, time
-import powergrad.engine as engine
+import powergrad.sweep as sweep
 from powergrad.cli import main
 
-real_train, trials = engine.train, []
+real_train, trials = sweep.train, []
 
 def train(cfg, *args, on_epoch=None, **kwargs):
     trials.append(cfg)
@@ -40,7 +40,7 @@ def train(cfg, *args, on_epoch=None, **kwargs):
         return stop
     return real_train(cfg, *args, on_epoch=hook, **kwargs)
 
-engine.train = train
+sweep.train = train
 sys.exit(main(sys.argv[1:]))
 """
 

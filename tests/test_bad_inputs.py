@@ -184,6 +184,26 @@ def _rows():
         ),
         ("key given twice on the command line", lambda t: ["train", "lr=0.1", "lr=0.2"]),
         ("empty recipe", lambda t: ["train", _write(t / "empty.yaml", "")]),
+        (
+            "recipe that is not UTF-8 (a latin-1 byte)",
+            lambda t: [
+                "train",
+                _write_bytes(t / "latin1.yaml", b"description: caf\xe9\nepochs: 1\n"),
+            ],
+        ),
+        (
+            "recipe with binary content",
+            lambda t: ["train", _write_bytes(t / "bin.yaml", bytes(range(256)))],
+        ),
+        (
+            "recipe with a control character",
+            lambda t: ["train", _write_bytes(t / "nul.yaml", b"epochs: 1\x00\n")],
+        ),
+        (
+            "recipe with a complex key",
+            lambda t: ["train", _write(t / "complex.yaml", "? [a, b]\n: 1\nepochs: 1\n")],
+        ),
+        ("negative head learning rate", lambda t: ["train", "head_lr=-1", "epochs=1"]),
         ("option-style key (timm's habit)", lambda t: ["train", "--epochs", "1"]),
         (
             "option the command does not have",

@@ -22,12 +22,12 @@ from powergrad.errors import UserError
 from powergrad.models import (
     MODELS,
     create_model,
-    filter_norms,
     get_head,
     list_models,
     param_groups,
     set_train_mode,
 )
+from powergrad.monitor.filters import filter_norms
 from powergrad.probe import create_probe  # the probe wraps the factory's model (powergrad.probe)
 
 

@@ -63,13 +63,13 @@ assert torch.allclose(loss, torch.nn.functional.cross_entropy(z, y))
 assert power_grad_cross_entropy(z, y, 1.0).shape == ()
 assert official_hook_cross_entropy(z, y, 1.0).shape == ()
 
-for name in ("train", "Config"):
+for use in (lambda: powergrad.train, lambda: powergrad.load_config("digits")):
     try:
-        getattr(powergrad, name)
+        use()
     except powergrad.MissingExtraError as e:
         assert isinstance(e, ImportError) and "pip install 'powergrad[train]'" in str(e), e
     else:
-        raise AssertionError(name + " imported without the train extra")
+        raise AssertionError("the trainer ran without the train extra")
 for module, extra in (("powergrad.sweep", "sweep"), ("powergrad.report.figures", "plot"),
                       ("powergrad.engine", "train"), ("powergrad.demo", "train")):
     try:
@@ -128,6 +128,69 @@ def test_a_command_whose_extra_is_missing_is_one_line_naming_it(args, extra, tmp
     assert not list(tmp_path.iterdir())  # nothing made
 
 
+# What `pip install 'powergrad[plot]'` lacks: the trainer's extra and those above it.
+TRAIN_ONLY = tuple(m for m in OPTIONAL if m not in ("numpy", "scipy", "matplotlib", "PIL"))
+
+
+def _run_folders(root: Path) -> Path:
+    """Two finished digits runs (alpha 1 and 0.5) from results/, one with filter norms."""
+    import numpy as np
+
+    runs = root / "runs"
+    for name in ("a1-s0", "a0.5-s0"):
+        shutil.copytree(ROOT / "results" / "digits" / name, runs / name)
+    steps = np.arange(0, 50, 10)
+    np.savez_compressed(
+        runs / "a1-s0" / "filter_norms.npz",
+        steps=steps,
+        **{"conv/conv1": np.linspace(1, 0, 5 * 4).reshape(5, 4)},
+        pooled=np.ones((5, 4)),
+    )
+    return runs
+
+
+def _report_and_plot(python: list[str], cwd: Path, env: dict | None = None) -> None:
+    """`powergrad report` and `powergrad plot` on :func:`_run_folders`, as ``python`` runs them."""
+    runs = _run_folders(cwd)
+    run = dict(capture_output=True, text=True, timeout=300, cwd=cwd, env=env)
+    report = subprocess.run([*python, "report", str(runs)], **run)
+    assert report.returncode == 0, report.stderr[-3000:]
+    rows = [ln.split(" | ")[3] for ln in report.stdout.splitlines() if ln.startswith("| mlp |")]
+    assert rows == ["1", "0.5"], report.stdout
+    plot = subprocess.run([*python, "plot", str(runs), "--out", str(cwd / "figs")], **run)
+    assert plot.returncode == 0, plot.stderr[-3000:]
+    made = {p.name for p in (cwd / "figs").iterdir()}
+    assert {"accuracy_vs_alpha.png", "filter_norms-a1-s0.png", "pooled_features-a1-s0.png"} <= made
+
+
+def test_report_and_plot_need_only_the_plot_extra(tmp_path):
+    """With the trainer's packages (PyYAML, timm, torchvision, ...) unimportable, as after
+    `pip install 'powergrad[plot]'`: both commands work, and neither imports the trainer."""
+    hide = HIDE.replace(repr(OPTIONAL), repr(TRAIN_ONLY))
+    source = hide + "from powergrad.cli import main\nsys.exit(main(sys.argv[1:]))"
+    path = os.pathsep.join(
+        [str(Path(powergrad.__file__).parents[1]), os.environ.get("PYTHONPATH", "")]
+    )
+    _report_and_plot([sys.executable, "-c", source], tmp_path, {**os.environ, "PYTHONPATH": path})
+
+
+def test_plot_without_its_extra_writes_nothing(tmp_path):
+    """A missing plotting package stops `plot` before its first figure, not after ten."""
+    runs = _run_folders(tmp_path)
+    hide = HIDE.replace(repr(OPTIONAL), repr(("scipy",)))
+    proc = _python(
+        hide + "from powergrad.cli import main\nsys.exit(main(sys.argv[1:]))",
+        "plot",
+        str(runs),
+        "--out",
+        str(tmp_path / "figs"),
+    )
+    assert proc.returncode == 2 and proc.stderr.endswith("pip install 'powergrad[plot]'\n"), (
+        proc.stderr
+    )
+    assert not (tmp_path / "figs").exists()
+
+
 def test_a_postgresql_storage_without_its_driver_names_the_extra(tmp_path):
     hide_driver = HIDE.replace(repr(OPTIONAL), repr(("psycopg", "psycopg2")))
     proc = _python(
@@ -149,10 +212,10 @@ def test_a_postgresql_storage_without_its_driver_names_the_extra(tmp_path):
     assert not list(tmp_path.iterdir())
 
 
-@pytest.mark.packaging
-def test_the_wheel_installed_outside_the_source_tree_runs_the_demo(tmp_path):
-    # Build from a copy, so that nothing is written into the checkout; without isolation, so that
-    # nothing is downloaded (the venv's setuptools builds it).
+def _build(tmp_path: Path) -> Path:
+    """The sdist and wheel of this checkout, in ``tmp_path/dist``. Built from a copy, so that
+    nothing is written into the checkout; without isolation, so that nothing is downloaded (the
+    venv's setuptools builds it)."""
     tree = tmp_path / "tree"
     shutil.copytree(
         ROOT / "src", tree / "src", ignore=shutil.ignore_patterns("__pycache__", "*.egg-info")
@@ -160,11 +223,101 @@ def test_the_wheel_installed_outside_the_source_tree_runs_the_demo(tmp_path):
     for name in ("pyproject.toml", "README.md", "LICENSE"):
         shutil.copy(ROOT / name, tree / name)
     dist = tmp_path / "dist"
-    run = dict(capture_output=True, text=True, timeout=600)
     built = subprocess.run(
-        [sys.executable, "-m", "build", "--no-isolation", "--outdir", str(dist), str(tree)], **run
+        [sys.executable, "-m", "build", "--no-isolation", "--outdir", str(dist), str(tree)],
+        capture_output=True,
+        text=True,
+        timeout=600,
     )
     assert built.returncode == 0, built.stdout[-2000:] + built.stderr[-2000:]
+    return dist
+
+
+def _install(wheel: Path, site: Path) -> None:
+    """The wheel alone into ``site`` (its dependencies come from elsewhere)."""
+    installed = subprocess.run(
+        [sys.executable, "-m", "pip", "install", "--no-deps", "--no-index", "--target", str(site)]
+        + [str(wheel)],
+        capture_output=True,
+        text=True,
+        timeout=600,
+    )
+    assert installed.returncode == 0, installed.stderr[-2000:]
+
+
+def _closure(requirements: list[str]) -> set[str]:
+    """The installed distributions ``requirements`` need, theirs included (markers and extras as
+    pip reads them); one not installed here is one this platform does without."""
+    from importlib import metadata
+
+    from packaging.requirements import Requirement
+
+    todo, found = [(Requirement(r), "") for r in requirements], set()
+    while todo:
+        req, extra = todo.pop()
+        if req.marker and not req.marker.evaluate({"extra": extra}):
+            continue
+        try:
+            dist = metadata.distribution(req.name)
+        except metadata.PackageNotFoundError:
+            continue
+        key = f"{dist.metadata['Name']}[{','.join(sorted(req.extras))}]"
+        if key in found:
+            continue
+        found.add(key)
+        for r in dist.requires or []:
+            todo += [(Requirement(r), e) for e in ("", *req.extras)]
+    return {k.split("[")[0] for k in found}
+
+
+@pytest.mark.packaging
+def test_report_and_plot_from_a_plot_only_install(tmp_path):
+    """`pip install 'powergrad[plot]'`, made without the network: a fresh venv that sees only the
+    wheel and the distributions the [plot] extra pulls in (linked from this venv); PyYAML, timm,
+    torchvision and the rest are absent for real, not hidden."""
+    from importlib import metadata
+
+    wheel = next(_build(tmp_path).glob("*.whl"))
+    site, deps, env_dir = tmp_path / "site", tmp_path / "deps", tmp_path / "venv"
+    _install(wheel, site)
+    requires = metadata.Distribution.at(next(site.glob("powergrad-*.dist-info"))).requires or []
+    plot = [r.split(";")[0] for r in requires if 'extra == "plot"' in r]
+    core = [r for r in requires if "extra ==" not in r]
+    deps.mkdir()
+    for name in _closure(plot + core):
+        for f in metadata.distribution(name).files or []:
+            top = f.parts[0]
+            target = deps / top
+            if top not in ("..", "__pycache__") and not target.exists():
+                target.symlink_to(Path(f.locate()).parents[len(f.parts) - 1] / top)
+    venv = subprocess.run(
+        [sys.executable, "-m", "venv", "--without-pip", str(env_dir)], capture_output=True
+    )
+    assert venv.returncode == 0, venv.stderr
+    python = [str(env_dir / "bin" / "python"), "-s"]
+    env = {**os.environ, "PYTHONPATH": os.pathsep.join([str(site), str(deps)])}
+    cwd = tmp_path / "elsewhere"
+    cwd.mkdir()
+    absent = subprocess.run(
+        [
+            *python,
+            "-c",
+            "import importlib.util as u; print([u.find_spec(m) for m in "
+            "('yaml', 'timm', 'torchvision', 'tensorboard', 'sklearn')])",
+        ],
+        capture_output=True,
+        text=True,
+        cwd=cwd,
+        env=env,
+    )
+    assert absent.stdout.strip() == str([None] * 5), absent.stdout + absent.stderr
+    _report_and_plot([*python, "-m", "powergrad"], cwd, env)
+
+
+@pytest.mark.packaging
+def test_the_wheel_installed_outside_the_source_tree_runs_the_demo(tmp_path):
+    dist = _build(tmp_path)
+    run = dict(capture_output=True, text=True, timeout=600)
     wheel, sdist = next(dist.glob("*.whl")), next(dist.glob("*.tar.gz"))
     version = f"powergrad-{powergrad.__version__}"
     assert wheel.name == f"{version}-py3-none-any.whl"
@@ -192,21 +345,7 @@ def test_the_wheel_installed_outside_the_source_tree_runs_the_demo(tmp_path):
 
     # Installed into a folder of its own, the venv's packages as its dependencies.
     site = tmp_path / "site"
-    installed = subprocess.run(
-        [
-            sys.executable,
-            "-m",
-            "pip",
-            "install",
-            "--no-deps",
-            "--no-index",
-            "--target",
-            str(site),
-            str(wheel),
-        ],
-        **run,
-    )
-    assert installed.returncode == 0, installed.stderr[-2000:]
+    _install(wheel, site)
     cwd = tmp_path / "elsewhere"
     cwd.mkdir()
     env = {**os.environ, "PYTHONPATH": str(site)}  # not src/: the wheel's copy, nothing else

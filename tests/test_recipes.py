@@ -16,13 +16,13 @@ from timm.utils import dispatch_clip_grad
 from powergrad.cli import main
 from powergrad.config import list_recipes, load_config
 from powergrad.data import create_loaders
-from powergrad.engine import train
 from powergrad.engine.official import read_official
 from powergrad.engine.optim import create_optimizer, create_scheduler
 from powergrad.errors import UserError
 from powergrad.models import create_model, param_groups
 from powergrad.rundir import read_metrics
 from powergrad.tamper import PowerGradLoss
+from powergrad.workflows import train
 
 RECIPES = [n for n in list_recipes() if n.startswith(("imagenet/", "cifar10/"))]
 SMALL = {  # the recipe's shape at reduced size: synthetic images, 32 px, a batch of 2, one step

@@ -14,10 +14,10 @@ from torch.utils.data import DataLoader, TensorDataset
 import powergrad
 from powergrad.config import MonitorConfig, list_recipes, load_config
 from powergrad.data import create_loaders
-from powergrad.engine import evaluate
 from powergrad.errors import UserError
 from powergrad.monitor.checks import Monitor, identical_runs
 from powergrad.rundir import read_metrics
+from powergrad.workflows import evaluate
 
 QUIET = dict(epochs=3, batch_size=64, workers=0, device="cpu")
 # A small backbone on digits: ResNet-8 at 8x8 px, random weights (no network in tests).

@@ -9,6 +9,7 @@ with extras, loaded here only when asked for (see the README's "Install"):
   ``pip install 'powergrad[train]'``.
 """
 
+import importlib
 from typing import TYPE_CHECKING, Any
 
 from .errors import DivergenceError, MissingExtraError, UserError
@@ -53,7 +54,5 @@ _LAZY = {
 
 def __getattr__(name: str) -> Any:
     if name in _LAZY:
-        import importlib
-
         return getattr(importlib.import_module(f".{_LAZY[name]}", __name__), name)
     raise AttributeError(f"module 'powergrad' has no attribute {name!r}")

@@ -48,7 +48,7 @@ class CacheEntry:
 
 def _header(path: Path) -> tuple[int | None, int | None]:
     """(images, side) from the .npz's x array header, without reading the pixels."""
-    from numpy.lib import format as npformat
+    from numpy.lib import format as npformat  # [plot]'s numpy: `powergrad cache` runs without
 
     try:
         with zipfile.ZipFile(path) as z, z.open("x.npy") as f:

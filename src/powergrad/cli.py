@@ -20,16 +20,22 @@ import json
 import logging
 import os
 import sys
+import types
+import typing
 from collections.abc import Callable
 from pathlib import Path
 from typing import NoReturn
 
+from . import __version__
+from .cache import CACHE_ENV, cache_dir, clear_cache, list_cache
+from .config import BOUNDS, describe_recipe, field_groups, field_info, list_recipes, warnings_for
 from .errors import ONCE_DIR_ENV, DivergenceError, PeerFailedError, UserError, print_once
+from .preflight import check_paths
+from .rundir import teed_output
 
 
 class _Parser(argparse.ArgumentParser):
-    # An epilog built only when help is shown: `train`'s key listing imports the config (PyYAML),
-    # which a command such as `sweep` must not need before it names its own missing extra.
+    # An epilog built only when help is shown: `train`'s listing of every key.
     lazy_epilog: Callable[[], str] | None = None
 
     def format_help(self) -> str:
@@ -46,8 +52,6 @@ class _Parser(argparse.ArgumentParser):
 def _unrecognised(extra: list[str], argv: list[str], command: str) -> UserError:
     """Options argparse does not know. ``--epochs 1`` (timm's habit) is a recipe key: say how
     to write it (``epochs=1``)."""
-    from .config import field_info
-
     keys = {i.name for i in field_info()}
     for tok in extra:
         name, eq, value = tok.lstrip("-").partition("=")
@@ -82,8 +86,6 @@ def _split_recipe(args: list[str]) -> tuple[str | None, list[str]]:
 
 def _warn(cfg) -> None:
     """Settings allowed but rarely meant: one warning line each, from the first process only."""
-    from .config import warnings_for
-
     if os.environ.get("RANK", "0") == "0":
         for line in warnings_for(cfg):
             logging.getLogger("powergrad").warning("warning: %s", line)
@@ -165,8 +167,6 @@ def cmd_train(ns: argparse.Namespace) -> int:
 
 def cmd_config(ns: argparse.Namespace) -> int:
     """A dry run: the resolved config as YAML (a recipe to feed back), then what was checked."""
-    from .preflight import check_paths
-
     cfg = _resolve(ns)
     found = check_paths(cfg)
     _warn(cfg)
@@ -194,8 +194,6 @@ def cmd_eval(ns: argparse.Namespace) -> int:
 
 
 def cmd_recipes(ns: argparse.Namespace) -> int:
-    from .config import describe_recipe, list_recipes
-
     if ns.name:
         print("\n".join(describe_recipe(ns.name)))
         return 0
@@ -207,14 +205,14 @@ def cmd_recipes(ns: argparse.Namespace) -> int:
 
 
 def cmd_demo(ns: argparse.Namespace) -> int:
-    from .demo import run_demo
+    from .demo import run_demo  # the [train] extra: imported by the commands that need it only
 
     run_demo(out=ns.out, epochs=ns.epochs)
     return 0
 
 
 def cmd_sweep(ns: argparse.Namespace) -> int:
-    from .sweep import format_result, parse_grid, run_sweep
+    from .sweep import format_result, parse_grid, run_sweep  # the [sweep] extra: as run_demo
 
     recipe, axes, fixed = parse_grid(ns.args)
     result = run_sweep(
@@ -233,11 +231,11 @@ def cmd_sweep(ns: argparse.Namespace) -> int:
 
 def cmd_report(ns: argparse.Namespace) -> int:
     if ns.format == "html":  # one file, figures and all: its path is what is printed
-        from .report.html import write_html_report
+        from .report.html import write_html_report  # the [plot] extra: as run_demo
 
         print(write_html_report(ns.paths, ns.out))
         return 0
-    from .report.tables import report
+    from .report.tables import report  # the [plot] extra: as run_demo
 
     text = report(ns.paths, ns.format)
     if ns.out:
@@ -248,7 +246,7 @@ def cmd_report(ns: argparse.Namespace) -> int:
 
 
 def cmd_plot(ns: argparse.Namespace) -> int:
-    from .report.figures import make_figures
+    from .report.figures import make_figures  # the [plot] extra: as run_demo
 
     for path in make_figures(ns.paths, ns.out):
         print(path)
@@ -256,8 +254,6 @@ def cmd_plot(ns: argparse.Namespace) -> int:
 
 
 def cmd_cache(ns: argparse.Namespace) -> int:
-    from .cache import CACHE_ENV, cache_dir, clear_cache, list_cache
-
     folder = cache_dir()
     if ns.action == "clear":
         n, freed = clear_cache(folder)
@@ -276,9 +272,6 @@ def cmd_cache(ns: argparse.Namespace) -> int:
 
 def _type_name(tp) -> str:
     """int, float?, list[int]?: a key's type as a user writes it (? = may be null)."""
-    import types
-    import typing
-
     args = typing.get_args(tp)
     optional = typing.get_origin(tp) in (typing.Union, types.UnionType) and type(None) in args
     base = next(a for a in args if a is not type(None)) if optional else tp
@@ -292,8 +285,6 @@ def _type_name(tp) -> str:
 
 def keys_help() -> str:
     """Every recipe key by group, one line each: key=default, type, help (from the fields)."""
-    from .config import field_groups
-
     lines = [
         "recipe keys (key=value after the recipe; monitor.NAME=value for the nested ones;",
         "? = may be null; `powergrad config RECIPE key=value ...` prints the resolved config):",
@@ -317,15 +308,15 @@ def keys_help() -> str:
                 )
             )
             extra = (
-                f" [{'|'.join(i.choices)}]" if i.choices else (f" ({i.bound})" if i.bound else "")
+                f" [{'|'.join(i.choices)}]"
+                if i.choices
+                else (f" ({BOUNDS[i.bound][0]})" if i.bound else "")
             )
             lines.append(f"  {i.name + '=' + default:<34} {_type_name(i.type):<10} {i.help}{extra}")
     return "\n".join(lines)
 
 
 def build_parser() -> argparse.ArgumentParser:
-    from . import __version__
-
     p = _Parser(
         prog="powergrad", description="Softmax Gradient Tampering: train, evaluate, sweep, report."
     )
@@ -459,8 +450,6 @@ def _configure_logging() -> None:
 def main(argv: list[str] | None = None) -> int:
     _configure_logging()
     argv = sys.argv[1:] if argv is None else list(argv)
-    from .rundir import teed_output
-
     with teed_output():  # what is printed also goes to the train.log of the run folder, once open
         return _main(argv)
 

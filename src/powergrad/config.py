@@ -8,6 +8,7 @@ path there without ``.yaml`` (``imagenet/resnet50-cosine-a0.3``).
 
 from __future__ import annotations
 
+import copy
 import dataclasses
 import difflib
 import hashlib
@@ -22,7 +23,7 @@ from typing import Any, Union
 
 from .errors import UserError, extra
 
-with extra("train"):
+if typing.TYPE_CHECKING:
     import yaml
 
 __all__ = [
@@ -45,6 +46,16 @@ __all__ = [
 
 GROUPS = ("model", "data", "optimisation", "tampering", "checkpoints", "machinery")
 
+# The bounds a number may have (a field's ``bound``): how ``--help`` and the error say it, and
+# the test. Every int and float key has one (tests/test_config_keys.py checks that).
+BOUNDS: dict[str, tuple[str, typing.Callable[[float], bool]]] = {
+    ">0": ("> 0", lambda v: v > 0),
+    ">=0": (">= 0", lambda v: v >= 0),
+    ">=2": (">= 2", lambda v: v >= 2),
+    "[0, 1)": ("in [0, 1)", lambda v: 0 <= v < 1),
+    "[0, 1]": ("in [0, 1]", lambda v: 0 <= v <= 1),
+}
+
 
 def _key(
     default: Any = dataclasses.MISSING,
@@ -62,11 +73,13 @@ def _key(
     ``help`` is the one-line description (``powergrad train --help``), ``group`` one of
     :data:`GROUPS`, ``affects_result`` whether a different value can change what is learned (it
     decides ``config_hash``, the report's setting and what a resume must keep equal), ``choices``
-    the allowed values, ``bound`` ``">0"`` or ``">=0"``, ``probe_feature`` whether the key decides
-    a linear probe's cached features.
+    the allowed values, ``bound`` one of :data:`BOUNDS` (for a list, each item's; None passes),
+    ``probe_feature`` whether the key decides a linear probe's cached features.
     """
     if group not in GROUPS:
         raise ValueError(f"group {group!r} is not one of {GROUPS}")
+    if bound is not None and bound not in BOUNDS:
+        raise ValueError(f"bound {bound!r} is not one of {list(BOUNDS)}")
     meta = {
         "help": help,
         "group": group,
@@ -86,43 +99,53 @@ class MonitorConfig:
     reported, never what is learned."""
 
     stall_epochs: int = _key(
-        3, help="judge 'stalled' after this many epochs", group="machinery", affects_result=False
+        3,
+        help="judge 'stalled' after this many epochs",
+        group="machinery",
+        affects_result=False,
+        bound=">0",
     )
     stall_loss_change: float = _key(
         0.01,
         help="relative train-loss change below which loss is 'frozen'",
         group="machinery",
         affects_result=False,
+        bound=">=0",
     )
     stall_acc_margin: float = _key(
         0.02,
         help="accuracy within this of chance counts as 'at chance'",
         group="machinery",
         affects_result=False,
+        bound=">=0",
     )
     dead_filter_norm: float = _key(
         1e-3,
         help="a conv filter whose weight norm falls below this is dead",
         group="machinery",
         affects_result=False,
+        bound=">=0",
     )
     dead_filter_share: float = _key(
         0.05,
         help="warn when more than this share of filters is dead",
         group="machinery",
         affects_result=False,
+        bound="[0, 1]",
     )
     overfit_patience: int = _key(
         3,
         help="epochs the held-out loss must stay risen before 'overfitting'",
         group="machinery",
         affects_result=False,
+        bound=">0",
     )
     overfit_rise: float = _key(
         0.2,
         help="how far above its lowest (a share) the held-out loss must stay",
         group="machinery",
         affects_result=False,
+        bound=">=0",
     )
     filter_norms: bool = _key(
         False,
@@ -135,6 +158,7 @@ class MonitorConfig:
         help="steps between filter-norm records (0: at epoch ends only)",
         group="machinery",
         affects_result=False,
+        bound=">=0",
     )
     logit_stats: bool = _key(
         True,
@@ -183,7 +207,7 @@ class Config:
         choices=("none", "backbone"),
     )
     head_lr: float | None = _key(
-        None, help="learning rate of the head (default: lr)", group="optimisation"
+        None, help="learning rate of the head (default: lr)", group="optimisation", bound=">0"
     )
     probe_layer: str | None = _key(
         None,
@@ -231,24 +255,31 @@ class Config:
         None,
         help="image side in pixels (default: the data set's)",
         group="data",
+        bound=">0",
         probe_feature=True,
     )
     augment: str = _key(
         "auto", help="training augmentation (auto: the data set's usual one; none)", group="data"
     )
     train_subset: int | None = _key(
-        None, help="train on N images (class-balanced, seeded)", group="data", probe_feature=True
+        None,
+        help="train on N images (class-balanced, seeded)",
+        group="data",
+        bound=">0",
+        probe_feature=True,
     )
     test_subset: int | None = _key(
         None,
         help="evaluate on N test images (class-balanced, seeded)",
         group="data",
+        bound=">0",
         probe_feature=True,
     )
     val_fraction: float = _key(
         0.0,
         help="share of the training set held out for validation (and best.pt)",
         group="data",
+        bound="[0, 1)",
         probe_feature=True,
     )
     skip_bad_images: bool = _key(
@@ -259,6 +290,7 @@ class Config:
         help="classes of dataset=synthetic; elsewhere read from the data "
         "(a different value is an error)",
         group="data",
+        bound=">=2",
         probe_feature=True,
     )
     synthetic_size: int = _key(
@@ -277,7 +309,7 @@ class Config:
     lr: float = _key(0.1, help="peak learning rate", group="optimisation", bound=">0")
     optimizer: str = _key("sgd", help="optimiser", group="optimisation", choices=("sgd", "adamw"))
     momentum: float = _key(
-        0.9, help="SGD momentum (AdamW: beta1)", group="optimisation", bound=">=0"
+        0.9, help="SGD momentum (AdamW: beta1)", group="optimisation", bound="[0, 1)"
     )
     nesterov: bool = _key(True, help="Nesterov momentum (SGD)", group="optimisation")
     weight_decay: float = _key(
@@ -299,15 +331,16 @@ class Config:
         1e-4, help="learning rate at the start of the warm-up", group="optimisation", bound=">=0"
     )
     decay_epochs: float = _key(
-        30.0, help="step/exp schedules: epochs between decays", group="optimisation"
+        30.0, help="step/exp schedules: epochs between decays", group="optimisation", bound=">0"
     )
     decay_milestones: list[int] | None = _key(
         None,
         help="step schedule: epochs at which lr is multiplied by decay_rate",
         group="optimisation",
+        bound=">0",
     )
     decay_rate: float = _key(
-        0.1, help="step/exp schedules: the factor of each decay", group="optimisation", bound=">=0"
+        0.1, help="step/exp schedules: the factor of each decay", group="optimisation", bound=">0"
     )
     min_lr: float = _key(
         0.0, help="lowest learning rate of the schedule", group="optimisation", bound=">=0"
@@ -328,7 +361,7 @@ class Config:
         group="tampering",
         bound=">=0",
     )
-    label_smoothing: float = _key(0.0, help="label smoothing in [0, 1)", group="tampering")
+    label_smoothing: float = _key(0.0, help="label smoothing", group="tampering", bound="[0, 1)")
     clip: str = _key(
         "none",
         help="gradient clipping",
@@ -336,7 +369,7 @@ class Config:
         choices=("none", "norm", "value", "agc"),
     )
     clip_value: float = _key(
-        1.0, help="threshold of the gradient clipping", group="optimisation", bound=">=0"
+        1.0, help="threshold of the gradient clipping", group="optimisation", bound=">0"
     )
     # checkpoints
     resume: str | None = _key(
@@ -427,10 +460,10 @@ class Config:
         return dataclasses.asdict(self)
 
     def to_yaml(self) -> str:
-        return yaml.safe_dump(self.to_dict(), sort_keys=False)
+        with extra("train"):  # PyYAML comes with the trainer; report and plot read keys without it
+            import yaml
 
-    def save(self, path: str | Path) -> None:
-        Path(path).write_text(self.to_yaml())
+        return yaml.safe_dump(self.to_dict(), sort_keys=False)
 
 
 @dataclass(frozen=True)
@@ -582,22 +615,33 @@ def _coerce(key: str, value: Any, tp: Any) -> Any:
         if origin is list:
             (item,) = typing.get_args(base)
             if isinstance(value, str):
-                value = yaml.safe_load(value) if value.startswith("[") else value.split(",")
+                value = _flow(value) if value.startswith("[") else value.split(",")
             if not isinstance(value, (list, tuple)):
                 value = [value]
             return [_coerce(key, v, item) for v in value]
         if base is dict:
             if isinstance(value, str):
-                value = yaml.safe_load(value)
+                value = _flow(value)
             if not isinstance(value, dict):
                 raise ValueError
             return dict(value)
-    except (TypeError, ValueError, yaml.YAMLError):
+    except (TypeError, ValueError):
         pass
     else:
         raise AssertionError(f"unhandled type {tp} for {key}")
     name = getattr(base, "__name__", str(base))
     raise UserError(f"{key}: expected {name}, got {value!r}")
+
+
+def _flow(text: str) -> Any:
+    """A YAML value given on the command line (``[30, 60]``, ``{depth: 3}``); ValueError if none."""
+    with extra("train"):  # PyYAML comes with the trainer; report and plot read keys without it
+        import yaml
+
+    try:
+        return yaml.safe_load(text)
+    except yaml.YAMLError:
+        raise ValueError(text) from None
 
 
 def _fields(cls: type) -> dict[str, Any]:
@@ -628,6 +672,13 @@ def _set(raw: dict[str, Any], dotted: str, value: Any) -> None:
 
 
 def _build(raw: dict[str, Any]) -> Config:
+    cfg = _construct(raw)
+    validate(cfg)
+    return cfg
+
+
+def _construct(raw: dict[str, Any]) -> Config:
+    """The Config of raw recipe values, each coerced to its type; not yet validated."""
     hints = _fields(Config)
     kwargs: dict[str, Any] = {}
     for key, value in raw.items():
@@ -645,34 +696,36 @@ def _build(raw: dict[str, Any]) -> Config:
             kwargs[key] = MonitorConfig(**mkw)
         else:
             kwargs[key] = _coerce(key, value, hints[key])
-    cfg = Config(**kwargs)
-    validate(cfg)
-    return cfg
+    return Config(**kwargs)
 
 
 def validate(cfg: Config) -> None:
-    """Check values that have a type but not every value of it is allowed."""
-    for info in field_info(nested=False):
-        value = getattr(cfg, info.name)
-        if isinstance(value, float) and not math.isfinite(value):
-            raise UserError(f"{info.name}: must be a finite number, got {value!r}")
-        if info.choices and value not in info.choices:
-            raise UserError(f"{info.name}: must be one of {', '.join(info.choices)}; got {value!r}")
-        if info.bound == ">0" and not value > 0:
-            raise UserError(f"{info.name}: must be > 0, got {value!r}")
-        if info.bound == ">=0" and not value >= 0:
-            raise UserError(f"{info.name}: must be >= 0, got {value!r}")
-    if not 0.0 <= cfg.label_smoothing < 1.0:
-        raise UserError(f"label_smoothing: must be in [0, 1), got {cfg.label_smoothing!r}")
-    if not 0.0 <= cfg.val_fraction < 1.0:
-        raise UserError(f"val_fraction: must be in [0, 1), got {cfg.val_fraction!r}")
+    """Check values that have a type but not every value of it is allowed: each key's choices and
+    bound from its field (:func:`field_info`), then what holds between keys."""
+    for info in field_info():
+        if info.name == "monitor":
+            continue  # its keys follow as monitor.*
+        value: Any = cfg
+        for part in info.name.split("."):
+            value = getattr(value, part)
+        for v in value if isinstance(value, list) else [value]:
+            _check_value(info, v)
     if cfg.warmup_epochs + cfg.cooldown_epochs > cfg.epochs and cfg.warmup_epochs > 0:
         raise UserError(
             f"warmup_epochs ({cfg.warmup_epochs}) + cooldown_epochs ({cfg.cooldown_epochs}) "
             f"exceed epochs ({cfg.epochs})"
         )
-    if cfg.img_size is not None and cfg.img_size < 1:
-        raise UserError(f"img_size: must be >= 1, got {cfg.img_size!r}")
+
+
+def _check_value(info: FieldInfo, value: Any) -> None:
+    if isinstance(value, float) and not math.isfinite(value):
+        raise UserError(f"{info.name}: must be a finite number, got {value!r}")
+    if info.choices and value not in info.choices:
+        raise UserError(f"{info.name}: must be one of {', '.join(info.choices)}; got {value!r}")
+    if info.bound and value is not None:
+        said, holds = BOUNDS[info.bound]
+        if not holds(value):
+            raise UserError(f"{info.name}: must be {said}, got {value!r}")
 
 
 # ---------------------------------------------------------------- recipes on disk
@@ -697,37 +750,56 @@ def list_recipes() -> dict[str, str]:
     return out
 
 
-class _UniqueKeyLoader(yaml.SafeLoader):
-    """safe_load that refuses a key given twice in one mapping (PyYAML keeps the last silently,
-    so `lr: 0.1` ... `lr: 0.4` would train at 0.4 without a word)."""
+def _check_keys(node: yaml.Node | None, path: Path) -> None:
+    """Refuse the keys that safe_load would take silently or crash on: a key given twice in one
+    mapping (PyYAML keeps the last, so `lr: 0.1` ... `lr: 0.4` would train at 0.4 without a word)
+    and a key that is not a plain name (`? [a, b]`)."""
+    import yaml  # called by _read_yaml only, which imported it under the [train] extra
 
-    def construct_mapping(self, node, deep=False):
-        seen: dict[Any, int] = {}
-        for key_node, _ in node.value:
-            key = self.construct_object(key_node, deep=deep)
-            line = key_node.start_mark.line + 1
-            if key in seen:
+    todo, done = [node], set()
+    while todo:  # a walk, not a recursion: an alias may point back to a node above it
+        node = todo.pop()
+        if id(node) in done:
+            continue
+        done.add(id(node))
+        if isinstance(node, yaml.SequenceNode):
+            todo += node.value
+        if not isinstance(node, yaml.MappingNode):
+            continue
+        seen: dict[str, int] = {}
+        for key, value in node.value:
+            line = key.start_mark.line + 1
+            if not isinstance(key, yaml.ScalarNode):
                 raise UserError(
-                    f"{self.name}: key {key!r} is given twice (lines {seen[key]} and {line})"
+                    f"{path}: line {line}: a key must be a plain name, not a list or mapping"
                 )
-            seen[key] = line
-        return super().construct_mapping(node, deep=deep)
-
-
-def _safe_load_unique(stream: Any) -> Any:
-    """yaml.safe_load with the duplicate-key check: the body of yaml.load, with the SafeLoader
-    subclass above built here, so that no general yaml.load call exists in the package."""
-    loader = _UniqueKeyLoader(stream)
-    try:
-        return loader.get_single_data()
-    finally:
-        loader.dispose()
+            if key.value in seen:
+                raise UserError(
+                    f"{path}: key {key.value!r} is given twice (lines {seen[key.value]} and {line})"
+                )
+            seen[key.value] = line
+            todo.append(value)
 
 
 def _read_yaml(path: Path) -> dict[str, Any]:
+    with extra("train"):  # PyYAML comes with the trainer; report and plot read keys without it
+        import yaml
+
     try:
-        with open(path) as f:  # the loader takes the file's name from it, for its messages
-            data = _safe_load_unique(f)
+        text = path.read_bytes().decode("utf-8")
+        _check_keys(yaml.compose(text, Loader=yaml.SafeLoader), path)  # nodes only: no objects
+        data = yaml.safe_load(text)
+    except UnicodeDecodeError as e:
+        raise UserError(
+            f"{path}: not UTF-8 text (byte 0x{e.object[e.start]:02x} at offset {e.start}); "
+            "a recipe is a YAML text file"
+        ) from None
+    except yaml.reader.ReaderError as e:  # a control character: binary content
+        code = e.character if isinstance(e.character, int) else ord(e.character)
+        raise UserError(
+            f"{path}: not a text file (character 0x{code:02x} at offset {e.position}); "
+            "a recipe is a YAML text file"
+        ) from None
     except yaml.constructor.ConstructorError as e:
         # safe_load builds plain values only: a tag such as !!python/object/apply is refused.
         mark = getattr(e, "problem_mark", None)
@@ -819,14 +891,43 @@ def load_config(
     """Build a Config from a recipe (a YAML path or built-in name; None = ``digits``) and overrides.
 
     ``overrides`` is a list of ``key=value`` strings (dotted keys for nested values) or a dict.
+    Overrides that change the result also change ``description`` (see :func:`_described`),
+    unless they set it.
     """
-    raw = _load_raw(str(recipe) if recipe is not None else "digits")
+    name = str(recipe) if recipe is not None else "digits"
+    raw = _load_raw(name)
+    as_recipe = _construct(copy.deepcopy(raw))
     items = overrides.items() if isinstance(overrides, dict) else _parse_overrides(overrides or [])
     for key, value in items:
         if key.split(".")[0] not in _fields(Config):
             raise _unknown(key)
         _set(raw, key, value)
-    return _build(raw)
+    cfg = _construct(raw)
+    if "description" not in dict(items):  # a description given with the overrides stands
+        cfg.description = _described(name, as_recipe, cfg)
+    validate(cfg)
+    return cfg
+
+
+def _described(recipe: str, as_recipe: Config, cfg: Config) -> str:
+    """The recipe's description, or, where overrides changed what is learned, the recipe and the
+    changes first and the recipe's own words marked as its: config.yaml of ``digits
+    model=resnet20 dataset=imagefolder`` must not say "scikit-learn digits, small MLP"."""
+    before, after = as_recipe.to_dict(), cfg.to_dict()
+    changed = [f"{k}={_shown(after[k])}" for k in result_keys() if before[k] != after[k]]
+    if not changed:
+        return cfg.description
+    own = f"; the recipe says: {as_recipe.description}" if as_recipe.description else ""
+    return f"recipe {recipe} changed by {' '.join(changed)}{own}"
+
+
+def _shown(value: Any) -> str:
+    """A value as it would be typed after the recipe (``lr=0.1``, ``decay_milestones=[30,60]``)."""
+    if isinstance(value, (list, dict)):
+        return json.dumps(value, separators=(",", ":"))
+    return (
+        "null" if value is None else str(value).lower() if isinstance(value, bool) else str(value)
+    )
 
 
 def _parse_overrides(args: list[str]) -> list[tuple[str, Any]]:

@@ -5,8 +5,11 @@ from __future__ import annotations
 from pathlib import Path
 from typing import Any
 
-from .engine import train
-from .report.plots import plot_compare
+from .errors import extra
+
+with extra("train"):  # the demo trains (and [train] brings [plot] with it)
+    from .report.plots import plot_compare
+    from .workflows import train
 
 __all__ = ["run_demo"]
 

@@ -148,7 +148,7 @@ def _build(name: str, cflags: list[str], ldflags: list[str], directory: Path) ->
     try:
         # cpp_extension runs `ninja` from PATH; the PyPI wheel's binary is not on it when the
         # environment was not activated (`.venv/bin/python ...`).
-        import ninja
+        import ninja  # optional: without it the loss uses PyTorch's ops
 
         os.environ["PATH"] = os.pathsep.join([ninja.BIN_DIR, path])
     except ImportError:

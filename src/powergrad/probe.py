@@ -26,7 +26,15 @@ from typing import Any
 import torch
 
 from .config import Config, probe_feature_keys
-from .errors import UserError
+from .errors import UserError, extra
+
+with extra("train"):
+    from .data import create_loaders
+    from .data.memory import MemoryEvalLoader, MemoryTrainLoader
+    from .engine.distributed import DistInfo, cleanup, init_distributed, pick_device
+    from .engine.loop import evaluate_loader, run_training
+    from .engine.state import load_model_state, seed_everything
+    from .models import Probe, create_model
 
 log = logging.getLogger("powergrad")
 
@@ -53,10 +61,6 @@ def train_probe(
     """Train a linear probe on ``cfg.model``'s frozen features at ``cfg.probe_layer``.
 
     ``loop_options`` go to :func:`run_training` as they do from :func:`powergrad.workflows.train`."""
-    from .data.memory import MemoryEvalLoader, MemoryTrainLoader
-    from .engine.distributed import cleanup, init_distributed
-    from .engine.loop import run_training
-
     dist = init_distributed(cfg.device)
     try:
         if dist.enabled:
@@ -107,10 +111,6 @@ def train_probe(
 
 def evaluate_probe(cfg: Config, state: dict[str, Any], checkpoint: str | Path) -> dict[str, float]:
     """Evaluate a probe checkpoint on images: the recipe's backbone plus the saved head."""
-    from .engine.distributed import DistInfo, pick_device
-    from .engine.loop import evaluate_loader
-    from .engine.state import load_model_state
-
     device = pick_device(cfg.device)
     try:
         probe, loaders = _build(cfg, device)
@@ -139,8 +139,6 @@ def standardisation(x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
 def create_probe(cfg: Config, num_classes: int, in_chans: int, img_size: int):
     """``cfg.model`` built as any run builds it (weights, pretrained), wrapped in a
     :class:`powergrad.models.Probe` at ``cfg.probe_layer``: the backbone frozen, ``fc`` trains."""
-    from .models import Probe, create_model
-
     if cfg.probe_layer is None:
         raise ValueError("create_probe: cfg.probe_layer names no layer to probe")
     backbone = create_model(
@@ -161,9 +159,6 @@ def create_probe(cfg: Config, num_classes: int, in_chans: int, img_size: int):
 
 def _build(cfg: Config, device: torch.device):
     """The Probe and the loaders, seeded as train() seeds them (a random backbone comes out the same)."""
-    from .data import create_loaders
-    from .engine.state import seed_everything
-
     seed_everything(cfg.seed)
     loaders = create_loaders(dataclasses.replace(cfg, augment="none"), device)
     seed_everything(cfg.seed)
@@ -188,7 +183,6 @@ def _features(probe, loaders, cfg: Config, device: torch.device) -> dict[str, to
             return {k: v for k, v in saved.items() if k != "key"}
         if saved is not None:
             log.info("probe_cache %s was made with other settings: recomputing", cache)
-    from .data.memory import MemoryEvalLoader, MemoryTrainLoader
 
     train = loaders.train
     if isinstance(train, MemoryTrainLoader):  # every training image once, in order

@@ -69,7 +69,7 @@ def _close(bar: Any) -> None:
 
 
 def _bar(total: int | None, desc: str, unit: str, initial: int = 0) -> Any:
-    from tqdm import tqdm
+    from tqdm import tqdm  # [train]'s tqdm, imported only where a terminal shows a bar
 
     return tqdm(
         total=total,

@@ -57,7 +57,12 @@ from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any
 
-from .errors import MissingExtraError, UserError, extra
+import torch
+
+from .config import Config, _coerce, field_info, load_config
+from .errors import DivergenceError, MissingExtraError, UserError, extra
+from .progress import clock
+from .rundir import read_summary, refuse_run_dir
 
 with extra("sweep"):
     import optuna
@@ -70,8 +75,7 @@ with extra("sweep"):
     )
     from optuna.trial import FrozenTrial, TrialState, create_trial
 
-    from .config import Config, _coerce, field_info, load_config
-    from .rundir import read_summary, refuse_run_dir
+    from .workflows import train
 
 __all__ = ["run_sweep", "run_points", "parse_grid", "typed", "SweepResult", "run_name"]
 
@@ -461,8 +465,6 @@ def _heartbeat(storage: optuna.storages.RDBStorage, trial_id: int) -> Iterator[N
 def _sweep_progress(q: Queue, spec: dict[str, Any], name: str) -> str:
     """One line as a trial starts: which point, how many are done, and an ETA from the trials
     trained so far (their mean wall time, over the trials running in parallel)."""
-    from .progress import clock
-
     total = len(spec["points"])
     done = q.study.get_trials(deepcopy=False, states=DONE)
     took = [
@@ -500,8 +502,6 @@ def _train_trial(
     run_dir: Path,
 ) -> str:
     """Train the point into its run directory (resume=auto); the trial's state says how it ended."""
-    from .engine import train
-    from .errors import DivergenceError
 
     def on_epoch(row: dict[str, Any]) -> bool:
         value = row["val_acc"] if row.get("val_acc") is not None else row["test_acc"]
@@ -546,8 +546,6 @@ def _metric(final: dict[str, Any]) -> str:
 def _worker(spec: dict[str, Any], threads: int | None = None) -> None:
     """One worker: claim queued trials and run them until the queue is empty."""
     if threads:
-        import torch
-
         torch.set_num_threads(threads)
     q = _open_queue(spec["storage"], spec["grid_space"], _pruner(spec["prune"], spec["epochs"]))
     while (claimed := _claim(q)) is not None:

@@ -42,7 +42,7 @@ def _download(name: str, root: Path, fetch: Callable[[], object]) -> None:
 
 def build_digits(cfg: Config) -> Arrays:
     """scikit-learn's bundled 8x8 digits; a fixed stratified 80/20 split (random_state=0)."""
-    with extra("train"):
+    with extra("train"):  # scikit-learn, a heavy import, for this data set only
         from sklearn.datasets import load_digits
         from sklearn.model_selection import train_test_split
 

@@ -13,11 +13,17 @@ import logging
 import os
 import signal
 import sys
+import tempfile
 from dataclasses import dataclass
 from pathlib import Path
 
 import torch
 import torch.distributed as dist
+from torch.distributed.elastic.multiprocessing.api import SignalException
+from torch.distributed.elastic.multiprocessing.errors import ChildFailedError
+from torch.distributed.run import parse_args, run
+
+from ..errors import ONCE_DIR_ENV, PeerFailedError, UserError
 
 __all__ = [
     "DistInfo",
@@ -60,8 +66,6 @@ def pick_device(want: str, local_rank: int = 0) -> torch.device:
     """``auto``: the local GPU if there is one, else the CPU."""
     if want == "cuda" or (want == "auto" and torch.cuda.is_available()):
         if not torch.cuda.is_available():
-            from ..errors import UserError
-
             raise UserError("device=cuda but no CUDA GPU is visible; use device=cpu or auto")
         torch.cuda.set_device(local_rank)
         return torch.device("cuda", local_rank)
@@ -126,8 +130,6 @@ def check_same_everywhere(values: dict[str, int], info: DistInfo) -> None:
         if lo != hi
     ]
     if differ:
-        from ..errors import UserError
-
         raise UserError(
             f"the {info.world_size} processes disagree ({'; '.join(differ)}): every node must see the "
             "same data and the same run directory (a shared file system) to start or resume together"
@@ -144,8 +146,6 @@ def raise_if_peer_failed(error: BaseException, info: DistInfo) -> None:
         return
     text = str(error)
     if isinstance(error, dist.DistError) or any(w in text for w in _PEER_GONE):
-        from ..errors import PeerFailedError
-
         first = text.strip().splitlines()[0][:160] if text.strip() else type(error).__name__
         raise PeerFailedError(
             f"rank {info.rank}: another process stopped during a collective; its own message says "
@@ -166,14 +166,6 @@ def launch_local(nproc: int, argv: list[str]) -> int:
     worker's one line, printed once however many workers hit it, and its exit code; any other
     failure adds one line naming every failed rank.
     """
-    import tempfile
-
-    from torch.distributed.elastic.multiprocessing.api import SignalException
-    from torch.distributed.elastic.multiprocessing.errors import ChildFailedError
-    from torch.distributed.run import parse_args, run
-
-    from ..errors import ONCE_DIR_ENV
-
     # torchrun keeps SIGINT (Ctrl-C), SIGHUP and SIGQUIT: it passes them on and stops the workers.
     args = parse_args(
         [

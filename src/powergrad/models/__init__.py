@@ -25,7 +25,6 @@ with extra("train"):
 
 from ..config import Config
 from .convnet import convnet
-from .inspect import filter_norms
 from .linear import mlp, softmax_regression
 from .probe import Probe
 from .resnet9 import resnet9
@@ -39,7 +38,6 @@ __all__ = [
     "get_head",
     "list_models",
     "set_train_mode",
-    "filter_norms",
     "read_state_dict",
     "Probe",
 ]

@@ -34,7 +34,7 @@ def read_state_dict(path: str | Path) -> dict[str, torch.Tensor]:
     if not p.is_file():
         raise UserError(f"weights={path}: file not found")
     if p.suffix == ".safetensors":
-        with extra("train"):
+        with extra("train"):  # for .safetensors files only
             from safetensors.torch import load_file
 
         try:

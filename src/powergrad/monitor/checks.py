@@ -39,6 +39,7 @@ from torch import Tensor, nn
 from torch.utils.hooks import RemovableHandle
 
 from ..config import MonitorConfig
+from ..rundir import TIMING_COLUMNS, read_metrics
 
 log = logging.getLogger("powergrad")
 
@@ -95,7 +96,7 @@ class Monitor:
         One comparison and one reduction per step, kept on the device; read once per epoch.
         """
         try:
-            from ..models import get_head
+            from ..models import get_head  # [train] (timm): report reads this module with [plot]
 
             _, head = get_head(model)
         except Exception:  # noqa: BLE001 - a model without a findable head is not checked
@@ -259,8 +260,6 @@ def identical_runs(run_dirs: list[str | Path]) -> list[tuple[Path, Path]]:
     metrics.csv. A deterministic rerun of the same recipe and seed also matches: the report says
     whether the configs differ. Runs without metrics are skipped.
     """
-    from ..rundir import TIMING_COLUMNS, read_metrics
-
     tables = []
     for run in run_dirs:
         rows = read_metrics(run)

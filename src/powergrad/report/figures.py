@@ -37,6 +37,7 @@ import matplotlib
 import numpy as np
 
 from ..errors import UserError
+from ..monitor.filters import read_filter_norms
 from ..rundir import read_metrics, refuse_run_dir
 from .plots import PERCENT, integer_epochs, new_figure, one_point_note, plain_log_ticks, save_figure
 from .tables import MACHINERY, Run, load_runs
@@ -387,9 +388,6 @@ def make_figures(paths: list[str | Path], out: str | Path | None = None) -> list
     written.append(plot_accuracy_vs_alpha(families, out / "accuracy_vs_alpha.png"))
     written.append(plot_logit_stats_vs_alpha(families, out / "logit_stats_vs_alpha.png"))
     written.append(plot_loss_vs_logit_norm(runs, out / "loss_vs_logit_norm.png"))
-    from .. import engine  # noqa: F401  (monitor and engine import each other: engine first)
-    from ..monitor.filters import read_filter_norms
-
     unique = len({r.path.name for r in runs}) == len(runs)
     for r in runs:
         data = read_filter_norms(r.path)

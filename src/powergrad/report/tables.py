@@ -26,6 +26,7 @@ from scipy import stats
 
 from ..config import machinery_keys
 from ..errors import UserError
+from ..monitor.checks import identical_runs
 from ..rundir import read_summary
 
 __all__ = [
@@ -275,19 +276,13 @@ def format_table(rows: list[dict[str, Any]], fmt: str = "md") -> str:
 
 def identical_run_warnings(runs: list[Run]) -> list[str]:
     """Runs whose per-epoch metrics are identical (seed 002's copied table), from the monitor's
-    ``identical_runs`` check (powergrad.monitor.checks); nothing if that check is absent."""
-    from .. import engine  # noqa: F401  (monitor and engine import each other: engine first)
-    from ..monitor import checks
-
-    check = getattr(checks, "identical_runs", None)
-    if check is None or len(runs) < 2:
+    ``identical_runs`` check (powergrad.monitor.checks)."""
+    if len(runs) < 2:
         return []
-    found = check([r.path for r in runs])
-    warnings = []
-    for item in found or []:
-        group = item if isinstance(item, (list, tuple)) else [item]
-        warnings.append("identical per-epoch metrics: " + ", ".join(map(str, group)))
-    return warnings
+    return [
+        "identical per-epoch metrics: " + ", ".join(map(str, pair))
+        for pair in identical_runs([r.path for r in runs])
+    ]
 
 
 def report(paths: list[str | Path], fmt: str = "md") -> str:
