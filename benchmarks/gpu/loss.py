@@ -34,6 +34,8 @@ def versions(ctx: Ctx) -> None:
         "python": platform.python_version(),
         "cpu_cores": os.cpu_count(),
         "gpus": torch.cuda.device_count(),
+        # the CPU's C++ loss op (powergrad.kernels) is off in the dry run, as it is on CUDA
+        "cpu_loss_op": "off" if os.environ.get("POWERGRAD_CPU_KERNEL") == "0" else "on",
     }
     if ctx.cuda:
         p = torch.cuda.get_device_properties(0)
