@@ -241,8 +241,10 @@ def test_sigterm_kills_the_step_and_its_children_and_keeps_the_records(fake_step
 
 def test_record_writes_itself_after_every_change(tmp_path):
     rec = Record("x", sink=tmp_path / "r.json")
-    rec.row(a=float("nan"), b=0.1234567891)
-    assert json.loads((tmp_path / "r.json").read_text())["rows"] == [{"a": "nan", "b": 0.123457}]
+    rec.row(a=float("nan"), b=0.1234567891, c=5.2e-8)
+    assert json.loads((tmp_path / "r.json").read_text())["rows"] == [
+        {"a": "nan", "b": 0.123457, "c": 5.2e-08}
+    ]
     rec.check("c", False)
     rec.finish()
     assert json.loads((tmp_path / "r.json").read_text())["status"] == "failed"

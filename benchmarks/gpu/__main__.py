@@ -59,6 +59,11 @@ def parse(argv: list[str] | None) -> argparse.Namespace:
     return args
 
 
+def usage_error(message: str) -> SystemExit:
+    print(f"python3 -m benchmarks.gpu: error: {message}", file=sys.stderr)
+    return SystemExit(2)
+
+
 def unpack(arg: str, work: Path) -> Path:
     """CIFAR-10 as an image folder: the folder itself, or the archive unpacked into work/."""
     path = Path(arg).expanduser()
@@ -70,7 +75,9 @@ def unpack(arg: str, work: Path) -> Path:
             path,
         )
     if not path.is_file():
-        raise SystemExit(f"--data {arg}: no train/ folder, archive, or cifar10-jpeg.tar[.gz] there")
+        raise usage_error(
+            f"--data {arg}: no train/ folder, archive, or cifar10-jpeg.tar[.gz] there"
+        )
     dest = work / "cifar10"
     if not (dest / "train").is_dir() and not any(dest.glob("*/train")):
         with tarfile.open(path) as t:  # "r:*": plain or gzip
@@ -79,7 +86,7 @@ def unpack(arg: str, work: Path) -> Path:
         dest if (dest / "train").is_dir() else next((p.parent for p in dest.glob("*/train")), None)
     )
     if found is None:
-        raise SystemExit(f"--data {arg}: the archive holds no train/ folder")
+        raise usage_error(f"--data {arg}: the archive holds no train/ folder")
     return found
 
 

@@ -68,11 +68,11 @@ def plan_seconds(plan: list[Callable]) -> float:
 
 
 def plain(v: Any) -> Any:
-    """A JSON-safe value: floats rounded (inf/nan as text), tensors and numpy scalars unwrapped."""
+    """A JSON-safe value: floats to 6 significant digits (inf/nan as text), tensors and numpy scalars unwrapped."""
     if hasattr(v, "item") and callable(v.item) and getattr(v, "ndim", 0) == 0:
         v = v.item()
-    if isinstance(v, float):
-        return round(v, 6) if math.isfinite(v) else str(v)
+    if isinstance(v, float):  # 6 significant digits: a 5e-8 error must not read as 0
+        return float(f"{v:.6g}") if math.isfinite(v) else str(v)
     return v
 
 
@@ -187,7 +187,8 @@ def child_main(target: str, work: Path, data: Path | None, budget: float, tiny: 
 
 
 def first_line(fn: Callable) -> str:
-    return (fn.__doc__ or fn.__name__).strip().splitlines()[0]
+    """A step's docstring's first paragraph, on one line: what the step measures."""
+    return " ".join((fn.__doc__ or fn.__name__).strip().split("\n\n")[0].split())
 
 
 # ----------------------------------------------------------------------------- the parent side
