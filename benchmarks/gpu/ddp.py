@@ -23,7 +23,7 @@ def weights_diff(a: Path, b: Path) -> float:
     return max((wa[k].double() - wb[k].double()).abs().max().item() for k in wa if wa[k].numel())
 
 
-@step(budget_s=50)
+@step(budget_s=45)
 def ddp(ctx: Ctx) -> None:
     """torchrun --nproc_per_node=2 on one GPU with POWERGRAD_DIST_BACKEND=gloo, so that DDP's
     code path (process group, gradient all-reduce, no_sync micro-batches, rank-0 writes) runs;
@@ -31,7 +31,7 @@ def ddp(ctx: Ctx) -> None:
     # tests/test_distributed.py's recipe: digits, batch 4, an MLP (no batch norm, so one process
     # and two compute the same update); accum_steps=2 adds no_sync micro-batches.
     args = {
-        "epochs": 1 if ctx.tiny else 2,
+        "epochs": 1,
         "batch_size": 4,
         "lr": 0.01,
         "seed": 1,

@@ -144,7 +144,7 @@ def loss_calls(
     }
 
 
-@step(budget_s=60)
+@step(budget_s=70)
 def loss(ctx: Ctx) -> None:
     """The loss: exact in fp32, bf16 and fp16 (dtype-rounded float64 reference); its forward +
     backward time against F.cross_entropy, eager and compiled, at 4096 x 1000 and 65536 x 1000."""

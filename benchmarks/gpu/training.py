@@ -325,14 +325,14 @@ def resnet20_run(ctx: Ctx, name: str, keys: dict[str, Any]) -> dict[str, Any] | 
     return run
 
 
-@step(budget_s=70)
+@step(budget_s=65)
 def train_bf16(ctx: Ctx) -> None:
     """cifar10/resnet20-jpeg, bf16 + channels-last, 5 epochs: images/s, the data share of an
     epoch (the loader alone, timed apart), peak memory, test accuracy."""
     resnet20_run(ctx, "bf16_channels_last", {"amp": "bf16", "channels_last": True})
 
 
-@step(budget_s=90)
+@step(budget_s=100)
 def train_compiled(ctx: Ctx) -> None:
     """The same with compile=true: compile time (the first epoch's excess over a steady epoch)
     apart from the steady rate; accuracy against the eager run."""
@@ -388,7 +388,7 @@ def history_diff(a: list[dict], b: list[dict]) -> float:
     return worst
 
 
-@step(budget_s=55)
+@step(budget_s=50)
 def resume(ctx: Ctx) -> None:
     """SIGKILL mid-epoch, then resume=auto: the run completes, its metrics continue; bitwise or
     within the noise of two uninterrupted runs."""
@@ -411,7 +411,7 @@ def resume(ctx: Ctx) -> None:
     else:
         args.update(
             img_size=32,
-            synthetic_size=12800,
+            synthetic_size=6400,
             batch_size=128,
             epochs=5,
             amp="bf16",
