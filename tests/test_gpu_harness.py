@@ -47,6 +47,14 @@ def test_each_run_fits_its_time_limit():
         assert all(fn.budget_s >= harness.MIN_STEP_S for fn in plan)
 
 
+def test_checkout_leaves_room_for_the_data():
+    """A GPU machine gets the working tree and .data/ in 64 MiB: CIFAR-10 (JPEG) packed with
+    gzip -1 is 19.1 MiB (make gpu-data checks the real sum; tests never read ../shared)."""
+    from benchmarks.gpu.carry import CARRY_LIMIT, checkout_bytes
+
+    assert checkout_bytes() + 20 * 2**20 < CARRY_LIMIT
+
+
 def test_first_run_steps_in_order():
     assert [fn.__name__ for fn in plans.FIRST] == FIRST_STEPS
     assert [fn.__name__ for fn in plans.SECOND] == ["cifar94", "resnet50_compiled", "stream"]
