@@ -5,7 +5,7 @@ For each model in powergrad.models.MODELS: one short run of ``powergrad.train`` 
 JSON line per model and mode: ok, the error if not, the training steps per second of the last
 epoch (the first epoch holds torch.compile's compilation) and the final train loss.
 
-    python benchmarks/compile_check.py [--models all] [--batch-size 32] [--steps 4] [--device cpu]
+    python benchmarks/compile_check.py [--models all] [--batch-size 32] [--steps 4] [--device cuda]
 
 torch.compile on the CPU needs a C++ compiler (gcc). Timings here are a smoke-level context,
 not a benchmark: use gpu_resnet50.py for the modes' speed on a GPU.
@@ -36,7 +36,11 @@ def main() -> None:
     ap.add_argument("--models", default="all", help="comma-separated local model names, or all")
     ap.add_argument("--batch-size", type=int, default=32)
     ap.add_argument("--steps", type=int, default=4, help="training steps per epoch (2 epochs)")
-    ap.add_argument("--device", default="cpu")
+    ap.add_argument(
+        "--device",
+        default="cuda" if torch.cuda.is_available() else "cpu",
+        help="default: cuda where there is one (a GPU's modes are what this checks), else cpu",
+    )
     args = ap.parse_args()
     names = sorted(MODELS) if args.models == "all" else args.models.split(",")
     failed = 0

@@ -42,6 +42,8 @@ PREEMPTION_SIGNALS = tuple(
     s for s in (getattr(signal, "SIGTERM", None), getattr(signal, "SIGUSR1", None)) if s
 )
 
+BACKEND_ENV = "POWERGRAD_DIST_BACKEND"  # the process group's backend, if not the device's usual
+
 # Words with which gloo reports that another process went away mid-collective.
 _PEER_GONE = ("Connection closed by peer", "Connection reset by peer", "Broken pipe")
 
@@ -67,8 +69,10 @@ def pick_device(want: str, local_rank: int = 0) -> torch.device:
     if want == "cuda" or (want == "auto" and torch.cuda.is_available()):
         if not torch.cuda.is_available():
             raise UserError("device=cuda but no CUDA GPU is visible; use device=cpu or auto")
-        torch.cuda.set_device(local_rank)
-        return torch.device("cuda", local_rank)
+        # More processes than GPUs (POWERGRAD_DIST_BACKEND=gloo: DDP tested on one GPU) share them.
+        index = local_rank % torch.cuda.device_count()
+        torch.cuda.set_device(index)
+        return torch.device("cuda", index)
     return torch.device("cpu")
 
 
@@ -79,13 +83,14 @@ def init_distributed(device: str = "auto") -> DistInfo:
     local = int(os.environ.get("LOCAL_RANK", "0"))
     dev = pick_device(device, local)
     if world > 1 and not dist.is_initialized():
-        backend = "nccl" if dev.type == "cuda" else "gloo"
+        # NCCL refuses two processes on one GPU; gloo takes them (POWERGRAD_DIST_BACKEND=gloo).
+        backend = os.environ.get(BACKEND_ENV) or ("nccl" if dev.type == "cuda" else "gloo")
         # A collective waits at most this long for a missing rank (PyTorch's default is 10-30
         # minutes). torchrun usually ends the group sooner: it stops every worker as soon as one
         # exits non-zero. A whole ImageNet eval pass sits between two collectives, so not seconds.
         timeout = datetime.timedelta(seconds=int(os.environ.get("POWERGRAD_DIST_TIMEOUT", "300")))
         dist.init_process_group(
-            backend, timeout=timeout, device_id=dev if dev.type == "cuda" else None
+            backend, timeout=timeout, device_id=dev if backend == "nccl" else None
         )
     if world > 1 and rank != 0:  # one copy of the progress lines: rank 0's; warnings from all
         logging.getLogger("powergrad").setLevel(logging.WARNING)
