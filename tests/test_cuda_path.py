@@ -21,7 +21,6 @@
 from __future__ import annotations
 
 import dataclasses
-import math
 import traceback
 from collections.abc import Iterator
 from pathlib import Path
@@ -31,8 +30,8 @@ import pytest
 import torch
 import torch.nn.functional as F
 from test_data import write_folder
-from torch.utils._pytree import tree_leaves, tree_map
 from torch.utils._python_dispatch import TorchDispatchMode, return_and_correct_aliasing
+from torch.utils._pytree import tree_leaves, tree_map
 
 from powergrad.config import load_config
 from powergrad.data import create_loaders, folder, memory
@@ -230,6 +229,10 @@ def _isolated(tmp_path, monkeypatch):
     monkeypatch.setenv("POWERGRAD_CACHE", str(tmp_path / "cache"))
     monkeypatch.setenv("POWERGRAD_PROGRESS", "off")  # its time-based loss reads are not per step
     monkeypatch.setenv("POWERGRAD_CPU_KERNEL", "0")  # the loss as on a GPU: PyTorch's ops
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)  # tiny ops: a second thread only waits for a busy core
+    yield
+    torch.set_num_threads(threads)
 
 
 def drain(loader: Any, fake: FakeCuda, epoch: int = 0) -> list[tuple[torch.Tensor, torch.Tensor]]:
@@ -277,7 +280,7 @@ def test_memory_loader_under_fake_tensor_mode(augment):
         y = torch.zeros(32, dtype=torch.int64, device=CUDA)
         loader = memory.MemoryTrainLoader(x, y, transform, 8, seed=0)
         for xb, yb in loader:
-            assert xb.device == CUDA and xb.shape == (8, 3, 24, 24)
+            assert xb.device == yb.device == CUDA and xb.shape == (8, 3, 24, 24)
         for xb, _ in memory.MemoryEvalLoader(x, y, transform, 8):
             assert xb.shape == (8, 3, 24, 24)
 
