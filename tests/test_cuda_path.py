@@ -2,13 +2,15 @@
 
 1. Host reads. A GPU runs ahead of Python until Python reads a value off it (``.item()``,
    ``int(t)``, ``bool(t)``, ``.cpu()``, ``.tolist()``, an op whose output size depends on the
-   data); each read makes the host wait for the device. :class:`FakeCuda` runs every op on the
+   data); each read makes the host wait for the device, and so does a host-to-device copy made
+   without ``non_blocking`` (``torch.tensor(x, device=...)``). :class:`FakeCuda` runs every op on the
    CPU while the tensors say they are on ``cuda:0`` (so the code takes its CUDA branches) and
    records each read with the line of powergrad that made it. The data path (every ``augment``
    kind, the in-memory loader, both image-folder paths), the models' forward and the trainer's
    steps must make none, apart from the reads the loop documents (engine/loop.py): the
    divergence flag ``int(t.bad_step)`` at a check-in (every ``SYNC_EVERY`` steps on a GPU, the
-   epoch's last step) and ``check_outputs`` on the run's first batch. torch's own
+   epoch's last step) and ``check_outputs`` on the run's first batch; an evaluation reads its
+   sums once. Setting up (loaders, the model) may copy and wait as it likes. torch's own
    ``FakeTensorMode`` (values never computed, so any read raises) runs the data path too.
 2. Compilation. The loss and a trainer step under ``torch.compile(backend="aot_eager")``, which
    traces the forward and the backward (AOTAutograd), with the loss's C++ op off as it is on a
@@ -141,6 +143,20 @@ class FakeCuda(TorchDispatchMode):
         torch._C._set_only_lift_cpu_tensors(self._lift)
         super().__exit__(*exc)
 
+    @staticmethod
+    def waiting_upload(func: Any, args: tuple, kwargs: dict, to: str | None) -> bool:
+        """A host-to-device copy without non_blocking: CUDA's copy then waits for the stream
+        (torch.tensor(data, device=...) is one)."""
+        if func is aten._to_copy.default:
+            src, blocking = args[0], not kwargs.get("non_blocking", False)
+            return to == "cuda" and blocking and not isinstance(src, CudaTensor)
+        if func is aten.copy_.default:
+            dst, src = args[0], args[1]
+            blocking = not (args[2] if len(args) > 2 else kwargs.get("non_blocking", False))
+            uploads = isinstance(dst, CudaTensor) and not isinstance(src, CudaTensor)
+            return uploads and blocking and src.dim() > 0
+        return False
+
     def __torch_dispatch__(self, func, types, args=(), kwargs=None):
         kwargs = kwargs or {}
         leaves = tree_leaves((args, kwargs))
@@ -159,6 +175,8 @@ class FakeCuda(TorchDispatchMode):
         )
         if func in READS or to_host or masked:
             self.record(str(func) + (" by a mask" if masked else ""))
+        elif self.waiting_upload(func, args, kwargs, to):
+            self.record(f"{func} from the host, non_blocking=False")
         if on_cuda and func not in MIXED_OK:
             for a in leaves:
                 if isinstance(a, torch.Tensor) and not isinstance(a, CudaTensor) and a.dim():
@@ -189,9 +207,10 @@ def test_fake_cuda_records_reads_and_refuses_mixed_devices():
     refuses what a GPU refuses."""
     with FakeCuda() as fake:
         a = torch.arange(6.0, device=CUDA)
-        b = torch.tensor([1.0, 2.0], device=CUDA) + torch.zeros(2).to(CUDA)
+        b = torch.tensor([1.0, 2.0], device=CUDA) + torch.zeros(2).to(CUDA, non_blocking=True)
         assert a.device == CUDA and a.is_cuda and isinstance(b, CudaTensor)
-        assert fake.reads == []
+        b.copy_(torch.ones(2), non_blocking=True)
+        b.copy_(torch.ones(2))
         assert float(a.sum()) == 15.0 and bool(a[2] > 1) and a[1:3].tolist() == [1.0, 2.0]
         assert torch.equal(a.cpu(), torch.arange(6.0)) and len(a[a > 3]) == 2
         view = a.view(2, 3)
@@ -201,6 +220,8 @@ def test_fake_cuda_records_reads_and_refuses_mixed_devices():
             a + torch.ones(6)
     kinds = [site.split(" at ")[0] for _, site in fake.reads]
     assert kinds == [
+        "aten._to_copy.default from the host, non_blocking=False",  # torch.tensor(.., device)
+        "aten.copy_.default from the host, non_blocking=False",
         "aten._local_scalar_dense.default",
         "aten._local_scalar_dense.default",
         "tolist",
@@ -235,6 +256,11 @@ def _isolated(tmp_path, monkeypatch):
     torch.set_num_threads(threads)
 
 
+def during(fake: FakeCuda) -> list[tuple[Any, str]]:
+    """The reads made in a marked phase (batches, steps), not while setting up."""
+    return [(phase, site) for phase, site in fake.reads if phase is not None]
+
+
 def drain(loader: Any, fake: FakeCuda, epoch: int = 0) -> list[tuple[torch.Tensor, torch.Tensor]]:
     """Every batch of an epoch, each read attributed to the batch it came during."""
     if hasattr(loader, "set_epoch"):
@@ -261,7 +287,7 @@ def test_memory_loader_makes_no_host_read(augment):
         loaders = create_loaders(cfg, CUDA)
         got = drain(loaders.train, fake)
         drain(loaders.test, fake)
-    assert fake.reads == []
+    assert during(fake) == []
     assert len(got) == len(want) == 7
     for (x, y), (wx, wy) in zip(got, want):
         assert x.device == y.device == CUDA
@@ -300,7 +326,7 @@ def test_image_folder_paths_make_no_host_read(path, augment, tmp_path, monkeypat
         assert isinstance(loaders.train, folder.StreamLoader) == (path == "stream")
         got = drain(loaders.train, fake)
         drain(loaders.test, fake)
-    assert fake.reads == []
+    assert during(fake) == []
     assert len(got) == 3 and all(x.device == CUDA and x.shape[1:] == (3, 16, 16) for x, _ in got)
 
 
@@ -310,8 +336,10 @@ def test_models_forward_makes_no_host_read(name):
     model = create_model(cfg, 10, 3, 16)
     with FakeCuda() as fake:
         model.to(CUDA).to(memory_format=torch.channels_last)
-        logits = model(torch.randn(4, 3, 16, 16).to(CUDA))
-    assert fake.reads == [] and logits.device == CUDA and logits.shape == (4, 10)
+        x = torch.randn(4, 3, 16, 16).to(CUDA)
+        fake.phase = "forward"
+        logits = model(x)
+    assert during(fake) == [] and logits.device == CUDA and logits.shape == (4, 10)
 
 
 # ----------------------------------------------------------------------------- trainer steps
