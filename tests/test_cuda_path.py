@@ -2,10 +2,10 @@
 
 1. Host reads. A GPU runs ahead of Python until Python reads a value off it (``.item()``,
    ``int(t)``, ``bool(t)``, ``.cpu()``, ``.tolist()``, an op whose output size depends on the
-   data); each read makes the host wait for the device, and so does a host-to-device copy made
-   without ``non_blocking`` (``torch.tensor(x, device=...)``). :class:`FakeCuda` runs every op on the
-   CPU while the tensors say they are on ``cuda:0`` (so the code takes its CUDA branches) and
-   records each read with the line of powergrad that made it. The data path (every ``augment``
+   data); each read makes the host wait for the device, and so does a host-to-device copy
+   made without ``non_blocking`` (``torch.tensor(x, device=...)``). :class:`FakeCuda` runs
+   every op on the CPU while the tensors say they are on ``cuda:0`` (so the code takes its CUDA
+   branches) and records each read or wait with the line of powergrad that made it. The data path (every ``augment``
    kind, the in-memory loader, both image-folder paths), the models' forward and the trainer's
    steps must make none, apart from the reads the loop documents (engine/loop.py): the
    divergence flag ``int(t.bad_step)`` at a check-in (every ``SYNC_EVERY`` steps on a GPU, the
@@ -132,7 +132,7 @@ class FakeCuda(TorchDispatchMode):
         self.reads.append((self.phase, f"{what} at {powergrad_line()}"))
 
     def __enter__(self) -> FakeCuda:
-        # torch.tensor(data, device="cuda") builds a CPU tensor and copies it (as under FakeTensorMode).
+        # torch.tensor(data, device="cuda"): a CPU tensor, then a copy (as FakeTensorMode has it).
         self._lift = torch._C._only_lift_cpu_tensors()
         torch._C._set_only_lift_cpu_tensors(True)
         FakeCuda.current = self
