@@ -2,12 +2,12 @@
 
 1. Host reads. A GPU runs ahead of Python until Python reads a value off it (``.item()``,
    ``int(t)``, ``bool(t)``, ``.cpu()``, ``.tolist()``, an op whose output size depends on the
-   data); each read makes the host wait for the device, and so does a host-to-device copy
-   made without ``non_blocking`` (``torch.tensor(x, device=...)``). :class:`FakeCuda` runs
-   every op on the CPU while the tensors say they are on ``cuda:0`` (so the code takes its CUDA
-   branches) and records each read or wait with the line of powergrad that made it. The data
-   path (every ``augment`` kind, the in-memory loader, both image-folder paths), the models'
-   forward and the trainer's steps must make none, apart from the reads the loop documents (engine/loop.py): the
+   data); each read makes the host wait for the device, and so does a host-to-device copy made
+   without ``non_blocking`` (``torch.tensor(x, device=...)``). :class:`FakeCuda` runs every op
+   on the CPU while the tensors say they are on ``cuda:0`` (so the code takes its CUDA branches)
+   and records each read or wait with the line of powergrad that made it. The data path (every
+   ``augment`` kind, the in-memory loader, both image-folder paths), the models' forward and the
+   trainer's steps must make none, apart from the reads the loop documents (engine/loop.py): the
    divergence flag ``int(t.bad_step)`` at a check-in (every ``SYNC_EVERY`` steps on a GPU, the
    epoch's last step) and ``check_outputs`` on the run's first batch; an evaluation reads its
    sums once. Setting up (loaders, the model) may copy and wait as it likes. torch's own
