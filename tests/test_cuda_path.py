@@ -35,6 +35,7 @@ from test_data import write_folder
 from torch.utils._python_dispatch import TorchDispatchMode, return_and_correct_aliasing
 from torch.utils._pytree import tree_leaves, tree_map
 
+import powergrad
 from powergrad.config import load_config
 from powergrad.data import create_loaders, folder, memory
 from powergrad.engine import loop
@@ -104,11 +105,14 @@ class CudaTensor(torch.Tensor):
         raise RuntimeError(f"{func} on a CudaTensor outside FakeCuda")
 
 
+PACKAGE = Path(powergrad.__file__).parent
+
+
 def powergrad_line() -> str:
     """The innermost line of powergrad's own code on the stack: who made the read."""
     for frame in reversed(traceback.extract_stack()):
-        if f"{Path('src', 'powergrad')}" in frame.filename:
-            where = frame.filename.split(f"{Path('src', 'powergrad')}/", 1)[1]
+        if Path(frame.filename).is_relative_to(PACKAGE):
+            where = Path(frame.filename).relative_to(PACKAGE).as_posix()
             return f"{where}:{frame.lineno} {frame.name}: {frame.line}"
     return "outside powergrad"
 
@@ -311,6 +315,7 @@ def test_memory_loader_under_fake_tensor_mode(augment):
             assert xb.shape == (8, 3, 24, 24)
 
 
+@pytest.mark.filterwarnings("ignore:'pin_memory' argument is set as true")  # no GPU here
 @pytest.mark.parametrize("path", ["memory", "stream"])
 @pytest.mark.parametrize("augment", ["auto", *AUGMENTS])
 def test_image_folder_paths_make_no_host_read(path, augment, tmp_path, monkeypatch):
