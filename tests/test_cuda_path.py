@@ -542,15 +542,16 @@ def ulp(x: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
 FLOAT32_UNITS = 32
 
 
-@pytest.mark.parametrize("op", ["pytorch", "cpp"])
 @pytest.mark.parametrize(
-    "dtype,n,c",
+    "dtype,n,c,op",  # op: the loss's PyTorch ops (as on a GPU), or its C++ op (the CPU's)
     [
-        (torch.float16, 4096, 1000),
-        (torch.bfloat16, 4096, 1000),
-        (torch.float16, 256, 10),
-        (torch.bfloat16, 256, 10),
-        (torch.float32, 4096, 1000),
+        (torch.float16, 4096, 1000, "pytorch"),
+        (torch.bfloat16, 4096, 1000, "pytorch"),
+        (torch.float16, 256, 10, "pytorch"),
+        (torch.bfloat16, 256, 10, "pytorch"),
+        (torch.float32, 4096, 1000, "pytorch"),
+        (torch.float16, 4096, 1000, "cpp"),
+        (torch.float32, 4096, 1000, "cpp"),
     ],
 )
 @pytest.mark.parametrize("ls", [0.0, 0.1])
