@@ -385,7 +385,12 @@ class StepMarks:
 
 @pytest.mark.parametrize(
     "augment,extra",
-    [("none", {}), ("flip", {}), ("cifar", {"clip": "norm"}), ("imagenet", {"accum_steps": 2})],
+    [
+        ("none", {}),
+        ("flip", {"label_smoothing": 0.1}),
+        ("cifar", {"clip": "norm", "channels_last": True}),
+        ("imagenet", {"accum_steps": 2}),
+    ],  # (not amp: torch turns CUDA autocast off where it finds no GPU)
 )
 def test_trainer_steps_read_only_at_check_ins(augment, extra, monkeypatch):
     """Two epochs of 7 steps on the fake GPU, check-ins every 3 steps: the steps between
