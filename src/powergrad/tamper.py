@@ -151,6 +151,8 @@ def _tampered_softmax_(log_p: Tensor, alpha: float) -> Tensor:
         p = log_p.masked_fill_(log_p > -math.inf, 0.0)
     else:
         p = log_p.mul_(alpha)
+    if torch.compiler.is_compiling():  # dynamo refuses out= on a strided view; the compiler
+        return torch.softmax(p, 1)  # chooses the buffers itself
     if p.dim() == 2 and p.shape[1] <= _TRANSPOSED_MAX_C:
         return torch.softmax(p.T, 0, out=p.T).T
     return torch.softmax(p, 1, out=p)

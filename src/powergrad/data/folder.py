@@ -33,7 +33,7 @@ from ..errors import UserError
 from ..preflight import data_dir_required, imagefolder_dirs
 from ..progress import track
 from . import sampling
-from .memory import Arrays, fits_in_memory
+from .memory import Arrays, cifar_pad, fits_in_memory
 
 IMAGENET_MEAN = (0.485, 0.456, 0.406)
 IMAGENET_STD = (0.229, 0.224, 0.225)
@@ -357,7 +357,7 @@ def stream_transform(augment: str, size: int, train: bool) -> v2.Compose:
         )
     steps = [v2.Resize(size, antialias=True), v2.CenterCrop(size)]
     if augment == "cifar":
-        steps.append(v2.RandomCrop(size, padding=max(1, size // 8), padding_mode="reflect"))
+        steps.append(v2.RandomCrop(size, padding=cifar_pad(size), padding_mode="reflect"))
     return v2.Compose([*steps, v2.RandomHorizontalFlip(), v2.PILToTensor()])
 
 

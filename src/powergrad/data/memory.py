@@ -97,9 +97,7 @@ class BatchTransform:
         if self.augment in ("cifar", "flip", "imagenet"):
             p["flip"] = torch.rand(n, generator=gen) < 0.5
         if self.augment == "cifar":
-            # The CIFAR recipe's 4 px of padding on 32 px, scaled with the stored image size.
-            pad = max(1, side // 8)
-            p["pad"] = torch.tensor(pad)
+            pad = cifar_pad(side)
             p["dy"] = torch.randint(0, 2 * pad + 1, (n,), generator=gen)
             p["dx"] = torch.randint(0, 2 * pad + 1, (n,), generator=gen)
         if self.augment == "imagenet":
@@ -118,8 +116,8 @@ class BatchTransform:
     ) -> torch.Tensor:
         if params:
             params = {k: v.to(x.device, non_blocking=True) for k, v in params.items()}
-            if "dx" in params:
-                x = _pad_crop(x, int(params["pad"]), params["dy"], params["dx"])
+            if "dx" in params:  # the pad comes from the shape: reading a device tensor would sync
+                x = _pad_crop(x, cifar_pad(x.shape[-1]), params["dy"], params["dx"])
             if "flip" in params and "w" not in params:
                 x = torch.where(params["flip"].view(-1, 1, 1, 1), x.flip(3), x)
         xf = x.float()
@@ -137,6 +135,11 @@ class BatchTransform:
         if self.channels_last:
             xf = xf.contiguous(memory_format=torch.channels_last)
         return xf
+
+
+def cifar_pad(side: int) -> int:
+    """The CIFAR recipe's 4 px of padding on 32 px, scaled with the stored image size."""
+    return max(1, side // 8)
 
 
 def _pad_crop(x: torch.Tensor, pad: int, dy: torch.Tensor, dx: torch.Tensor) -> torch.Tensor:
@@ -193,7 +196,7 @@ class MemoryTrainLoader:
             sl = sampling.rank_slice(len(gidx), self.rank, self.world_size)
             gen = torch.Generator().manual_seed(sampling.step_seed(self.seed, self.epoch, step))
             params = self.transform.draw(gen, len(gidx), self.x.shape[-1])
-            params = {k: (v[sl] if v.ndim else v) for k, v in params.items()}
+            params = {k: v[sl] for k, v in params.items()}
             idx = gidx[sl].to(self.x.device, non_blocking=True)
             yield self.transform(self.x[idx], params), self.y[idx]
 

@@ -325,7 +325,8 @@ def evaluate_loader(
                 F.cross_entropy(logits, y, reduction="sum").double(),
                 (topk[:, 0] == hard).sum().double(),
                 (topk == hard.unsqueeze(1)).any(1).sum().double(),
-                torch.tensor(float(len(hard)), dtype=torch.float64, device=device),
+                # a fill on the device: torch.tensor(n, device=...) copies and waits for the GPU
+                torch.full((), float(len(hard)), dtype=torch.float64, device=device),
             ]
         )
     loss, top1, top5, n = all_reduce_sum(sums, dist).tolist()
