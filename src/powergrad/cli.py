@@ -6,7 +6,7 @@
     powergrad recipes [NAME]
     powergrad demo [--out DIR]
     powergrad sweep RECIPE key=v1,v2 ... --out DIR [--seeds N] [--workers N] [--storage URL] [--prune]
-    powergrad report PATH ... [--format md|csv|json]
+    powergrad report PATH ... [--format md|csv|json] [--pick KEY ...]
     powergrad plot PATH ... [--out DIR]
     powergrad cache [list|clear]
 
@@ -232,8 +232,17 @@ def cmd_sweep(ns: argparse.Namespace) -> int:
 
 
 def cmd_report(ns: argparse.Namespace) -> int:
+    if ns.pick:
+        from .report.pick import parse_seeds, pick_report
+
+        pick_seeds = parse_seeds(ns.pick_seeds) if ns.pick_seeds else None
+        test_seeds = parse_seeds(ns.test_seeds) if ns.test_seeds else None
+        print(pick_report(ns.paths, ns.pick, ns.format, ns.pick_on, pick_seeds, test_seeds))
+        return 0
     from .report.tables import report
 
+    if ns.pick_seeds or ns.test_seeds or ns.pick_on != "val_acc":
+        raise UserError("report: --pick-on, --pick-seeds and --test-seeds need --pick KEY")
     print(report(ns.paths, ns.format))
     return 0
 
@@ -386,6 +395,29 @@ def build_parser() -> argparse.ArgumentParser:
         "paths", nargs="+", metavar="PATH", help="run directories or folders holding them"
     )
     rp.add_argument("--format", choices=("md", "csv", "json"), default="md")
+    rp.add_argument(
+        "--pick",
+        action="append",
+        metavar="KEY",
+        help="the fair comparison: for each alpha pick KEY's value (repeat for several keys) "
+        "on validation, then compare each alpha at its pick with alpha=1 at its pick on test",
+    )
+    rp.add_argument(
+        "--pick-on",
+        default="val_acc",
+        metavar="METRIC",
+        help="what the pick maximises: val_acc (default) or val_loss (minimised); never test",
+    )
+    rp.add_argument(
+        "--pick-seeds",
+        metavar="SEEDS",
+        help="pick on these seeds only, e.g. 0-9 (default: the seeds every value tried shares)",
+    )
+    rp.add_argument(
+        "--test-seeds",
+        metavar="SEEDS",
+        help="compare on these seeds only, e.g. 10-29 (default: every seed both picks hold)",
+    )
     rp.set_defaults(fn=cmd_report)
 
     pl = sub.add_parser("plot", help="the paper's figures (PNG) from run dirs")

@@ -16,17 +16,15 @@ import csv
 import io
 import json
 import logging
-import math
 import statistics
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-from scipy import stats
-
 from ..config import machinery_keys
 from ..errors import UserError
 from ..rundir import read_summary
+from .stats import t_interval
 
 __all__ = [
     "find_runs",
@@ -118,15 +116,6 @@ def paired_difference(
     if len(diffs) < 2:
         return None
     return (*t_interval(diffs), len(diffs))
-
-
-def t_interval(diffs: list[float]) -> tuple[float, float, float]:
-    """Mean and 95% t-interval of paired differences (NaN bounds with fewer than two)."""
-    mean = statistics.fmean(diffs)
-    if len(diffs) < 2:
-        return mean, math.nan, math.nan
-    half = stats.t.ppf(0.975, len(diffs) - 1) * statistics.stdev(diffs) / math.sqrt(len(diffs))
-    return mean, mean - half, mean + half
 
 
 def results_table(runs: list[Run]) -> list[dict[str, Any]]:
