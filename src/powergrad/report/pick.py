@@ -440,7 +440,7 @@ def format_pick(results: list[PickResult], fmt: str = "md") -> str:
         w.writeheader()
         for row in table:
             w.writerow({k: "" if v is None else v for k, v in row.items()})
-        return buf.getvalue()
+        return buf.getvalue().rstrip("\n")
     if fmt != "md":
         raise UserError(f"report --pick: --format must be md, csv or json, got {fmt!r}")
     if len(results) == 1:
