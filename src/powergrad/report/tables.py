@@ -24,7 +24,7 @@ from typing import Any
 from ..config import machinery_keys
 from ..errors import UserError
 from ..rundir import read_summary
-from .stats import t_interval
+from .stats import paired, t_interval
 
 __all__ = [
     "find_runs",
@@ -107,15 +107,13 @@ def paired_difference(
 ) -> tuple[float, float, float, int] | None:
     """Mean and 95% t-interval (percentage points) of ``key`` in ``runs`` minus ``base`` over the
     seeds both hold, and the number of pairs; None with fewer than two pairs."""
-    by_seed = {r.config.get("seed"): r for r in base}
-    diffs = [
-        100 * (r.final[key] - by_seed[r.config.get("seed")].final[key])
-        for r in runs
-        if r.config.get("seed") in by_seed
-    ]
-    if len(diffs) < 2:
+    d = paired(
+        {r.config["seed"]: 100 * r.final[key] for r in runs},
+        {r.config["seed"]: 100 * r.final[key] for r in base},
+    )
+    if d is None or len(d.seeds) < 2:
         return None
-    return (*t_interval(diffs), len(diffs))
+    return d.mean, d.lo, d.hi, len(d.seeds)
 
 
 def results_table(runs: list[Run]) -> list[dict[str, Any]]:
