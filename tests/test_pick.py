@@ -268,3 +268,15 @@ def test_verdict_words_follow_docs_results_rules():
 def test_holm_is_the_one_the_study_scripts_use():
     adjusted = holm([0.01, 0.04, 0.03, float("nan"), 0.5])
     assert adjusted[:3] == pytest.approx([0.05, 0.12, 0.12]) and adjusted[4] == 1.0
+
+
+def test_pairs_that_all_differ_alike_are_not_testable_and_say_why(tmp_path):
+    # 360 test images: two seeds can both lose exactly 2 images; a t-test has no spread to use
+    for s in range(2):
+        fake_run(tmp_path, 1.0, s, 0.9, 0.9 + 0.01 * s, lr=0.1)
+        fake_run(tmp_path, 0.5, s, 0.9, 0.9 + 0.01 * s - 2 / 360, lr=0.1)
+    runs, _ = load_runs([tmp_path])
+    (r,) = pick_results(runs, ("lr",))
+    (c,) = r.comparisons
+    assert math.isnan(c.diff.p) and c.verdict == NOT_TESTABLE
+    assert any("all 2 seed pairs differ by the same -0.56 points" in w for w in r.warnings)

@@ -274,6 +274,19 @@ def _compare(arms: list[Arm], test_seeds: tuple[int, ...] | None) -> list[Compar
     ]
 
 
+def _untestable(c: Comparison) -> str:
+    """Why a comparison has no test, or ''."""
+    n = len(c.diff.seeds) if c.diff else 0
+    if n < 2:
+        return f"alpha {c.alpha:g}: {n} seed pair(s) with alpha = 1's pick: no interval"
+    if c.diff and math.isnan(c.diff.p):
+        return (
+            f"alpha {c.alpha:g}: all {n} seed pairs differ by the same {c.diff.mean:+.2f} "
+            f"points: no spread to test against (more seeds needed)"
+        )
+    return ""
+
+
 def pick_results(
     runs: list[Run],
     keys: tuple[str, ...],
@@ -295,12 +308,7 @@ def pick_results(
         comparisons = _compare(arms, test_seeds)
         setting = " ".join(f"{k}={dict(rest).get(k, 'null')}" for k in varying)
         warnings = [w for a in arms for w in a.warnings]
-        for c in comparisons:
-            if c.diff is None or len(c.diff.seeds) < 2:
-                n = len(c.diff.seeds) if c.diff else 0
-                warnings.append(
-                    f"alpha {c.alpha:g}: {n} seed pair(s) with alpha = 1's pick: no interval"
-                )
+        warnings += [w for c in comparisons if (w := _untestable(c))]
         out.append(PickResult(keys, pick_on, setting, arms, comparisons, warnings))
     return out
 

@@ -18,6 +18,8 @@ __all__ = [
     "PAPER_SMALLEST_GAIN",
     "Paired",
     "holm",
+    "no_spread",
+    "p_value",
     "paired",
     "t_interval",
     "verdict",
@@ -43,10 +45,17 @@ def t_interval(diffs: list[float]) -> tuple[float, float, float]:
 
 
 def p_value(diffs: list[float]) -> float:
-    """Two-sided paired t-test p-value of the differences against zero (NaN with fewer than two)."""
-    if len(diffs) < 2:
+    """Two-sided paired t-test p-value of the differences against zero. NaN with fewer than two,
+    or when every pair differs by the same amount (no spread to test against: with 360 test
+    images, two seeds can both differ by exactly 2 images)."""
+    if len(diffs) < 2 or no_spread(diffs):
         return math.nan
     return float(stats.ttest_1samp(diffs, 0.0).pvalue)
+
+
+def no_spread(diffs: list[float]) -> bool:
+    """Every difference equal, to rounding."""
+    return max(diffs) - min(diffs) <= 1e-9 * max(1.0, abs(statistics.fmean(diffs)))
 
 
 @dataclass(frozen=True)
@@ -95,10 +104,10 @@ def verdict(
     In the order the pre-registration (section 2c) writes them: "holds here" when the 95%
     interval lies above zero (and, in a Holm-adjusted family, the adjusted p is below 0.05);
     "contradicted here" when its upper bound is below the paper's smallest effect; otherwise
-    "not detected here (effects of the paper's size not excluded)". Fewer than two pairs give
-    no interval: "not testable here".
+    "not detected here (effects of the paper's size not excluded)". Fewer than two pairs, or
+    pairs that all differ by the same amount, give no test: "not testable here".
     """
-    if d is None or math.isnan(d.lo):
+    if d is None or math.isnan(d.lo) or math.isnan(d.p):
         return NOT_TESTABLE
     if d.lo > 0 and (holm_p is None or holm_p < 0.05):
         return HOLDS
