@@ -280,3 +280,18 @@ def test_pairs_that_all_differ_alike_are_not_testable_and_say_why(tmp_path):
     (c,) = r.comparisons
     assert math.isnan(c.diff.p) and c.verdict == NOT_TESTABLE
     assert any("all 2 seed pairs differ by the same -0.56 points" in w for w in r.warnings)
+
+
+def test_json_is_strict_json_with_the_same_numbers(tmp_path, capsys):
+    for s in range(2):
+        fake_run(tmp_path, 1.0, s, 0.9, 0.9 + 0.01 * s, lr=0.1)
+        fake_run(tmp_path, 0.5, s, 0.9, 0.9 + 0.01 * s - 2 / 360, lr=0.1)
+    code, out, err = run_cli(["report", tmp_path, "--pick", "lr", "--format", "json"], capsys)
+
+    def refuse(name):
+        raise AssertionError(f"{name} in JSON")
+
+    (r,) = json.loads(out, parse_constant=refuse)
+    assert r["comparisons"][0]["diff"]["seeds"] == [0, 1]
+    assert r["comparisons"][0]["diff"]["p"] is None and r["comparisons"][0]["holm_p"] is None
+    assert "no spread to test against" in err

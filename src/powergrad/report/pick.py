@@ -438,9 +438,20 @@ def rows(results: list[PickResult]) -> list[dict[str, Any]]:
     return out
 
 
+def _no_nan(x: Any) -> Any:
+    """JSON has no NaN: a number that does not exist (no p-value, no interval) is null."""
+    if isinstance(x, float) and math.isnan(x):
+        return None
+    if isinstance(x, dict):
+        return {k: _no_nan(v) for k, v in x.items()}
+    if isinstance(x, (list, tuple)):
+        return [_no_nan(v) for v in x]
+    return x
+
+
 def format_pick(results: list[PickResult], fmt: str = "md") -> str:
     if fmt == "json":
-        return json.dumps([asdict(r) for r in results], indent=2, default=str)
+        return json.dumps(_no_nan([asdict(r) for r in results]), indent=2)
     if fmt == "csv":
         table = rows(results)
         buf = io.StringIO()
