@@ -205,8 +205,8 @@ def test_settings_that_differ_in_another_key_are_compared_apart(tmp_path):
 @pytest.mark.parametrize(
     ("args", "message"),
     [
-        (["--pick", "alpha"], "alpha is what is compared over"),
-        (["--pick", "seed"], "seed is what is compared over"),
+        (["--pick", "alpha"], "alpha is what is compared"),
+        (["--pick", "seed"], "seed is what the comparison pairs by"),
         (["--pick", "momentum"], "no run records momentum"),
         (["--pick", "lr", "--test-seeds", "a-b"], "expected numbers and ranges"),
         (["--pick-seeds", "0-2"], "need --pick KEY"),

@@ -121,17 +121,16 @@ def _seed_list(seeds: tuple[int, ...]) -> str:
 def _check(runs: list[Run], keys: tuple[str, ...], pick_on: str) -> None:
     """Refuse a pick that could see test, or that has nothing to pick."""
     if pick_on not in PICK_ON:
-        split = "the test split" if pick_on.startswith("test") else "no validation split"
+        what = "the test split" if pick_on.startswith("test") else "not a validation metric"
         raise UserError(
-            f"report --pick-on {pick_on}: that is {split}; a pick is made on validation only "
+            f"report --pick-on {pick_on}: that is {what}; a pick is made on validation only "
             f"({' or '.join(PICK_ON)})"
         )
     recorded = {k for r in runs for k, _ in r.setting}
     for k in keys:
         if k in ("alpha", "seed"):
-            raise UserError(
-                f"report --pick {k}: {k} is what is compared over, not a setting to pick"
-            )
+            role = "what is compared" if k == "alpha" else "what the comparison pairs by"
+            raise UserError(f"report --pick {k}: {k} is {role}, not a setting to pick")
         if k not in recorded:
             raise UserError(
                 f"report --pick {k}: no run records {k} as a setting (a key that changes the result)"
