@@ -58,8 +58,10 @@ class Candidate:
     test: dict[int, float]  # seed -> test accuracy in percent
     runs: list[str]
     score: float = math.nan  # mean of ``val`` over the arm's pick seeds
-    val_vs_pick: Paired | None = None  # the pick minus this, paired (None for the pick itself)
-    test_vs_pick: Paired | None = None  # the same on test: descriptive, never used to pick
+    # the pick's lead over this value, paired over the pick seeds (None for the pick itself):
+    # the pick minus this on val_acc, this minus the pick on val_loss, so positive favours the pick
+    val_vs_pick: Paired | None = None
+    test_vs_pick: Paired | None = None  # the pick minus this on test: shown, never used to pick
 
 
 @dataclass
@@ -212,7 +214,9 @@ def _pick(
             c.val_vs_pick = paired(
                 {s: sign * best.val[s] for s in shared}, {s: sign * c.val[s] for s in shared}
             )
-            c.test_vs_pick = paired(best.test, c.test)
+            c.test_vs_pick = paired(
+                {s: best.test[s] for s in shared}, {s: c.test[s] for s in shared}
+            )
     arm = Arm(alpha, cands, shared, best)
     arm.warnings += _edge_warnings(label, cands, best, keys)
     unused = sorted(set().union(*(s for s in pool)) - set(shared))
@@ -341,7 +345,7 @@ def _md_picks(r: PickResult) -> list[str]:
         f"seeds every value tried shares (test accuracy is shown, never used to pick):",
         "",
         "| alpha | " + " | ".join(keys) + f" | picked | seeds | {r.pick_on}{unit} | test % "
-        f"| Δ {r.pick_on}, pick − this [95% CI] | Δ test %, pick − this [95% CI] |",
+        f"| pick's lead on {r.pick_on} [95% CI] | pick's lead on test % [95% CI] |",
         "|" + "---|" * (len(keys) + 7),
     ]
     for a in r.arms:
