@@ -69,6 +69,13 @@ def test_the_val_picked_lr_comparison_gives_e1_and_the_lr_controls(capsys):
     assert "alpha 0.25: lr 0.1 is the only value tried" in out
 
 
+def test_e1_alone_as_pre_registered_a_family_of_one(capsys):
+    code, out, _ = run_cli(["report", *LR_GRID, "--pick", "lr", "--alphas", "1,0.5"], capsys)
+    assert code == 0 and "| 0.25 |" not in out and "Holm p (family of 1)" in out
+    e1 = row(out, "0.5", "0.2", "5 (0, 1, 2, 3, 4)")
+    assert e1.endswith("| +0.87 [+0.09, +1.65] | 0.036 | 0.036 | holds here |")
+
+
 def test_seeds_0_to_9_pooled_and_the_replication_r1():
     runs, _ = load_runs([*LR_GRID, REP])
     (pooled,) = pick_results(runs, ("lr",))
@@ -210,6 +217,9 @@ def test_settings_that_differ_in_another_key_are_compared_apart(tmp_path):
         (["--pick", "momentum"], "no run records momentum"),
         (["--pick", "lr", "--test-seeds", "a-b"], "expected numbers and ranges"),
         (["--pick-seeds", "0-2"], "need --pick KEY"),
+        (["--pick", "lr", "--alphas", "0.5"], "alpha 1 is the reference"),
+        (["--pick", "lr", "--alphas", "1,0.3"], "no finished runs of alpha 0.3"),
+        (["--pick", "lr", "--alphas", "1,x"], "expected numbers"),
     ],
 )
 def test_bad_requests_are_one_line_errors(tmp_path, capsys, args, message):

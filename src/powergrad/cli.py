@@ -233,16 +233,19 @@ def cmd_sweep(ns: argparse.Namespace) -> int:
 
 def cmd_report(ns: argparse.Namespace) -> int:
     if ns.pick:
-        from .report.pick import parse_seeds, pick_report
+        from .report.pick import parse_alphas, parse_seeds, pick_report
 
         pick_seeds = parse_seeds(ns.pick_seeds) if ns.pick_seeds else None
         test_seeds = parse_seeds(ns.test_seeds) if ns.test_seeds else None
-        print(pick_report(ns.paths, ns.pick, ns.format, ns.pick_on, pick_seeds, test_seeds))
+        alphas = parse_alphas(ns.alphas) if ns.alphas else None
+        print(pick_report(ns.paths, ns.pick, ns.format, ns.pick_on, pick_seeds, test_seeds, alphas))
         return 0
     from .report.tables import report
 
-    if ns.pick_seeds or ns.test_seeds or ns.pick_on != "val_acc":
-        raise UserError("report: --pick-on, --pick-seeds and --test-seeds need --pick KEY")
+    if ns.pick_seeds or ns.test_seeds or ns.alphas or ns.pick_on != "val_acc":
+        raise UserError(
+            "report: --pick-on, --pick-seeds, --test-seeds and --alphas need --pick KEY"
+        )
     print(report(ns.paths, ns.format))
     return 0
 
@@ -417,6 +420,11 @@ def build_parser() -> argparse.ArgumentParser:
         "--test-seeds",
         metavar="SEEDS",
         help="compare on these seeds only, e.g. 10-29 (default: every seed both picks hold)",
+    )
+    rp.add_argument(
+        "--alphas",
+        metavar="A,B",
+        help="with --pick: only these alphas, 1 among them (the Holm family is the alphas compared)",
     )
     rp.set_defaults(fn=cmd_report)
 

@@ -37,6 +37,7 @@ __all__ = [
     "Comparison",
     "PickResult",
     "format_pick",
+    "parse_alphas",
     "parse_seeds",
     "pick_report",
     "pick_results",
@@ -110,6 +111,29 @@ def parse_seeds(text: str) -> tuple[int, ...]:
     if not seeds:
         raise UserError(f"seeds: none named in {text!r}")
     return tuple(sorted(seeds))
+
+
+def parse_alphas(text: str) -> tuple[float, ...]:
+    """``1,0.5``: the alphas to compare; 1, the reference, must be among them."""
+    try:
+        alphas = tuple(float(a) for a in text.replace(" ", ",").split(",") if a)
+    except ValueError:
+        raise UserError(f"--alphas: expected numbers such as 1,0.5; got {text!r}") from None
+    if 1.0 not in alphas:
+        raise UserError(
+            f"--alphas {text}: alpha 1 is the reference every alpha is compared with; name it"
+        )
+    return alphas
+
+
+def _only_alphas(runs: list[Run], alphas: tuple[float, ...]) -> list[Run]:
+    kept = [r for r in runs if float(r.config["alpha"]) in alphas]
+    missing = sorted(set(alphas) - {float(r.config["alpha"]) for r in kept}, reverse=True)
+    if missing:
+        raise UserError(
+            f"--alphas: no finished runs of alpha {', '.join(f'{a:g}' for a in missing)}"
+        )
+    return kept
 
 
 def _value(v: Any) -> str:
@@ -477,13 +501,17 @@ def pick_report(
     pick_on: str = "val_acc",
     pick_seeds: tuple[int, ...] | None = None,
     test_seeds: tuple[int, ...] | None = None,
+    alphas: tuple[float, ...] | None = None,
 ) -> str:
-    """`powergrad report PATH ... --pick KEY`: the text, warnings also on stderr (csv, json)."""
+    """`powergrad report PATH ... --pick KEY`: the text, warnings also on stderr (csv, json).
+    ``alphas``: only these (the Holm family is the alphas compared), 1 among them."""
     done, others = load_runs(paths)
     if not done:
         raise UserError(
             f"no finished runs under {', '.join(map(str, paths))} ({len(others)} unfinished)"
         )
+    if alphas:
+        done = _only_alphas(done, alphas)
     names = tuple(dict.fromkeys(k for key in keys for k in key.split(",") if k))
     results = pick_results(done, names, pick_on, pick_seeds, test_seeds)
     if fmt != "md":  # Markdown carries its warnings; a CSV has nowhere to put them
