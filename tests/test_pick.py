@@ -229,6 +229,20 @@ def test_bad_requests_are_one_line_errors(tmp_path, capsys, args, message):
     assert message in err
 
 
+def test_pick_seeds_and_test_seeds_split_the_seeds(tmp_path):
+    grid(tmp_path, 0.2, seeds=range(4))
+    fake_run(tmp_path, 1.0, 3, 0.99, 0.5, lr=0.8)  # best on val, but only on seed 3
+    runs, _ = load_runs([tmp_path])
+    (r,) = pick_results(runs, ("lr",), pick_seeds=(0, 1), test_seeds=(2, 3))
+    assert r.arm(1.0).pick_seeds == (0, 1) and r.arm(1.0).pick.values == (0.2,)
+    assert "alpha 1: lr 0.8 has no run on the --pick-seeds: left out of the pick" in r.warnings
+    (c,) = r.comparisons
+    assert c.diff.seeds == (2, 3)
+    (r,) = pick_results(runs, ("lr",))  # by default the pick uses the seeds every value shares
+    assert r.arm(1.0).pick_seeds == (3,) and r.arm(1.0).pick.values == (0.8,)
+    assert any("seeds 0, 1, 2 were not used for the pick" in w for w in r.warnings)
+
+
 def test_values_on_no_common_seed_and_duplicate_runs_are_refused(tmp_path):
     fake_run(tmp_path / "a", 1.0, 0, 0.8, 0.7, lr=0.1)
     fake_run(tmp_path / "a", 1.0, 1, 0.8, 0.7, lr=0.2)

@@ -140,6 +140,10 @@ def _value(v: Any) -> str:
     return f"{v:g}" if isinstance(v, float) else str(v)
 
 
+def _named(keys: tuple[str, ...], values: tuple[Any, ...]) -> str:
+    return " ".join(f"{k} {_value(v)}" for k, v in zip(keys, values))
+
+
 def _seed_list(seeds: tuple[int, ...]) -> str:
     return f"{len(seeds)} ({', '.join(map(str, seeds))})"
 
@@ -219,6 +223,7 @@ def _pick(
     """The candidate with the best mean ``pick_on`` over the seeds every candidate shares."""
     label = f"alpha {alpha:g}"
     pool = [set(c.val) & set(allowed) if allowed else set(c.val) for c in cands]
+    left_out = [c for c, s in zip(cands, pool) if not s]
     cands = [c for c, s in zip(cands, pool) if s]
     if not cands:
         raise UserError(f"report --pick: {label} has no run on the seeds named by --pick-seeds")
@@ -242,6 +247,10 @@ def _pick(
                 {s: best.test[s] for s in shared}, {s: c.test[s] for s in shared}
             )
     arm = Arm(alpha, cands, shared, best)
+    arm.warnings += [
+        f"{label}: {_named(keys, c.values)} has no run on the --pick-seeds: left out of the pick"
+        for c in left_out
+    ]
     arm.warnings += _edge_warnings(label, cands, best, keys)
     unused = sorted(set().union(*(s for s in pool)) - set(shared))
     if unused:
