@@ -41,6 +41,7 @@ __all__ = [
     "parse_seeds",
     "pick_report",
     "pick_results",
+    "rows",
 ]
 
 log = logging.getLogger("powergrad")
