@@ -22,7 +22,9 @@ For one setting (a folder of runs a<alpha>-s<seed>):
 - per setting also: the first epoch per seed (train loss and accuracy), the logit norm relative to
   alpha = 1's, and correlations within each alpha as well as over all runs.
 Numbers in percent unless named otherwise. `powergrad report` now gives the per-alpha means, the
-validation accuracy and the paired test interval too (the same numbers); the rest is only here.
+validation accuracy and the paired test interval too (the same numbers), and `powergrad report
+--pick KEY` the comparison of each alpha at its val-picked setting; the rest is only here. The
+statistics (t-intervals, p-values, Holm) are powergrad.report.stats's, as `report` computes them.
 """
 
 from __future__ import annotations
@@ -35,7 +37,8 @@ from pathlib import Path
 
 from scipy import stats
 
-from powergrad.report.tables import Run, load_runs, t_interval
+from powergrad.report.stats import holm, p_value, t_interval
+from powergrad.report.tables import Run, load_runs
 from powergrad.rundir import read_metrics
 
 
@@ -258,20 +261,6 @@ def per_seed(runs: dict[float, dict[int, Run]], key: str = "test_acc") -> str:
     return "\n".join(lines)
 
 
-def holm(ps: list[float]) -> list[float]:
-    """Holm's step-down adjustment: controls the family-wise error rate over the family given.
-
-    A comparison without a p-value yet (NaN: runs not finished) still counts in the family size,
-    so a partial family is adjusted as strictly as the pre-registered whole.
-    """
-    order = sorted((i for i, p in enumerate(ps) if not math.isnan(p)), key=ps.__getitem__)
-    out, running = [math.nan] * len(ps), 0.0
-    for rank, i in enumerate(order):
-        running = max(running, min(1.0, (len(ps) - rank) * ps[i]))
-        out[i] = running
-    return out
-
-
 def cell(spec: str) -> tuple[str, float]:
     """'results/SETTING@ALPHA' -> (folder, alpha)."""
     path, _, alpha = spec.rpartition("@")
@@ -292,7 +281,7 @@ def compare(specs: list[str], metric: str, seeds: list[int] | None) -> str:
         common = sorted(set(a) & set(b))
         scale = 100.0 if metric in PERCENT else 1.0
         d = [final(a[s], metric, scale) - final(b[s], metric, scale) for s in common]
-        p = stats.ttest_1samp(d, 0.0).pvalue if len(d) > 1 else math.nan
+        p = p_value(d)
         rows.append((f"{Path(pa).name} α={aa:g}", f"{Path(pb).name} α={ab:g}", common, d, p))
     adjusted = holm([r[4] for r in rows])
     unit = "points" if metric in PERCENT else "raw"

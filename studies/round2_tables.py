@@ -172,21 +172,27 @@ alpha 0.5 at lr 0.2 against alpha 0.5 at lr 0.1 (2c's A1 arm), test accuracy:
 REP = f"{W}-lr0.2-rep"
 replication = ""
 if (ROOT / REP).is_dir():
-    from analyze import by_alpha_seed, final, fmt_ci, t_interval
+    from analyze import by_alpha_seed, final, fmt_ci
+
+    from powergrad.report.stats import paired
 
     r1 = [f"{REP}@0.5,{REP}@1"]
 
-    def pooled_test_diffs(pairs: list[tuple[str, str]]) -> list[float]:
-        """alpha 0.5 minus alpha 1, test accuracy in points, over every seed both folders have."""
-        d = []
-        for tampered, plain in pairs:
-            a = by_alpha_seed(str(ROOT / tampered)).get(0.5, {})
-            b = by_alpha_seed(str(ROOT / plain)).get(1.0, {})
-            d += [final(a[s], "test_acc") - final(b[s], "test_acc") for s in sorted(set(a) & set(b))]
-        return d
+    def test_by_seed(folder: str, alpha: float) -> dict[int, float]:
+        runs = by_alpha_seed(str(ROOT / folder)).get(alpha, {})
+        return {s: final(r, "test_acc") for s, r in runs.items()}
 
-    d = pooled_test_diffs([(T2, LR[2]), (REP, REP)])
-    pooled = f"{fmt_ci(*t_interval(d))} over {len(d)} seed pairs" if len(d) > 1 else "not run yet"
+    # alpha 0.5 minus alpha 1, test points: seeds 0-4 are 2e's (against 2c's alpha 1 at lr 0.2),
+    # seeds 5-9 are 2f's
+    d = paired(
+        {**test_by_seed(T2, 0.5), **test_by_seed(REP, 0.5)},
+        {**test_by_seed(LR[2], 1.0), **test_by_seed(REP, 1.0)},
+    )
+    pooled = (
+        f"{fmt_ci(d.mean, d.lo, d.hi)} over {len(d.seeds)} seed pairs"
+        if d and len(d.seeds) > 1
+        else "not run yet"
+    )
     replication = f"""<!-- replication results: generated from results/ by studies/round2_tables.py -->
 
 ### 2f results

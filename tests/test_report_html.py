@@ -304,3 +304,23 @@ def test_any_markdown_table_joins_the_page():
     assert "<th>key</th>\n<th>picked on val</th>\n<th>n</th>" in page
     assert '<td class="text">0.2 &lt;b&gt;</td><td>1</td>' in page
     assert '<td class="text">alpha</td><td></td><td>2</td>' in page
+
+
+def test_the_fair_comparison_joins_the_page_cell_for_cell(tmp_path, capsys):
+    """`report --pick lr --format html`: the pick's two Markdown tables, as `--format md` prints
+    them, follow the results table, and their warnings (both picks at the grid's edge) with them."""
+    w = ROOT / "results" / "cifar10-resnet20-10k-warmup"
+    grid = [str(w.with_name(w.name + s)) for s in ("", "-lr0.05", "-lr0.2", "-lr0.2-a0.5")]
+    args = ["report", *grid, "--pick", "lr", "--alphas", "1,0.5"]
+    assert main(args) == 0
+    md = capsys.readouterr().out
+    out = tmp_path / "pick.html"
+    assert main([*args, "--format", "html", "--out", str(out)]) == 0
+    page = out.read_text()
+    lines = [ln for ln in md.splitlines() if ln.startswith("| 0.5 | 0.2 |")]
+    assert len(lines) == 2  # alpha 0.5's pick, and its comparison with alpha 1's (E1)
+    for line in lines:
+        for cell in line.strip("|").split(" | "):
+            assert f">{cell.strip()}</td>" in page.replace("&#x27;", "'"), cell
+    assert "+0.87 [+0.09, +1.65]" in md and ">+0.87 [+0.09, +1.65]</td>" in page
+    assert "lr 0.2 is the largest tried" in page

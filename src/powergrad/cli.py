@@ -6,7 +6,7 @@
     powergrad recipes [NAME]
     powergrad demo [--out DIR]
     powergrad sweep RECIPE key=v1,v2 ... --out DIR [--seeds N] [--workers N] [--storage URL] [--prune]
-    powergrad report PATH ... [--format md|csv|json|html] [--out FILE]
+    powergrad report PATH ... [--format md|csv|json|html] [--out FILE] [--pick KEY ...]
     powergrad plot PATH ... [--out DIR]
     powergrad cache [list|clear]
 
@@ -24,7 +24,7 @@ import types
 import typing
 from collections.abc import Callable
 from pathlib import Path
-from typing import NoReturn
+from typing import Any, NoReturn
 
 from . import __version__
 from .cache import CACHE_ENV, cache_dir, clear_cache, list_cache
@@ -229,15 +229,39 @@ def cmd_sweep(ns: argparse.Namespace) -> int:
     return 0
 
 
+def _pick_results(ns: argparse.Namespace) -> list[Any]:
+    from .report.pick import load_picks, parse_alphas, parse_seeds  # the [plot] extra
+
+    return load_picks(
+        ns.paths,
+        ns.pick,
+        ns.pick_on,
+        parse_seeds(ns.pick_seeds) if ns.pick_seeds else None,
+        parse_seeds(ns.test_seeds) if ns.test_seeds else None,
+        parse_alphas(ns.alphas) if ns.alphas else None,
+        warn=ns.format != "md",  # Markdown carries its warnings; csv, json and html log them
+    )
+
+
 def cmd_report(ns: argparse.Namespace) -> int:
+    if not ns.pick and (ns.pick_seeds or ns.test_seeds or ns.alphas or ns.pick_on != "val_acc"):
+        raise UserError(
+            "report: --pick-on, --pick-seeds, --test-seeds and --alphas need --pick KEY"
+        )
     if ns.format == "html":  # one file, figures and all: its path is what is printed
-        from .report.html import write_html_report  # the [plot] extra: as run_demo
+        from .report.html import pick_tables, write_html_report  # the [plot] extra: as run_demo
 
-        print(write_html_report(ns.paths, ns.out))
+        tables = pick_tables(_pick_results(ns)) if ns.pick else []
+        print(write_html_report(ns.paths, ns.out, tables))
         return 0
-    from .report.tables import report  # the [plot] extra: as run_demo
+    if ns.pick:
+        from .report.pick import format_pick  # the [plot] extra: as run_demo
 
-    text = report(ns.paths, ns.format)
+        text = format_pick(_pick_results(ns), ns.format)
+    else:
+        from .report.tables import report  # the [plot] extra: as run_demo
+
+        text = report(ns.paths, ns.format)
     if ns.out:
         Path(ns.out).write_text(text + "\n", encoding="utf-8")
     else:
@@ -394,6 +418,34 @@ def build_parser() -> argparse.ArgumentParser:
     )
     rp.add_argument(
         "--out", help="write to this file (--format html: default PATH/report.html; else stdout)"
+    )
+    rp.add_argument(
+        "--pick",
+        action="append",
+        metavar="KEY",
+        help="the fair comparison: for each alpha pick KEY's value (repeat for several keys) "
+        "on validation, then compare each alpha at its pick with alpha=1 at its pick on test",
+    )
+    rp.add_argument(
+        "--pick-on",
+        default="val_acc",
+        metavar="METRIC",
+        help="what the pick maximises: val_acc (default) or val_loss (minimised); never test",
+    )
+    rp.add_argument(
+        "--pick-seeds",
+        metavar="SEEDS",
+        help="pick on these seeds only, e.g. 0-9 (default: the seeds every value tried shares)",
+    )
+    rp.add_argument(
+        "--test-seeds",
+        metavar="SEEDS",
+        help="compare on these seeds only, e.g. 10-29 (default: every seed both picks hold)",
+    )
+    rp.add_argument(
+        "--alphas",
+        metavar="A,B",
+        help="with --pick: only these alphas, 1 among them (the Holm family is the alphas compared)",
     )
     rp.set_defaults(fn=cmd_report)
 

@@ -33,6 +33,8 @@ from typing import Any
 from .. import __version__
 from ..errors import UserError
 from .figures import make_figures
+from .pick import PickResult, md_comparisons, md_picks
+from .stats import PAPER_SMALLEST_GAIN, verdict_of
 from .tables import (
     MACHINERY,
     Run,
@@ -43,12 +45,7 @@ from .tables import (
     results_table,
 )
 
-__all__ = ["Table", "html_report", "write_html_report", "verdict", "markdown_cells"]
-
-# The smallest test-accuracy gain the paper reports, in points (its ImageNet gains are +0.09 to
-# +0.73): an interval wholly below it contradicts the paper (docs/results.md, "How verdicts are
-# worded").
-PAPER_SMALLEST_GAIN = 0.1
+__all__ = ["Table", "html_report", "write_html_report", "verdict", "markdown_cells", "pick_tables"]
 
 
 @dataclass
@@ -80,11 +77,7 @@ def verdict(row: dict[str, Any]) -> str:
         return "outside the paper's range (0 < alpha <= 1)"
     if row["d_test_paired"] is None:
         return "not testable here (no two seeds paired with alpha = 1)"
-    if lo > 0:
-        return "holds here"
-    if hi < PAPER_SMALLEST_GAIN:
-        return "contradicted here (interval excludes the paper's effect)"
-    return "not detected here (effects of the paper's size not excluded)"
+    return verdict_of(lo, hi)  # each interval on its own: no Holm family here
 
 
 VERDICT_NOTE = (
@@ -327,6 +320,25 @@ def render_page(
     parts += [_figure_html(p) for p in figures]
     parts.append("</body></html>")
     return "\n".join(parts) + "\n"
+
+
+def pick_tables(results: list[PickResult]) -> list[Table]:
+    """`report --pick`'s tables (report/pick.py's Markdown, cell for cell), their sentences and
+    warnings as notes: the pick on validation, then each alpha against alpha = 1 at their picks."""
+    tables = []
+    for r in results:
+        where = f" ({r.setting})" if len(results) > 1 else ""
+        parts = (
+            ("the pick on validation", md_picks(r)),
+            ("each alpha at its pick against alpha = 1 at its pick, on test", md_comparisons(r)),
+        )
+        for title, lines in parts:
+            if lines:
+                prose = " ".join(ln for ln in lines if ln and not ln.startswith("|"))
+                tables.append(Table(title + where, "\n".join(lines), prose))
+        if r.warnings and tables:
+            tables[-1].note += " Warnings: " + "; ".join(r.warnings) + "."
+    return tables
 
 
 def html_report(paths: list[str | Path], tables: Iterable[Table] = ()) -> str:

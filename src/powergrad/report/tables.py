@@ -16,18 +16,16 @@ import csv
 import io
 import json
 import logging
-import math
 import statistics
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-from scipy import stats
-
 from ..config import machinery_keys
 from ..errors import UserError
 from ..monitor.checks import identical_runs
 from ..rundir import read_summary
+from .stats import paired, t_interval
 
 __all__ = [
     "find_runs",
@@ -110,24 +108,13 @@ def paired_difference(
 ) -> tuple[float, float, float, int] | None:
     """Mean and 95% t-interval (percentage points) of ``key`` in ``runs`` minus ``base`` over the
     seeds both hold, and the number of pairs; None with fewer than two pairs."""
-    by_seed = {r.config.get("seed"): r for r in base}
-    diffs = [
-        100 * (r.final[key] - by_seed[r.config.get("seed")].final[key])
-        for r in runs
-        if r.config.get("seed") in by_seed
-    ]
-    if len(diffs) < 2:
+    d = paired(
+        {r.config["seed"]: 100 * r.final[key] for r in runs},
+        {r.config["seed"]: 100 * r.final[key] for r in base},
+    )
+    if d is None or len(d.seeds) < 2:
         return None
-    return (*t_interval(diffs), len(diffs))
-
-
-def t_interval(diffs: list[float]) -> tuple[float, float, float]:
-    """Mean and 95% t-interval of paired differences (NaN bounds with fewer than two)."""
-    mean = statistics.fmean(diffs)
-    if len(diffs) < 2:
-        return mean, math.nan, math.nan
-    half = stats.t.ppf(0.975, len(diffs) - 1) * statistics.stdev(diffs) / math.sqrt(len(diffs))
-    return mean, mean - half, mean + half
+    return d.mean, d.lo, d.hi, len(d.seeds)
 
 
 def results_table(runs: list[Run]) -> list[dict[str, Any]]:
