@@ -424,7 +424,13 @@ def build_parser() -> argparse.ArgumentParser:
         help="the loss's C++ op for the CPU: where it is built, or build it now (ahead of the "
         "first step, for images and clusters)",
     )
-    k.add_argument("action", choices=("where", "build"), nargs="?", default="where")
+    k.add_argument(
+        "action",
+        choices=("where", "build"),
+        nargs="?",
+        default="where",
+        help="where: its path and whether it is built (the default); build: compile it if needed",
+    )
     k.set_defaults(fn=cmd_kernel)
 
     for extra in _EXTRA_COMMANDS:
