@@ -17,6 +17,7 @@ from __future__ import annotations
 
 import argparse
 import csv
+import logging
 import os
 import runpy
 import sys
@@ -110,8 +111,14 @@ def _image_folder(root: Path, per_class: dict[str, int]) -> None:
 
 
 def _train(train_py: Path, argv: list[str], monkeypatch) -> None:
+    """Run train.py in this process (so that the test sees its loss), then undo what it set
+    for the whole process: handlers on the root logger, cuDNN's benchmark mode."""
     monkeypatch.setattr(sys, "argv", [str(train_py), *argv])
     monkeypatch.chdir(train_py.parent)
+    root = logging.getLogger()
+    monkeypatch.setattr(root, "handlers", list(root.handlers))
+    monkeypatch.setattr(root, "level", root.level)
+    monkeypatch.setattr(torch.backends.cudnn, "benchmark", torch.backends.cudnn.benchmark)
     runpy.run_path(str(train_py), run_name="__main__")
 
 
