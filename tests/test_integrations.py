@@ -55,11 +55,7 @@ def test_with_timm_mixup_optimizer_scheduler_and_bf16_the_logits_get_the_tampere
             optimizer.step()
         scheduler.step(epoch + 1)
     assert lrs[0] < lrs[1] and lrs[1] > lrs[2] > 0  # warm-up, then cosine decay
-    train_loss_fn.eval()
-    with torch.autocast("cpu", dtype=torch.bfloat16):
-        logits = model(images)
-    z = logits.detach().float().requires_grad_()
-    train_loss_fn(z, labels).backward()
-    torch.testing.assert_close(
-        z.grad, (torch.softmax(z.detach(), -1) - F.one_hot(labels, classes)) / n
-    )
+    # timm's validate(): no gradient, nothing tampered: the loss is F.cross_entropy itself.
+    with torch.no_grad(), torch.autocast("cpu", dtype=torch.bfloat16):
+        z = model(images).float()
+        assert torch.equal(train_loss_fn(z, labels), F.cross_entropy(z, labels))

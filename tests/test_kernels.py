@@ -9,6 +9,9 @@ cannot be built.
 from __future__ import annotations
 
 import itertools
+import os
+import subprocess
+import sys
 import warnings
 
 import pytest
@@ -160,5 +163,89 @@ def test_the_build_error_named_is_the_cause_not_the_command():
         "FAILED: a.o\n/nope/c++ -MMD -c a.cpp\n/bin/sh: 1: /nope/c++: not found\n"
         "ninja: build stopped: subcommand failed."
     )
-    assert kernels._cause(RuntimeError(ninja_output)) == "/bin/sh: 1: /nope/c++: not found"
-    assert kernels._cause(RuntimeError("Ninja is required")) == "Ninja is required"
+    assert kernels.build_failure(RuntimeError(ninja_output)) == "/bin/sh: 1: /nope/c++: not found"
+    assert kernels.build_failure(RuntimeError("Ninja is required")) == "Ninja is required"
+
+
+# A first build as a library user meets it, in a fresh process: the compiler's work is the
+# library the test process already built (copied in place of `cpp_extension.load`'s), everything
+# around it is real: the import of cpp_extension, the log line, the CLI.
+FIRST_BUILD = """
+import logging, os, shutil, sys
+import torch
+from powergrad import cli, kernels
+
+real = kernels._cpp_extension
+
+def importing_cpp_extension():
+    module = real()
+    def load(name, build_directory, **kwargs):
+        library = os.path.join(build_directory, name + ".so")
+        shutil.copy(os.environ["BUILT"], library)
+        torch.ops.load_library(library)  # as cpp_extension.load does
+    module.load = load
+    return module
+
+kernels._cpp_extension = importing_cpp_extension
+assert not logging.getLogger().handlers  # nothing configured logging: a library user's process
+kernels.load_cpu_kernel()  # the first loss call
+kernels.load_cpu_kernel.cache_clear()
+kernels.load_cpu_kernel()  # later calls: nothing more is said
+for argv in (["kernel", "build"], ["kernel", "where"]):
+    assert cli.main(argv) == 0
+print("control", file=sys.stderr, flush=True)
+from torch.utils import cpp_extension
+cpp_extension._find_cuda_home()  # what the import would have said
+"""
+
+
+def test_a_first_build_says_so_in_one_line_without_torchs_cuda_notice(tmp_path):
+    assert kernels.load_cpu_kernel() is not None  # built here (the test process's own)
+    env = dict(os.environ, BUILT=str(kernels.library_path()), CUDA_HOME=str(tmp_path))
+    env[kernels.ENV_DIR] = str(tmp_path / "kernels")
+    env.pop(kernels.ENV_SWITCH, None)
+    done = subprocess.run(
+        [sys.executable, "-c", FIRST_BUILD], env=env, capture_output=True, text=True, timeout=120
+    )
+    assert done.returncode == 0, done.stderr
+    said, control = done.stderr.split("control\n")
+    library = tmp_path / "kernels" / kernels.library_path().parent.name
+    assert said.splitlines() == [
+        f"powergrad: compiling the loss's C++ op for the CPU into {library} (once per PyTorch "
+        f"installation, about 25 s; `powergrad kernel build` does it ahead of time, "
+        f"{kernels.ENV_SWITCH}=0 skips it)"
+    ]
+    assert done.stdout.splitlines() == [
+        f"already built: {library / library.name}.so",
+        f"{library / library.name}.so (built; move it with {kernels.ENV_DIR}=DIR)",
+    ]
+    if torch.version.cuda and not torch.cuda.is_available():  # torch would have said it
+        assert "No CUDA runtime is found" in control
+
+
+def test_kernel_build_ahead_of_time_and_its_failure(monkeypatch, tmp_path, capsys):
+    from powergrad import cli
+
+    monkeypatch.setenv(kernels.ENV_DIR, str(tmp_path))
+    library = kernels.library_path()
+    assert cli.main(["kernel"]) == 0
+    assert (
+        capsys.readouterr().out
+        == f"{library} (not built yet; move it with {kernels.ENV_DIR}=DIR)\n"
+    )
+    built = []
+    monkeypatch.setattr(kernels, "_build", lambda *a: built.append(a) or a[-1].mkdir())
+    assert cli.main(["kernel", "build"]) == 0
+    assert capsys.readouterr().out == f"built: {library}\n" and len(built) == 1
+    assert kernels.is_built(library)
+
+    def no_compiler(*args, **kwargs):
+        raise RuntimeError("Error building extension 'x'\n/bin/sh: 1: c++: not found")
+
+    monkeypatch.setenv(kernels.ENV_DIR, str(tmp_path / "other"))
+    monkeypatch.setattr(kernels, "_build", no_compiler)
+    assert cli.main(["kernel", "build"]) == 2
+    out = capsys.readouterr()
+    assert out.out == "" and out.err == (
+        "powergrad: error: kernel build: the C++ op cannot be built: /bin/sh: 1: c++: not found\n"
+    )

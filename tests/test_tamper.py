@@ -173,18 +173,22 @@ def test_gradient_accumulation_matches_one_big_batch():
     assert torch.allclose(full.grad, parts.grad, atol=1e-8)
 
 
-def test_module_tampers_only_in_training_mode():
+def test_module_tampers_whenever_a_gradient_is_taken_in_either_mode():
+    """Not the module's mode: a module left in eval() (Lightning 2.6 does not call train() when
+    fit starts) still trains tampered; without a gradient it is F.cross_entropy itself."""
     z, t = make(16, 10, scale=3.0)
+    want = exact_direction(z, t, 0.1, 0.1)
     loss_fn = PowerGradLoss(alpha=0.1, label_smoothing=0.1)
-    a = z.clone().requires_grad_(True)
-    loss_fn(a, t).backward()
-    assert (a.grad.double() * 16 - exact_direction(z, t, 0.1, 0.1)).abs().max() < 1e-6
-    loss_fn.eval()
-    b = z.clone().requires_grad_(True)
-    loss_fn(b, t).backward()
-    c = z.clone().requires_grad_(True)
-    F.cross_entropy(c, t, label_smoothing=0.1).backward()
-    assert torch.allclose(b.grad, c.grad)
+    plain = z.clone().requires_grad_(True)
+    F.cross_entropy(plain, t, label_smoothing=0.1).backward()
+    for mode in (loss_fn.train, loss_fn.eval):
+        mode()
+        a = z.clone().requires_grad_(True)
+        loss_fn(a, t).backward()
+        assert (a.grad.double() * 16 - want).abs().max() < 1e-6
+        assert (a.grad - plain.grad).abs().max() > 1e-3
+        with torch.no_grad():
+            assert torch.equal(loss_fn(z, t), F.cross_entropy(z, t, label_smoothing=0.1))
     assert "alpha=0.1" in repr(loss_fn)
 
 

@@ -9,6 +9,7 @@
     powergrad report PATH ... [--format md|csv|json|html] [--out FILE] [--pick KEY ...]
     powergrad plot PATH ... [--out DIR]
     powergrad cache [list|clear]
+    powergrad kernel [where|build]
 
 User errors print one line on stderr and exit 2; divergence exits 3.
 """
@@ -294,6 +295,22 @@ def cmd_cache(ns: argparse.Namespace) -> int:
     return 0
 
 
+def cmd_kernel(ns: argparse.Namespace) -> int:
+    from .kernels import ENV_DIR, build_cpu_kernel, build_failure, is_built, library_path
+
+    if ns.action == "where":
+        library = library_path()
+        state = "built" if is_built(library) else "not built yet"
+        print(f"{library} ({state}; move it with {ENV_DIR}=DIR)")
+        return 0
+    try:
+        library, compiled = build_cpu_kernel()
+    except Exception as exc:  # no compiler, no ninja, a read-only folder: the user's to fix
+        raise UserError(f"kernel build: the C++ op cannot be built: {build_failure(exc)}") from None
+    print(f"{'built' if compiled else 'already built'}: {library}")
+    return 0
+
+
 def _type_name(tp) -> str:
     """int, float?, list[int]?: a key's type as a user writes it (? = may be null)."""
     args = typing.get_args(tp)
@@ -462,6 +479,20 @@ def build_parser() -> argparse.ArgumentParser:
     )
     c.add_argument("action", choices=("list", "clear"), nargs="?", default="list")
     c.set_defaults(fn=cmd_cache)
+
+    k = sub.add_parser(
+        "kernel",
+        help="the loss's C++ op for the CPU: where it is built, or build it now (ahead of the "
+        "first step, for images and clusters)",
+    )
+    k.add_argument(
+        "action",
+        choices=("where", "build"),
+        nargs="?",
+        default="where",
+        help="where: its path and whether it is built (the default); build: compile it if needed",
+    )
+    k.set_defaults(fn=cmd_kernel)
 
     for extra in _EXTRA_COMMANDS:
         extra(sub)

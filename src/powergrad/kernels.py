@@ -9,8 +9,9 @@ logits on the CPU, outside ``torch.compile``; everything else (GPUs, class weigh
 (N, C, d...) input) takes its PyTorch-op autograd.Function, which is also what the op is tested
 against.
 
-The op is compiled on first use (about 25 s on two cores; it needs a C++ compiler and ninja, as
-``torch.utils.cpp_extension`` does) into ``$POWERGRAD_KERNEL_DIR`` (default
+The op is compiled on first use (about 25 s on two cores, announced by one warning-level log
+line; it needs a C++ compiler and ninja, as ``torch.utils.cpp_extension`` does), or ahead of time
+by ``powergrad kernel build``, into ``$POWERGRAD_KERNEL_DIR`` (default
 ``~/.cache/powergrad/kernels``), once for each version of the source, compiler flags and PyTorch
 installation (older builds stay there until deleted); later processes load the built library in
 milliseconds. ``POWERGRAD_CPU_KERNEL=0`` turns it off. If it cannot be built, one warning says why
@@ -30,11 +31,19 @@ import threading
 import warnings
 from collections.abc import Callable
 from pathlib import Path
+from types import ModuleType
 
 import torch
 from torch import Tensor
 
-__all__ = ["cpu_loss", "load_cpu_kernel"]
+__all__ = [
+    "build_cpu_kernel",
+    "build_failure",
+    "cpu_loss",
+    "is_built",
+    "library_path",
+    "load_cpu_kernel",
+]
 
 ENV_SWITCH = "POWERGRAD_CPU_KERNEL"
 ENV_DIR = "POWERGRAD_KERNEL_DIR"
@@ -97,42 +106,63 @@ def _library_name(cflags: list[str], ldflags: list[str]) -> str:
 @functools.cache
 def load_cpu_kernel() -> Callable | None:
     """torch.ops.powergrad.tampered_cross_entropy, built if needed; None if it cannot be had."""
+    try:
+        build_cpu_kernel()
+        # The overload itself: calling it skips the packet's overload lookup (~1 us a call).
+        return torch.ops.powergrad.tampered_cross_entropy.default
+    except Exception as exc:  # no compiler, no ninja, a read-only cache, ...
+        warnings.warn(
+            f"powergrad: the loss's C++ op for the CPU is unavailable ({build_failure(exc)}); "
+            f"PyTorch's ops run instead (same results, slower on the CPU; "
+            f"{ENV_SWITCH}=0 silences this)",
+            RuntimeWarning,
+            stacklevel=5,  # power_grad_cross_entropy's caller
+        )
+        return None
+
+
+def library_path() -> Path:
+    """Where the op's library for this source, compiler flags and PyTorch installation lives."""
+    name = _library_name(*_compile_flags())
+    root = Path(os.environ.get(ENV_DIR) or Path.home() / ".cache/powergrad/kernels")
+    return root / name / f"{name}.so"
+
+
+def is_built(library: Path) -> bool:
+    """Whether a build of this library completed (its marker is written last)."""
+    return library.with_name(_DONE).is_file()
+
+
+def build_cpu_kernel() -> tuple[Path, bool]:
+    """Load the op into this process, compiling it first if no earlier build completed.
+
+    Returns the library's path and whether it was compiled now; raises what the build raised.
+    ``powergrad kernel build`` calls it ahead of time (images, clusters); the loss on first use.
+    """
     with _lock:
-        try:
-            cflags, ldflags = _compile_flags()
-            name = _library_name(cflags, ldflags)
-            root = Path(os.environ.get(ENV_DIR) or Path.home() / ".cache/powergrad/kernels")
-            directory = root / name
-            if not _load_built(directory / f"{name}.so", directory / _DONE):
-                _build(name, cflags, ldflags, directory)
-                (directory / _DONE).touch()
-            # The overload itself: calling it skips the packet's overload lookup (~1 us a call).
-            return torch.ops.powergrad.tampered_cross_entropy.default
-        except Exception as exc:  # no compiler, no ninja, a read-only cache, ...
-            warnings.warn(
-                f"powergrad: the loss's C++ op for the CPU is unavailable ({_cause(exc)}); "
-                f"PyTorch's ops run instead (same results, slower on the CPU; "
-                f"{ENV_SWITCH}=0 silences this)",
-                RuntimeWarning,
-                stacklevel=5,  # power_grad_cross_entropy's caller
-            )
-            return None
+        cflags, ldflags = _compile_flags()
+        library = library_path()
+        if _load_built(library):
+            return library, False
+        _build(library.stem, cflags, ldflags, library.parent)
+        library.with_name(_DONE).touch()
+        return library, True
 
 
-def _load_built(library: Path, done: Path) -> bool:
+def _load_built(library: Path) -> bool:
     """Load a library an earlier build completed; False if there is none (or it will not load)."""
-    if not done.is_file():
+    if not is_built(library):
         return False
     try:
         torch.ops.load_library(str(library))
         return True
     except OSError as exc:  # damaged since: let the build make it again
         _log.warning("rebuilding %s: %s", library, exc)
-        done.unlink(missing_ok=True)
+        library.with_name(_DONE).unlink(missing_ok=True)
         return False
 
 
-def _cause(exc: BaseException) -> str:
+def build_failure(exc: BaseException) -> str:
     """The line of a build error that says what went wrong (ninja prints the command first)."""
     lines = [ln.strip() for ln in str(exc).splitlines() if ln.strip()] or [type(exc).__name__]
     telling = [ln for ln in lines if re.search(r"error|not found|no such file|fatal", ln, re.I)]
@@ -140,9 +170,15 @@ def _cause(exc: BaseException) -> str:
 
 
 def _build(name: str, cflags: list[str], ldflags: list[str], directory: Path) -> None:
-    from torch.utils import cpp_extension  # imported only to build (it probes for CUDA)
-
-    _log.info("compiling the loss's C++ op for the CPU into %s (once, about 25 s)", directory)
+    # One line, at warning level so that a library user sees it (Python prints warnings to
+    # stderr when nothing configured logging): otherwise the first loss call pauses unexplained.
+    _log.warning(
+        "powergrad: compiling the loss's C++ op for the CPU into %s (once per PyTorch "
+        "installation, about 25 s; `powergrad kernel build` does it ahead of time, %s=0 skips it)",
+        directory,
+        ENV_SWITCH,
+    )
+    cpp_extension = _cpp_extension()
     directory.mkdir(parents=True, exist_ok=True)
     path = os.environ.get("PATH", "")
     try:
@@ -165,3 +201,24 @@ def _build(name: str, cflags: list[str], ldflags: list[str], directory: Path) ->
         )
     finally:
         os.environ["PATH"] = path
+
+
+def _cpp_extension() -> ModuleType:
+    """torch.utils.cpp_extension, imported only to build, without its notice about CUDA.
+
+    Importing it looks for a CUDA toolkit and, with one installed but no GPU, logs "No CUDA
+    runtime is found, using CUDA_HOME=...": noise for this op, which is built for the CPU only.
+    """
+    notice = logging.getLogger("torch.utils.cpp_extension")
+    quiet = _NoCudaNotice()
+    notice.addFilter(quiet)
+    try:
+        from torch.utils import cpp_extension
+    finally:
+        notice.removeFilter(quiet)
+    return cpp_extension
+
+
+class _NoCudaNotice(logging.Filter):
+    def filter(self, record: logging.LogRecord) -> bool:
+        return not str(record.msg).startswith("No CUDA runtime is found")

@@ -268,6 +268,9 @@ def power_grad_cross_entropy(
 ) -> Tensor:
     """Cross-entropy whose gradient on the logits has softmax(alpha * logits) in place of p.
 
+    Without a gradient to take (``torch.no_grad``, ``torch.inference_mode``, or logits that do
+    not require grad) it is ``F.cross_entropy`` itself, so validation needs nothing special.
+
     Args:
         logits: ``(N, C)``, ``(N, C, d1, ...)`` or unbatched ``(C,)`` unnormalised scores, any
             float dtype. As for ``F.cross_entropy``, input of two or more dimensions is batched:
@@ -345,9 +348,18 @@ def _cross_entropy(
 class PowerGradLoss(nn.Module):
     """Drop-in for :class:`torch.nn.CrossEntropyLoss` with softmax gradient tampering.
 
-    Tampers only in training mode (``loss.train()``, the default); in eval mode it is plain
-    cross-entropy, so validation losses stay comparable with alpha = 1 runs. ``weight`` is a
-    buffer, as in ``nn.CrossEntropyLoss``, so it follows ``.to(device)``.
+    It tampers whenever a gradient is being taken (autograd on and the logits requiring grad),
+    whatever the module's train/eval mode; ``.train()`` and ``.eval()`` change nothing. Why not
+    the mode: the forward value is cross-entropy's in both, and without a gradient there is
+    nothing to tamper, so the mode could only ever decide what a backward pass gets. Frameworks
+    do not keep it for you: Lightning 2.6 does not call ``.train()`` when ``fit`` starts, so a
+    module left in ``.eval()`` would train a whole run on plain cross-entropy with no error, and
+    fine-tuning with frozen batch norm keeps models in eval mode on purpose. Validation stays
+    plain because every loop validates without gradients (``torch.no_grad``: powergrad's
+    trainer, Lightning, Hugging Face's ``Trainer``, timm's ``validate``). For cross-entropy's own
+    gradient (saliency maps, adversarial examples) use ``F.cross_entropy`` or ``alpha=1``.
+
+    ``weight`` is a buffer, as in ``nn.CrossEntropyLoss``, so it follows ``.to(device)``.
     """
 
     weight: Tensor | None
@@ -371,7 +383,7 @@ class PowerGradLoss(nn.Module):
         return power_grad_cross_entropy(
             logits,
             target,
-            alpha=self.alpha if self.training else 1.0,
+            alpha=self.alpha,
             label_smoothing=self.label_smoothing,
             reduction=self.reduction,
             ignore_index=self.ignore_index,
