@@ -15,7 +15,6 @@ from __future__ import annotations
 import logging
 import os
 import pickle
-import pickletools
 import tempfile
 import warnings
 from pathlib import Path
@@ -24,6 +23,7 @@ from typing import IO, Any, cast
 import torch
 
 from ..errors import UserError
+from ..models.weights import plain_pickle_problem
 from .state import FORMAT_VERSION
 
 __all__ = ["save_checkpoint", "load_checkpoint", "progress"]
@@ -112,7 +112,9 @@ def load_checkpoint(path: str | Path, *, mmap: bool = False) -> dict[str, Any]:
     path = Path(path)
     if not path.is_file():
         raise UserError(f"checkpoint not found: {path}")
-    _refuse_plain_pickle(path)
+    problem = plain_pickle_problem(path)
+    if problem:
+        raise UserError(f"{path}: {problem}")
     try:
         with warnings.catch_warnings():  # torch's advice to load unsafely is not ours to print
             warnings.simplefilter("ignore")
@@ -139,28 +141,6 @@ def load_checkpoint(path: str | Path, *, mmap: bool = False) -> dict[str, Any]:
             f"({FORMAT_VERSION}); upgrade powergrad"
         )
     return state
-
-
-def _refuse_plain_pickle(path: Path) -> None:
-    """A file written by pickle.dump, not torch.save: torch would fail on it with a warning and a
-    misleading message. Its opcodes are read (never run) to say whether it asks to run code."""
-    try:
-        with open(path, "rb") as f:
-            head = f.read(len(_LEGACY))
-            if not head.startswith(b"\x80") or head.startswith(_LEGACY):
-                return  # torch's formats, or bytes that are no pickle: torch.load says which
-            f.seek(0)
-            ops = {op.name for op, _, _ in pickletools.genops(f)}
-    except OSError:
-        return  # torch.load names the problem
-    except Exception:  # noqa: BLE001 - a pickle cut short: pickletools raises ValueError and co.
-        raise UserError(f"{path}: not a loadable checkpoint (truncated pickle)") from None
-    if ops & _CODE_OPS:
-        raise UserError(
-            f"{path}: refused: a plain pickle (not torch.save's format) that asks to import or "
-            "call code; nothing was run"
-        )
-    raise UserError(f"{path}: not a checkpoint: a plain pickle, not torch.save's format")
 
 
 def progress(ckpt: dict[str, Any]) -> tuple[int, int]:

@@ -24,8 +24,9 @@ import torch
 from torch import nn
 
 from ..models.inspect import filter_norms
+from ..rundir import FILTER_NORMS
 
-FILE = "filter_norms.npz"
+FILE = FILTER_NORMS  # (rundir names every file of a run folder)
 
 
 class FilterNormRecorder:

@@ -16,7 +16,7 @@ from matplotlib.backends.backend_agg import FigureCanvasAgg
 from matplotlib.figure import Figure
 from matplotlib.ticker import FixedLocator, FuncFormatter, MaxNLocator, NullFormatter
 
-from ..rundir import read_metrics
+from ..rundir import curves_path, read_metrics
 
 __all__ = [
     "plot_curves",
@@ -90,7 +90,7 @@ def plot_curves(run: str | Path, out: str | Path | None = None) -> Path:
     """Train/val/test loss and accuracy per epoch of one run -> RUN/plots/curves.png."""
     run = Path(run)
     rows = read_metrics(run)
-    out = Path(out) if out else run / "plots" / "curves.png"
+    out = Path(out) if out else curves_path(run)
     out.parent.mkdir(parents=True, exist_ok=True)
     fig, (a, b) = new_figure(1, 2, figsize=(10, 3.8))
     _draw_splits(a, b, rows, None)

@@ -26,7 +26,7 @@ from scipy import stats
 
 from ..config import machinery_keys
 from ..errors import UserError
-from ..rundir import read_summary
+from ..rundir import SUMMARY, read_summary
 
 __all__ = [
     "find_runs",
@@ -83,10 +83,10 @@ def find_runs(paths: list[str | Path]) -> list[Path]:
     for p in map(Path, paths):
         if not p.exists():
             raise UserError(f"no such run or sweep folder: {p}")
-        if (p / "summary.json").is_file():
+        if (p / SUMMARY).is_file():
             found.append(p)
         else:
-            found += sorted(s.parent for s in p.rglob("summary.json"))
+            found += sorted(s.parent for s in p.rglob(SUMMARY))
     if not found:
         raise UserError(f"no runs (folders with summary.json) under {', '.join(map(str, paths))}")
     return list(dict.fromkeys(found))
