@@ -279,3 +279,16 @@ def test_the_start_reads_the_checkpoint_once_and_maps_the_others(
     code, out, err = run_cli(["train", "resume=auto", "--out", run], capsys)
     assert code == 0, err
     assert sorted(loads) == [(n, True) for n in ("epoch1.pt", "epoch2.pt", "epoch3.pt", "last.pt")]
+
+
+def test_a_killed_holders_lock_is_taken_over_with_one_line(tmp_path, capsys):
+    run = tmp_path / "stale"
+    run.mkdir()
+    (run / LOCK).write_text("process 999999999 on elsewhere (since 00:00:00)")
+    code, out, err = run_cli(["train", *FAST, "--out", run], capsys)
+    assert code == 0 and err == "", err
+    assert [line for line in out.splitlines() if "lock" in line] == [
+        f"{run.absolute()}: taking over the lock of process 999999999 on elsewhere "
+        "(since 00:00:00), which has ended"
+    ]
+    assert not (run / LOCK).exists()
