@@ -366,9 +366,8 @@ def restore(state: TrainingState, plan: StartPlan, steps_per_epoch: int) -> None
             int(ckpt.get("epoch", 0)),
         )
         return
-    say = (
-        log.debug if plan.complete else log.info
-    )  # a run with nothing left to do says so in one line
+    # A run with nothing left to do says so in one line (already_complete), not these.
+    say = log.debug if plan.complete else log.info
     if plan.note:
         say("%s", plan.note)
     if plan.official:
