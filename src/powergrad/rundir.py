@@ -132,7 +132,7 @@ LOCK = ".lock"
 _EPOCH_GLOB = "epoch*.pt"
 
 
-def epoch_file(epoch: int) -> str:
+def epoch_file(epoch: int | str) -> str:
     """The checkpoint kept for ``epoch`` (keep_checkpoints=true)."""
     return f"epoch{epoch}.pt"
 

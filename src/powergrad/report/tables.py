@@ -88,7 +88,7 @@ def find_runs(paths: list[str | Path]) -> list[Path]:
         else:
             found += sorted(s.parent for s in p.rglob(SUMMARY))
     if not found:
-        raise UserError(f"no runs (folders with summary.json) under {', '.join(map(str, paths))}")
+        raise UserError(f"no runs (folders with {SUMMARY}) under {', '.join(map(str, paths))}")
     return list(dict.fromkeys(found))
 
 
