@@ -150,6 +150,15 @@ def holds_run(path: str | Path) -> bool:
     )
 
 
+def refuse_to_replace(path: str | Path, overwrite: bool) -> None:
+    """A new run goes into a folder holding another only with --overwrite."""
+    if holds_run(path) and not overwrite:
+        raise UserError(
+            f"run directory {path} already holds a run; pass resume=auto to continue it, "
+            "--overwrite to replace it, or choose another --out"
+        )
+
+
 def resume_candidates(folder: str | Path) -> list[Path]:
     """The checkpoints resume=auto chooses among, in the order that wins a tie: last.pt, then
     epoch{N}.pt by epoch. best.pt is not one (taken only when named)."""
@@ -367,11 +376,8 @@ class RunDir:
         self.path = Path(path)
         if self.path.exists() and not self.path.is_dir():
             raise UserError(f"output path exists and is not a folder: {self.path}")
-        if self.path.is_dir() and holds_run(self.path) and not (resume or overwrite):
-            raise UserError(
-                f"run directory {self.path} already holds a run; pass resume=auto to continue it, "
-                "--overwrite to replace it, or choose another --out"
-            )
+        if not resume:
+            refuse_to_replace(self.path, overwrite)
         try:
             self.path.mkdir(parents=True, exist_ok=True)
             probe = self.path / ".write-test"

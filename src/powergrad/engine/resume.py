@@ -36,6 +36,7 @@ from ..rundir import (
     holds_run,
     new_run_name,
     read_summary,
+    refuse_to_replace,
     resume_candidates,
 )
 from .checkpoint import load_checkpoint, progress
@@ -126,11 +127,8 @@ def plan_start(
         _check_resume(plan)
     elif plan.resuming:  # resume=auto on a folder with no checkpoint: start there
         _refuse_ended_record(plan.run_path)
-    elif holds_run(plan.run_path) and not overwrite:
-        raise UserError(
-            f"run directory {plan.run_path} already holds a run; pass resume=auto to continue "
-            "it, --overwrite to replace it, or choose another --out"
-        )
+    else:
+        refuse_to_replace(plan.run_path, overwrite)
     return plan
 
 
