@@ -9,8 +9,8 @@ from pathlib import Path
 
 import pytest
 
+from powergrad.plots import new_figure, plain_log_ticks
 from powergrad.report import figures
-from powergrad.report.plots import new_figure, plain_log_ticks
 from powergrad.rundir import METRIC_COLUMNS
 
 
@@ -137,7 +137,7 @@ def test_drawing_leaves_the_users_matplotlib_backend_alone(tmp_path):
     code = (
         "import matplotlib; matplotlib.use('svg')\n"
         "from powergrad.report.figures import make_figures\n"
-        "from powergrad.report.plots import plot_curves\n"
+        "from powergrad.plots import plot_curves\n"
         f"make_figures([{str(run)!r}]); plot_curves({str(run)!r})\n"
         "print(matplotlib.get_backend())\n"
     )

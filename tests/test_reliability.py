@@ -90,7 +90,7 @@ def forkserver():
             "powergrad.engine",
             "powergrad.data",
             "powergrad.models",
-            "powergrad.report.plots",
+            "powergrad.plots",
             "torch.utils.tensorboard",
             "sklearn.datasets",
         ]

@@ -101,17 +101,6 @@ def _with_line(tree: ast.AST, node: ast.stmt) -> int | None:
     return None
 
 
-# Rewritten on branch i22b (the run folder, start and save code): audited there.
-NOT_YET_AUDITED = {
-    "cli.py",
-    "rundir.py",
-    "workflows.py",
-    "engine/loop.py",
-    "engine/resume.py",
-    "engine/state.py",
-}
-
-
 def test_an_import_inside_a_function_says_why():
     """Imports go at the top, except where an optional extra (or a cost) needs them deferred:
     such an import says why, on its line or on its ``with extra(...)`` line."""
@@ -130,6 +119,6 @@ def test_an_import_inside_a_function_says_why():
                 said = "#" in lines[node.lineno - 1] or (
                     with_line is not None and "#" in lines[with_line - 1]
                 )
-                if not said and name not in NOT_YET_AUDITED:
+                if not said:
                     silent.append(f"{name}:{node.lineno}")
     assert silent == []

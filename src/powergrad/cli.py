@@ -21,6 +21,7 @@ import json
 import logging
 import os
 import sys
+import textwrap
 import types
 import typing
 from collections.abc import Callable
@@ -29,10 +30,20 @@ from typing import Any, NoReturn
 
 from . import __version__
 from .cache import CACHE_ENV, cache_dir, clear_cache, list_cache
-from .config import BOUNDS, describe_recipe, field_groups, field_info, list_recipes, warnings_for
+from .config import (
+    BOUNDS,
+    Config,
+    _parse_overrides,
+    describe_recipe,
+    field_groups,
+    field_info,
+    list_recipes,
+    load_config,
+    warnings_for,
+)
 from .errors import ONCE_DIR_ENV, DivergenceError, PeerFailedError, UserError, print_once
 from .preflight import check_paths
-from .rundir import teed_output
+from .rundir import LAST, hold_folder_or_none, new_run_name, run_folder_of, teed_output
 
 
 class _Parser(argparse.ArgumentParser):
@@ -92,35 +103,18 @@ def _warn(cfg) -> None:
             logging.getLogger("powergrad").warning("warning: %s", line)
 
 
-def _resolve(ns: argparse.Namespace):
-    """The Config a train command line means: recipe, overrides; with resume= or init_from=,
-    what the checkpoint says too (engine.resume.resolve_config: it reads the file, so torch)."""
-    from .config import _parse_overrides, load_config
-
+def _keys(ns: argparse.Namespace) -> tuple[str | None, dict[str, str]]:
     recipe, overrides = _split_recipe(ns.args)
-    pairs = _parse_overrides(overrides)  # refuses a key given twice
-    if any(k in ("resume", "init_from") for k, _ in pairs):
-        from .engine.resume import resolve_config
-
-        return resolve_config(recipe, dict(pairs), ns.out)
-    return load_config(recipe, overrides)
+    return recipe, dict(_parse_overrides(overrides))  # refuses a key given twice
 
 
-def _run_folder(cfg, out: str | None) -> Path | None:
-    """The folder this train command writes to, as far as the command line says."""
-    if out:
-        return Path(out)
-    if cfg.resume and cfg.resume != "auto":  # resume=auto needs --out: the engine says so
-        return Path(cfg.resume).parent if Path(cfg.resume).is_file() else Path(cfg.resume)
-    return None
+def _reads_checkpoint(keys: dict[str, str]) -> bool:
+    """resume= and init_from= read a checkpoint (so torch) to know the config."""
+    return bool(keys.get("resume") or keys.get("init_from"))
 
 
 def _print_start(cfg, folder: Path | None) -> None:
     """Before the heavy imports: where the run goes, and what differs from the defaults."""
-    import textwrap
-
-    from .config import Config
-
     if folder is not None:
         print(f"run folder: {folder}", flush=True)
     defaults, now = Config().to_dict(), cfg.to_dict()
@@ -143,32 +137,52 @@ def _print_start(cfg, folder: Path | None) -> None:
 
 
 def cmd_train(ns: argparse.Namespace) -> int:
-    cfg = _resolve(ns)
-    if (
-        ns.out is None and not cfg.resume
-    ):  # named now: the first thing printed, one name for all ranks
-        from .rundir import new_run_name
+    """Hold the run folder, plan the start once (engine/resume.py: plan_start), train."""
+    recipe, keys = _keys(ns)
+    cfg = None
+    if not _reads_checkpoint(keys):  # the config, before the heavy imports
+        cfg = load_config(recipe, keys)
+        if ns.out is None:  # named now: the first thing printed, one name for all ranks
+            ns.out = str(Path("runs") / new_run_name(cfg.model, cfg.dataset, cfg.alpha))
+        if cfg.nproc > 1 and "WORLD_SIZE" not in os.environ:
+            return _relaunch_with_torchrun(cfg.nproc, ns)  # the processes it starts say the rest
+    nproc = 0
+    with hold_folder_or_none(run_folder_of(keys.get("resume"), ns.out)):
+        if cfg is not None:
+            _announce(cfg, Path(ns.out))
+        from .engine.resume import plan_start  # the heavy imports (torch, timm) start here
 
-        ns.out = str(Path("runs") / new_run_name(cfg.model, cfg.dataset, cfg.alpha))
-    if cfg.nproc > 1 and "WORLD_SIZE" not in os.environ:
-        return _relaunch_with_torchrun(cfg.nproc, ns)  # the processes it starts say the rest
-    folder = _run_folder(cfg, ns.out)
-    if folder is not None:
-        _RUN_FOLDER.append(folder)
+        plan = plan_start(cfg or recipe, {} if cfg else keys, ns.out, overwrite=ns.overwrite)
+        if plan.cfg.nproc > 1 and "WORLD_SIZE" not in os.environ:
+            nproc = plan.cfg.nproc  # relaunched below, once this process holds nothing
+        else:
+            if cfg is None:
+                _announce(plan.cfg, plan.run_path)
+            from .workflows import train  # the [train] extra, as plan_start above
+
+            result = train(plan=plan)
+            if result.run_dir is not None:
+                print(f"run directory: {result.run_dir}")
+            return 0
+    return _relaunch_with_torchrun(nproc, ns)  # each process it starts plans its own start
+
+
+def _announce(cfg, folder: Path) -> None:
+    _RUN_FOLDER.append(folder)
     if os.environ.get("RANK", "0") == "0":
         _print_start(cfg, folder)
     _warn(cfg)
-    from .workflows import train  # the heavy imports (torch, timm, torchvision) start here
-
-    result = train(cfg, out=ns.out, overwrite=ns.overwrite)
-    if result.run_dir is not None:
-        print(f"run directory: {result.run_dir}")
-    return 0
 
 
 def cmd_config(ns: argparse.Namespace) -> int:
     """A dry run: the resolved config as YAML (a recipe to feed back), then what was checked."""
-    cfg = _resolve(ns)
+    recipe, keys = _keys(ns)
+    if _reads_checkpoint(keys):
+        from .engine.resume import plan_start  # torch and timm: the [train] extra
+
+        cfg = plan_start(recipe, keys, ns.out).cfg
+    else:
+        cfg = load_config(recipe, keys)
     found = check_paths(cfg)
     _warn(cfg)
     print(cfg.to_yaml(), end="")
@@ -179,7 +193,7 @@ def cmd_config(ns: argparse.Namespace) -> int:
 
 def _relaunch_with_torchrun(nproc: int, ns: argparse.Namespace) -> int:
     """``nproc=K``: the same command under torchrun on this machine (K processes)."""
-    from .engine.distributed import launch_local
+    from .engine.distributed import launch_local  # torch.distributed: the [train] extra
 
     argv = ["train", *(a for a in ns.args if not a.startswith("nproc="))]
     argv += ["--out", ns.out] if ns.out else []
@@ -188,7 +202,7 @@ def _relaunch_with_torchrun(nproc: int, ns: argparse.Namespace) -> int:
 
 
 def cmd_eval(ns: argparse.Namespace) -> int:
-    from .workflows import evaluate
+    from .workflows import evaluate  # torch, timm, the data and models: the [train] extra
 
     print(json.dumps(evaluate(ns.checkpoint, ns.args)))
     return 0
@@ -296,7 +310,13 @@ def cmd_cache(ns: argparse.Namespace) -> int:
 
 
 def cmd_kernel(ns: argparse.Namespace) -> int:
-    from .kernels import ENV_DIR, build_cpu_kernel, build_failure, is_built, library_path
+    from .kernels import (  # torch: kept out of every other command's start
+        ENV_DIR,
+        build_cpu_kernel,
+        build_failure,
+        is_built,
+        library_path,
+    )
 
     if ns.action == "where":
         library = library_path()
@@ -493,14 +513,7 @@ def build_parser() -> argparse.ArgumentParser:
         help="where: its path and whether it is built (the default); build: compile it if needed",
     )
     k.set_defaults(fn=cmd_kernel)
-
-    for extra in _EXTRA_COMMANDS:
-        extra(sub)
     return p
-
-
-# Further sub-commands register here (sweep, report, plot) to keep this file thin.
-_EXTRA_COMMANDS: list = []
 
 
 class _StdStreamHandler(logging.StreamHandler):
@@ -572,18 +585,14 @@ _RUN_FOLDER: list[Path] = []  # the folder of the run this command trains into, 
 
 
 def _kept(folders: list[Path]) -> str:
-    """What an interrupted run leaves: its newest checkpoint, and the command that continues it."""
+    """What an interrupted run leaves: its checkpoint, and the command that continues it."""
     if not folders:
         return ""
     run = folders[-1]
-    saved = sorted(
-        (p for p in (run / "last.pt", run / "preempt.pt") if p.is_file()),
-        key=lambda p: p.stat().st_mtime,
-    )
-    if not saved:
+    if not (run / LAST).is_file():
         return f"; {run} holds no checkpoint yet (the first is saved at the end of epoch 1)"
     return (
-        f"; the last checkpoint is kept: {saved[-1]} (continue with "
+        f"; the last checkpoint is kept: {run / LAST} (continue with "
         f"`powergrad train resume=auto --out {run}`)"
     )
 

@@ -22,6 +22,7 @@ from pathlib import Path
 from typing import Any, Union
 
 from .errors import UserError, extra
+from .rundir import BEST, LAST, SUMMARY, epoch_file
 
 if typing.TYPE_CHECKING:
     import yaml
@@ -277,13 +278,13 @@ class Config:
     )
     val_fraction: float = _key(
         0.0,
-        help="share of the training set held out for validation (and best.pt)",
+        help=f"share of the training set held out for validation (and {BEST})",
         group="data",
         bound="[0, 1)",
         probe_feature=True,
     )
     skip_bad_images: bool = _key(
-        False, help="skip images that fail to decode (counted in summary.json)", group="data"
+        False, help=f"skip images that fail to decode (counted in {SUMMARY})", group="data"
     )
     num_classes: int | None = _key(
         None,
@@ -381,12 +382,12 @@ class Config:
     init_from: str | None = _key(
         None,
         help="start a NEW run from another run's checkpoint (weights only; "
-        "the parent is recorded in summary.json)",
+        f"the parent is recorded in {SUMMARY})",
         group="checkpoints",
     )
     save_every: int = _key(
         1,
-        help="save last.pt (and best.pt) every N epochs",
+        help=f"save {LAST} every N epochs ({BEST}: after every epoch that is the best so far)",
         group="checkpoints",
         affects_result=False,
         bound=">0",
@@ -394,14 +395,14 @@ class Config:
     # Bounds what a kill loses on long epochs (ImageNet: 5,005 steps an epoch at batch 256).
     checkpoint_every_steps: int = _key(
         0,
-        help="also save last.pt every N optimiser steps inside an epoch (0: only at epoch ends)",
+        help=f"also save {LAST} every N optimiser steps inside an epoch (0: only at epoch ends)",
         group="checkpoints",
         affects_result=False,
         bound=">=0",
     )
     keep_checkpoints: bool = _key(
         False,
-        help="also keep epoch{N}.pt for every saved epoch",
+        help=f"also keep {epoch_file('N')} for every saved epoch",
         group="checkpoints",
         affects_result=False,
     )

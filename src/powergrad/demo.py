@@ -8,8 +8,10 @@ from typing import Any
 from .errors import extra
 
 with extra("train"):  # the demo trains (and [train] brings [plot] with it)
-    from .report.plots import plot_compare
+    from .plots import plot_compare
     from .workflows import train
+
+from .rundir import curves_path
 
 __all__ = ["run_demo"]
 
@@ -35,5 +37,5 @@ def run_demo(out: str | Path = "runs/demo", epochs: int | None = None) -> dict[f
             f"{f.get('logit_norm') or float('nan'):>11.2f}"
         )
     png = plot_compare({f"alpha {a:g}": out / f"alpha{a:g}" for a in results}, out / "compare.png")
-    print(f"\ncurves: {png} and {out}/alpha*/plots/curves.png")
+    print(f"\ncurves: {png} and {curves_path(out / 'alpha*')}")
     return {a: r.final for a, r in results.items()}

@@ -213,7 +213,7 @@ def _cpp_extension() -> ModuleType:
     quiet = _NoCudaNotice()
     notice.addFilter(quiet)
     try:
-        from torch.utils import cpp_extension
+        from torch.utils import cpp_extension  # only to build: it looks for a CUDA toolkit
     finally:
         notice.removeFilter(quiet)
     return cpp_extension

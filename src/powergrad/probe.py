@@ -26,6 +26,7 @@ from typing import Any
 import torch
 
 from .config import Config, probe_feature_keys
+from .engine.resume import StartPlan
 from .errors import UserError, extra
 
 with extra("train"):
@@ -55,12 +56,12 @@ class _NoTransform:
         return x
 
 
-def train_probe(
-    cfg: Config, out: str | Path | None = None, *, overwrite: bool = False, **loop_options: Any
-):
-    """Train a linear probe on ``cfg.model``'s frozen features at ``cfg.probe_layer``.
+def train_probe(plan: StartPlan, **loop_options: Any):
+    """Train a linear probe on the frozen features of ``plan.cfg.model`` at its ``probe_layer``.
 
     ``loop_options`` go to :func:`run_training` as they do from :func:`powergrad.workflows.train`."""
+
+    cfg = plan.cfg
     dist = init_distributed(cfg.device)
     try:
         if dist.enabled:
@@ -95,10 +96,8 @@ def train_probe(
             head,
             train,
             test,
-            cfg,
+            plan,
             dist,
-            out=out,
-            overwrite=overwrite,
             val_loader=val,
             extra_summary=extra,
             watch_features=False,

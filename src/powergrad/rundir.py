@@ -1,26 +1,37 @@
-"""The run directory, the unit of record: config, metrics, summary, checkpoints, events, plots.
+"""The run directory, the unit of record, and its one owner: every file a run writes is named
+here (nowhere else in powergrad), as is what ``--overwrite`` removes, what resume may read, and
+the lock that lets one process at a time write a folder.
 
-RUN/config.yaml      the resolved config (feed it back as a recipe)
-RUN/metrics.csv      one row per finished epoch
-RUN/summary.json     final and best metrics, wall time, environment, diagnostics
-RUN/last.pt best.pt  checkpoints
-RUN/train.log        everything the run printed (stdout and stderr), appended on resume
-RUN/events/          TensorBoard events
-RUN/plots/           curves.png
+RUN/config.yaml        the resolved config (feed it back as a recipe)
+RUN/metrics.csv        one row per finished epoch
+RUN/summary.json       final and best metrics, wall time, environment, diagnostics
+RUN/last.pt best.pt    checkpoints (epoch{N}.pt too with keep_checkpoints)
+RUN/train.log          everything the run printed (stdout and stderr), appended on resume
+RUN/events/            TensorBoard events
+RUN/plots/curves.png   the run's curves
+RUN/filter_norms.npz   per-filter norms (monitor.filter_norms)
+RUN/.lock              held while a process writes the folder (removed when it ends)
+
+Only the standard library at module level: ``report`` reads runs with the [plot] extra alone.
 """
 
 from __future__ import annotations
 
 import csv
+import errno
+import fcntl
 import json
+import logging
 import math
 import os
 import platform
+import shutil
+import socket
 import subprocess
 import sys
 import time
 from collections.abc import Iterator
-from contextlib import AbstractContextManager, contextmanager
+from contextlib import AbstractContextManager, contextmanager, nullcontext
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
@@ -31,6 +42,9 @@ if TYPE_CHECKING:
 
 __all__ = [
     "RunDir",
+    "hold_folder",
+    "hold_folder_or_none",
+    "run_folder_of",
     "METRIC_COLUMNS",
     "read_metrics",
     "read_summary",
@@ -100,17 +114,182 @@ def new_run_name(cfg_model: str, cfg_dataset: str, alpha: float) -> str:
     return f"{stamp}-{cfg_dataset}-{cfg_model.replace('/', '_')}-a{alpha:g}"
 
 
+log = logging.getLogger("powergrad")
+
+# ----------------------------------------------------------------------------- the files
+
+CONFIG = "config.yaml"
+METRICS = "metrics.csv"
+SUMMARY = "summary.json"
+LAST = "last.pt"  # the newest state: what resume=auto continues
+BEST = "best.pt"  # the epoch summary.json names as best; resume takes it only when named
+TRAIN_LOG = "train.log"
+EVENTS = "events"  # TensorBoard's folder
+PLOTS = "plots"
+CURVES = "curves.png"  # in PLOTS
+FILTER_NORMS = "filter_norms.npz"
+LOCK = ".lock"
+_EPOCH_GLOB = "epoch*.pt"
+
+
+def epoch_file(epoch: int | str) -> str:
+    """The checkpoint kept for ``epoch`` (keep_checkpoints=true)."""
+    return f"epoch{epoch}.pt"
+
+
 # Files whose presence makes a folder a run's record (a run killed before its first save has
 # config.yaml; a finished one all of them).
-RUN_FILES = ("config.yaml", "metrics.csv", "summary.json", "last.pt", "best.pt", "preempt.pt")
+RUN_FILES = (CONFIG, METRICS, SUMMARY, LAST, BEST)
 
 
 def holds_run(path: str | Path) -> bool:
     """True if ``path`` is a folder holding a powergrad run's record."""
     path = Path(path)
     return path.is_dir() and (
-        any((path / n).exists() for n in RUN_FILES) or any(path.glob("epoch*.pt"))
+        any((path / n).exists() for n in RUN_FILES) or any(path.glob(_EPOCH_GLOB))
     )
+
+
+def refuse_to_replace(path: str | Path, overwrite: bool) -> None:
+    """A new run goes into a folder holding another only with --overwrite."""
+    if holds_run(path) and not overwrite:
+        raise UserError(
+            f"run directory {path} already holds a run; pass resume=auto to continue it, "
+            "--overwrite to replace it, or choose another --out"
+        )
+
+
+def resume_candidates(folder: str | Path) -> list[Path]:
+    """The checkpoints resume=auto chooses among, in the order that wins a tie: last.pt, then
+    epoch{N}.pt by epoch. best.pt is not one (taken only when named)."""
+    folder = Path(folder)
+    epochs = sorted(folder.glob(_EPOCH_GLOB), key=lambda p: (len(p.name), p.name))
+    return [p for p in [folder / LAST, *epochs] if p.is_file()]
+
+
+def written_by_run(folder: str | Path) -> list[Path]:
+    """Everything a run writes in its folder, as far as present: what --overwrite removes."""
+    folder = Path(folder)
+    names = [*RUN_FILES, TRAIN_LOG, EVENTS, PLOTS, FILTER_NORMS]
+    found = [folder / n for n in names if (folder / n).exists()]
+    return found + sorted(folder.glob(_EPOCH_GLOB)) + sorted(folder.glob(".*.tmp*"))
+
+
+def remove_run_files(folder: str | Path) -> None:
+    """--overwrite: the old run goes whole (checkpoints, events, log), so that nothing of it can
+    be resumed or read as the new run's."""
+    for p in written_by_run(folder):
+        shutil.rmtree(p) if p.is_dir() and not p.is_symlink() else p.unlink()
+
+
+def curves_path(run: str | Path) -> Path:
+    return Path(run) / PLOTS / CURVES
+
+
+# ----------------------------------------------------------------------------- the lock
+
+_held: dict[Path, int] = {}  # folders this process holds -> how many nested holds
+
+
+@contextmanager
+def hold_folder(folder: str | Path) -> Iterator[Path]:
+    """Hold ``folder`` (created if needed) for this process until the block ends: a second
+    process asking for it gets a UserError naming the holder.
+
+    An flock on RUN/.lock: the kernel drops it when its process ends however it ends, so a
+    killed run's lock never blocks the next (its file, still naming the dead process, is taken
+    over with one line). Nested holds in one process (the CLI, then the Python API) are free.
+    The lock file goes when the block ends; a folder the hold created and nothing else wrote
+    into goes with it, so that a refused start leaves --out as it was.
+    """
+    folder = Path(folder).absolute()
+    if os.environ.get("RANK", "0") != "0":  # a distributed run's main process holds for all
+        yield folder
+        return
+    if folder in _held:
+        _held[folder] += 1
+        try:
+            yield folder
+        finally:
+            _held[folder] -= 1
+        return
+    created = not folder.exists()
+    fd = _lock(folder)
+    _held[folder] = 1
+    try:
+        yield folder
+    finally:
+        del _held[folder]
+        (folder / LOCK).unlink(missing_ok=True)  # before the unlock: nobody locks a dead file
+        os.close(fd)
+        if created:
+            with _quiet_oserror():
+                folder.rmdir()  # only if nothing was written there
+
+
+def hold_folder_or_none(folder: str | Path | None) -> AbstractContextManager[Path | None]:
+    """hold_folder, or nothing when the folder is not known yet (a new one, named later)."""
+    return hold_folder(folder) if folder is not None else nullcontext()
+
+
+def run_folder_of(resume: str | None, out: str | Path | None) -> Path | None:
+    """The folder a train command writes, as far as its --out and resume= say (None: a new
+    folder, named once the config is known)."""
+    if out:
+        return Path(out)
+    if resume and resume != "auto":
+        return Path(resume) if Path(resume).is_dir() else Path(resume).parent
+    return None
+
+
+def _lock(folder: Path) -> int:
+    if folder.exists() and not folder.is_dir():
+        raise UserError(f"output path exists and is not a folder: {folder}")
+    path = folder / LOCK
+    try:
+        folder.mkdir(parents=True, exist_ok=True)
+        while True:
+            fd = os.open(path, os.O_RDWR | os.O_CREAT, 0o644)
+            try:
+                fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+            except OSError as e:
+                os.close(fd)
+                if e.errno not in (errno.EAGAIN, errno.EACCES):
+                    raise
+                raise UserError(
+                    f"{folder} is in use by {_holder(path) or 'another process'}: wait for it to "
+                    "end, or choose another --out"
+                ) from None
+            try:  # the holder before us may have removed the file between our open and flock
+                if os.fstat(fd).st_ino == os.stat(path).st_ino:
+                    break
+            except FileNotFoundError:
+                pass
+            os.close(fd)
+        before = os.read(fd, 200).decode(errors="replace").strip()
+        if before:  # a killed holder's file (a clean one removes it)
+            log.info("%s: taking over the lock of %s, which has ended", folder, before)
+        os.lseek(fd, 0, os.SEEK_SET)
+        os.ftruncate(fd, 0)
+        me = f"process {os.getpid()} on {socket.gethostname()} (since {time.strftime('%H:%M:%S')})"
+        os.write(fd, me.encode())
+        return fd
+    except OSError as e:
+        raise UserError(f"cannot write to output folder {folder}: {e.strerror or e}") from None
+
+
+def _holder(path: Path) -> str:
+    with _quiet_oserror():
+        return path.read_text(errors="replace").strip()
+    return ""
+
+
+@contextmanager
+def _quiet_oserror() -> Iterator[None]:
+    try:
+        yield
+    except OSError:
+        pass
 
 
 def refuse_run_dir(path: str | Path, what: str) -> None:
@@ -197,11 +376,8 @@ class RunDir:
         self.path = Path(path)
         if self.path.exists() and not self.path.is_dir():
             raise UserError(f"output path exists and is not a folder: {self.path}")
-        if self.path.is_dir() and holds_run(self.path) and not (resume or overwrite):
-            raise UserError(
-                f"run directory {self.path} already holds a run; pass resume=auto to continue it, "
-                "--overwrite to replace it, or choose another --out"
-            )
+        if not resume:
+            refuse_to_replace(self.path, overwrite)
         try:
             self.path.mkdir(parents=True, exist_ok=True)
             probe = self.path / ".write-test"
@@ -212,44 +388,32 @@ class RunDir:
                 f"cannot write to output folder {self.path}: {e.strerror or e}"
             ) from None
         if overwrite and not resume:
-            for name in (
-                "metrics.csv",
-                "summary.json",
-                "last.pt",
-                "best.pt",
-                "preempt.pt",
-                "train.log",
-            ):
-                (self.path / name).unlink(missing_ok=True)
+            remove_run_files(self.path)
         # A process killed while saving leaves its temporary file; the save itself never landed.
-        for name in ("config.yaml.tmp", "metrics.csv.tmp", "summary.json.tmp"):
-            (self.path / name).unlink(missing_ok=True)
+        for tmp in self.path.glob(".*.tmp*"):
+            tmp.unlink(missing_ok=True)
         self._tb: SummaryWriter | None = None
         self._step_mark: tuple[int, float] | None = None  # (step, time) of the last step record
         self._log: AbstractContextManager[_LogSink] | None = (
             None  # the teed output of a run started from Python (the CLI tees its own)
         )
         if isinstance(sys.stdout, Tee):
-            sys.stdout.sink.attach(self.path / "train.log")
+            sys.stdout.sink.attach(self.path / TRAIN_LOG)
         else:
             self._log = teed_output()
-            self._log.__enter__().attach(self.path / "train.log")
+            self._log.__enter__().attach(self.path / TRAIN_LOG)
 
     # --- files
     @property
     def metrics_csv(self) -> Path:
-        return self.path / "metrics.csv"
+        return self.path / METRICS
 
     def write_config(self, text: str) -> None:
-        path = self.path / "config.yaml"
-        with _writing(path):
-            tmp = path.with_suffix(".yaml.tmp")
-            tmp.write_text(text)
-            os.replace(tmp, path)
+        _replace(self.path / CONFIG, text)
 
     def rewrite_metrics(self, rows: list[dict[str, Any]]) -> None:
         """Replace metrics.csv by ``rows`` (on resume: the history the checkpoint holds)."""
-        tmp = self.metrics_csv.with_suffix(".csv.tmp")
+        tmp = _tmp(self.metrics_csv)
         with _writing(self.metrics_csv):
             with open(tmp, "w", newline="") as f:
                 w = csv.DictWriter(f, fieldnames=METRIC_COLUMNS)
@@ -269,10 +433,10 @@ class RunDir:
 
     def _writer(self):
         if self._tb is None:
-            with extra("train"):
+            with extra("train"):  # tensorboard: report reads run folders without it
                 from torch.utils.tensorboard import SummaryWriter
 
-            self._tb = SummaryWriter(log_dir=str(self.path / "events"))
+            self._tb = SummaryWriter(log_dir=str(self.path / EVENTS))
         return self._tb
 
     def tensorboard(self, row: dict[str, Any]) -> None:
@@ -326,10 +490,7 @@ class RunDir:
         self._writer().add_hparams(flat, metrics, run_name=".")
 
     def write_summary(self, summary: dict[str, Any]) -> None:
-        tmp = self.path / "summary.json.tmp"
-        with _writing(self.path / "summary.json"):
-            tmp.write_text(json.dumps(summary, indent=2, default=str))
-            os.replace(tmp, self.path / "summary.json")
+        _replace(self.path / SUMMARY, json.dumps(summary, indent=2, default=str))
 
     def close(self) -> None:
         if self._tb is not None:
@@ -338,6 +499,18 @@ class RunDir:
         if self._log is not None:
             self._log.__exit__(None, None, None)
             self._log = None
+
+
+def _tmp(path: Path) -> Path:
+    """Where a file is written before it replaces ``path`` (removed when a folder is opened)."""
+    return path.with_name(f".{path.name}.tmp")
+
+
+def _replace(path: Path, text: str) -> None:
+    tmp = _tmp(path)
+    with _writing(path):
+        tmp.write_text(text)
+        os.replace(tmp, path)
 
 
 @contextmanager
@@ -359,7 +532,7 @@ def _fmt(v: Any) -> Any:
 
 def read_metrics(run: str | Path) -> list[dict[str, Any]]:
     """metrics.csv as a list of dicts with floats (empty cells as None)."""
-    path = Path(run) / "metrics.csv"
+    path = Path(run) / METRICS
     if not path.is_file():
         return []
     with open(path, newline="") as f:
@@ -372,9 +545,9 @@ def read_metrics(run: str | Path) -> list[dict[str, Any]]:
 
 
 def read_summary(run: str | Path) -> dict[str, Any]:
-    path = Path(run) / "summary.json"
+    path = Path(run) / SUMMARY
     if not path.is_file():
-        raise UserError(f"no summary.json in {run}: not a finished powergrad run")
+        raise UserError(f"no {SUMMARY} in {run}: not a finished powergrad run")
     try:
         return json.loads(path.read_text())
     except json.JSONDecodeError:
@@ -382,7 +555,7 @@ def read_summary(run: str | Path) -> dict[str, Any]:
 
 
 def environment(device: str) -> dict[str, Any]:
-    import torch
+    import torch  # kept out of the CLI's start (`powergrad --version`, `recipes`)
 
     env = {
         "python": platform.python_version(),
@@ -392,8 +565,8 @@ def environment(device: str) -> dict[str, Any]:
         "cpu_threads": torch.get_num_threads(),
     }
     try:
-        import timm
-        import torchvision
+        import timm  # the [train] extra, which a run has; absent, the record says so
+        import torchvision  # the same
 
         env["torchvision"] = torchvision.__version__
         env["timm"] = timm.__version__

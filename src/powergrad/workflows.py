@@ -16,13 +16,17 @@ from typing import Any
 from torch import nn
 
 from .config import Config, load_config
+from .data import check_checkpoint_classes, create_loaders
 from .engine.distributed import DistInfo, cleanup, init_distributed, raise_if_peer_failed
 from .engine.loop import RunResult, already_complete, evaluate_loader, run_training
-from .engine.resume import check_progress, plan_start, read_checkpoint, resolve_config
+from .engine.resume import StartPlan, plan_start, read_checkpoint
 from .engine.state import load_model_state, seed_everything
 from .errors import UserError
+from .models import create_model
+from .probe import evaluate_probe, train_probe
+from .rundir import hold_folder, hold_folder_or_none, run_folder_of
 
-__all__ = ["train", "fit", "evaluate", "as_config"]
+__all__ = ["train", "fit", "evaluate"]
 
 log = logging.getLogger("powergrad")
 
@@ -33,26 +37,32 @@ def train(
     *,
     overwrite: bool = False,
     on_epoch: Callable[[dict[str, Any]], bool] | None = None,
+    plan: StartPlan | None = None,
     **overrides: Any,
 ) -> RunResult:
     """Train the recipe ``config`` (a Config, a dict of keys, a recipe name or YAML path).
 
     ``on_epoch(row)`` is called after each epoch's record (every process, same row); returning
-    True stops the run there with status ``stopped`` (a sweep's pruner uses it).
+    True stops the run there with status ``stopped`` (a sweep's pruner uses it). ``plan``: a
+    start already planned (the CLI's), instead of ``config``, ``out`` and the overrides.
     """
-    cfg = as_config(config, overrides, out)
-    plan = plan_start(cfg, out)  # a resume that cannot go on stops here, before any data is read
-    if plan.own_folder and check_progress(plan, cfg) == "complete":  # (another run's file must
-        return already_complete(
-            plan, cfg
-        )  # still fit the model: run_training checks, then says so)
+    if plan is None:
+        resume = overrides.get("resume") or getattr(config, "resume", None)
+        if isinstance(config, dict):
+            resume = {**config, **overrides}.get("resume")
+        with hold_folder_or_none(run_folder_of(resume, out)):
+            plan = plan_start(config, overrides, out, overwrite=overwrite)
+            return train(plan=plan, on_epoch=on_epoch)
+    with hold_folder(plan.run_path):  # (held already when planned here or by the CLI)
+        return _train(plan, on_epoch)
+
+
+def _train(plan: StartPlan, on_epoch: Callable[[dict[str, Any]], bool] | None) -> RunResult:
+    cfg = plan.cfg
+    if plan.complete and plan.own_folder:  # (another run's file must still fit the model:
+        return already_complete(plan)  # run_training checks, then says so)
     if cfg.probe_layer:  # features computed once, then the loop on the head
-        from .probe import train_probe
-
-        return train_probe(cfg, out, overwrite=overwrite, on_epoch=on_epoch, plan=plan)
-    from .data import create_loaders
-    from .models import create_model
-
+        return train_probe(plan, on_epoch=on_epoch)
     dist = init_distributed(cfg.device)
     try:
         seed_everything(cfg.seed)
@@ -66,15 +76,12 @@ def train(
             model,
             loaders.train,
             loaders.test,
-            cfg,
+            plan,
             dist,
-            out=out,
-            overwrite=overwrite,
             val_loader=loaders.val,
             extra_summary={"bad_images": info.bad_images},
             on_epoch=on_epoch,
             class_names=list(info.class_names),
-            plan=plan,
         )
     except RuntimeError as e:
         raise_if_peer_failed(e, dist)
@@ -97,31 +104,27 @@ def fit(
     ``options`` are recipe keys (``alpha=0.25, epochs=10, lr=0.05, ...``). Loaders yield
     ``(inputs, targets)``; a ``set_epoch(epoch)`` method, if present, is called each epoch.
     """
-    cfg = as_config(None, {"model": "custom", "dataset": "custom", **options}, out)
-    dist = init_distributed(cfg.device)
-    try:
-        seed_everything(cfg.seed)
-        return run_training(
-            model, train_loader, test_loader, cfg, dist, out=out, overwrite=overwrite
-        )
-    except RuntimeError as e:
-        raise_if_peer_failed(e, dist)
-        raise
-    finally:
-        cleanup(dist)
+    keys = {"model": "custom", "dataset": "custom", **options}
+    with hold_folder_or_none(run_folder_of(keys.get("resume"), out)):
+        plan = plan_start(None, keys, out, overwrite=overwrite)
+        with hold_folder(plan.run_path):
+            dist = init_distributed(plan.cfg.device)
+            try:
+                seed_everything(plan.cfg.seed)
+                return run_training(model, train_loader, test_loader, plan, dist)
+            except RuntimeError as e:
+                raise_if_peer_failed(e, dist)
+                raise
+            finally:
+                cleanup(dist)
 
 
 def evaluate(checkpoint: str | Path, overrides: list[str] | dict | None = None) -> dict[str, float]:
     """Evaluate a checkpoint on its recipe's test split: ``{top1, top5, loss, n}``."""
-    from .data import check_checkpoint_classes, create_loaders
-    from .models import create_model
-
     state = read_checkpoint(checkpoint)
     raw = {k: v for k, v in (state.get("config") or {}).items() if k not in ("resume", "init_from")}
     cfg = load_config(None, {**raw, **_overrides_dict(overrides)})
     if cfg.probe_layer:  # the checkpoint holds the head; the backbone comes from the recipe
-        from .probe import evaluate_probe
-
         return evaluate_probe(cfg, state, checkpoint)
     cfg.weights, cfg.pretrained = None, False
     dist = DistInfo(device=init_distributed(cfg.device).device)
@@ -132,24 +135,6 @@ def evaluate(checkpoint: str | Path, overrides: list[str] | dict | None = None) 
     load_model_state(model, state["model"], checkpoint)
     model.to(dist.device)
     return evaluate_loader(model, loaders.test, cfg, dist)
-
-
-def as_config(
-    config: Config | dict | str | Path | None,
-    overrides: dict[str, Any],
-    out: str | Path | None = None,
-) -> Config:
-    """A Config from what train() was given; a checkpoint named by resume= / init_from= fills in
-    what the recipe leaves open (engine/resume.py: resolve_config)."""
-    if isinstance(config, Config):
-        if not overrides:
-            return config
-        raw = config.to_dict()
-        raw["monitor"] = dict(raw["monitor"])
-        return load_config(None, {**raw, **overrides})
-    if isinstance(config, dict):
-        return resolve_config(None, {**config, **overrides}, out)
-    return resolve_config(str(config) if config is not None else None, dict(overrides), out)
 
 
 def _overrides_dict(overrides) -> dict[str, Any]:

@@ -4,7 +4,10 @@ Writes go to a temporary file in the same folder, are flushed and fsync'ed, then
 the old file (an atomic replace on POSIX), so a kill or a full disk at any moment leaves either
 the previous checkpoint or the new one, never half of one. Loads use ``weights_only=True``: a
 checkpoint holds tensors, numbers, strings, lists and dicts only, so a pickle that would run code
-is refused. docs/reliability.md states these promises and the tests that hold them.
+is refused; so is a plain pickle (not torch.save's format), read opcode by opcode without
+running it. docs/reliability.md states these promises and the tests that hold them.
+
+Which files a run folder holds, and their names, is powergrad.rundir's to say.
 """
 
 from __future__ import annotations
@@ -13,21 +16,26 @@ import logging
 import os
 import pickle
 import tempfile
+import warnings
 from pathlib import Path
 from typing import IO, Any, cast
 
 import torch
 
 from ..errors import UserError
+from ..models.weights import plain_pickle_problem
 from .state import FORMAT_VERSION
 
-__all__ = ["save_checkpoint", "load_checkpoint", "remove_stale_temporaries", "RESUME_NAMES"]
+__all__ = ["save_checkpoint", "load_checkpoint", "progress"]
 
 log = logging.getLogger("powergrad")
 
-# The checkpoint names of a run folder, besides epoch{N}.pt (keep_checkpoints=true); resume=auto
-# takes best.pt only when named (engine/resume.py).
-RESUME_NAMES = ("last.pt", "preempt.pt", "best.pt")
+_ZIP = b"PK\x03\x04"  # torch.save's format since torch 1.6
+_LEGACY = (
+    b"\x80\x02\x8a\x0a\x6c\xfc\x9c\x46\xf9\x20\x6a\xa8\x50\x19"  # the older one's magic number
+)
+# Opcodes by which a pickle asks to import or call something (the way a pickle runs code).
+_CODE_OPS = {"GLOBAL", "STACK_GLOBAL", "INST", "OBJ", "REDUCE", "NEWOBJ", "NEWOBJ_EX"}
 
 
 def save_checkpoint(state: dict[str, Any], path: str | Path) -> None:
@@ -95,25 +103,22 @@ def _fsync_dir(folder: Path) -> None:
         os.close(fd)
 
 
-def remove_stale_temporaries(folder: str | Path) -> list[Path]:
-    """Delete the ``.NAME.pt.*.tmp`` files a killed save left behind; return what was removed."""
-    removed = []
-    for p in Path(folder).glob(".*.pt.*.tmp"):
-        try:
-            p.unlink()
-            removed.append(p)
-        except OSError:
-            pass
-    return removed
+def load_checkpoint(path: str | Path, *, mmap: bool = False) -> dict[str, Any]:
+    """Load a powergrad checkpoint safely, or raise UserError naming the file and the problem.
 
-
-def load_checkpoint(path: str | Path) -> dict[str, Any]:
-    """Load a powergrad checkpoint safely, or raise UserError naming the file and the problem."""
+    ``mmap=True`` maps the tensors' bytes instead of reading them: the counters (epoch, step)
+    cost a read of the small pickle only, and weights are read when they are used.
+    """
     path = Path(path)
     if not path.is_file():
         raise UserError(f"checkpoint not found: {path}")
+    problem = plain_pickle_problem(path)
+    if problem:
+        raise UserError(f"{path}: {problem}")
     try:
-        state = torch.load(path, map_location="cpu", weights_only=True)
+        with warnings.catch_warnings():  # torch's advice to load unsafely is not ours to print
+            warnings.simplefilter("ignore")
+            state = torch.load(path, map_location="cpu", weights_only=True, mmap=mmap)
     except pickle.UnpicklingError as e:
         if "Unsupported global" in str(e) or "GLOBAL" in str(e):
             msg = "refused: it asks to build objects other than tensors and plain values (possible code); nothing was run"
@@ -136,3 +141,8 @@ def load_checkpoint(path: str | Path) -> dict[str, Any]:
             f"({FORMAT_VERSION}); upgrade powergrad"
         )
     return state
+
+
+def progress(ckpt: dict[str, Any]) -> tuple[int, int]:
+    """(epochs done, steps done in the next epoch): how far a checkpoint's run got."""
+    return int(ckpt.get("epoch", 0)), int(ckpt.get("step_in_epoch") or 0)

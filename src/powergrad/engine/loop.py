@@ -1,8 +1,9 @@
 """The training loop, read top to bottom as torchvision's reference script.
 
-:func:`run_training` is the table of contents: plan the start (engine/resume.py), build the
+:func:`run_training` is the table of contents: from the start plan (engine/resume.py) build the
 :class:`~powergrad.engine.state.TrainingState`, then for each epoch :func:`train_one_epoch`,
-:func:`evaluate_epoch`, :func:`record_epoch` and the :class:`~powergrad.engine.saver.CheckpointSaver`.
+:func:`evaluate_epoch`, :func:`record_epoch` and the :class:`~powergrad.engine.saver.CheckpointSaver`
+(which decides the best epoch and every save).
 The public ``train`` / ``fit`` / ``evaluate`` live one level up (powergrad.workflows): they
 build data and a model (or a probe's features and head) and call :func:`run_training`.
 
@@ -34,16 +35,16 @@ from ..config import Config, config_hash
 from ..errors import DivergenceError, UserError
 from ..models import get_head, param_groups, set_train_mode
 from ..monitor import Diagnostic, EpochStats, Monitor
+from ..monitor.filters import FilterNormRecorder
 from ..progress import StepProgress, track
-from ..rundir import RunDir, environment, git_commit
+from ..rundir import LAST, RunDir, environment, git_commit
 from ..tamper import PowerGradLoss
-from .checkpoint import remove_stale_temporaries
 from .distributed import DistInfo, all_reduce_max, all_reduce_sum, check_same_everywhere
 from .optim import create_optimizer, create_scheduler
 from .preemption import PreemptionFlag
-from .resume import StartPlan, check_progress, parent_record, plan_start
-from .saver import CheckpointSaver
-from .state import TrainingState
+from .resume import StartPlan
+from .saver import CheckpointSaver, selection_split
+from .state import TrainingState, load_model_state
 
 __all__ = ["RunResult", "run_training", "train_one_epoch", "evaluate_loader", "StepHook"]
 
@@ -89,6 +90,7 @@ class Trainer:
     steps_per_epoch: int
     bad_step: torch.Tensor  # first non-finite loss's step, -1: none (on the device)
     step_hooks: list[StepHook] = field(default_factory=list)
+    optimizer_steps: list[int] = field(default_factory=lambda: [0])  # counted by a step hook
 
     @property
     def sync_every(self) -> int:
@@ -102,44 +104,36 @@ def run_training(
     model: nn.Module,
     train_loader: Any,
     test_loader: Any,
-    cfg: Config,
+    plan: StartPlan,
     dist: DistInfo,
     *,
-    out: str | Path | None = None,
-    overwrite: bool = False,
     val_loader: Any = None,
     extra_summary: dict[str, Any] | None = None,
     on_epoch: Callable[[dict[str, Any]], bool] | None = None,
-    on_step: StepHook | None = None,
     watch_features: bool = True,
     class_names: list[str] | None = None,
-    plan: StartPlan | None = None,
 ) -> RunResult:
-    """Train ``model``: set up, then for each epoch train, evaluate, record, save.
+    """Train ``model`` from ``plan`` (engine/resume.py: plan_start): set up, then for each epoch
+    train, evaluate, record, save.
 
     ``on_epoch(row)`` is called after each epoch's record; True stops the run (status
-    ``stopped``). ``on_step(state, loss)`` runs after every optimiser step. ``watch_features``
-    hooks the head's input for dead_feature_share. ``plan`` is how the run starts (default:
-    :func:`~powergrad.engine.resume.plan_start` of ``cfg`` and ``out``).
+    ``stopped``). ``watch_features`` hooks the head's input for dead_feature_share.
     """
+    cfg = plan.cfg
     steps_per_epoch = len(train_loader)
     if steps_per_epoch == 0:
         raise UserError(
             "the training set gives no batches: batch_size is larger than the data set?"
         )
-    plan = plan or plan_start(cfg, out)  # which checkpoint, which folder: decided before any write
-    complete = check_progress(plan, cfg) == "complete"
     state = new_state(model, cfg, dist, steps_per_epoch, class_names, val_loader is not None)
-    restore(
-        state, plan, steps_per_epoch, quiet=complete
-    )  # a finished run's file must fit the model too
-    if complete:
-        return already_complete(plan, cfg)
+    restore(state, plan, steps_per_epoch)  # a finished run's file must fit the model too
+    if plan.complete:
+        return already_complete(plan)
     check_same_everywhere(  # else the processes fall out of step and wait forever
         {"epoch": state.epoch, "step": state.step_in_epoch, "steps_per_epoch": steps_per_epoch},
         dist,
     )
-    run = open_record(plan, cfg, dist, overwrite, state)
+    run = open_record(plan, dist, state)
     t = make_trainer(
         state,
         cfg,
@@ -151,8 +145,6 @@ def run_training(
         steps_per_epoch,
         watch_features,
     )
-    if on_step is not None:
-        t.step_hooks.append(on_step)
 
     status = "finished"
     try:
@@ -162,11 +154,12 @@ def run_training(
                 status = "preempted"
                 break
             row = evaluate_epoch(t, epoch, *trained)
-            is_best = record_epoch(t, row)
+            record_epoch(t, row)
             state.epoch, state.step_in_epoch = epoch + 1, 0
-            t.saver.save_epoch(state, is_best)
+            t.saver.after_epoch(state, row)
             status = stop_requested(t, row, on_epoch)
             if status != "finished":
+                t.saver.save_on_stop(state)
                 break
     except DivergenceError as e:
         record_divergence(t, e, extra_summary)
@@ -202,12 +195,11 @@ def train_one_epoch(t: Trainer, epoch: int) -> tuple[dict[str, float], float, fl
     try:
         for step, (x, y) in enumerate(batches, start=first):
             x, y = _to_device(x, y, device, cfg.channels_last)
-            scale = _scale(state.scaler, device) if cfg.amp == "fp16" else None
+            taken = t.optimizer_steps[0]
             loss, logits = _train_step(
                 t.forward, t.criterion, state.optimizer, state.scaler, x, y, cfg, t.net
             )
-            if scale is not None:  # the scaler lowers its scale exactly when it skips a step
-                state.skipped_updates += _scale(state.scaler, device) < scale
+            state.skipped_updates += t.optimizer_steps[0] == taken  # fp16: the scaler skipped it
             if state.global_step == 0 and step == 0:
                 state.monitor.check_outputs(logits, epoch + 1)
             stats.update(loss, logits, y)
@@ -283,24 +275,18 @@ def evaluate_epoch(
     return row
 
 
-def record_epoch(t: Trainer, row: dict[str, Any]) -> bool:
-    """Append the row to the history and the record, run the checks; True if it is the best so far
-    (by validation accuracy when there is a validation split, else test: ``best_split``)."""
+def record_epoch(t: Trainer, row: dict[str, Any]) -> None:
+    """Append the row to the history and the record, run the checks."""
     state = t.state
     state.history.append(row)
     _share_feature_mask(state.monitor, t.dist)  # every rank: a collective
     state.monitor.after_epoch(state.history, state.model)
     if t.filters is not None:
         t.filters.end_epoch(state.global_step, t.run.path if t.run else None)
-    key = f"{state.best_split}_acc"
-    is_best = not state.best or row[key] > state.best.get(key, -1)
-    if is_best:
-        state.best = dict(row)
     if t.dist.is_main:
         _print_epoch(row, t.cfg.epochs)
     if t.run is not None:  # the main process's record
         t.run.append_metrics(row)
-    return is_best
 
 
 @torch.no_grad()
@@ -361,25 +347,20 @@ def new_state(
         cfg=cfg,
         device=dist.device,
         world_size=dist.world_size,
-        best_split="val" if has_val else "test",
+        best_split=selection_split(has_val),
         class_names=class_names,
-        skipped_updates=torch.zeros((), dtype=torch.long, device=dist.device),
     )
 
 
-def restore(
-    state: TrainingState, plan: StartPlan, steps_per_epoch: int, quiet: bool = False
-) -> None:
+def restore(state: TrainingState, plan: StartPlan, steps_per_epoch: int) -> None:
     """Load what the plan starts from into the state: a resume's checkpoint (all of it, a timm
     one's weights and momentum), or init_from's weights (and nothing else: a new run)."""
     ckpt, path, cfg = plan.checkpoint, plan.checkpoint_path, state.cfg
     if ckpt is None:
         return
     if plan.init_from:
-        from .state import load_model_state
-
         load_model_state(state.model, ckpt["model"], path)
-        state.parent = parent_record(plan)
+        state.parent = plan.parent
         log.info(
             "init_from %s: a new run from its weights (%d epochs done there); optimiser, schedule "
             "and epochs start fresh",
@@ -387,7 +368,8 @@ def restore(
             int(ckpt.get("epoch", 0)),
         )
         return
-    say = log.debug if quiet else log.info  # a run with nothing left to do says so in one line
+    # A run with nothing left to do says so in one line (already_complete), not these.
+    say = log.debug if plan.complete else log.info
     if plan.note:
         say("%s", plan.note)
     if plan.official:
@@ -407,15 +389,17 @@ def restore(
                 state.epoch + 1,
                 cfg.epochs,
             )
+    if plan.parent is not None:  # another folder's checkpoint: a new run, continued from it
+        state.parent = plan.parent
     # The lr this step has on the schedule: what the first epoch line shows and trains with.
     state.scheduler.step_update(state.global_step)
     say("resumed from %s at epoch %d, step %d", path, state.epoch + 1, state.step_in_epoch)
 
 
-def already_complete(plan: StartPlan, cfg: Config) -> RunResult:
+def already_complete(plan: StartPlan) -> RunResult:
     """A resume with no epoch left: one line, nothing written, the checkpoint's record returned."""
-    ckpt, path = plan.checkpoint or {}, plan.checkpoint_path
-    assert path is not None  # check_progress says "complete" only of a checkpoint
+    ckpt, path, cfg = plan.checkpoint or {}, plan.checkpoint_path, plan.cfg
+    assert path is not None  # plan_start says "complete" only of a checkpoint
     done = f"{int(ckpt.get('epoch', 0))} of {cfg.epochs} epochs"
     if plan.own_folder:
         log.info(
@@ -444,14 +428,12 @@ def already_complete(plan: StartPlan, cfg: Config) -> RunResult:
     )
 
 
-def open_record(
-    plan: StartPlan, cfg: Config, dist: DistInfo, overwrite: bool, state: TrainingState
-) -> RunDir | None:
+def open_record(plan: StartPlan, dist: DistInfo, state: TrainingState) -> RunDir | None:
     """The run folder, on the main process, once the start can no longer fail on its input."""
     if not dist.is_main:
         return None
-    run = RunDir(plan.run_path, resume=plan.resuming, overwrite=overwrite)
-    run.write_config(cfg.to_yaml())
+    run = RunDir(plan.run_path, resume=plan.continues_record, overwrite=plan.overwrite)
+    run.write_config(plan.cfg.to_yaml())
     if plan.resuming:  # the checkpoint's history is the record up to where it stopped
         run.rewrite_metrics(state.history[: state.epoch])
     return run
@@ -477,9 +459,10 @@ def make_trainer(
     else:
         state.monitor.feature_alive = None
     saver = CheckpointSaver(run.path if run else None, cfg)
+    optimizer_steps = [0]  # steps the optimiser took: the scaler's fp16 skips are the others
+    state.optimizer.register_step_post_hook(lambda *_: _count(optimizer_steps))
     hooks: list[StepHook] = []
     if run is not None:
-        remove_stale_temporaries(run.path)  # a save a kill cut short never landed
         hooks.append(
             lambda s, loss: run.after_step(s.global_step, loss, s.lr, cfg.batch_size)
         )  # TensorBoard
@@ -500,7 +483,12 @@ def make_trainer(
         steps_per_epoch=steps_per_epoch,
         bad_step=torch.full((), -1, dtype=torch.long, device=device),
         step_hooks=hooks,
+        optimizer_steps=optimizer_steps,
     )
+
+
+def _count(counter: list[int]) -> None:
+    counter[0] += 1
 
 
 # ----------------------------------------------------------------------------- the epoch's pieces
@@ -525,8 +513,7 @@ def check_in_due(t: Trainer, step: int) -> bool:
     """Reading the divergence and pre-emption flags waits for the device (a host-device sync
     point), so on a GPU it happens every SYNC_EVERY steps, at the epoch's end, and before a
     mid-epoch save; not every step."""
-    every = t.cfg.checkpoint_every_steps
-    mid_save = bool(every) and t.state.global_step % every == 0
+    mid_save = t.saver.mid_epoch_due(t.state.global_step, step, t.steps_per_epoch)
     return mid_save or (step + 1) % t.sync_every == 0 or step + 1 == t.steps_per_epoch
 
 
@@ -538,7 +525,7 @@ def check_in(t: Trainer, epoch: int, step: int, stats: EpochStats) -> bool:
     if t.stopper.agreed(t.dist):
         save_mid_epoch(t, epoch, step, stats)
         return True
-    if t.saver.wants_mid_epoch(t.state.global_step, step, t.steps_per_epoch):
+    if t.saver.mid_epoch_due(t.state.global_step, step, t.steps_per_epoch):
         save_mid_epoch(t, epoch, step, stats)
     return False
 
@@ -594,13 +581,13 @@ def finish(t: Trainer, status: str, extra_summary: dict[str, Any] | None) -> Run
             run.hparams(t.cfg.to_dict(), history[-1], state.best)
         run.close()
         if history:
-            from ..report.plots import plot_curves
+            from ..plots import plot_curves  # matplotlib: needed at the run's end only
 
             plot_curves(run.path)
         if status == "preempted":
             print(
-                f"pre-empted: checkpoint saved to {run.path / 'last.pt'}; continue with "
-                f"resume={run.path / 'last.pt'}",
+                f"pre-empted: checkpoint saved to {run.path / LAST}; continue with "
+                f"resume={run.path / LAST}",
                 file=sys.stderr,
             )
     return result
@@ -619,13 +606,6 @@ def _to_device(x, y, device: torch.device, channels_last: bool):
     if channels_last and x.dim() == 4:
         x = x.contiguous(memory_format=torch.channels_last)
     return x, y.to(device, non_blocking=True)
-
-
-def _scale(scaler: torch.amp.GradScaler, device: torch.device) -> torch.Tensor:
-    """The scaler's current scale as a device tensor (no host sync, unlike get_scale())."""
-    if scaler._scale is None:  # created lazily by the first scale() call
-        return torch.full((), scaler._init_scale, device=device)
-    return scaler._scale.clone()
 
 
 def _global_epoch_stats(
@@ -702,8 +682,6 @@ def _filter_recorder(model: nn.Module, cfg: Config, run: RunDir | None, global_s
     """monitor.filter_norms: per-filter and pooled-feature norms every K steps (monitor/filters.py)."""
     if not cfg.monitor.filter_norms:
         return None
-    from ..monitor.filters import FilterNormRecorder
-
     try:
         head = get_head(model)[1]
     except UserError:

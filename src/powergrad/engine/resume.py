@@ -1,20 +1,23 @@
 """How a run starts: fresh, resumed from a checkpoint, or new from another run's weights.
 
-Nothing here writes. :func:`plan_start` decides, before any file is touched, which checkpoint a
-run continues from and where its record goes, so that a start that fails leaves ``--out`` as it
-was. The rules (docs/reliability.md, "Resume"):
+:func:`plan_start` is the one start: it turns (recipe, overrides, ``--out``) into a
+:class:`StartPlan`, reading the checkpoint it starts from once, and writes nothing, so that a
+start that fails leaves ``--out`` as it was. The caller holds the folder (rundir.hold_folder)
+while it plans and runs. The rules (docs/reliability.md, "Resume"):
 
-- ``resume=auto`` (or ``resume=RUN_DIR``) takes, among ``last.pt``, ``preempt.pt`` and
-  ``epoch{N}.pt``, the checkpoint that loads and records the most progress (epoch, then step
-  inside it); file times play no part. ``best.pt`` is taken only when named by path. The log
-  says which file was taken and why the others were not.
-- Keys that change the result must equal the checkpoint's (TrainingState.from_checkpoint says
-  which differ); ``epochs`` may be raised to extend a run; a run already complete says so and
-  nothing is written.
-- ``init_from=PATH`` is not a resume: a new run (its own config and folder) whose model starts
-  from PATH's weights; summary.json names the parent.
+- ``resume=auto`` (or ``resume=RUN_DIR``) takes, among the checkpoints rundir lets resume read
+  (``last.pt``, ``epoch{N}.pt``), the one that loads and records the most progress (epoch, then
+  step inside it): read with its tensors mapped, not loaded; file times play no part.
+  ``best.pt`` is taken only when named by path. The log says which file was taken and why the
+  others were not.
+- Keys that change the result must equal the checkpoint's (config.check_resume says which
+  differ); ``epochs`` may be raised to extend a run; a run already complete says so and nothing
+  is written.
+- A checkpoint from another folder never writes into an existing run's folder (refused, naming
+  both); into a new folder it continues as a new run that records its parent, as
+  ``init_from=PATH`` does (a new run whose model starts from PATH's weights).
 - A timm checkpoint (engine/official.py) gives the model (its ``arch``) and its ``args`` (label
-  smoothing, image size, alpha) unless the command line sets them: :func:`resolve_config`.
+  smoothing, image size, alpha) unless the command line sets them.
 """
 
 from __future__ import annotations
@@ -26,24 +29,36 @@ from typing import Any
 
 from ..config import Config, check_resume, config_hash, load_config
 from ..errors import UserError
-from ..rundir import holds_run, new_run_name, read_summary
-from .checkpoint import RESUME_NAMES, load_checkpoint
+from ..rundir import (
+    BEST,
+    CONFIG,
+    SUMMARY,
+    holds_run,
+    new_run_name,
+    read_summary,
+    refuse_to_replace,
+    resume_candidates,
+)
+from .checkpoint import load_checkpoint, progress
 
-__all__ = ["StartPlan", "plan_start", "read_checkpoint", "resolve_config", "choose_checkpoint"]
+__all__ = ["StartPlan", "plan_start", "read_checkpoint", "choose_checkpoint"]
 
 log = logging.getLogger("powergrad")
 
 
 @dataclass
 class StartPlan:
-    """Where a run's record goes and what it starts from."""
+    """What a run starts from and where its record goes, decided once."""
 
+    cfg: Config
     run_path: Path
-    resuming: bool = False  # continuing a record (the folder may hold it already)
+    resuming: bool = False  # the run goes on from a checkpoint, or in its own folder (auto)
     checkpoint_path: Path | None = None
     checkpoint: dict[str, Any] | None = None  # a resume's checkpoint, or init_from's
     init_from: bool = False
     note: str = ""  # why this checkpoint: logged when the run goes on
+    complete: bool = False  # nothing left to train: say so and write nothing
+    overwrite: bool = False  # --overwrite: the old record in run_path goes first
 
     @property
     def own_folder(self) -> bool:
@@ -52,27 +67,164 @@ class StartPlan:
         return path is not None and self.run_path.resolve() == path.parent.resolve()
 
     @property
+    def continues_record(self) -> bool:
+        """The folder's record goes on (else it is a new record, the old one removed if any)."""
+        return self.resuming and (self.checkpoint is None or self.own_folder)
+
+    @property
     def official(self) -> bool:
         return bool(self.checkpoint and self.checkpoint.get("official"))
 
+    @property
+    def parent(self) -> dict[str, Any] | None:
+        """summary.json's ``parent``: the file a new run took its start from, and what it held."""
+        if self.checkpoint is None or (self.resuming and self.own_folder):
+            return None
+        saved = self.checkpoint.get("config") or {}
+        record = {
+            "checkpoint": str(self.checkpoint_path),
+            "epochs_done": int(self.checkpoint.get("epoch", 0)),
+        }
+        if not self.official:
+            record["config_hash"] = config_hash(load_config(None, _without_resume(saved)))
+        return record
 
-def plan_start(cfg: Config, out: str | Path | None) -> StartPlan:
-    """Decide how this run starts; raise UserError (nothing written) if it cannot."""
-    if cfg.resume:
-        path, ckpt, note = _resume_checkpoint(cfg.resume, out)
-        if path is not None and ckpt is not None:  # (found together, or neither)
-            if not ckpt.get("official"):  # a timm file has no recipe of ours to compare
-                check_resume(ckpt["config"], cfg, path)
-            plan = StartPlan(Path(out) if out else path.parent, True, path, ckpt, note=note)
-            check_progress(plan, cfg)  # epochs below what the checkpoint did: refused here
-            return plan
-        # resume=auto and the folder holds no checkpoint yet: start there (a run killed before
-        # its first save, or a sweep's trial that never began)
-    if cfg.resume == "auto":
-        assert out is not None  # _resume_checkpoint refused resume=auto without --out
-        _refuse_ended_record(Path(out))
-        return _with_parent(cfg, StartPlan(Path(out), resuming=True))
-    return _with_parent(cfg, StartPlan(Path(out) if out else _default_out(cfg)))
+
+def plan_start(
+    config: Config | dict[str, Any] | str | Path | None,
+    overrides: dict[str, Any] | None = None,
+    out: str | Path | None = None,
+    *,
+    overwrite: bool = False,
+) -> StartPlan:
+    """The start of a ``train`` command: recipe (or a Config), then what a checkpoint says, then
+    the overrides; the checkpoint read once; UserError (nothing written) if it cannot start."""
+    given = dict(overrides or {})
+    recipe, keys = _as_recipe(config, given)
+    resume, init_from = keys.get("resume"), keys.get("init_from")
+    if resume == "auto" and out is None:
+        raise UserError("resume=auto needs --out RUN_DIR (the run to continue)")
+    path, ckpt, note = _source(resume, init_from, out)
+    folder = out if resume == "auto" else resume
+    cfg = (
+        config
+        if isinstance(config, Config) and not given
+        else _config(recipe, keys, ckpt, from_init=not resume, folder=folder)
+    )
+    if resume and path is not None and out is None:
+        out = path.parent
+    plan = StartPlan(
+        cfg,
+        Path(out) if out else _default_out(cfg),
+        resuming=bool(resume),
+        checkpoint_path=path,
+        checkpoint=ckpt,
+        init_from=bool(ckpt is not None and not resume),
+        note=note,
+        overwrite=overwrite,
+    )
+    if plan.resuming and ckpt is not None:
+        _check_resume(plan)
+    elif plan.resuming:  # resume=auto on a folder with no checkpoint: start there
+        _refuse_ended_record(plan.run_path)
+    else:
+        refuse_to_replace(plan.run_path, overwrite)
+    return plan
+
+
+def _as_recipe(
+    config: Config | dict[str, Any] | str | Path | None, overrides: dict[str, Any]
+) -> tuple[str | None, dict[str, Any]]:
+    """(recipe, overrides) from what train() was given: a Config or a dict become overrides."""
+    if isinstance(config, Config):
+        if not overrides:
+            return None, {"resume": config.resume, "init_from": config.init_from}
+        raw = config.to_dict()
+        raw["monitor"] = dict(raw["monitor"])
+        return None, {**raw, **overrides}
+    if isinstance(config, dict):
+        return None, {**config, **overrides}
+    return (str(config) if config is not None else None), overrides
+
+
+def _source(
+    resume: str | None, init_from: str | None, out: str | Path | None
+) -> tuple[Path | None, dict[str, Any] | None, str]:
+    """The checkpoint the run starts from (read once), or (None, None, "")."""
+    if resume == "auto":
+        assert out is not None
+        return choose_checkpoint(out)
+    if resume:
+        path = Path(resume)
+        if path.is_dir():
+            found, ckpt, note = choose_checkpoint(path)
+            if found is None:
+                raise UserError(f"no loadable checkpoint in {path}")
+            return found, ckpt, note
+        return path, read_checkpoint(path), f"resume: {path}, named on the command line"
+    if init_from:
+        return Path(init_from), read_checkpoint(init_from), ""
+    return None, None, ""
+
+
+def _config(
+    recipe: str | None,
+    overrides: dict[str, Any],
+    ckpt: dict[str, Any] | None,
+    from_init: bool,
+    folder: str | Path | None,
+) -> Config:
+    """- ``resume=`` without a recipe continues with the checkpoint's own config (a run killed
+    before its first save: with its folder's config.yaml);
+    - a timm checkpoint gives its model and its args unless the overrides set them."""
+    if ckpt is None:
+        if recipe is None and overrides.get("resume") and folder is not None:
+            saved = Path(folder) if Path(folder).is_dir() else Path(folder).parent
+            if (saved / CONFIG).is_file():
+                recipe = str(saved / CONFIG)
+        return load_config(recipe, overrides)
+    if ckpt.get("official"):
+        official = {k: v for k, v in ckpt["config"].items() if k not in overrides}
+        applied = ", ".join(f"{k}={v}" for k, v in official.items())
+        log.info(
+            "from the timm checkpoint's args: %s (set a key on the command line to override it)",
+            applied,
+        )
+        return load_config(recipe, {**official, **overrides})
+    if recipe is None and not from_init:
+        return load_config(None, {**_without_resume(ckpt.get("config") or {}), **overrides})
+    return load_config(recipe, overrides)
+
+
+def _check_resume(plan: StartPlan) -> None:
+    """Same recipe, a folder of its own, epochs left; ``plan.complete`` when none are left."""
+    ckpt, path, cfg = plan.checkpoint or {}, plan.checkpoint_path, plan.cfg
+    if not plan.official:  # a timm file has no recipe of ours to compare
+        check_resume(ckpt["config"], cfg, path)
+    if not plan.own_folder and holds_run(plan.run_path) and not plan.overwrite:
+        assert path is not None
+        raise UserError(
+            f"{plan.run_path} holds another run's record; {path} is from the run in "
+            f"{path.parent}: resume that run there (--out {path.parent}), or into a new --out "
+            "(a new run that records it as its parent)"
+        )
+    epoch, step = progress(ckpt)
+    if epoch > cfg.epochs or (epoch == cfg.epochs and step):
+        raise UserError(
+            f"{path} has {epoch} epochs done, more than epochs={cfg.epochs}; "
+            f"to train a new run from its weights use init_from={path}"
+        )
+    if epoch < cfg.epochs:
+        return
+    if not plan.own_folder:
+        plan.complete = True  # another run's finished checkpoint: nothing of it to copy here
+        return
+    try:
+        summary = read_summary(plan.run_path)
+    except UserError:
+        summary = {}
+    # A kill between the last save and summary.json: the run goes on to complete its record.
+    plan.complete = summary.get("status") == "finished" and summary.get("epochs_done") == epoch
 
 
 def _refuse_ended_record(run_dir: Path) -> None:
@@ -84,128 +236,59 @@ def _refuse_ended_record(run_dir: Path) -> None:
         return
     if status in ("finished", "diverged"):
         raise UserError(
-            f"{run_dir} holds a {status} run's record (summary.json) and no checkpoint to "
+            f"{run_dir} holds a {status} run's record ({SUMMARY}) and no checkpoint to "
             "continue from: nothing to resume; train into a new --out, or delete the folder to "
             "run it again"
         )
 
 
-def _with_parent(cfg: Config, plan: StartPlan) -> StartPlan:
-    if cfg.init_from:
-        plan.checkpoint_path = Path(cfg.init_from)
-        plan.checkpoint = read_checkpoint(cfg.init_from)
-        plan.init_from = True
-    return plan
-
-
-def parent_record(plan: StartPlan) -> dict[str, Any]:
-    """summary.json's ``parent`` of an init_from run: the file and what it held."""
-    ckpt = plan.checkpoint or {}
-    saved = ckpt.get("config") or {}
-    record = {"checkpoint": str(plan.checkpoint_path), "epochs_done": int(ckpt.get("epoch", 0))}
-    if not plan.official:
-        record["config_hash"] = config_hash(load_config(None, _without_resume(saved)))
-    return record
-
-
-def _resume_checkpoint(resume: str, out: str | Path | None) -> tuple[Path | None, dict | None, str]:
-    if resume == "auto":
-        if out is None:
-            raise UserError("resume=auto needs --out RUN_DIR (the run to continue)")
-        return choose_checkpoint(out)
-    path = Path(resume)
-    if path.is_dir():
-        found, ckpt, note = choose_checkpoint(path)
-        if found is None:
-            raise UserError(f"no loadable checkpoint in {path}")
-        return found, ckpt, note
-    return path, read_checkpoint(path), f"resume: {path}, named on the command line"
-
-
-def choose_checkpoint(
-    run_dir: str | Path, warn: bool = True
-) -> tuple[Path | None, dict[str, Any] | None, str]:
+def choose_checkpoint(run_dir: str | Path) -> tuple[Path | None, dict[str, Any] | None, str]:
     """The checkpoint of ``run_dir`` with the most progress recorded inside it, or (None, None, "");
     the third item says why it was taken and the others not (for the log, once the run goes on).
 
-    Looks at last.pt, preempt.pt and epoch{N}.pt; ties go to that order. One that does not load
+    Each candidate is read with its tensors mapped (load_checkpoint's mmap), so that choosing
+    costs the small pickle of each, and the one taken is not read again. One that does not load
     is skipped with a warning; a folder whose checkpoints all fail is a UserError (starting over
     would throw the run away), as is one holding only best.pt.
     """
     run_dir = Path(run_dir)
-    names = [n for n in RESUME_NAMES if n != "best.pt"]
-    epochs = sorted(run_dir.glob("epoch*.pt"), key=lambda p: (len(p.name), p.name))
-    candidates = [p for p in [*(run_dir / n for n in names), *epochs] if p.is_file()]
     loaded, problems = [], []
-    for p in candidates:
+    for p in resume_candidates(run_dir):
         try:
-            ckpt = load_checkpoint(p)
+            loaded.append((p, load_checkpoint(p, mmap=True)))
         except UserError as e:
             problems.append((p, str(e)))
-            continue
-        loaded.append((p, ckpt))
     if not loaded:
         if problems:
             raise UserError(f"no loadable checkpoint in {run_dir}: {problems[0][1]}")
-        if (run_dir / "best.pt").is_file():
+        if (run_dir / BEST).is_file():
             raise UserError(
-                f"{run_dir} holds only best.pt, which resume takes only when named: "
-                f"resume={run_dir / 'best.pt'}"
+                f"{run_dir} holds only {BEST}, which resume takes only when named: "
+                f"resume={run_dir / BEST}"
             )
         return None, None, ""
-    for _, problem in problems if warn else ():  # (when none loads, the error says it once)
+    for _, problem in problems:  # (when none loads, the error says it once)
         log.warning("skipping %s", problem)
-    taken, ckpt = max(loaded, key=lambda pc: _progress(pc[1]))  # max keeps the first of equals
+    taken, ckpt = max(loaded, key=lambda pc: progress(pc[1]))  # max keeps the first of equals
     others = [
-        f"{p.name} ({_where(c)}: {'less progress' if _progress(c) < _progress(ckpt) else 'the same'})"
+        f"{p.name} ({_where(c)}: {'less progress' if progress(c) < progress(ckpt) else 'the same'})"
         for p, c in loaded
         if p != taken
     ]
     others += [f"{p.name} (does not load)" for p, _ in problems]
-    if (run_dir / "best.pt").is_file():
-        others.append("best.pt (taken only when named: resume=RUN/best.pt)")
+    if (run_dir / BEST).is_file():
+        others.append(f"{BEST} (taken only when named: resume=RUN/{BEST})")
     note = f"resume: {taken}, the most progress recorded that loads ({_where(ckpt)})"
     note += f"; not taken: {', '.join(others)}" if others else ""
-    if (
-        problems and warn
-    ):  # after a file that does not load, the choice is a warning: the user should know
+    if problems:  # after a file that does not load, the choice is a warning: the user should know
         log.warning("%s", note)
         note = ""
     return taken, ckpt, note
 
 
-def _progress(ckpt: dict[str, Any]) -> tuple[int, int]:
-    return int(ckpt.get("epoch", 0)), int(ckpt.get("step_in_epoch") or 0)
-
-
 def _where(ckpt: dict[str, Any]) -> str:
-    epoch, step = _progress(ckpt)
+    epoch, step = progress(ckpt)
     return f"epoch {epoch} done" + (f", step {step} of epoch {epoch + 1}" if step else "")
-
-
-def check_progress(plan: StartPlan, cfg: Config) -> str | None:
-    """None if the resumed run has epochs left; "complete" if it has none and its record says
-    so already (nothing to do, nothing to write); "record" if it has none but its record is
-    not finished (a kill between the last save and summary.json): the record is completed."""
-    if not plan.checkpoint or plan.init_from:
-        return None
-    epoch, step = _progress(plan.checkpoint)
-    if epoch > cfg.epochs or (epoch == cfg.epochs and step):
-        raise UserError(
-            f"{plan.checkpoint_path} has {epoch} epochs done, more than epochs={cfg.epochs}; "
-            f"to train a new run from its weights use init_from={plan.checkpoint_path}"
-        )
-    if epoch < cfg.epochs:
-        return None
-    try:
-        summary = read_summary(plan.run_path)
-    except UserError:
-        summary = {}
-    if summary.get("status") == "finished" and summary.get("epochs_done") == epoch:
-        return "complete"
-    if not plan.own_folder:
-        return "complete"  # another run's finished checkpoint: nothing of it to copy here
-    return "record"
 
 
 def read_checkpoint(path: str | Path) -> dict[str, Any]:
@@ -215,7 +298,9 @@ def read_checkpoint(path: str | Path) -> dict[str, Any]:
     except UserError as not_ours:
         if "refused" not in str(not_ours) and "not a powergrad checkpoint" not in str(not_ours):
             raise  # truncated or garbage: the official reader would fail the same way
-        from .official import read_official
+        if "plain pickle" in str(not_ours):
+            raise
+        from .official import read_official  # a rare path: its own module, read when needed
 
         try:
             state = read_official(path)  # refuses code as load_checkpoint does
@@ -226,56 +311,6 @@ def read_checkpoint(path: str | Path) -> dict[str, Any]:
         if state is None:
             raise
         return state
-
-
-def resolve_config(
-    recipe: str | None, overrides: dict[str, Any], out: str | Path | None = None
-) -> Config:
-    """The config a ``train`` command means: recipe, then what a checkpoint says, then overrides.
-
-    - ``resume=`` without a recipe continues with the checkpoint's own config;
-    - a timm checkpoint (``resume=`` or ``init_from=``) gives its model and its args (label
-      smoothing, image size, alpha) unless the overrides set them.
-    """
-    resume = overrides.get("resume")
-    source = resume if resume not in (None, "auto") else (out if resume == "auto" else None)
-    source = source or overrides.get("init_from")
-    ckpt = _peek(source) if source else None
-    if ckpt is None:
-        if recipe is None and resume is not None and source:  # a run killed before its first save
-            folder = Path(source) if Path(source).is_dir() else Path(source).parent
-            if (folder / "config.yaml").is_file():
-                recipe = str(folder / "config.yaml")
-        return load_config(recipe, overrides)
-    if ckpt.get("official"):
-        official = {k: v for k, v in ckpt["config"].items() if k not in overrides}
-        applied = ", ".join(f"{k}={v}" for k, v in official.items())
-        log.info(
-            "from the timm checkpoint's args: %s (set a key on the command line to override it)",
-            applied,
-        )
-        return load_config(recipe, {**official, **overrides})
-    if recipe is None and source != overrides.get("init_from"):
-        return load_config(None, {**_without_resume(ckpt.get("config") or {}), **overrides})
-    return load_config(recipe, overrides)
-
-
-def _peek(source: str | Path) -> dict[str, Any] | None:
-    """The checkpoint a resume or init_from would read, without the log lines of choosing it."""
-    path = Path(source)
-    if path.is_dir():
-        if not holds_run(path):
-            return None
-        try:
-            return choose_checkpoint(path, warn=False)[1]  # plan_start chooses again, and warns
-        except UserError:
-            return None  # plan_start says what is wrong, with the recipe in place
-    if not path.is_file():
-        return None
-    try:
-        return read_checkpoint(path)
-    except UserError:
-        return None
 
 
 def _without_resume(saved: dict[str, Any]) -> dict[str, Any]:

@@ -1,23 +1,35 @@
-"""The checkpoint policy, in one place (as timm's CheckpointSaver): which file, when.
+"""The save policy, in one place (as timm's CheckpointSaver): what is best, which file, when.
 
-- ``last.pt``: every ``save_every`` epochs and after the last epoch; also every
-  ``checkpoint_every_steps`` optimiser steps inside an epoch, and when a run is pre-empted;
-- ``best.pt``: with ``last.pt``, when the epoch's selection accuracy (validation when there is a
-  validation split, else test: summary.json's ``best_split`` says which) is the best so far;
-- ``epoch{N}.pt``: with ``last.pt`` when ``keep_checkpoints`` is set.
+- the best epoch: the highest accuracy on the selection split (validation when the run holds one
+  out, else test: summary.json's ``best_split``); :meth:`CheckpointSaver.after_epoch` decides it
+  and sets ``state.best``, which summary.json reports;
+- ``best.pt``: written after every epoch that is the best so far, whatever ``save_every`` says,
+  so that it always holds the epoch summary.json names;
+- ``last.pt``: every ``save_every`` epochs and after the last epoch; inside an epoch every
+  ``checkpoint_every_steps`` optimiser steps (:meth:`mid_epoch_due`), and when the run stops
+  early (pre-emption, or a sweep's pruner) at a point not saved yet;
+- ``epoch{N}.pt``: with each epoch's ``last.pt`` when ``keep_checkpoints`` is set.
 
-Every write is atomic (engine/checkpoint.py). Only the main process writes; the others return.
+Every write is atomic (engine/checkpoint.py). Only the main process writes; on the others the
+saver still decides the best, so that every process holds the same state.
 """
 
 from __future__ import annotations
 
 from pathlib import Path
+from typing import Any
 
 from ..config import Config
-from .checkpoint import save_checkpoint
+from ..rundir import BEST, LAST, epoch_file
+from .checkpoint import progress, save_checkpoint
 from .state import TrainingState
 
-__all__ = ["CheckpointSaver"]
+__all__ = ["CheckpointSaver", "selection_split"]
+
+
+def selection_split(has_val: bool) -> str:
+    """The split whose accuracy chooses the best epoch."""
+    return "val" if has_val else "test"
 
 
 class CheckpointSaver:
@@ -27,8 +39,9 @@ class CheckpointSaver:
         self.every_steps = cfg.checkpoint_every_steps
         self.keep_all = cfg.keep_checkpoints
         self.epochs = cfg.epochs
+        self.saved_at: tuple[int, int] | None = None  # the progress last.pt holds, once written
 
-    def wants_mid_epoch(self, global_step: int, step: int, steps_per_epoch: int) -> bool:
+    def mid_epoch_due(self, global_step: int, step: int, steps_per_epoch: int) -> bool:
         """A mid-epoch save is due after this step (never on an epoch's last: the epoch save follows)."""
         return (
             bool(self.every_steps)
@@ -38,18 +51,34 @@ class CheckpointSaver:
 
     def save_mid_epoch(self, state: TrainingState) -> None:
         """last.pt at a step inside an epoch (state.epoch_stats holds the epoch's sums so far)."""
-        if self.folder is not None:
-            save_checkpoint(state.to_checkpoint(), self.folder / "last.pt")
+        self._write(state.to_checkpoint(), LAST)
 
-    def save_epoch(self, state: TrainingState, is_best: bool) -> None:
-        """The files due after a finished epoch (state.epoch already counts it)."""
-        if self.folder is None:
-            return
-        if state.epoch % self.save_every and state.epoch != self.epochs:
+    def after_epoch(self, state: TrainingState, row: dict[str, Any]) -> None:
+        """Decide whether the finished epoch (state.epoch already counts it) is the best, then
+        write the files due."""
+        key = f"{state.best_split}_acc"
+        is_best = not state.best or row[key] > state.best.get(key, -1)
+        if is_best:
+            state.best = dict(row)
+        due = state.epoch % self.save_every == 0 or state.epoch == self.epochs
+        if not (due or is_best) or self.folder is None:
             return
         ckpt = state.to_checkpoint()
-        save_checkpoint(ckpt, self.folder / "last.pt")
+        if due:
+            self._write(ckpt, LAST)
+            if self.keep_all:
+                self._write(ckpt, epoch_file(state.epoch))
         if is_best:
-            save_checkpoint(ckpt, self.folder / "best.pt")
-        if self.keep_all:
-            save_checkpoint(ckpt, self.folder / f"epoch{state.epoch}.pt")
+            self._write(ckpt, BEST)
+
+    def save_on_stop(self, state: TrainingState) -> None:
+        """A run stopping before its end (pre-empted, pruned) keeps where it stands in last.pt."""
+        if self.saved_at != progress({"epoch": state.epoch, "step_in_epoch": state.step_in_epoch}):
+            self._write(state.to_checkpoint(), LAST)
+
+    def _write(self, ckpt: dict[str, Any], name: str) -> None:
+        if self.folder is None:
+            return
+        save_checkpoint(ckpt, self.folder / name)
+        if name == LAST:
+            self.saved_at = progress(ckpt)

@@ -84,8 +84,7 @@ class TrainingState:
     history: list[dict[str, Any]] = field(default_factory=list)
     best: dict[str, Any] = field(default_factory=dict)
     best_split: str = "test"  # which split's accuracy chose best.pt: val when there is one
-    # fp16 steps the scaler skipped (a device counter: new_state puts it on the run's device)
-    skipped_updates: torch.Tensor = field(default_factory=lambda: torch.zeros((), dtype=torch.long))
+    skipped_updates: int = 0  # fp16 steps the scaler skipped (the optimiser did not step)
     wall_s_before: float = 0.0  # wall time of the processes that ran this run before this one
     class_names: list[str] | None = None
     parent: dict[str, Any] | None = None  # init_from: the run these weights came from
@@ -167,7 +166,7 @@ class TrainingState:
     def from_official(self, ckpt: dict[str, Any], steps_per_epoch: int, path: Any) -> None:
         """A timm-style checkpoint (engine/official.py): weights, momentum where it fits, epochs
         done; no steps, no history, no RNG states."""
-        from .official import load_optimizer_where_it_fits
+        from .official import load_optimizer_where_it_fits  # a rare path: its own module
 
         load_model_state(self.model, ckpt["model"], path)
         load_optimizer_where_it_fits(self.optimizer, ckpt["optimizer"])

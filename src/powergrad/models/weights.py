@@ -9,6 +9,8 @@ from __future__ import annotations
 
 import logging
 import pickle
+import pickletools
+import warnings
 from pathlib import Path
 
 import torch
@@ -28,6 +30,35 @@ def _first_line(e: BaseException) -> str:
     return (text[0] if text else type(e).__name__)[:200]
 
 
+# torch.save's older format starts with this pickled magic number (its newer one is a zip file).
+_TORCH_LEGACY = b"\x80\x02\x8a\x0a\x6c\xfc\x9c\x46\xf9\x20\x6a\xa8\x50\x19"
+# Opcodes by which a pickle asks to import or call something (the way a pickle runs code).
+_CODE_OPS = {"GLOBAL", "STACK_GLOBAL", "INST", "OBJ", "REDUCE", "NEWOBJ", "NEWOBJ_EX"}
+
+
+def plain_pickle_problem(path: str | Path) -> str | None:
+    """What is wrong with a file written by pickle.dump rather than torch.save, or None if it is
+    not one. torch would fail on it with a warning and a misleading message; its opcodes are
+    read here, never run, to say whether it asks to run code."""
+    try:
+        with open(path, "rb") as f:
+            head = f.read(len(_TORCH_LEGACY))
+            if not head.startswith(b"\x80") or head.startswith(_TORCH_LEGACY):
+                return None  # torch's formats, or bytes that are no pickle: torch.load says which
+            f.seek(0)
+            ops = {op.name for op, _, _ in pickletools.genops(f)}
+    except OSError:
+        return None  # torch.load names the problem
+    except Exception:  # noqa: BLE001 - a pickle cut short: pickletools raises ValueError and co.
+        return "not a loadable file (a truncated pickle)"
+    if ops & _CODE_OPS:
+        return (
+            "refused: a plain pickle (not torch.save's format) that asks to import or call "
+            "code; nothing was run"
+        )
+    return "not loadable: a plain pickle, not torch.save's format"
+
+
 def read_state_dict(path: str | Path) -> dict[str, torch.Tensor]:
     """The state dict in a weights file, prefixes stripped; UserError naming the file if not."""
     p = Path(path)
@@ -44,8 +75,13 @@ def read_state_dict(path: str | Path) -> dict[str, torch.Tensor]:
                 f"weights={path}: not a readable safetensors file ({_first_line(e)})"
             ) from None
     else:
+        problem = plain_pickle_problem(p)
+        if problem:
+            raise UserError(f"weights={path}: {problem}")
         try:
-            obj = torch.load(p, map_location="cpu", weights_only=True)
+            with warnings.catch_warnings():  # torch's advice to load unsafely is not ours to give
+                warnings.simplefilter("ignore")
+                obj = torch.load(p, map_location="cpu", weights_only=True)
         except pickle.UnpicklingError as e:
             if "weights only" in str(e).lower():
                 raise UserError(

@@ -39,7 +39,7 @@ from torch import Tensor, nn
 from torch.utils.hooks import RemovableHandle
 
 from ..config import MonitorConfig
-from ..rundir import TIMING_COLUMNS, read_metrics
+from ..rundir import BEST, TIMING_COLUMNS, read_metrics
 
 log = logging.getLogger("powergrad")
 
@@ -244,7 +244,8 @@ class Monitor:
             epoch,
             f"{split} loss has risen since epoch {start} ({best:.4g} -> {held_out[-1]:.4g}, more than "
             f"{self.cfg.overfit_rise:.0%} above its lowest for {p} epochs) while train loss keeps "
-            "falling. Consider stronger augmentation, weight decay, label smoothing, or stopping at best.pt.",
+            "falling. Consider stronger augmentation, weight decay, label smoothing, or stopping at "
+            f"{BEST}.",
         )
 
 

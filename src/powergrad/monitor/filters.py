@@ -23,7 +23,9 @@ import numpy as np
 import torch
 from torch import nn
 
-FILE = "filter_norms.npz"
+from ..rundir import FILTER_NORMS
+
+FILE = FILTER_NORMS  # (rundir names every file of a run folder)
 
 
 @torch.no_grad()

@@ -38,8 +38,15 @@ import numpy as np
 
 from ..errors import UserError
 from ..monitor.filters import read_filter_norms
+from ..plots import (
+    PERCENT,
+    integer_epochs,
+    new_figure,
+    one_point_note,
+    plain_log_ticks,
+    save_figure,
+)
 from ..rundir import read_metrics, refuse_run_dir
-from .plots import PERCENT, integer_epochs, new_figure, one_point_note, plain_log_ticks, save_figure
 from .tables import MACHINERY, Run, load_runs
 
 __all__ = ["make_figures", "plot_transformed_distribution"]

@@ -24,7 +24,7 @@ from typing import Any
 from ..config import machinery_keys
 from ..errors import UserError
 from ..monitor.checks import identical_runs
-from ..rundir import read_summary
+from ..rundir import SUMMARY, read_summary
 from .stats import paired, t_interval
 
 __all__ = [
@@ -82,12 +82,12 @@ def find_runs(paths: list[str | Path]) -> list[Path]:
     for p in map(Path, paths):
         if not p.exists():
             raise UserError(f"no such run or sweep folder: {p}")
-        if (p / "summary.json").is_file():
+        if (p / SUMMARY).is_file():
             found.append(p)
         else:
-            found += sorted(s.parent for s in p.rglob("summary.json"))
+            found += sorted(s.parent for s in p.rglob(SUMMARY))
     if not found:
-        raise UserError(f"no runs (folders with summary.json) under {', '.join(map(str, paths))}")
+        raise UserError(f"no runs (folders with {SUMMARY}) under {', '.join(map(str, paths))}")
     return list(dict.fromkeys(found))
 
 

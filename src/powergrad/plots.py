@@ -1,5 +1,6 @@
 """Figures from run directories: learning curves of one run, and runs compared; and the drawing
-helpers every figure of powergrad uses (report/figures.py too).
+helpers every figure of powergrad uses (report/figures.py too). It sits below report/ and
+engine/, which both draw with it: the trainer plots a run's curves at its end.
 
 Figures are drawn on a ``matplotlib.figure.Figure`` with its own Agg canvas, never through
 pyplot: importing powergrad must not switch the backend of a notebook or a GUI session that
@@ -12,11 +13,14 @@ from collections.abc import Iterable
 from pathlib import Path
 from typing import Any
 
-from matplotlib.backends.backend_agg import FigureCanvasAgg
-from matplotlib.figure import Figure
-from matplotlib.ticker import FixedLocator, FuncFormatter, MaxNLocator, NullFormatter
+from .errors import extra
 
-from ..rundir import read_metrics
+with extra("plot"):  # below report/ and engine/: both draw with these helpers
+    from matplotlib.backends.backend_agg import FigureCanvasAgg
+    from matplotlib.figure import Figure
+    from matplotlib.ticker import FixedLocator, FuncFormatter, MaxNLocator, NullFormatter
+
+from .rundir import curves_path, read_metrics
 
 __all__ = [
     "plot_curves",
@@ -90,7 +94,7 @@ def plot_curves(run: str | Path, out: str | Path | None = None) -> Path:
     """Train/val/test loss and accuracy per epoch of one run -> RUN/plots/curves.png."""
     run = Path(run)
     rows = read_metrics(run)
-    out = Path(out) if out else run / "plots" / "curves.png"
+    out = Path(out) if out else curves_path(run)
     out.parent.mkdir(parents=True, exist_ok=True)
     fig, (a, b) = new_figure(1, 2, figsize=(10, 3.8))
     _draw_splits(a, b, rows, None)
