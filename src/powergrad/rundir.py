@@ -269,18 +269,22 @@ def _lock(folder: Path) -> int:
         before = os.read(fd, 200).decode(errors="replace").strip()
         if before:  # a killed holder's file (a clean one removes it)
             log.info("%s: taking over the lock of %s, which has ended", folder, before)
-        os.lseek(fd, 0, os.SEEK_SET)
-        os.ftruncate(fd, 0)
         me = f"process {os.getpid()} on {socket.gethostname()} (since {time.strftime('%H:%M:%S')})"
-        os.write(fd, me.encode())
+        os.pwrite(fd, me.encode(), 0)  # over the old text, then cut: the file is never empty
+        os.ftruncate(fd, len(me.encode()))
         return fd
     except OSError as e:
         raise UserError(f"cannot write to output folder {folder}: {e.strerror or e}") from None
 
 
 def _holder(path: Path) -> str:
-    with _quiet_oserror():
-        return path.read_text(errors="replace").strip()
+    """Who holds the lock, as its file says. A holder that has just created the file writes
+    its name a moment after it locks: look again briefly before saying nothing."""
+    for _ in range(20):
+        with _quiet_oserror():
+            if text := path.read_text(errors="replace").strip():
+                return text
+        time.sleep(0.01)
     return ""
 
 
