@@ -1,11 +1,14 @@
-"""The package's structure: no import cycle, and the checkpoint format has one definition."""
+"""The package's structure: no import cycle, no module importing one above it, and a run
+folder's file names spelt in one module only (rundir)."""
 
 from __future__ import annotations
 
 import ast
+import re
 from pathlib import Path
 
 import powergrad
+from powergrad import rundir
 
 SRC = Path(powergrad.__file__).parent
 
@@ -122,3 +125,35 @@ def test_an_import_inside_a_function_says_why():
                 if not said:
                     silent.append(f"{name}:{node.lineno}")
     assert silent == []
+
+
+# A run folder's file names, as written out: rundir.py names them (CONFIG, SUMMARY, LAST,
+# epoch_file, ...) and every other module goes through its constants, in code, messages and
+# docstrings alike. Whole names only: the report's figures (loss_curves.png) and timm's
+# checkpoints (model_best.pth.tar) are not run files.
+_RUN_FILE_NAME = re.compile(
+    r"\b(?:config\.yaml|metrics\.csv|summary\.json|last\.pt|best\.pt|train\.log|curves\.png"
+    r"|filter_norms\.npz|epoch[0-9N]\.pt)\b|\bepoch\{|\.lock\b"
+)
+
+
+def test_a_run_file_is_named_in_rundir_only():
+    """One home for each run file's name: renaming one is a change to rundir.py alone."""
+    found = []
+    for path in sorted(SRC.rglob("*.py")):
+        name = path.relative_to(SRC).as_posix()
+        if name == "rundir.py":
+            continue
+        for n, line in enumerate(path.read_text().splitlines(), 1):
+            if _RUN_FILE_NAME.search(line):
+                found.append(f"{name}:{n}: {line.strip()}")
+    assert found == [], "run file names outside rundir.py:\n" + "\n".join(found)
+
+
+def test_the_run_file_search_finds_each_name():
+    """The search above would see each name rundir gives, so its silence means something."""
+    names = [rundir.CONFIG, rundir.METRICS, rundir.SUMMARY, rundir.LAST, rundir.BEST]
+    names += [rundir.TRAIN_LOG, rundir.CURVES, rundir.FILTER_NORMS, rundir.LOCK]
+    names += [rundir.epoch_file(3), rundir.epoch_file("N"), "epoch{N}.pt"]
+    assert [n for n in names if not _RUN_FILE_NAME.search(f"see RUN/{n} here")] == []
+    assert not _RUN_FILE_NAME.search("loss_curves.png, model_best.pth.tar")

@@ -546,7 +546,7 @@ def _configure_logging() -> None:
 def main(argv: list[str] | None = None) -> int:
     _configure_logging()
     argv = sys.argv[1:] if argv is None else list(argv)
-    with teed_output():  # what is printed also goes to the train.log of the run folder, once open
+    with teed_output():  # what is printed also goes to the run folder's log, once open
         return _main(argv)
 
 

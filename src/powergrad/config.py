@@ -912,7 +912,7 @@ def load_config(
 
 def _described(recipe: str, as_recipe: Config, cfg: Config) -> str:
     """The recipe's description, or, where overrides changed what is learned, the recipe and the
-    changes first and the recipe's own words marked as its: config.yaml of ``digits
+    changes first and the recipe's own words marked as its: the saved config of ``digits
     model=resnet20 dataset=imagefolder`` must not say "scikit-learn digits, small MLP"."""
     before, after = as_recipe.to_dict(), cfg.to_dict()
     changed = [f"{k}={_shown(after[k])}" for k in result_keys() if before[k] != after[k]]

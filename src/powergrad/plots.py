@@ -91,7 +91,7 @@ def _draw_splits(a, b, rows: list[dict[str, Any]], color: str | None, prefix: st
 
 
 def plot_curves(run: str | Path, out: str | Path | None = None) -> Path:
-    """Train/val/test loss and accuracy per epoch of one run -> RUN/plots/curves.png."""
+    """Train/val/test loss and accuracy per epoch of one run -> its curves (rundir.curves_path)."""
     run = Path(run)
     rows = read_metrics(run)
     out = Path(out) if out else curves_path(run)

@@ -1,7 +1,7 @@
 """Progress while a run works: a live bar on a terminal, a plain line now and then elsewhere.
 
 On a terminal (stdout is a tty) each epoch, evaluation and decode gets a tqdm bar with its rate
-and ETA, drawn on the terminal only (the run's train.log gets the epoch lines, not bar frames)
+and ETA, drawn on the terminal only (the run's log gets the epoch lines, not bar frames)
 and cleared when done. Elsewhere (CI, SLURM logs, ``| tee``) a plain line is printed at most every
 ``PROGRESS_EVERY_S`` seconds, as timm's ``log_interval`` does every N steps:
 

@@ -32,7 +32,7 @@
   others as the storage has them (done, or still running, by which worker).
 - ``run_points`` (Python API) runs named points in the order given instead of a grid: for
   settings that are no grid, run directories named by the caller (studies/study.py). With
-  ``done_statuses``, a point whose run directory's summary.json has one of them is added to the
+  ``done_statuses``, a point whose run directory's summary has one of them is added to the
   storage as done, not queued (records that outlive the storage); ``after_trial`` is called with
   each trained point's run directory.
 """
@@ -62,7 +62,7 @@ import torch
 from .config import Config, _coerce, field_info, load_config
 from .errors import DivergenceError, MissingExtraError, UserError, extra
 from .progress import clock
-from .rundir import read_summary, refuse_run_dir
+from .rundir import SUMMARY, read_summary, refuse_run_dir
 
 with extra("sweep"):
     import optuna
@@ -385,10 +385,10 @@ def _enqueue_missing(study: optuna.Study, spec: dict[str, Any]) -> int:
 
 
 def _kept_record(run_dir: Path, statuses: tuple[str, ...]) -> dict[str, Any] | None:
-    """The run directory's summary.json if its status is one of ``statuses``: a record to keep."""
+    """The run directory's summary if its status is one of ``statuses``: a record to keep."""
     try:
         summary = read_summary(run_dir) if statuses else {}
-    except UserError:  # no summary.json yet (or a broken one): the point is not done
+    except UserError:  # no summary yet (or a broken one): the point is not done
         return None
     return summary if summary.get("status") in statuses else None
 
@@ -410,7 +410,7 @@ def _kept_trial(
         attrs["metric"] = _metric(final)
         value = float(final[attrs["metric"]])
     else:
-        attrs["error"] = f"{status}: its summary.json is kept, not run again"
+        attrs["error"] = f"{status}: its {SUMMARY} is kept, not run again"
     return create_trial(
         state=TrialState.COMPLETE if value is not None else TrialState.FAIL,
         value=value,
@@ -634,7 +634,7 @@ def run_points(
     values, stored with their config field's type: :func:`typed`), applied over ``fixed``. A
     name is a path under ``out`` (it may hold subfolders; an absolute one puts the run there,
     ``out`` keeping study.db and sweep.json). A point whose run directory already holds a
-    summary.json with one of ``done_statuses`` (such as ``("finished", "diverged")``) is
+    summary with one of ``done_statuses`` (such as ``("finished", "diverged")``) is
     reported from that record, not trained: for records kept longer than the storage. ``after_trial(run_dir)`` is called after each point trained (e.g.
     to delete its checkpoints); with ``workers > 1`` it must be picklable.
     """

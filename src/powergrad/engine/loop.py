@@ -531,8 +531,8 @@ def check_in(t: Trainer, epoch: int, step: int, stats: EpochStats) -> bool:
 
 
 def save_mid_epoch(t: Trainer, epoch: int, step: int, stats: EpochStats) -> None:
-    """last.pt after ``step``: the epoch's sums so far over all processes go in (a collective:
-    every rank calls this), so any number of processes can resume it exactly."""
+    """The last checkpoint after ``step``: the epoch's sums so far over all processes go in (a
+    collective: every rank calls this), so any number of processes can resume it exactly."""
     state = t.state
     state.epoch, state.step_in_epoch = epoch, step + 1
     state.epoch_stats = _global_epoch_stats(stats, state.monitor, t.dist)
@@ -560,7 +560,7 @@ def record_divergence(t: Trainer, e: DivergenceError, extra_summary: dict[str, A
 
 
 def finish(t: Trainer, status: str, extra_summary: dict[str, Any] | None) -> RunResult:
-    """summary.json and the curves; the result."""
+    """The run's summary and curves; the result."""
     state, run = t.state, t.run
     history = state.history
     result = RunResult(
@@ -648,7 +648,7 @@ def _summary(t: Trainer, status: str, extra: dict[str, Any] | None) -> dict[str,
         "status": status,
         "final": history[-1] if history else {},
         "best": state.best,
-        "best_split": state.best_split,  # the split whose accuracy chose best.pt
+        "best_split": state.best_split,  # the split whose accuracy chose the best checkpoint
         "epochs_done": len(history),
         "wall_s": state.wall_s,  # every process that worked on this run, added up
         "env": {**environment(str(dist.device)), "world_size": dist.world_size},

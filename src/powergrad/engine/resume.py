@@ -6,9 +6,9 @@ start that fails leaves ``--out`` as it was. The caller holds the folder (rundir
 while it plans and runs. The rules (docs/reliability.md, "Resume"):
 
 - ``resume=auto`` (or ``resume=RUN_DIR``) takes, among the checkpoints rundir lets resume read
-  (``last.pt``, ``epoch{N}.pt``), the one that loads and records the most progress (epoch, then
-  step inside it): read with its tensors mapped, not loaded; file times play no part.
-  ``best.pt`` is taken only when named by path. The log says which file was taken and why the
+  (rundir.resume_candidates: the last checkpoint and the per-epoch ones), the one that loads and
+  records the most progress (epoch, then step inside it): read with its tensors mapped, not
+  loaded; file times play no part. The best checkpoint is taken only when named by path. The log says which file was taken and why the
   others were not.
 - Keys that change the result must equal the checkpoint's (config.check_resume says which
   differ); ``epochs`` may be raised to extend a run; a run already complete says so and nothing
@@ -77,7 +77,7 @@ class StartPlan:
 
     @property
     def parent(self) -> dict[str, Any] | None:
-        """summary.json's ``parent``: the file a new run took its start from, and what it held."""
+        """The summary's ``parent``: the file a new run took its start from, and what it held."""
         if self.checkpoint is None or (self.resuming and self.own_folder):
             return None
         saved = self.checkpoint.get("config") or {}
@@ -175,7 +175,7 @@ def _config(
     folder: str | Path | None,
 ) -> Config:
     """- ``resume=`` without a recipe continues with the checkpoint's own config (a run killed
-    before its first save: with its folder's config.yaml);
+    before its first save: with the config saved in its folder);
     - a timm checkpoint gives its model and its args unless the overrides set them."""
     if ckpt is None:
         if recipe is None and overrides.get("resume") and folder is not None:
@@ -223,7 +223,7 @@ def _check_resume(plan: StartPlan) -> None:
         summary = read_summary(plan.run_path)
     except UserError:
         summary = {}
-    # A kill between the last save and summary.json: the run goes on to complete its record.
+    # A kill between the last save and the summary: the run goes on to complete its record.
     plan.complete = summary.get("status") == "finished" and summary.get("epochs_done") == epoch
 
 
@@ -232,7 +232,7 @@ def _refuse_ended_record(run_dir: Path) -> None:
     were deleted to keep the record small): starting there would train over that record."""
     try:
         status = read_summary(run_dir).get("status")
-    except UserError:  # no summary.json (a run killed before its first save): start there
+    except UserError:  # no summary (a run killed before its first save): start there
         return
     if status in ("finished", "diverged"):
         raise UserError(
@@ -249,7 +249,7 @@ def choose_checkpoint(run_dir: str | Path) -> tuple[Path | None, dict[str, Any] 
     Each candidate is read with its tensors mapped (load_checkpoint's mmap), so that choosing
     costs the small pickle of each, and the one taken is not read again. One that does not load
     is skipped with a warning; a folder whose checkpoints all fail is a UserError (starting over
-    would throw the run away), as is one holding only best.pt.
+    would throw the run away), as is one holding only the best checkpoint.
     """
     run_dir = Path(run_dir)
     loaded, problems = [], []

@@ -1,14 +1,17 @@
 """The save policy, in one place (as timm's CheckpointSaver): what is best, which file, when.
 
 - the best epoch: the highest accuracy on the selection split (validation when the run holds one
-  out, else test: summary.json's ``best_split``); :meth:`CheckpointSaver.after_epoch` decides it
-  and sets ``state.best``, which summary.json reports;
-- ``best.pt``: written after every epoch that is the best so far, whatever ``save_every`` says,
-  so that it always holds the epoch summary.json names;
-- ``last.pt``: every ``save_every`` epochs and after the last epoch; inside an epoch every
-  ``checkpoint_every_steps`` optimiser steps (:meth:`mid_epoch_due`), and when the run stops
-  early (pre-emption, or a sweep's pruner) at a point not saved yet;
-- ``epoch{N}.pt``: with each epoch's ``last.pt`` when ``keep_checkpoints`` is set.
+  out, else test: the summary's ``best_split``); :meth:`CheckpointSaver.after_epoch` decides it
+  and sets ``state.best``, which the run's summary reports;
+- the best checkpoint (``BEST``): written after every epoch that is the best so far, whatever
+  ``save_every`` says, so that it always holds the epoch the summary names;
+- the last checkpoint (``LAST``): every ``save_every`` epochs and after the last epoch; inside an
+  epoch every ``checkpoint_every_steps`` optimiser steps (:meth:`mid_epoch_due`), and when the
+  run stops early (pre-emption, or a sweep's pruner) at a point not saved yet;
+- the per-epoch checkpoints (``epoch_file(N)``): with each epoch's last checkpoint when
+  ``keep_checkpoints`` is set.
+
+The file names are rundir's.
 
 Every write is atomic (engine/checkpoint.py). Only the main process writes; on the others the
 saver still decides the best, so that every process holds the same state.
@@ -39,7 +42,7 @@ class CheckpointSaver:
         self.every_steps = cfg.checkpoint_every_steps
         self.keep_all = cfg.keep_checkpoints
         self.epochs = cfg.epochs
-        self.saved_at: tuple[int, int] | None = None  # the progress last.pt holds, once written
+        self.saved_at: tuple[int, int] | None = None  # the progress LAST holds, once written
 
     def mid_epoch_due(self, global_step: int, step: int, steps_per_epoch: int) -> bool:
         """A mid-epoch save is due after this step (never on an epoch's last: the epoch save follows)."""
@@ -50,7 +53,7 @@ class CheckpointSaver:
         )
 
     def save_mid_epoch(self, state: TrainingState) -> None:
-        """last.pt at a step inside an epoch (state.epoch_stats holds the epoch's sums so far)."""
+        """LAST at a step inside an epoch (state.epoch_stats holds the epoch's sums so far)."""
         self._write(state.to_checkpoint(), LAST)
 
     def after_epoch(self, state: TrainingState, row: dict[str, Any]) -> None:
@@ -72,7 +75,7 @@ class CheckpointSaver:
             self._write(ckpt, BEST)
 
     def save_on_stop(self, state: TrainingState) -> None:
-        """A run stopping before its end (pre-empted, pruned) keeps where it stands in last.pt."""
+        """A run stopping before its end (pre-empted, pruned) keeps where it stands in LAST."""
         if self.saved_at != progress({"epoch": state.epoch, "step_in_epoch": state.step_in_epoch}):
             self._write(state.to_checkpoint(), LAST)
 

@@ -83,7 +83,7 @@ class TrainingState:
     epoch_stats: dict[str, Any] | None = None  # that epoch's sums so far (over all processes)
     history: list[dict[str, Any]] = field(default_factory=list)
     best: dict[str, Any] = field(default_factory=dict)
-    best_split: str = "test"  # which split's accuracy chose best.pt: val when there is one
+    best_split: str = "test"  # whose accuracy chose the best checkpoint: val if there is one
     skipped_updates: int = 0  # fp16 steps the scaler skipped (the optimiser did not step)
     wall_s_before: float = 0.0  # wall time of the processes that ran this run before this one
     class_names: list[str] | None = None

@@ -2,7 +2,7 @@
 
 Each check is cheap (no extra pass over the data: it reads the per-epoch metrics, the weights,
 and one device-side mask updated by a hook on the classifier's input) and fires at most once per
-run, as a warning line and an entry in summary.json ``diagnostics`` (code, epoch, message).
+run, as a warning line and an entry in the run summary's ``diagnostics`` (code, epoch, message).
 Thresholds live in ``Config.monitor`` (powergrad.config.MonitorConfig); defaults in brackets.
 
 - ``stalled``: over any ``stall_epochs`` [3] consecutive epochs the train loss moved less than
@@ -77,7 +77,7 @@ def dead_filter_share(model: nn.Module, threshold: float) -> tuple[float, int]:
 
 
 class Monitor:
-    """Holds the checks' state for one run; ``diagnostics`` is what goes into summary.json."""
+    """Holds the checks' state for one run; ``diagnostics`` is what goes into the run's summary."""
 
     def __init__(self, cfg: MonitorConfig, num_classes: int) -> None:
         self.cfg = cfg
@@ -249,7 +249,7 @@ class Monitor:
         )
 
 
-# Columns of metrics.csv that measure time or follow the schedule, not the model: two runs with
+# Metric columns that measure time or follow the schedule, not the model: two runs with
 # the same numbers but different lr (seed 002's 3.1 at 0.05, 3.3 at 0.1) are still one table.
 _NOT_COMPARED = {"epoch", "lr"}
 
@@ -258,7 +258,7 @@ def identical_runs(run_dirs: list[str | Path]) -> list[tuple[Path, Path]]:
     """Pairs of runs whose per-epoch metrics are identical, timing and lr columns aside.
 
     Compares the columns both runs recorded, every epoch, to the 6 significant digits of
-    metrics.csv. A deterministic rerun of the same recipe and seed also matches: the report says
+    the metrics file (rundir.METRICS). A deterministic rerun of the same recipe and seed also matches: the report says
     whether the configs differ. Runs without metrics are skipped.
     """
     tables = []

@@ -3,7 +3,7 @@
 The paper's "zeroing out" figure: the L2 norm of every conv filter over training (one line per
 filter, one panel per layer), and the norm of each feature channel after global average pooling.
 Switched by ``monitor.filter_norms``; ``monitor.filter_norms_every`` is K (0 = at epoch ends).
-Records go to ``RUN/filter_norms.npz``:
+Records go to the run's filter-norm file (rundir.FILTER_NORMS):
 
     steps                 (T,)             the optimiser step of each record
     conv/<layer name>     (T, filters)     per-filter L2 norm of that conv's weight

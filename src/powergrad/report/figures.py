@@ -1,4 +1,4 @@
-"""The paper's figures, from run directories only (metrics.csv, summary.json, filter_norms.npz).
+"""The paper's figures, from run directories only (their metrics, summaries and filter norms).
 
 ``make_figures(paths, out)`` writes, for the runs at or under ``paths`` (accuracy in percent,
 as ``powergrad report`` prints it; train dashed, validation dotted, test solid; curves are means

@@ -32,6 +32,7 @@ from typing import Any
 
 from .. import __version__
 from ..errors import UserError
+from ..rundir import CONFIG, SUMMARY
 from .figures import make_figures
 from .pick import PickResult, md_comparisons, md_picks
 from .stats import PAPER_SMALLEST_GAIN, verdict_of
@@ -153,15 +154,15 @@ def _commit(commit: str, where: Path) -> str:
 
 
 def _dates(runs: list[Run], where: Path) -> str:
-    """Run folders record no dates. What does: the times their summary.json files were written
+    """Run folders record no dates. What does: the times their summaries (SUMMARY) were written
     (the runs' ends, unless the folders were copied or checked out since), and, for records kept
     in git, the commits that added them."""
-    times = [(r.path / "summary.json").stat().st_mtime for r in runs]
+    times = [(r.path / SUMMARY).stat().st_mtime for r in runs]
     parts = [
-        f"summary.json files written {_utc(min(times))} to {_utc(max(times))} (file times: the "
+        f"{SUMMARY} files written {_utc(min(times))} to {_utc(max(times))} (file times: the "
         "runs' ends, unless the folders were copied or checked out since)"
     ]
-    summaries = [str(r.path.resolve() / "summary.json") for r in runs]
+    summaries = [str(r.path.resolve() / SUMMARY) for r in runs]
     committed = _git_dates(where, "--", *summaries)
     if committed:
         parts.append(f"records committed to git {min(committed)} to {max(committed)}")
@@ -189,8 +190,8 @@ def _compute(runs: list[Run]) -> str:
 
 
 def unfinished(paths: list[str | Path], others: list[Run]) -> list[list[str]]:
-    """The runs that did not finish: a summary.json whose status is not ``finished``, a run folder
-    (config.yaml) with no summary.json yet, and a sweep's points (sweep.json) that never ran."""
+    """The runs that did not finish: a summary (SUMMARY) whose status is not ``finished``, a run
+    folder (its CONFIG) with no summary yet, and a sweep's points (sweep.json) that never ran."""
     rows = []
     for r in others:
         notes = [d.get("message", "") for d in r.summary.get("diagnostics") or []]
@@ -199,10 +200,10 @@ def unfinished(paths: list[str | Path], others: list[Run]) -> list[list[str]]:
         rows.append([str(r.path), r.summary.get("status") or "?", epochs, "; ".join(notes)])
     seen = {r.path.resolve() for r in others} | {p.resolve() for p in find_runs(paths)}
     for p in map(Path, paths):
-        for cfg in sorted(p.rglob("config.yaml")) if p.is_dir() else []:
-            if not (cfg.parent / "summary.json").exists() and cfg.parent.resolve() not in seen:
+        for cfg in sorted(p.rglob(CONFIG)) if p.is_dir() else []:
+            if not (cfg.parent / SUMMARY).exists() and cfg.parent.resolve() not in seen:
                 seen.add(cfg.parent.resolve())
-                rows.append([str(cfg.parent), "no summary.json", "-", "running, or stopped"])
+                rows.append([str(cfg.parent), f"no {SUMMARY}", "-", "running, or stopped"])
         for trial in _sweep_points(p):
             where = Path(trial.get("run_dir") or p / str(trial.get("point")))
             if trial.get("state") not in ("COMPLETE", "PRUNED") and where.resolve() not in seen:

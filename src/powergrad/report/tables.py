@@ -1,4 +1,4 @@
-"""The paper's results table, from run directories only (summary.json and its config).
+"""The paper's results table, from run directories only (each run's summary and its config).
 
 Runs are grouped by setting (every key of the resolved config that changes the result, as
 config.py's field metadata says, but the seed); each group gives the mean and the standard deviation
@@ -77,7 +77,7 @@ class Row:
 
 
 def find_runs(paths: list[str | Path]) -> list[Path]:
-    """Run directories at or under ``paths`` (a folder holding summary.json is a run)."""
+    """Run directories at or under ``paths`` (a folder holding a summary, rundir.SUMMARY, is a run)."""
     found: list[Path] = []
     for p in map(Path, paths):
         if not p.exists():
