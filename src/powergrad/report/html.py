@@ -40,9 +40,9 @@ from .tables import (
     MACHINERY,
     Run,
     find_runs,
+    finished_runs,
     format_table,
     identical_run_warnings,
-    load_runs,
     results_table,
 )
 
@@ -345,11 +345,7 @@ def pick_tables(results: list[PickResult]) -> list[Table]:
 def html_report(paths: list[str | Path], tables: Iterable[Table] = ()) -> str:
     """The page for the runs at or under ``paths``; ``tables`` follow the results table (any
     other table of the same runs, as markdown: ``Table(title, text)``)."""
-    done, others = load_runs(paths)
-    if not done:
-        raise UserError(
-            f"no finished runs under {', '.join(map(str, paths))} ({len(others)} unfinished)"
-        )
+    done, others = finished_runs(paths)
     rows = results_table(done)
     results = Table(
         "test accuracy against alpha = 1, by setting",

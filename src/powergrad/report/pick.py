@@ -29,7 +29,7 @@ from typing import Any
 
 from ..errors import UserError
 from .stats import Paired, holm, paired, verdict
-from .tables import Run, load_runs
+from .tables import Run, finished_runs
 
 __all__ = [
     "Arm",
@@ -519,11 +519,7 @@ def load_picks(
     """The runs at or under ``paths``, picked and compared (``pick_results``). ``alphas``: only
     these (the Holm family is the alphas compared), 1 among them. ``warn``: also log the
     warnings (for renderers with no place of their own for them: csv, json, html)."""
-    done, others = load_runs(paths)
-    if not done:
-        raise UserError(
-            f"no finished runs under {', '.join(map(str, paths))} ({len(others)} unfinished)"
-        )
+    done, _ = finished_runs(paths)
     if alphas:
         done = _only_alphas(done, alphas)
     names = tuple(dict.fromkeys(k for key in keys for k in key.split(",") if k))
@@ -532,12 +528,6 @@ def load_picks(
         for r in results:
             for w in r.warnings:
                 log.warning("report: %s", w)
-    if others:
-        log.warning(
-            "report: %d unfinished run(s) left out (%s)",
-            len(others),
-            ", ".join(f"{r.path.name}: {r.summary.get('status')}" for r in others[:5]),
-        )
     return results
 
 

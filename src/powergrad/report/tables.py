@@ -29,6 +29,7 @@ from .stats import paired, t_interval
 
 __all__ = [
     "find_runs",
+    "finished_runs",
     "load_runs",
     "results_table",
     "format_table",
@@ -272,20 +273,26 @@ def identical_run_warnings(runs: list[Run]) -> list[str]:
     ]
 
 
-def report(paths: list[str | Path], fmt: str = "md") -> str:
-    """The table for the runs at or under ``paths``, plus warnings (left-out runs, copies)."""
+def finished_runs(paths: list[str | Path]) -> tuple[list[Run], list[Run]]:
+    """``load_runs``, refused in one line when no run finished; the unfinished ones, which
+    every table leaves out, are named in a warning."""
     done, others = load_runs(paths)
     if not done:
         raise UserError(
             f"no finished runs under {', '.join(map(str, paths))} ({len(others)} unfinished)"
         )
-    text = format_table(results_table(done), fmt)
-    for w in identical_run_warnings(done):
-        log.warning("report: %s", w)
     if others:
         log.warning(
             "report: %d unfinished run(s) left out (%s)",
             len(others),
             ", ".join(f"{r.path.name}: {r.summary.get('status')}" for r in others[:5]),
         )
-    return text
+    return done, others
+
+
+def report(paths: list[str | Path], fmt: str = "md") -> str:
+    """The table for the runs at or under ``paths``, plus warnings (left-out runs, copies)."""
+    done, _ = finished_runs(paths)
+    for w in identical_run_warnings(done):
+        log.warning("report: %s", w)
+    return format_table(results_table(done), fmt)
