@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import json
 import subprocess
 import sys
 
@@ -234,8 +235,10 @@ def test_eval_refuses_data_whose_classes_differ_from_the_checkpoints(tmp_path, c
         )
         == 0
     )
-    assert main(["eval", "--checkpoint", str(run / "last.pt")]) == 0  # its own data: fine
     capsys.readouterr()
+    assert main(["eval", "--checkpoint", str(run / "last.pt")]) == 0  # its own data: fine
+    out = capsys.readouterr().out  # the JSON alone, so that `eval ... | jq` works
+    assert set(json.loads(out)) == {"top1", "top5", "loss", "n"}
     assert main(["eval", "--checkpoint", str(run / "last.pt"), f"data_dir={cars}"]) == 2
     err = capsys.readouterr().err
     assert err == (

@@ -17,6 +17,7 @@ User errors print one line on stderr and exit 2; divergence exits 3.
 from __future__ import annotations
 
 import argparse
+import contextlib
 import json
 import logging
 import os
@@ -204,7 +205,9 @@ def _relaunch_with_torchrun(nproc: int, ns: argparse.Namespace) -> int:
 def cmd_eval(ns: argparse.Namespace) -> int:
     from .workflows import evaluate  # torch, timm, the data and models: the [train] extra
 
-    print(json.dumps(evaluate(ns.checkpoint, ns.args)))
+    with contextlib.redirect_stdout(sys.stderr):  # stdout holds the JSON alone, for a pipe
+        result = evaluate(ns.checkpoint, ns.args)
+    print(json.dumps(result))
     return 0
 
 

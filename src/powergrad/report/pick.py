@@ -278,7 +278,7 @@ def _edge_warnings(
         ]
         v = best.values[i]
         if len(line) == 1:
-            out.append(f"{label}: {k} {_value(v)} is the only value tried: nothing was picked")
+            out.append(f"{label}: {k} {_value(v)} is the only value tried: taken as is, not picked")
             continue
         if not all(_sort_key(x)[0] == 0 for x in line):
             continue  # names (a schedule, a model) have no edge
