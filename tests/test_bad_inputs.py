@@ -204,6 +204,10 @@ def _rows():
             lambda t: ["train", _write(t / "complex.yaml", "? [a, b]\n: 1\nepochs: 1\n")],
         ),
         ("negative head learning rate", lambda t: ["train", "head_lr=-1", "epochs=1"]),
+        (
+            "resume and init_from together",
+            lambda t: ["train", "resume=prev/last.pt", "init_from=prev/last.pt", "--out", t / "n"],
+        ),
         ("option-style key (timm's habit)", lambda t: ["train", "--epochs", "1"]),
         (
             "option the command does not have",

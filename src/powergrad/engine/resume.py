@@ -102,6 +102,11 @@ def plan_start(
     given = dict(overrides or {})
     recipe, keys = _as_recipe(config, given)
     resume, init_from = keys.get("resume"), keys.get("init_from")
+    if resume and init_from:
+        raise UserError(
+            "resume= and init_from= do not go together: resume= continues a run, init_from= "
+            "starts a new one from a checkpoint's weights; give one"
+        )
     if resume == "auto" and out is None:
         raise UserError("resume=auto needs --out RUN_DIR (the run to continue)")
     path, ckpt, note = _source(resume, init_from, out)
