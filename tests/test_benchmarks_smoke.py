@@ -91,6 +91,15 @@ def test_trainer_overhead_benchmark(run_bench):
     ]
 
 
+def test_trainer_precision_benchmark(run_bench):
+    rows = run_bench(
+        "trainer_precision.py", "--rounds", "1", "--epochs", "2", "--size", "128", "--threads", "1"
+    )
+    assert [r["variant"] for r in rows] == ["fp32", "bf16", "bf16+channels_last"]
+    assert rows[0]["ratio_to_fp32"] == 1.0
+    assert all(r["img_s_median"] > 0 and len(r["img_s_rounds"]) == 1 for r in rows)
+
+
 def test_data_pipeline_benchmark(run_bench, jpeg_folder):
     rows = run_bench(
         "data_pipeline.py",
