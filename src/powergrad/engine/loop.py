@@ -253,7 +253,6 @@ def evaluate_epoch(
     t: Trainer, epoch: int, train_stats: dict[str, float], epoch_s: float, lr: float
 ) -> dict[str, Any]:
     """The epoch's row: its training numbers, then test (and validation) accuracy and loss."""
-    t.criterion.eval()
     test = evaluate_loader(t.net, t.test_loader, t.cfg, t.dist)
     row: dict[str, Any] = {
         "epoch": epoch + 1,
@@ -499,7 +498,6 @@ def begin_epoch(t: Trainer, epoch: int) -> EpochStats:
     if hasattr(t.train_loader, "set_epoch"):
         t.train_loader.set_epoch(epoch)
     set_train_mode(t.state.model, t.cfg)
-    t.criterion.train()
     stats = EpochStats(t.dist.device, t.cfg.monitor.logit_stats)
     if t.state.epoch_stats is not None and t.state.step_in_epoch:
         stats.load_state_dict(t.state.epoch_stats)
