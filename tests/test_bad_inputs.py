@@ -116,6 +116,7 @@ def _rows():
         ),
         ("fraction out of range", lambda t: ["train", "val_fraction=1.5"]),
         ("checkpoint not found", lambda t: ["eval", "--checkpoint", t / "missing.pt"]),
+        ("folder without a checkpoint", lambda t: ["eval", "--checkpoint", t]),
         (
             "truncated checkpoint",
             lambda t: [

@@ -239,8 +239,13 @@ def test_eval_refuses_data_whose_classes_differ_from_the_checkpoints(tmp_path, c
     assert main(["eval", "--checkpoint", str(run / "last.pt")]) == 0  # its own data: fine
     out = capsys.readouterr().out  # the JSON alone, so that `eval ... | jq` works
     assert set(json.loads(out)) == {"top1", "top5", "loss", "n"}
+    assert main(["eval", "--checkpoint", str(run / "best.pt")]) == 0
+    of_best = capsys.readouterr().out
+    assert main(["eval", "--checkpoint", str(run)]) == 0  # the run folder: its best.pt
+    named, err = capsys.readouterr()
+    assert named == of_best and f"evaluating {run / 'best.pt'}" in err
     assert main(["eval", "--checkpoint", str(run / "last.pt"), f"data_dir={cars}"]) == 2
-    err = capsys.readouterr().err
+    err = capsys.readouterr().err.splitlines()[-1] + "\n"  # after the "evaluating" line
     assert err == (
         f"powergrad: error: {run / 'last.pt'}: trained on other classes than the data's (2 vs 2; "
         "only in the checkpoint ['cat', 'dog'], only in the data ['bus', 'car'])\n"

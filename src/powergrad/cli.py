@@ -407,9 +407,24 @@ def build_parser() -> argparse.ArgumentParser:
     cf.add_argument("--out", help="the run directory (for resume=auto)")
     cf.set_defaults(fn=cmd_config)
 
-    e = sub.add_parser("eval", help="evaluate a checkpoint on its test split; prints JSON")
-    e.add_argument("--checkpoint", required=True)
-    e.add_argument("args", nargs="*", metavar="key=value")
+    e = sub.add_parser(
+        "eval",
+        help="evaluate a checkpoint on its test split; prints JSON",
+        description="Evaluate a checkpoint on its recipe's test split. Prints one JSON line "
+        "({loss, top1, top5, n}) on stdout; progress goes to stderr.",
+    )
+    e.add_argument(
+        "--checkpoint",
+        required=True,
+        metavar="PATH",
+        help="a checkpoint file, or a run folder (its best.pt, else last.pt)",
+    )
+    e.add_argument(
+        "args",
+        nargs="*",
+        metavar="key=value",
+        help="overrides of the checkpoint's config (e.g. data_dir=..., batch_size=...)",
+    )
     e.set_defaults(fn=cmd_eval)
 
     r = sub.add_parser(

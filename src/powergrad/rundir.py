@@ -167,6 +167,19 @@ def resume_candidates(folder: str | Path) -> list[Path]:
     return [p for p in [folder / LAST, *epochs] if p.is_file()]
 
 
+def checkpoint_in(path: str | Path) -> Path:
+    """A checkpoint named as its file, or as the run folder holding it: best.pt, else last.pt
+    (what `powergrad eval --checkpoint RUN` reads). A path that is neither is returned as given,
+    for the reader's own message."""
+    path = Path(path)
+    if path.is_dir():
+        for name in (BEST, LAST):
+            if (path / name).is_file():
+                return path / name
+        raise UserError(f"{path} is a folder without {BEST} or {LAST}: name a checkpoint file")
+    return path
+
+
 def written_by_run(folder: str | Path) -> list[Path]:
     """Everything a run writes in its folder, as far as present: what --overwrite removes."""
     folder = Path(folder)

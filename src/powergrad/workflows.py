@@ -24,7 +24,7 @@ from .engine.state import load_model_state, seed_everything
 from .errors import UserError
 from .models import create_model
 from .probe import evaluate_probe, train_probe
-from .rundir import hold_folder, hold_folder_or_none, run_folder_of
+from .rundir import checkpoint_in, hold_folder, hold_folder_or_none, run_folder_of
 
 __all__ = ["train", "fit", "evaluate"]
 
@@ -120,7 +120,11 @@ def fit(
 
 
 def evaluate(checkpoint: str | Path, overrides: list[str] | dict | None = None) -> dict[str, float]:
-    """Evaluate a checkpoint on its recipe's test split: ``{top1, top5, loss, n}``."""
+    """Evaluate a checkpoint on its recipe's test split: ``{top1, top5, loss, n}``.
+
+    ``checkpoint`` is a checkpoint file or a run folder (its best.pt, else last.pt)."""
+    checkpoint = checkpoint_in(checkpoint)
+    log.info("evaluating %s", checkpoint)
     state = read_checkpoint(checkpoint)
     raw = {k: v for k, v in (state.get("config") or {}).items() if k not in ("resume", "init_from")}
     cfg = load_config(None, {**raw, **_overrides_dict(overrides)})
