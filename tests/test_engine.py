@@ -96,8 +96,9 @@ def test_existing_run_directory_is_not_overwritten(tmp_path, capsys):
     run = tmp_path / "run"
     assert run_cli(["train", "epochs=1", "--out", str(run)], capsys)[0] == 0
     before = (run / "metrics.csv").read_text()
-    code, _, err = run_cli(["train", "epochs=1", "--out", str(run)], capsys)
+    code, out, err = run_cli(["train", "epochs=1", "--out", str(run)], capsys)
     assert code == 2 and "already holds a run" in err
+    assert out == ""  # no "run folder:" line for a start that was refused
     assert (run / "metrics.csv").read_text() == before
     assert (
         run_cli(["train", "epochs=1", "lr=0.01", "--out", str(run), "--overwrite"], capsys)[0] == 0

@@ -44,7 +44,14 @@ from .config import (
 )
 from .errors import ONCE_DIR_ENV, DivergenceError, PeerFailedError, UserError, print_once
 from .preflight import check_paths
-from .rundir import LAST, hold_folder_or_none, new_run_name, run_folder_of, teed_output
+from .rundir import (
+    LAST,
+    hold_folder_or_none,
+    new_run_name,
+    refuse_to_replace,
+    run_folder_of,
+    teed_output,
+)
 
 
 class _Parser(argparse.ArgumentParser):
@@ -150,6 +157,9 @@ def cmd_train(ns: argparse.Namespace) -> int:
     nproc = 0
     with hold_folder_or_none(run_folder_of(keys.get("resume"), ns.out)):
         if cfg is not None:
+            # plan_start makes this same refusal after the heavy imports; made here too, a
+            # refused start prints nothing on stdout (no "run folder:" for a run that never was)
+            refuse_to_replace(ns.out, ns.overwrite)
             _announce(cfg, Path(ns.out))
         from .engine.resume import plan_start  # the heavy imports (torch, timm) start here
 
