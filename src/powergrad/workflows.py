@@ -123,8 +123,9 @@ def evaluate(checkpoint: str | Path, overrides: list[str] | dict | None = None) 
     """Evaluate a checkpoint on its recipe's test split: ``{top1, top5, loss, n}``.
 
     ``checkpoint`` is a checkpoint file or a run folder (its best.pt, else last.pt)."""
-    checkpoint = checkpoint_in(checkpoint)
-    log.info("evaluating %s", checkpoint)
+    if (named := checkpoint_in(checkpoint)) != Path(checkpoint):
+        log.info("evaluating %s", named)  # the file chosen in the run folder given
+    checkpoint = named
     state = read_checkpoint(checkpoint)
     raw = {k: v for k, v in (state.get("config") or {}).items() if k not in ("resume", "init_from")}
     cfg = load_config(None, {**raw, **_overrides_dict(overrides)})
