@@ -183,3 +183,12 @@ def test_config_overrides_coerce_types():
     assert cfg.epochs == 3 and cfg.nesterov is False and cfg.decay_milestones == [30, 60, 90]
     assert cfg.model_kwargs == {"hidden": "32"} and cfg.monitor.stall_epochs == 5
     assert cfg.weights is None
+
+
+def test_a_run_without_validation_says_its_best_is_chosen_on_test(tmp_path, capsys):
+    code, out, _ = run_cli(["train", "epochs=1", "--out", tmp_path / "a"], capsys)
+    assert code == 0 and "best.pt will be the epoch with the best test accuracy" in out
+    code, out, _ = run_cli(
+        ["train", "epochs=1", "val_fraction=0.1", "--out", tmp_path / "b"], capsys
+    )
+    assert code == 0 and "no validation split" not in out

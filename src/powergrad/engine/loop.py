@@ -134,6 +134,11 @@ def run_training(
         dist,
     )
     run = open_record(plan, dist, state)
+    if run is not None and state.best_split == "test" and state.epoch == 0:
+        log.info(  # else best.pt's test accuracy reads as unbiased, and it was chosen on test
+            "no validation split: best.pt will be the epoch with the best test accuracy "
+            "(val_fraction=0.1 holds out a split to choose on)"
+        )
     t = make_trainer(
         state,
         cfg,
