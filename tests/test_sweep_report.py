@@ -3,6 +3,8 @@ and the table and figures read back from their run directories."""
 
 from __future__ import annotations
 
+import csv
+import io
 import json
 import os
 import subprocess
@@ -198,3 +200,14 @@ def test_report_pairs_seeds_with_a_t_interval(tmp_path, capsys):
     assert main(["report", str(tmp_path)]) == 0
     table = capsys.readouterr().out
     assert "Δ test paired [95% CI]" in table and "+2.00 [-0.48, +4.48]" in table
+
+
+def test_a_seed_run_twice_counts_once_and_is_named(tmp_path, capsys):
+    for seed, acc in enumerate([0.40, 0.30, 0.50]):
+        _write_run(tmp_path / f"a1-s{seed}", 1.0, seed, acc)
+    _write_run(tmp_path / "copy" / "a1-s0", 1.0, 0, 0.40)  # seed 0 again, in another folder
+    assert main(["report", str(tmp_path), "--format", "csv"]) == 0
+    out, err = capsys.readouterr()
+    (row,) = csv.DictReader(io.StringIO(out))
+    assert row["seeds"] == "3" and float(row["test_acc_std"]) == pytest.approx(10.0)  # not 4 seeds
+    assert f"report: {tmp_path / 'copy' / 'a1-s0'} repeats the setting and seed 0 of " in err

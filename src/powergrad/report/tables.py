@@ -30,6 +30,7 @@ from .stats import paired, t_interval
 __all__ = [
     "find_runs",
     "finished_runs",
+    "one_run_per_seed",
     "load_runs",
     "results_table",
     "format_table",
@@ -287,7 +288,25 @@ def finished_runs(paths: list[str | Path]) -> tuple[list[Run], list[Run]]:
             len(others),
             ", ".join(f"{r.path.name}: {r.summary.get('status')}" for r in others[:5]),
         )
-    return done, others
+    return one_run_per_seed(done), others
+
+
+def one_run_per_seed(runs: list[Run]) -> list[Run]:
+    """A seed is one replicate: of several runs of one setting and seed (a run copied, or made
+    twice in two folders), the first by path counts, and a warning names the others. Counted
+    twice, they would shrink the standard deviation and the intervals as if seeds had been added."""
+    first: dict[tuple, Run] = {}
+    for r in sorted(runs, key=lambda r: str(r.path)):
+        kept = first.setdefault((r.setting, r.config.get("seed")), r)
+        if kept is not r:
+            log.warning(
+                "report: %s repeats the setting and seed %s of %s: counted once, from the latter",
+                r.path,
+                r.config.get("seed"),
+                kept.path,
+            )
+    kept_ids = {id(r) for r in first.values()}
+    return [r for r in runs if id(r) in kept_ids]
 
 
 def report(paths: list[str | Path], fmt: str = "md") -> str:
