@@ -249,3 +249,21 @@ def test_kernel_build_ahead_of_time_and_its_failure(monkeypatch, tmp_path, capsy
     assert out.out == "" and out.err == (
         "powergrad: error: kernel build: the C++ op cannot be built: /bin/sh: 1: c++: not found\n"
     )
+
+
+def test_without_a_compiler_one_warning_says_why_and_torchs_banner_is_not_shown(tmp_path):
+    env = dict(os.environ, CXX=str(tmp_path / "no-c++"))
+    env[kernels.ENV_DIR] = str(tmp_path / "kernels")
+    env.pop(kernels.ENV_SWITCH, None)
+    code = (
+        "import torch; from powergrad import PowerGradLoss; "
+        "PowerGradLoss(0.5)(torch.randn(4, 3, requires_grad=True), torch.tensor([0, 1, 2, 0]))"
+        ".backward()"
+    )
+    done = subprocess.run(
+        [sys.executable, "-c", code], env=env, capture_output=True, text=True, timeout=300
+    )
+    assert done.returncode == 0, done.stderr
+    assert "!! WARNING !!" not in done.stderr  # torch's compiler banner
+    (why,) = [ln for ln in done.stderr.splitlines() if "RuntimeWarning" in ln]
+    assert f"the loss's C++ op for the CPU is unavailable (/bin/sh: 1: {tmp_path / 'no-c++'}" in why

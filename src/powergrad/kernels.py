@@ -189,6 +189,10 @@ def _build(name: str, cflags: list[str], ldflags: list[str], directory: Path) ->
         os.environ["PATH"] = os.pathsep.join([ninja.BIN_DIR, path])
     except ImportError:
         pass
+    # Without a usable compiler torch logs a banner of "!! WARNING !!" about compiler
+    # compatibility before failing; the one line load_cpu_kernel warns with says what failed.
+    notice, quiet = logging.getLogger("torch.utils.cpp_extension"), _Quiet("!! WARNING !!")
+    notice.addFilter(quiet)
     try:
         cpp_extension.load(  # also loads the library into this process
             name=name,
@@ -201,6 +205,7 @@ def _build(name: str, cflags: list[str], ldflags: list[str], directory: Path) ->
         )
     finally:
         os.environ["PATH"] = path
+        notice.removeFilter(quiet)
 
 
 def _cpp_extension() -> ModuleType:
@@ -210,7 +215,7 @@ def _cpp_extension() -> ModuleType:
     runtime is found, using CUDA_HOME=...": noise for this op, which is built for the CPU only.
     """
     notice = logging.getLogger("torch.utils.cpp_extension")
-    quiet = _NoCudaNotice()
+    quiet = _Quiet("No CUDA runtime is found")
     notice.addFilter(quiet)
     try:
         from torch.utils import cpp_extension  # only to build: it looks for a CUDA toolkit
@@ -219,6 +224,12 @@ def _cpp_extension() -> ModuleType:
     return cpp_extension
 
 
-class _NoCudaNotice(logging.Filter):
+class _Quiet(logging.Filter):
+    """Drops the records whose message contains ``needle``."""
+
+    def __init__(self, needle: str) -> None:
+        super().__init__()
+        self.needle = needle
+
     def filter(self, record: logging.LogRecord) -> bool:
-        return not str(record.msg).startswith("No CUDA runtime is found")
+        return self.needle not in str(record.msg)
