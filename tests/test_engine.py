@@ -192,3 +192,8 @@ def test_a_run_without_validation_says_its_best_is_chosen_on_test(tmp_path, caps
         ["train", "epochs=1", "val_fraction=0.1", "--out", tmp_path / "b"], capsys
     )
     assert code == 0 and "no validation split" not in out
+
+
+def test_resume_auto_on_a_folder_without_a_checkpoint_says_it_starts_anew(tmp_path, capsys):
+    code, out, _ = run_cli(["train", "epochs=1", "resume=auto", "--out", tmp_path / "typo"], capsys)
+    assert code == 0 and f"resume=auto: no checkpoint in {tmp_path / 'typo'}, so a new run" in out

@@ -45,6 +45,7 @@ from .config import (
 from .errors import ONCE_DIR_ENV, DivergenceError, PeerFailedError, UserError, print_once
 from .preflight import check_paths
 from .rundir import (
+    BEST,
     LAST,
     hold_folder_or_none,
     new_run_name,
@@ -427,7 +428,7 @@ def build_parser() -> argparse.ArgumentParser:
         "--checkpoint",
         required=True,
         metavar="PATH",
-        help="a checkpoint file, or a run folder (its best.pt, else last.pt)",
+        help=f"a checkpoint file, or a run folder (its {BEST}, else {LAST})",
     )
     e.add_argument(
         "args",

@@ -122,7 +122,8 @@ def fit(
 def evaluate(checkpoint: str | Path, overrides: list[str] | dict | None = None) -> dict[str, float]:
     """Evaluate a checkpoint on its recipe's test split: ``{top1, top5, loss, n}``.
 
-    ``checkpoint`` is a checkpoint file or a run folder (its best.pt, else last.pt)."""
+    ``checkpoint`` is a checkpoint file or a run folder (its best checkpoint, else its last:
+    rundir.checkpoint_in)."""
     if (named := checkpoint_in(checkpoint)) != Path(checkpoint):
         log.info("evaluating %s", named)  # the file chosen in the run folder given
     checkpoint = named

@@ -37,7 +37,7 @@ from ..models import get_head, param_groups, set_train_mode
 from ..monitor import Diagnostic, EpochStats, Monitor
 from ..monitor.filters import FilterNormRecorder
 from ..progress import StepProgress, track
-from ..rundir import LAST, RunDir, environment, git_commit
+from ..rundir import BEST, LAST, RunDir, environment, git_commit
 from ..tamper import PowerGradLoss
 from .distributed import DistInfo, all_reduce_max, all_reduce_sum, check_same_everywhere
 from .optim import create_optimizer, create_scheduler
@@ -135,9 +135,10 @@ def run_training(
     )
     run = open_record(plan, dist, state)
     if run is not None and state.best_split == "test" and state.epoch == 0:
-        log.info(  # else best.pt's test accuracy reads as unbiased, and it was chosen on test
-            "no validation split: best.pt will be the epoch with the best test accuracy "
-            "(val_fraction=0.1 holds out a split to choose on)"
+        log.info(  # else the best checkpoint's test accuracy reads as unbiased
+            "no validation split: %s will be the epoch with the best test accuracy "
+            "(val_fraction=0.1 holds out a split to choose on)",
+            BEST,
         )
     t = make_trainer(
         state,
@@ -361,6 +362,8 @@ def restore(state: TrainingState, plan: StartPlan, steps_per_epoch: int) -> None
     one's weights and momentum), or init_from's weights (and nothing else: a new run)."""
     ckpt, path, cfg = plan.checkpoint, plan.checkpoint_path, state.cfg
     if ckpt is None:
+        if plan.resuming:  # a mistyped --out would otherwise start over without a word
+            log.info("resume=auto: no checkpoint in %s, so a new run starts there", plan.run_path)
         return
     if plan.init_from:
         load_model_state(state.model, ckpt["model"], path)
