@@ -16,7 +16,9 @@ applied as is, so the result does not depend on the loss scale, unlike the offic
 On the CPU, unweighted (N, C) float logits go through the same loss written as one C++ autograd
 op (:mod:`powergrad.kernels`: the same forward ops, a fused backward); the autograd.Function
 below is everything else (GPUs, class weights, (N, C, d...) input) and the reference the op is
-tested against.
+tested against. Under torch.func's transforms (``grad``; ``vmap`` for per-sample gradients) a
+second Function runs, as they require, without the in-place buffer reuse; a transform over
+``grad`` (``jacrev(grad(...))``) differentiates the tampered gradient field itself.
 
 alpha = 1 is plain cross-entropy; alpha = 0 sends the uniform distribution in place of p (over
 the classes whose logit is finite: the limit alpha -> 0+, so a class masked with -inf stays out);
@@ -151,8 +153,8 @@ def _tampered_softmax_(log_p: Tensor, alpha: float) -> Tensor:
         p = log_p.masked_fill_(log_p > -math.inf, 0.0)
     else:
         p = log_p.mul_(alpha)
-    if torch.compiler.is_compiling():  # dynamo refuses out= on a strided view; the compiler
-        return torch.softmax(p, 1)  # chooses the buffers itself
+    if torch.compiler.is_compiling() or _functorch_active():  # dynamo and vmap refuse out= on
+        return torch.softmax(p, 1)  # a strided view; they choose the buffers themselves
     if p.dim() == 2 and p.shape[1] <= _TRANSPOSED_MAX_C:
         return torch.softmax(p.T, 0, out=p.T).T
     return torch.softmax(p, 1, out=p)
@@ -239,11 +241,7 @@ class _PowerGradCrossEntropy(torch.autograd.Function):
 
     @staticmethod
     def backward(ctx, grad_out):
-        if torch.is_grad_enabled():  # the tampered backward is not the forward's gradient
-            raise RuntimeError(
-                "power_grad_cross_entropy has no second derivative: backward with "
-                "create_graph=True is not supported"
-            )
+        _refuse_second_derivative()
         logits, target, weight = ctx.saved_tensors
         alpha, ls, reduction, ignore_index = ctx.options
         log_p, ctx.log_p = ctx.log_p, None
@@ -255,6 +253,57 @@ class _PowerGradCrossEntropy(torch.autograd.Function):
         else:
             grad = _index_target_grad_(p, target, weight, ls, ignore_index, grad_out, reduction)
         return grad, None, None, None, None, None, None
+
+
+class _PowerGradCrossEntropyFunc(torch.autograd.Function):
+    """The same loss under torch.func's transforms (grad, vjp, vmap: per-sample gradients).
+
+    They need ``setup_context`` and no tensor held on ctx that is not saved, so this backward
+    recomputes log_p from the saved logits instead of reusing the forward's buffer (the speed
+    trick of the class above). ``generate_vmap_rule``: vmap runs the same ops per sample.
+    """
+
+    generate_vmap_rule = True
+
+    @staticmethod
+    def forward(logits, target, weight, alpha, label_smoothing, reduction, ignore_index):
+        log_p = torch.log_softmax(logits, 1)
+        return _cross_entropy_from_log_probs(
+            log_p, target, weight, label_smoothing, reduction, ignore_index
+        )
+
+    @staticmethod
+    def setup_context(ctx, inputs, output):
+        logits, target, weight, *options = inputs
+        ctx.save_for_backward(logits, target, weight)
+        ctx.options = tuple(options)
+
+    @staticmethod
+    def backward(ctx, grad_out):
+        logits, target, weight = ctx.saved_tensors
+        alpha, ls, reduction, ignore_index = ctx.options
+        # Fresh buffers at each step (clone): a transform over this backward (jacrev of grad)
+        # differentiates it, and autograd needs the softmax's output as it was.
+        p = _tampered_softmax_(torch.log_softmax(logits, 1).clone(), alpha).clone()
+        if target.is_floating_point():
+            grad = _prob_target_grad_(p, target, weight, ls, grad_out, reduction)
+        else:
+            grad = _index_target_grad_(p, target, weight, ls, ignore_index, grad_out, reduction)
+        return grad, None, None, None, None, None, None
+
+
+def _refuse_second_derivative() -> None:
+    if torch.is_grad_enabled():  # the tampered backward is not the forward's gradient
+        raise RuntimeError(
+            "power_grad_cross_entropy has no second derivative: backward with "
+            "create_graph=True (or a torch.func transform over grad) is not supported"
+        )
+
+
+def _functorch_active() -> bool:
+    """Whether a torch.func transform (grad, vmap, ...) is running: its tensors are wrappers
+    that neither the C++ op nor ``out=`` into a view accept."""
+    return torch._C._are_functorch_transforms_active()
 
 
 def power_grad_cross_entropy(
@@ -337,8 +386,9 @@ def _cross_entropy(
     batched = z.dim() > 1
     if not batched:  # unbatched: a batch of one
         z, t = z.unsqueeze(0), t.unsqueeze(0)
-    op = cpu_loss(z, w)  # the C++ op on the CPU (kernels.py), else the autograd.Function above
-    if op is not None:
+    if _functorch_active():  # torch.func.grad, vmap, ...: the Function written for them
+        loss = _PowerGradCrossEntropyFunc.apply(z, t, w, alpha, ls, reduction, ignore_index)
+    elif (op := cpu_loss(z, w)) is not None:  # the C++ op on the CPU (kernels.py)
         loss = op(z, t, alpha, ls, reduction, ignore_index)
     else:
         loss = _PowerGradCrossEntropy.apply(z, t, w, alpha, ls, reduction, ignore_index)
