@@ -143,11 +143,13 @@ def test_prune_stops_a_clearly_worse_trial(tmp_path):
     assert result.epochs_run < result.epochs_full == 16
 
 
-def test_sweep_refuses_bad_values_and_another_grid_before_running(tmp_path, capsys):
+def test_sweep_refuses_bad_values_and_another_grid_before_running(tmp_path, capsys, caplog):
     out = tmp_path / "sweep"
     assert main(["sweep", "digits", "alpha=1,-1", "--out", str(out)]) == 2
     assert "alpha" in capsys.readouterr().err and not out.exists()
-    run_sweep("digits", {"alpha": ["1"]}, out, fixed={"epochs": 1, "train_subset": 100})
+    with caplog.at_level("INFO", logger="powergrad"):
+        run_sweep("digits", {"alpha": ["1"]}, out, fixed={"epochs": 1, "train_subset": 100})
+    assert "storage sqlite:///" in caplog.text and "study powergrad-sweep" in caplog.text
     with pytest.raises(Exception, match="another sweep"):
         run_sweep("digits", {"alpha": ["0.5"]}, out, fixed={"epochs": 1, "train_subset": 100})
     assert os.path.isdir(out / "alpha=1,seed=0")

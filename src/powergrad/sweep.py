@@ -676,12 +676,13 @@ def run_points(
     _enqueue_missing(q.study, spec)
     todo = len(q.study.get_trials(deepcopy=False, states=(TrialState.WAITING,)))
     log.info(
-        "sweep %s: %d points, %d to run, %d worker(s), storage %s",
+        "sweep %s: %d points, %d to run, %d worker(s), storage %s, study %s",
         out,
         len(points),
         todo,
         workers,
         shown_url(url),
+        STUDY_NAME,  # what optuna-dashboard and optuna.load_study ask for
     )
     mine = _run_workers(spec, workers)
     result = summarize(q.study, points, epochs, out, url, mine)
