@@ -100,6 +100,12 @@ def test_trainer_precision_benchmark(run_bench):
     assert all(r["img_s_median"] > 0 and len(r["img_s_rounds"]) == 1 for r in rows)
 
 
+def test_parallel_runs_benchmark(run_bench):
+    rows = run_bench("parallel_runs.py", "--threads", "2", "--epochs", "2", "--size", "128")
+    assert [r["layout"] for r in rows] == ["1 run x 2 threads", "2 runs x 1 thread"]
+    assert all(r["img_s"] > 0 for r in rows)
+
+
 def test_data_pipeline_benchmark(run_bench, jpeg_folder):
     rows = run_bench(
         "data_pipeline.py",
