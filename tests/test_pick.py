@@ -67,6 +67,7 @@ def test_the_val_picked_lr_comparison_gives_e1_and_the_lr_controls(capsys):
     assert "Holm p (family of 2)" in out
     assert "lr 0.2 is the largest tried (0.05, 0.1, 0.2): the best may lie beyond" in out
     assert "alpha 0.25: lr 0.1 is the only value tried" in out
+    assert row(out, "0.25", "0.1", "only value")  # taken as is: the table does not say picked
 
 
 def test_e1_alone_as_pre_registered_a_family_of_one(capsys):

@@ -345,7 +345,7 @@ def pick_tables(results: list[PickResult]) -> list[Table]:
 def html_report(paths: list[str | Path], tables: Iterable[Table] = ()) -> str:
     """The page for the runs at or under ``paths``; ``tables`` follow the results table (any
     other table of the same runs, as markdown: ``Table(title, text)``)."""
-    done, others = finished_runs(paths)
+    done, others, repeated = finished_runs(paths)
     rows = results_table(done)
     results = Table(
         "test accuracy against alpha = 1, by setting",
@@ -362,7 +362,7 @@ def html_report(paths: list[str | Path], tables: Iterable[Table] = ()) -> str:
             run_facts(done, first if first.is_dir() else first.parent),
             unfinished(paths, others),
             figures,
-            identical_run_warnings(done),
+            [*repeated, *identical_run_warnings(done)],
         )
 
 

@@ -374,6 +374,13 @@ def _mean_sd(xs: list[float]) -> str:
     return f"{statistics.fmean(xs):.2f} ± {statistics.stdev(xs):.2f}"
 
 
+def _picked(c: Candidate, a: Arm) -> str:
+    """The table's word for a candidate: one value tried alone was taken, not picked."""
+    if c is not a.pick:
+        return ""
+    return "yes" if len(a.candidates) > 1 else "only value"
+
+
 def md_picks(r: PickResult) -> list[str]:
     keys = list(r.keys)
     unit = " %" if r.pick_on in PERCENT else ""
@@ -392,7 +399,7 @@ def md_picks(r: PickResult) -> list[str]:
             lines.append(
                 f"| {a.alpha:g} | "
                 + " | ".join(map(_value, c.values))
-                + f" | {'yes' if c is a.pick else ''} | {_seed_list(a.pick_seeds)} | {val} "
+                + f" | {_picked(c, a)} | {_seed_list(a.pick_seeds)} | {val} "
                 f"| {test} | {_ci(c.val_vs_pick)} | {_ci(c.test_vs_pick)} |"
             )
     return lines
@@ -519,7 +526,7 @@ def load_picks(
     """The runs at or under ``paths``, picked and compared (``pick_results``). ``alphas``: only
     these (the Holm family is the alphas compared), 1 among them. ``warn``: also log the
     warnings (for renderers with no place of their own for them: csv, json, html)."""
-    done, _ = finished_runs(paths)
+    done, _, _ = finished_runs(paths)
     if alphas:
         done = _only_alphas(done, alphas)
     names = tuple(dict.fromkeys(k for key in keys for k in key.split(",") if k))

@@ -274,9 +274,10 @@ def identical_run_warnings(runs: list[Run]) -> list[str]:
     ]
 
 
-def finished_runs(paths: list[str | Path]) -> tuple[list[Run], list[Run]]:
-    """``load_runs``, refused in one line when no run finished; the unfinished ones, which
-    every table leaves out, are named in a warning."""
+def finished_runs(paths: list[str | Path]) -> tuple[list[Run], list[Run], list[str]]:
+    """``load_runs``, refused in one line when no run finished: (the finished runs, one per
+    setting and seed; the others, which every table leaves out; the repeated seeds left out, as
+    warnings). Both kinds of run left out are also logged as warnings."""
     done, others = load_runs(paths)
     if not done:
         raise UserError(
@@ -288,30 +289,33 @@ def finished_runs(paths: list[str | Path]) -> tuple[list[Run], list[Run]]:
             len(others),
             ", ".join(f"{r.path.name}: {r.summary.get('status')}" for r in others[:5]),
         )
-    return one_run_per_seed(done), others
+    done, repeated = one_run_per_seed(done)
+    for note in repeated:
+        log.warning("report: %s", note)
+    return done, others, repeated
 
 
-def one_run_per_seed(runs: list[Run]) -> list[Run]:
+def one_run_per_seed(runs: list[Run]) -> tuple[list[Run], list[str]]:
     """A seed is one replicate: of several runs of one setting and seed (a run copied, or made
-    twice in two folders), the first by path counts, and a warning names the others. Counted
-    twice, they would shrink the standard deviation and the intervals as if seeds had been added."""
+    twice in two folders), the first by path counts and the others are left out, each named in
+    a warning. Counted twice, they would shrink the standard deviation and the intervals as if
+    seeds had been added."""
     first: dict[tuple, Run] = {}
+    notes = []
     for r in sorted(runs, key=lambda r: str(r.path)):
         kept = first.setdefault((r.setting, r.config.get("seed")), r)
         if kept is not r:
-            log.warning(
-                "report: %s repeats the setting and seed %s of %s: counted once, from the latter",
-                r.path,
-                r.config.get("seed"),
-                kept.path,
+            notes.append(
+                f"{r.path} left out: it repeats the setting and seed {r.config.get('seed')} "
+                f"of {kept.path}, which counts"
             )
     kept_ids = {id(r) for r in first.values()}
-    return [r for r in runs if id(r) in kept_ids]
+    return [r for r in runs if id(r) in kept_ids], notes
 
 
 def report(paths: list[str | Path], fmt: str = "md") -> str:
     """The table for the runs at or under ``paths``, plus warnings (left-out runs, copies)."""
-    done, _ = finished_runs(paths)
+    done, _, _ = finished_runs(paths)
     for w in identical_run_warnings(done):
         log.warning("report: %s", w)
     return format_table(results_table(done), fmt)
