@@ -26,6 +26,7 @@ import hashlib
 import logging
 import os
 import re
+import shutil
 import sys
 import threading
 import warnings
@@ -170,6 +171,9 @@ def build_failure(exc: BaseException) -> str:
 
 
 def _build(name: str, cflags: list[str], ldflags: list[str], directory: Path) -> None:
+    compiler = os.environ.get("CXX", "c++")  # what torch.utils.cpp_extension runs
+    if shutil.which(compiler) is None:  # say so at once, not after announcing a 25 s build
+        raise RuntimeError(f"no C++ compiler: {compiler} not found (install g++, or set CXX)")
     # One line, at warning level so that a library user sees it (Python prints warnings to
     # stderr when nothing configured logging): otherwise the first loss call pauses unexplained.
     _log.warning(
