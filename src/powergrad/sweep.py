@@ -510,7 +510,9 @@ def _train_trial(
 
     try:
         with _heartbeat(q.storage, trial_id):
-            cfg = load_config(spec["recipe"], {**overrides, "resume": "auto"})
+            # resume=auto continues a trial a dead worker left; a new point starts plainly
+            again = {"resume": "auto"} if run_dir.exists() else {}
+            cfg = load_config(spec["recipe"], {**overrides, **again})
             result = train(cfg, out=run_dir, on_epoch=on_epoch)
     except Exception as e:  # UserError, DivergenceError or a bug: the others go on
         lines = [ln for ln in str(e).splitlines() if ln.strip()] or [""]
