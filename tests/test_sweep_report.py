@@ -212,4 +212,11 @@ def test_a_seed_run_twice_counts_once_and_is_named(tmp_path, capsys):
     out, err = capsys.readouterr()
     (row,) = csv.DictReader(io.StringIO(out))
     assert row["seeds"] == "3" and float(row["test_acc_std"]) == pytest.approx(10.0)  # not 4 seeds
-    assert f"report: {tmp_path / 'copy' / 'a1-s0'} repeats the setting and seed 0 of " in err
+    assert (
+        f"report: {tmp_path / 'copy' / 'a1-s0'} left out: it repeats the setting and seed 0 of "
+        f"{tmp_path / 'a1-s0'}, which counts" in err
+    )
+    assert (
+        main(["report", str(tmp_path), "--format", "html", "--out", str(tmp_path / "r.html")]) == 0
+    )
+    assert f"{tmp_path / 'copy' / 'a1-s0'} left out" in (tmp_path / "r.html").read_text()
