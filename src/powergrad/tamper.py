@@ -241,7 +241,11 @@ class _PowerGradCrossEntropy(torch.autograd.Function):
 
     @staticmethod
     def backward(ctx, grad_out):
-        _refuse_second_derivative()
+        if torch.is_grad_enabled():  # the tampered backward is not the forward's gradient
+            raise RuntimeError(
+                "power_grad_cross_entropy has no second derivative: backward with "
+                "create_graph=True is not supported"
+            )
         logits, target, weight = ctx.saved_tensors
         alpha, ls, reduction, ignore_index = ctx.options
         log_p, ctx.log_p = ctx.log_p, None
@@ -290,14 +294,6 @@ class _PowerGradCrossEntropyFunc(torch.autograd.Function):
         else:
             grad = _index_target_grad_(p, target, weight, ls, ignore_index, grad_out, reduction)
         return grad, None, None, None, None, None, None
-
-
-def _refuse_second_derivative() -> None:
-    if torch.is_grad_enabled():  # the tampered backward is not the forward's gradient
-        raise RuntimeError(
-            "power_grad_cross_entropy has no second derivative: backward with "
-            "create_graph=True (or a torch.func transform over grad) is not supported"
-        )
 
 
 def _functorch_active() -> bool:
