@@ -1,7 +1,7 @@
 """`powergrad report DIR --pick KEY`: each alpha at its val-picked setting against alpha = 1 at its
 own, on test, paired by seed; the verdict words of docs/results.md.
 
-The committed study records (results/, sections 2c-2f of docs/results.md) must give the audited
+The committed study records (results/, sections 2c-2f and 2h of docs/results.md) must give the audited
 numbers; small synthetic run folders check the refusals and the warnings.
 """
 
@@ -68,6 +68,18 @@ def test_the_val_picked_lr_comparison_gives_e1_and_the_lr_controls(capsys):
     assert "lr 0.2 is the largest tried (0.05, 0.1, 0.2): the best may lie beyond" in out
     assert "alpha 0.25: lr 0.1 is the only value tried" in out
     assert row(out, "0.25", "0.1", "only value")  # taken as is: the table does not say picked
+
+
+def test_2h_stage_one_picks_lr_0_4_for_both_arms_as_docs_results_says(capsys):
+    """Section 2h's stage 1 (bf16, seeds 0-9): both arms pick lr 0.4, the top of the grid."""
+    pick = W.with_name(W.name + "-bf16-pick")
+    code, out, _ = run_cli(["report", pick, "--pick", "lr", "--pick-seeds", "0-9"], capsys)
+    assert code == 0
+    assert "| 69.91 ± 1.84 | 69.60 ± 1.53 | - | - |" in row(out, "1", "0.4", "yes")
+    assert "| 71.05 ± 1.87 | 70.66 ± 1.23 | - | - |" in row(out, "0.5", "0.4", "yes")
+    assert "| +0.25 [-0.72, +1.22] | +0.29 [-0.57, +1.16] |" in row(out, "1", "0.2", "")
+    assert "| +0.52 [-0.53, +1.57] | +0.54 [-0.13, +1.21] |" in row(out, "0.5", "0.2", "")
+    assert "alpha 0.5: lr 0.4 is the largest tried (0.2, 0.4): the best may lie beyond" in out
 
 
 def test_e1_alone_as_pre_registered_a_family_of_one(capsys):
