@@ -10,12 +10,19 @@
   were typed (every grid value as text) still reads back, and continues: its keys keep their
   recorded distribution.
 - Every grid point still to do is enqueued as a trial with fixed parameters
-  (``Study.enqueue_trial``), and workers claim queued trials one at a time: the storage's
-  WAITING -> RUNNING switch (``set_trial_state_values``) is a single locked update, so two
-  workers never run one point. GridSampler alone may hand one point to two concurrent workers
-  (its documented caveat), and ``Study.ask`` makes a new trial when the queue is empty; hence
-  this small loop over Optuna's public storage API, which is what ``ask`` does with a queued
-  trial.
+  (``Study.enqueue_trial``), and workers claim queued trials one at a time through the
+  storage's WAITING -> RUNNING switch (``set_trial_state_values``), so two workers never run one
+  point. On a database server that switch is one locked update (SELECT ... FOR UPDATE); SQLite
+  has no row lock (SQLAlchemy drops FOR UPDATE there, and pysqlite reads outside the write's
+  transaction), so two workers that start together could both read a trial WAITING and both
+  switch it: a claim there holds a lock file beside the database (Optuna's own
+  ``JournalFileOpenLock``, which names it after the database; gone when the claim is).
+  GridSampler alone may hand one point to two concurrent workers (its documented caveat), and
+  ``Study.ask`` makes a new trial when the queue is empty; hence this small loop over Optuna's
+  public storage API, which is what ``ask`` does with a queued trial.
+- A trial closed under its worker (failed by another worker's ``fail_stale_trials`` after a
+  stall, or by hand) is left as it is: the worker stops training it (its last checkpoint stays)
+  and claims the next; the point is enqueued again by the next run of the sweep.
 - The study lives in ``sqlite:///OUT/study.db`` unless ``storage`` names a database URL (e.g.
   ``postgresql://...``, ``pip install 'powergrad[postgres]'``), which lets workers on several
   machines share one sweep (docs/distributed.md).
@@ -73,6 +80,7 @@ with extra("sweep"):
         FloatDistribution,
         IntDistribution,
     )
+    from optuna.storages.journal import JournalFileOpenLock
     from optuna.trial import FrozenTrial, TrialState, create_trial
 
     from .workflows import train
@@ -250,6 +258,7 @@ class Queue:
     study: optuna.Study
     storage: optuna.storages.RDBStorage
     study_id: int
+    claim_lock: JournalFileOpenLock | None = None  # SQLite only
 
     def trial_id(self, number: int) -> int:
         return self.storage.get_trial_id_from_study_id_trial_number(self.study_id, number)
@@ -318,7 +327,16 @@ def _open_queue(
         sampler=_GridQueueSampler(space, seed=0),
         pruner=pruner or optuna.pruners.NopPruner(),
     )
-    return Queue(study, storage, storage.get_study_id_from_name(STUDY_NAME))
+    return Queue(study, storage, storage.get_study_id_from_name(STUDY_NAME), _claim_lock(url))
+
+
+def _claim_lock(url: str) -> JournalFileOpenLock | None:
+    """The lock that makes a claim exclusive on an SQLite file (module docstring); None for a
+    database server, whose FOR UPDATE does it."""
+    parsed = sqlalchemy.engine.make_url(url)
+    if parsed.get_backend_name() != "sqlite" or parsed.database in (None, "", ":memory:"):
+        return None
+    return JournalFileOpenLock(str(parsed.database))
 
 
 def _pruner(prune: bool, epochs: int) -> optuna.pruners.BasePruner | None:
@@ -421,21 +439,35 @@ def _kept_trial(
 
 
 def _claim(q: Queue) -> tuple[optuna.Trial, int] | None:
-    """Take one WAITING trial for this worker (WAITING -> RUNNING is one locked update)."""
+    """Take one WAITING trial for this worker: no other worker can take it too."""
     for _ in range(20):
-        waiting = q.study.get_trials(deepcopy=False, states=(TrialState.WAITING,))
-        if not waiting:
-            return None
-        for t in waiting:
-            try:
-                trial_id = q.trial_id(t.number)
-                if q.storage.set_trial_state_values(trial_id, TrialState.RUNNING):
-                    return optuna.Trial(q.study, trial_id), trial_id
-            except optuna.exceptions.UpdateFinishedTrialError:
-                continue  # another worker took it and finished it meanwhile
-            except (optuna.exceptions.StorageInternalError, RuntimeError):
-                time.sleep(0.2)  # SQLite busy: another worker is writing; look again
+        with _held(q.claim_lock):
+            waiting = q.study.get_trials(deepcopy=False, states=(TrialState.WAITING,))
+            if not waiting:
+                return None
+            for t in waiting:
+                try:
+                    trial_id = q.trial_id(t.number)
+                    if q.storage.set_trial_state_values(trial_id, TrialState.RUNNING):
+                        return optuna.Trial(q.study, trial_id), trial_id
+                except optuna.exceptions.UpdateFinishedTrialError:
+                    continue  # another worker took it and finished it meanwhile
+                except (optuna.exceptions.StorageInternalError, RuntimeError):
+                    break  # SQLite busy: another worker is writing; look again
+        time.sleep(0.2)
     return None
+
+
+@contextmanager
+def _held(lock: JournalFileOpenLock | None) -> Iterator[None]:
+    if lock is None:
+        yield
+        return
+    lock.acquire()
+    try:
+        yield
+    finally:
+        lock.release()
 
 
 @contextmanager
@@ -514,6 +546,8 @@ def _train_trial(
             again = {"resume": "auto"} if run_dir.exists() else {}
             cfg = load_config(spec["recipe"], {**overrides, **again})
             result = train(cfg, out=run_dir, on_epoch=on_epoch)
+    except optuna.exceptions.UpdateFinishedTrialError:
+        raise  # closed under this worker: not this trial's failure to record (_worker)
     except Exception as e:  # UserError, DivergenceError or a bug: the others go on
         lines = [ln for ln in str(e).splitlines() if ln.strip()] or [""]
         trial.set_user_attr("error", f"{type(e).__name__}: {lines[0][:300]}")
@@ -554,7 +588,17 @@ def _worker(spec: dict[str, Any], threads: int | None = None) -> None:
         trial, trial_id = claimed
         if _is_duplicate(q, trial, trial_id):
             continue
-        if _run_trial(q, trial, trial_id, spec) == "preempted":
+        try:
+            outcome = _run_trial(q, trial, trial_id, spec)
+        except optuna.exceptions.UpdateFinishedTrialError:
+            log.warning(
+                "sweep: trial %d (%s) was closed while this worker ran it (by another worker "
+                "or by hand); left as it is: its run folder resumes when the sweep runs again",
+                trial.number,
+                q.storage.get_trial(trial_id).user_attrs.get("point"),
+            )
+            continue
+        if outcome == "preempted":
             break
 
 
