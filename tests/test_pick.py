@@ -82,6 +82,22 @@ def test_2h_stage_one_picks_lr_0_4_for_both_arms_as_docs_results_says(capsys):
     assert "alpha 0.5: lr 0.4 is the largest tried (0.2, 0.4): the best may lie beyond" in out
 
 
+def test_2h_final_picks_are_lr_0_4_inside_the_extended_grid(capsys):
+    """With the lr 0.8 runs (the plan's extension rule), both picks stay 0.4: no edge warning."""
+    pick = W.with_name(W.name + "-bf16-pick")
+    folders = [
+        pick,
+        pick.with_name(pick.name + "-a1-lr0.8"),
+        pick.with_name(pick.name + "-a0.5-lr0.8"),
+    ]
+    code, out, err = run_cli(["report", *folders, "--pick", "lr", "--pick-seeds", "0-9"], capsys)
+    assert code == 0
+    assert "| +0.67 [-0.66, +2.00] | +0.46 [-0.78, +1.70] |" in row(out, "1", "0.8", "")
+    assert "| 70.77 ± 1.70 | 70.54 ± 0.99 | +0.28 [-0.75, +1.31] |" in row(out, "0.5", "0.8", "")
+    assert row(out, "1", "0.4", "yes") and row(out, "0.5", "0.4", "yes")
+    assert "may lie beyond" not in out + err
+
+
 def test_e1_alone_as_pre_registered_a_family_of_one(capsys):
     code, out, _ = run_cli(["report", *LR_GRID, "--pick", "lr", "--alphas", "1,0.5"], capsys)
     assert code == 0 and "| 0.25 |" not in out and "Holm p (family of 1)" in out
