@@ -7,12 +7,14 @@ added to a setting without regenerating its table, or a figure typed by hand, fa
 
 from __future__ import annotations
 
+import glob
 import importlib.util
 import re
 from pathlib import Path
 
 import pytest
 
+from powergrad.cli import main
 from powergrad.report.tables import report
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -46,6 +48,23 @@ def test_every_report_table_in_the_doc_is_what_report_prints(monkeypatch):
     assert len(tables) >= 5
     for m, doc_table in tables:
         assert report([m.group(1)]) == doc_table, m.group(0)
+
+
+def test_every_pick_table_in_the_doc_is_what_report_pick_prints(monkeypatch, capsys):
+    """A line that is a `powergrad report ... --pick ...` command: the first table after it is one
+    of those the command prints, as printed (a shell glob is expanded as a shell would)."""
+    monkeypatch.chdir(ROOT)
+    command = re.compile(r"`powergrad report ((?:results/[\w.*-]+ )+--pick .+)`:?")
+    lines = DOC.read_text().splitlines()
+    checked = 0
+    for i, line in enumerate(lines):
+        if (m := command.fullmatch(line)) is None:
+            continue
+        args = [a for w in m.group(1).split() for a in (sorted(glob.glob(w)) if "*" in w else [w])]
+        assert main(["report", *args]) == 0, line
+        assert table_after(lines, i) in capsys.readouterr().out, line
+        checked += 1
+    assert checked >= 2  # 2h's stage-1 and extension tables
 
 
 def test_the_paired_table_against_the_warm_up_control_is_what_analyze_prints(monkeypatch):
