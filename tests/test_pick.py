@@ -98,6 +98,18 @@ def test_2h_final_picks_are_lr_0_4_inside_the_extended_grid(capsys):
     assert "may lie beyond" not in out + err
 
 
+def test_2h_p1_the_confirmatory_test_on_seeds_10_to_33(capsys):
+    """P1 as pre-registered: picks on seeds 0-9, the test on fresh seeds 10-33, one comparison."""
+    folders = sorted(ROOT.joinpath("results").glob(W.name + "-bf16-*"))
+    assert len(folders) == 5  # the pick, two lr 0.8 extensions, the two confirmatory arms
+    argv = ["report", *folders, "--pick", "lr", "--pick-seeds", "0-9", "--test-seeds", "10-33"]
+    code, out, _ = run_cli(argv, capsys)
+    assert code == 0
+    seeds = ", ".join(str(seed) for seed in range(10, 34))
+    p1 = row(out, "0.5", "0.4", f"24 ({seeds})")
+    assert p1.endswith("| +0.87 [-0.01, +1.76] | 0.052 | 0.052 | " + NOT_DETECTED + " |")
+
+
 def test_e1_alone_as_pre_registered_a_family_of_one(capsys):
     code, out, _ = run_cli(["report", *LR_GRID, "--pick", "lr", "--alphas", "1,0.5"], capsys)
     assert code == 0 and "| 0.25 |" not in out and "Holm p (family of 1)" in out
