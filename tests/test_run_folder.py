@@ -232,6 +232,16 @@ def test_another_runs_checkpoint_into_a_new_folder_is_a_new_run_with_its_parent(
     assert rows(run) == rows(other)  # continued exactly: the same three epochs
 
 
+def test_a_parent_given_by_a_relative_path_is_recorded_absolute(
+    other, tmp_path, capsys, monkeypatch
+):
+    monkeypatch.chdir(other.parent)
+    run = tmp_path / "G"
+    code, _, err = run_cli(["train", f"resume={other.name}/epoch2.pt", "--out", run], capsys)
+    assert code == 0, err
+    assert read_summary(run)["parent"]["checkpoint"] == str(other / "epoch2.pt")
+
+
 # ----------------------------------------------------------------------------- 6: plain pickle
 
 

@@ -77,12 +77,16 @@ class StartPlan:
 
     @property
     def parent(self) -> dict[str, Any] | None:
-        """The summary's ``parent``: the file a new run took its start from, and what it held."""
-        if self.checkpoint is None or (self.resuming and self.own_folder):
+        """The summary's ``parent``: the file a new run took its start from, and what it held.
+        The path is absolute: one given relative to the shell's folder would name nothing once
+        that folder is forgotten."""
+        if self.checkpoint is None or self.checkpoint_path is None:
+            return None
+        if self.resuming and self.own_folder:
             return None
         saved = self.checkpoint.get("config") or {}
         record = {
-            "checkpoint": str(self.checkpoint_path),
+            "checkpoint": str(self.checkpoint_path.absolute()),
             "epochs_done": int(self.checkpoint.get("epoch", 0)),
         }
         if not self.official:
