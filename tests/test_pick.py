@@ -237,17 +237,67 @@ def test_several_keys_pick_a_combination_and_warn_per_key(tmp_path):
     assert not any("weight_decay" in w for w in r.warnings)
 
 
+def test_a_tie_on_validation_is_said_and_the_table_marks_it(tmp_path, capsys):
+    """val_acc is a count over a small split, so two values can tie: the tool says so, the table
+    says 'tie', and no edge warning comes from which tied value happened to be taken."""
+    for alpha in (1.0, 0.5):
+        for lr in (0.05, 0.1, 0.2):
+            for s in range(3):
+                v = 0.9 if lr in (0.05, 0.1) else 0.8  # 0.05 and 0.1 tie, seed by seed
+                fake_run(tmp_path, alpha, s, v + 0.01 * s, 0.7 + noise(s, lr + alpha), lr=lr)
+    code, out, _ = run_cli(["report", tmp_path, "--pick", "lr"], capsys)
+    assert code == 0
+    assert (
+        "- warning: alpha 1: lr 0.05 and lr 0.1 tie on mean val_acc (91.00): lr 0.05 taken, the "
+        "first in the table; the data do not choose between them" in out
+    )
+    assert row(out, "1", "0.05", "yes") and row(out, "1", "0.1", "tie")
+    assert "| +0.00 [+0.00, +0.00] |" in row(out, "1", "0.1", "tie")  # never -0.00
+    assert "-0.00" not in out and "smallest tried" not in out  # 0.05 is an edge, 0.1 is not
+
+
+def test_a_key_at_one_value_while_another_varies_is_refused(tmp_path, capsys):
+    grid(tmp_path, 0.2)
+    code, out, err = run_cli(["report", tmp_path, "--pick", "epochs"], capsys)
+    assert (
+        code == 2
+        and out == ""
+        and err.strip().splitlines()
+        == [
+            "powergrad: error: report --pick epochs: every run has epochs=3, so there is nothing to "
+            "pick; settings that vary here: lr"
+        ]
+    )
+
+
+def test_test_seeds_that_no_run_has_are_refused_naming_those_it_has(tmp_path, capsys):
+    grid(tmp_path, 0.2)
+    code, out, err = run_cli(["report", tmp_path, "--pick", "lr", "--test-seeds", "10-11"], capsys)
+    assert code == 2 and out == ""
+    assert "no run has seed 10, 11; the runs have seeds 0, 1, 2" in err
+
+
+def test_a_mistyped_key_gets_the_nearest_recorded_one(tmp_path, capsys):
+    grid(tmp_path, 0.2)
+    code, _, err = run_cli(["report", tmp_path, "--pick", "Lrr"], capsys)
+    assert code == 2 and err.strip().endswith("did you mean lr?")
+
+
 def test_settings_that_differ_in_another_key_are_compared_apart(tmp_path):
     for epochs in (3, 6):
         for alpha in (1.0, 0.5):
-            for s in range(3):
-                path = fake_run(tmp_path / f"e{epochs}", alpha, s, 0.8, 0.7 + 0.01 * s, lr=0.1)
-                summary = json.loads((path / "summary.json").read_text())
-                summary["config"]["epochs"] = epochs
-                (path / "summary.json").write_text(json.dumps(summary))
+            for lr in (0.1, 0.2):
+                for s in range(3):
+                    root = tmp_path / f"e{epochs}"
+                    path = fake_run(root, alpha, s, 0.8 + lr, 0.7 + 0.01 * s, lr=lr)
+                    summary = json.loads((path / "summary.json").read_text())
+                    summary["config"]["epochs"] = epochs
+                    (path / "summary.json").write_text(json.dumps(summary))
     runs, _ = load_runs([tmp_path])
     results = pick_results(runs, ("lr",))
     assert sorted(r.setting for r in results) == ["epochs=3", "epochs=6"]
+    with pytest.raises(UserError, match="every run has lr=0.1, so there is nothing to pick"):
+        pick_results([r for r in runs if r.config["lr"] == 0.1], ("lr",))
 
 
 @pytest.mark.parametrize(

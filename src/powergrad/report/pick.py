@@ -17,6 +17,7 @@ JSON, so another renderer can start from the same data.
 from __future__ import annotations
 
 import csv
+import difflib
 import io
 import json
 import logging
@@ -77,6 +78,7 @@ class Arm:
     candidates: list[Candidate]
     pick_seeds: tuple[int, ...]
     pick: Candidate
+    tied: list[Candidate] = field(default_factory=list)  # as good as the pick on val, not it
     warnings: list[str] = field(default_factory=list)
 
 
@@ -166,8 +168,23 @@ def _check(runs: list[Run], keys: tuple[str, ...], pick_on: str) -> None:
             role = "what is compared" if k == "alpha" else "what the comparison pairs by"
             raise UserError(f"report --pick {k}: {k} is {role}, not a setting to pick")
         if k not in recorded:
+            near = difflib.get_close_matches(k.lower(), sorted(recorded), n=1)
+            hint = f"; did you mean {near[0]}?" if near else ""
             raise UserError(
-                f"report --pick {k}: no run records {k} as a setting (a key that changes the result)"
+                f"report --pick {k}: no run records {k} as a setting (a key that changes the "
+                f"result){hint}"
+            )
+    settings = [dict(r.setting) for r in runs]
+    varied = [
+        k for k in sorted(recorded - {"alpha", "seed"}) if len({s.get(k) for s in settings}) > 1
+    ]
+    for k in keys:
+        # A key at one value is taken as is (a replication at one setting still compares each
+        # alpha with alpha = 1); but when another key varies, the user meant that one.
+        if k not in varied and set(varied) - set(keys):
+            raise UserError(
+                f"report --pick {k}: every run has {k}={settings[0].get(k)}, so there is nothing "
+                f"to pick; settings that vary here: {', '.join(varied)}"
             )
     for r in runs:
         if r.final.get(pick_on) is None:
@@ -240,7 +257,8 @@ def _pick(
     higher = PICK_ON[pick_on]
     for c in cands:
         c.score = statistics.fmean(c.val[s] for s in shared)
-    best = max(cands, key=lambda c: c.score if higher else -c.score)
+    best = max(cands, key=lambda c: c.score if higher else -c.score)  # the first of a tie
+    tied = [c for c in cands if math.isclose(c.score, best.score, rel_tol=1e-9, abs_tol=1e-9)]
     for c in cands:
         if c is not best:
             sign = 1 if higher else -1
@@ -250,12 +268,20 @@ def _pick(
             c.test_vs_pick = paired(
                 {s: best.test[s] for s in shared}, {s: c.test[s] for s in shared}
             )
-    arm = Arm(alpha, cands, shared, best)
+    arm = Arm(alpha, cands, shared, best, tied=tied[1:])
     arm.warnings += [
         f"{label}: {_named(keys, c.values)} has no run on the --pick-seeds: left out of the pick"
         for c in left_out
     ]
-    arm.warnings += _edge_warnings(label, cands, best, keys)
+    if len(tied) > 1:
+        arm.warnings.append(
+            f"{label}: {' and '.join(_named(keys, c.values) for c in tied)} tie on mean "
+            f"{pick_on} ({best.score:.2f}): {_named(keys, best.values)} taken, the first in the "
+            f"table; the data do not choose between them (more seeds, or a larger val split)"
+        )
+    # A tie's edge warnings: only those that hold whichever tied value is taken.
+    edges = [_edge_warnings(label, cands, c, keys) for c in tied]
+    arm.warnings += [w for w in edges[0] if all(w in e for e in edges[1:])]
     unused = sorted(set().union(*(s for s in pool)) - set(shared))
     if unused:
         arm.warnings.append(
@@ -336,6 +362,12 @@ def pick_results(
 ) -> list[PickResult]:
     """One result per group of runs that differ only in alpha, the picked keys and the seed."""
     _check(runs, keys, pick_on)
+    if test_seeds and not set(test_seeds) & {int(r.config["seed"]) for r in runs}:
+        have = sorted({int(r.config["seed"]) for r in runs})
+        raise UserError(
+            f"report --test-seeds: no run has seed {', '.join(map(str, test_seeds))}; "
+            f"the runs have seeds {', '.join(map(str, have))}"
+        )
     groups = _by_group(runs, keys)
     keys_seen = sorted({k for g in groups for k, _ in g})
     varying = [k for k in keys_seen if len({dict(g).get(k) for g in groups}) > 1]
@@ -356,12 +388,17 @@ def pick_results(
 # ---- rendering -------------------------------------------------------------------------------
 
 
+def _signed(x: float) -> str:
+    """+0.00 for a number that rounds to zero (never -0.00)."""
+    return "+0.00" if round(x, 2) == 0 else f"{x:+.2f}"
+
+
 def _ci(d: Paired | None) -> str:
     if d is None:
         return "-"
     if math.isnan(d.lo):
-        return f"{d.mean:+.2f}"
-    return f"{d.mean:+.2f} [{d.lo:+.2f}, {d.hi:+.2f}]"
+        return _signed(d.mean)
+    return f"{_signed(d.mean)} [{_signed(d.lo)}, {_signed(d.hi)}]"
 
 
 def _p(p: float) -> str:
@@ -375,7 +412,10 @@ def _mean_sd(xs: list[float]) -> str:
 
 
 def _picked(c: Candidate, a: Arm) -> str:
-    """The table's word for a candidate: one value tried alone was taken, not picked."""
+    """The table's word for a candidate: one value tried alone was taken, not picked; a value
+    as good on val as the pick is a tie."""
+    if any(c is t for t in a.tied):
+        return "tie"
     if c is not a.pick:
         return ""
     return "yes" if len(a.candidates) > 1 else "only value"
@@ -434,8 +474,9 @@ def md_comparisons(r: PickResult) -> list[str]:
     if both:
         lines += [
             "",
-            f"Seeds {', '.join(map(str, both))} served both the pick (their validation split) and "
-            f"the comparison (their test split); --test-seeds restricts the comparison to fresh seeds.",
+            f"{'Seeds' if len(both) > 1 else 'Seed'} {', '.join(map(str, both))} served both the "
+            f"pick (the validation split) and the comparison (the test split); --test-seeds "
+            f"restricts the comparison to fresh seeds.",
         ]
     return lines
 
