@@ -453,13 +453,25 @@ def build_parser() -> argparse.ArgumentParser:
         "sweep",
         help="grid over recipe keys (key=v1,v2) x seeds as an Optuna study; one run dir per trial",
     )
-    s.add_argument("args", nargs="+", metavar="RECIPE|key=v1,v2")
+    s.add_argument(
+        "args",
+        nargs="+",
+        metavar="RECIPE|key=v1,v2",
+        help="a recipe, then keys: key=v1,v2 is swept (every combination is a grid point), "
+        "key=v is fixed",
+    )
     s.add_argument("--out", required=True, help="sweep folder (run dirs, study.db, sweep.json)")
     s.add_argument(
-        "--seeds", type=int, default=1, help="seeds per grid point (recipe seed, +1, ...)"
+        "--seeds",
+        type=int,
+        default=1,
+        help="seeds per grid point (recipe seed, +1, ...; default %(default)s)",
     )
     s.add_argument(
-        "--workers", type=int, default=1, help="local worker processes sharing the sweep"
+        "--workers",
+        type=int,
+        default=1,
+        help="local worker processes sharing the sweep (default %(default)s)",
     )
     s.add_argument(
         "--storage", help="Optuna storage URL shared by several machines (default sqlite in --out)"
@@ -479,8 +491,8 @@ def build_parser() -> argparse.ArgumentParser:
         "--format",
         choices=("md", "csv", "json", "html"),
         default="md",
-        help="html: one self-contained page (table, verdicts, what was run, unfinished runs, "
-        "figures) that opens offline",
+        help="md (default), csv, json, or html: one self-contained page (table, verdicts, what "
+        "was run, unfinished runs, figures) that opens offline",
     )
     rp.add_argument(
         "--out", help="write to this file (--format html: default PATH/report.html; else stdout)"
