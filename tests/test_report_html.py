@@ -25,7 +25,8 @@ from typing import Any
 import pytest
 
 from powergrad.cli import main
-from powergrad.report.html import Table, markdown_cells, render_page, verdict
+from powergrad.report.html import Table, markdown_cells, render_page, run_facts, verdict
+from powergrad.report.tables import load_runs
 
 ROOT = Path(__file__).resolve().parents[1]
 REP = ROOT / "results" / "cifar10-resnet20-10k-warmup-lr0.2-rep"  # committed records, 10 runs
@@ -324,3 +325,25 @@ def test_the_fair_comparison_joins_the_page_cell_for_cell(tmp_path, capsys):
             assert f">{cell.strip()}</td>" in page.replace("&#x27;", "'"), cell
     assert "+0.87 [+0.09, +1.65]" in md and ">+0.87 [+0.09, +1.65]</td>" in page
     assert "lr 0.2 is the largest tried" in page
+
+
+def test_what_was_run_names_a_sweeps_recipe_once_and_short_runs_in_seconds(tmp_path):
+    for alpha in (1.0, 0.5):
+        for seed in (0, 1):
+            folder = tmp_path / f"a{alpha}-s{seed}"
+            _run(folder, alpha, seed, 0.9)
+            text = f"recipe digits changed by val_fraction=0.1 alpha={alpha:g} seed={seed}"
+            for name in ("config.yaml", "summary.json"):
+                data = json.loads((folder / name).read_text())
+                config = data if name == "config.yaml" else data["config"]
+                config["description"] = text + "; the recipe says: digits, small MLP"
+                if name == "summary.json":
+                    data["wall_s"] = 2.0
+                (folder / name).write_text(json.dumps(data))
+    runs, _ = load_runs([tmp_path])
+    facts = dict(run_facts(runs, tmp_path))
+    assert (
+        facts["recipe"]
+        == "recipe digits changed by val_fraction=0.1; the recipe says: digits, small MLP"
+    )
+    assert "4 runs, 8.0 s in all; 2.0 s a run" in facts["compute"]

@@ -14,6 +14,7 @@ import difflib
 import hashlib
 import json
 import math
+import re
 import types
 import typing
 from dataclasses import dataclass, field
@@ -42,6 +43,7 @@ __all__ = [
     "probe_feature_keys",
     "resume_differences",
     "check_resume",
+    "shared_description",
 ]
 
 
@@ -920,6 +922,19 @@ def _described(recipe: str, as_recipe: Config, cfg: Config) -> str:
         return cfg.description
     own = f"; the recipe says: {as_recipe.description}" if as_recipe.description else ""
     return f"recipe {recipe} changed by {' '.join(changed)}{own}"
+
+
+def shared_description(described: str, varying: typing.Iterable[str]) -> str:
+    """A run's description less the changes to ``varying`` keys: what the runs of a sweep share,
+    once ("recipe digits changed by val_fraction=0.1; ..." for every alpha, lr and seed)."""
+    m = re.fullmatch(r"recipe (\S+) changed by (.*?)(; the recipe says: .*)?", described, re.S)
+    if not m:
+        return described
+    skip = set(varying)
+    changes = re.split(r" (?=[A-Za-z_][\w.]*=)", m[2])  # a value may hold spaces (a dict)
+    kept = [c for c in changes if c.split("=")[0] not in skip]
+    changed = f" changed by {' '.join(kept)}" if kept else ""
+    return f"recipe {m[1]}{changed}{m[3] or ''}"
 
 
 def _shown(value: Any) -> str:

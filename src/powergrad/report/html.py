@@ -31,6 +31,7 @@ from pathlib import Path
 from typing import Any
 
 from .. import __version__
+from ..config import shared_description
 from ..errors import UserError
 from ..rundir import CONFIG, SUMMARY
 from .figures import make_figures
@@ -126,7 +127,10 @@ def run_facts(runs: list[Run], where: Path) -> list[tuple[str, str]]:
     configs = [r.config for r in runs]
     keys = sorted({k for c in configs for k in c} - MACHINERY - {"description"})
     values = {k: list(dict.fromkeys(_fmt(c.get(k)) for c in configs)) for k in keys}
-    described = list(dict.fromkeys(c.get("description") or "" for c in configs))
+    varying = {k for k, v in values.items() if len(v) > 1} | {"seed"}
+    described = list(
+        dict.fromkeys(shared_description(c.get("description") or "", varying) for c in configs)
+    )
     commits = list(dict.fromkeys(r.summary.get("git_commit") or "not recorded" for r in runs))
     facts = [
         ("recipe", "; ".join(d for d in described if d) or "no description recorded"),
@@ -181,12 +185,21 @@ def _compute(runs: list[Run]) -> str:
         }
     )
     speed = [float(r.final["train_img_s"]) for r in runs if r.final.get("train_img_s")]
-    parts = [f"{len(runs)} runs, {sum(wall) / 3600:.2f} h in all" if wall else f"{len(runs)} runs"]
+    parts = [f"{len(runs)} runs, {_duration(sum(wall))} in all" if wall else f"{len(runs)} runs"]
     if wall:
-        parts.append(f"{statistics.fmean(wall) / 60:.1f} min a run")
+        parts.append(f"{_duration(statistics.fmean(wall))} a run")
     if speed:
         parts.append(f"{statistics.fmean(speed):.0f} train images/s (last epoch, mean)")
     return "; ".join(parts + where)
+
+
+def _duration(seconds: float) -> str:
+    """In the unit that shows it: a digits run takes seconds, a CIFAR-10 study hours."""
+    if seconds < 60:
+        return f"{seconds:.1f} s"
+    if seconds < 3600:
+        return f"{seconds / 60:.1f} min"
+    return f"{seconds / 3600:.2f} h"
 
 
 def unfinished(paths: list[str | Path], others: list[Run]) -> list[list[str]]:
