@@ -146,6 +146,12 @@ def _value(v: Any) -> str:
     return f"{v:g}" if isinstance(v, float) else str(v)
 
 
+def _shown(recorded: str) -> str:
+    """A setting's value as the tables write it (0, not 0.0), from its JSON in ``Run.setting``."""
+    value = json.loads(recorded)
+    return "null" if value is None else _value(value)
+
+
 def _named(keys: tuple[str, ...], values: tuple[Any, ...]) -> str:
     return " ".join(f"{k} {_value(v)}" for k, v in zip(keys, values))
 
@@ -378,7 +384,7 @@ def pick_results(
             for a, cs in _candidates(members, keys, pick_on).items()
         ]
         comparisons = _compare(arms, test_seeds)
-        setting = " ".join(f"{k}={dict(rest).get(k, 'null')}" for k in varying)
+        setting = " ".join(f"{k}={_shown(dict(rest).get(k, 'null'))}" for k in varying)
         warnings = [w for a in arms for w in a.warnings]
         warnings += [w for c in comparisons if (w := _untestable(c))]
         out.append(PickResult(keys, pick_on, setting, arms, comparisons, warnings))
@@ -398,6 +404,8 @@ def _ci(d: Paired | None) -> str:
         return "-"
     if math.isnan(d.lo):
         return _signed(d.mean)
+    if math.isnan(d.p):  # every pair differs alike: a zero-width interval would look precise
+        return f"{_signed(d.mean)} (every pair alike)"
     return f"{_signed(d.mean)} [{_signed(d.lo)}, {_signed(d.hi)}]"
 
 
