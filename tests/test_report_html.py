@@ -23,6 +23,7 @@ from pathlib import Path
 from typing import Any
 
 import pytest
+from conftest import run_cli
 
 from powergrad.cli import main
 from powergrad.report.html import Table, markdown_cells, render_page, run_facts, verdict
@@ -266,7 +267,7 @@ def test_the_page_lists_unfinished_runs_and_escapes_every_text(tmp_path, capsys)
     point = {"point": "a0.25-s2", "state": "FAIL", "run_dir": None, "error": "UserError: <x>"}
     (tmp_path / "sweep.json").write_text(json.dumps({"trials": [point]}))  # failed before a run
     assert main(["report", str(tmp_path), "--format", "html"]) == 0
-    page = (tmp_path / "report.html").read_text()  # the default: in the first path
+    page = (tmp_path / "report.html").read_text()  # the default: in the one folder named
     assert capsys.readouterr().out.strip() == str(tmp_path / "report.html")
     assert "<script" not in page and "<b>" not in page
     assert "non-finite loss &lt;script&gt;alert(1)&lt;/script&gt;" in page
@@ -347,3 +348,18 @@ def test_what_was_run_names_a_sweeps_recipe_once_and_short_runs_in_seconds(tmp_p
         == "recipe digits changed by val_fraction=0.1; the recipe says: digits, small MLP"
     )
     assert "4 runs, 8.0 s in all; 2.0 s a run" in facts["compute"]
+
+
+def test_without_out_the_page_never_goes_into_a_run_folder_nor_a_guessed_one(tmp_path, capsys):
+    for seed in range(2):
+        _run(tmp_path / "sweep" / f"a1-s{seed}", 1.0, seed, 0.8)
+    run = tmp_path / "sweep" / "a1-s0"
+    for paths, why in [
+        ([run], "is a run folder, and its files are that run's record"),
+        ([tmp_path / "sweep", run], "several folders are named"),
+    ]:
+        before = sorted(p.name for p in run.iterdir())
+        code, out, err = run_cli(["report", *paths, "--format", "html"], capsys)
+        assert code == 2 and out == "" and len(err.strip().splitlines()) == 1
+        assert why in err and "--out FILE" in err
+        assert sorted(p.name for p in run.iterdir()) == before

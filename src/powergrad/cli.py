@@ -495,7 +495,9 @@ def build_parser() -> argparse.ArgumentParser:
         "was run, unfinished runs, figures) that opens offline",
     )
     rp.add_argument(
-        "--out", help="write to this file (--format html: default PATH/report.html; else stdout)"
+        "--out",
+        help="write to this file (--format html: default PATH/report.html for one folder of runs, "
+        "never inside a run folder; else stdout)",
     )
     rp.add_argument(
         "--pick",

@@ -379,11 +379,28 @@ def html_report(paths: list[str | Path], tables: Iterable[Table] = ()) -> str:
         )
 
 
+def _default_page(paths: list[str | Path]) -> Path:
+    """Where the page goes without --out: in the one folder named, never into a run's record."""
+    if len(paths) != 1:
+        raise UserError(
+            "report --format html: several folders are named, so there is no one place for the "
+            "page; name it with --out FILE"
+        )
+    folder = Path(paths[0])
+    if (folder / CONFIG).exists() or (folder / SUMMARY).exists():
+        raise UserError(
+            f"report --format html: {folder} is a run folder, and its files are that run's "
+            "record; name the page with --out FILE"
+        )
+    return folder / "report.html"
+
+
 def write_html_report(
     paths: list[str | Path], out: str | Path | None = None, tables: Iterable[Table] = ()
 ) -> Path:
-    """Write the page to ``out`` (default: report.html in the first path); return its path."""
-    target = Path(out) if out else Path(paths[0]) / "report.html"
+    """Write the page to ``out`` (default: report.html in the one folder named); return its
+    path."""
+    target = Path(out) if out else _default_page(paths)
     text = html_report(paths, tables)
     try:
         target.parent.mkdir(parents=True, exist_ok=True)
