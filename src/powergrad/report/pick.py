@@ -30,7 +30,7 @@ from typing import Any
 
 from ..errors import UserError
 from .stats import Paired, holm, paired, verdict
-from .tables import Run, finished_runs
+from .tables import Run, finished_runs, signed
 
 __all__ = [
     "Arm",
@@ -189,7 +189,7 @@ def _check(runs: list[Run], keys: tuple[str, ...], pick_on: str) -> None:
         # alpha with alpha = 1); but when another key varies, the user meant that one.
         if k not in varied and set(varied) - set(keys):
             raise UserError(
-                f"report --pick {k}: every run has {k}={settings[0].get(k)}, so there is nothing "
+                f"report --pick {k}: every run has {k}={_shown(settings[0][k])}, so there is nothing "
                 f"to pick; settings that vary here: {', '.join(varied)}"
             )
     for r in runs:
@@ -394,19 +394,14 @@ def pick_results(
 # ---- rendering -------------------------------------------------------------------------------
 
 
-def _signed(x: float) -> str:
-    """+0.00 for a number that rounds to zero (never -0.00)."""
-    return "+0.00" if round(x, 2) == 0 else f"{x:+.2f}"
-
-
 def _ci(d: Paired | None) -> str:
     if d is None:
         return "-"
     if math.isnan(d.lo):
-        return _signed(d.mean)
+        return signed(d.mean)
     if math.isnan(d.p):  # every pair differs alike: a zero-width interval would look precise
-        return f"{_signed(d.mean)} (every pair alike)"
-    return f"{_signed(d.mean)} [{_signed(d.lo)}, {_signed(d.hi)}]"
+        return f"{signed(d.mean)} (every pair alike)"
+    return f"{signed(d.mean)} [{signed(d.lo)}, {signed(d.hi)}]"
 
 
 def _p(p: float) -> str:

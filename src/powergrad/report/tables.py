@@ -37,6 +37,7 @@ __all__ = [
     "paired_difference",
     "t_interval",
     "Run",
+    "signed",
 ]
 
 log = logging.getLogger("powergrad")
@@ -212,8 +213,11 @@ def _pm(mean: float, sd: float | None) -> str:
     return f"{mean:.2f} ± {sd:.2f}" if sd is not None else f"{mean:.2f}"
 
 
-def _signed(v: float | None) -> str:
-    return f"{v:+.2f}" if v is not None else "-"
+def signed(v: float | None) -> str:
+    """A difference in points as every table writes it: +0.87, never -0.00; "-" for none."""
+    if v is None:
+        return "-"
+    return "+0.00" if round(v, 2) == 0 else f"{v:+.2f}"
 
 
 def format_table(rows: list[dict[str, Any]], fmt: str = "md") -> str:
@@ -247,12 +251,12 @@ def format_table(rows: list[dict[str, Any]], fmt: str = "md") -> str:
                 cells.append(_pm(r[k], r[f"{k}_std"]) if r[k] is not None else "-")
             elif k == "d_test_paired":
                 cells.append(
-                    f"{r[k]:+.2f} [{r['d_test_lo']:+.2f}, {r['d_test_hi']:+.2f}]"
+                    f"{signed(r[k])} [{signed(r['d_test_lo'])}, {signed(r['d_test_hi'])}]"
                     if r[k] is not None
                     else "-"
                 )
             elif k in ("d_train", "d_test"):
-                cells.append(_signed(r[k]))
+                cells.append(signed(r[k]))
             elif k == "gap":
                 cells.append(f"{r[k]:.2f}")
             else:
