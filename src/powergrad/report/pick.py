@@ -368,8 +368,8 @@ def pick_results(
 ) -> list[PickResult]:
     """One result per group of runs that differ only in alpha, the picked keys and the seed."""
     _check(runs, keys, pick_on)
-    if test_seeds and not set(test_seeds) & {int(r.config["seed"]) for r in runs}:
-        have = sorted({int(r.config["seed"]) for r in runs})
+    have = sorted({int(r.config["seed"]) for r in runs})
+    if test_seeds and not set(test_seeds) & set(have):
         raise UserError(
             f"report --test-seeds: no run has seed {', '.join(map(str, test_seeds))}; "
             f"the runs have seeds {', '.join(map(str, have))}"
